@@ -1,0 +1,51 @@
+"""`rrm-jax <command>`: one entry point; each command lives in the module that owns its concept.
+
+Every command module exposes `configure(parser)`, which adds its flags and sets `parser.set_defaults(run=fn)`.
+Modules are imported lazily so `rrm-jax --help` stays fast and one command's imports never slow another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rrm_jax.errors import UserError
+
+# command name -> (module, one-line help)
+COMMANDS = {
+    "convert": ("rrm_jax.model.convert", "convert between Hugging Face folders and rrm-jax checkpoints"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad flags as one line with exit code 2 (its usage dump is noise in logs)."""
+
+    def error(self, message):
+        self.exit(2, f"rrm-jax: error: {message}\n")
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = _Parser(prog="rrm-jax", description="JAX toolkit for Reward Reasoning Models")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    wanted = argv[0] if argv else None
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == wanted:  # only the chosen command's module is imported
+            importlib.import_module(module).configure(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        result = args.run(args)
+    except UserError as e:
+        print(f"rrm-jax: error: {e}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

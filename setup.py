@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="rrm-jax",
+    version="0.1.0",
+    description="JAX-native toolkit for Reward Reasoning Models: Qwen2 in Flax NNX, sampling, judging, GRPO.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["rrm_jax", "rrm_jax.*"]),
+    package_data={"rrm_jax": ["configs/*.yaml", "data/*.json"]},
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "grain==0.2.18",
+        "datasets==5.2.0",
+        "transformers==5.24.0",
+        "safetensors==0.8.0",
+        "tokenizers==0.23.3",
+        "numpy==2.4.6",
+        "pyyaml==6.0.4",
+        "tqdm==4.70.1",
+        "jinja2==3.1.6",
+        "matplotlib==3.11.2",
+        "tensorboardX==2.6.5",
+        "psutil==7.2.2",
+    ],
+    extras_require={"test": ["pytest==9.2.0", "torch==2.13.0"]},
+    entry_points={"console_scripts": ["rrm-jax=rrm_jax.cli:main"]},
+)
