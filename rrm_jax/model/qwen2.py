@@ -1,0 +1,261 @@
+"""The Qwen2 decoder (DeepSeek-R1-Distill-Qwen, RRM-7B / RRM-32B) in Flax NNX, readable top to bottom.
+
+Parameters live on an `nnx.Module` with layers stacked along a leading [L] axis; the forward pass is a
+pure function of a parameter dict (`forward`) that scans over the stacked layers, so compile time does
+not grow with depth and jitted callers pass parameters as arguments instead of closing over them.
+Every parameter carries `logical_axes` metadata that `rrm_jax.parallel` maps onto a device mesh.
+
+Shapes: B batch, T tokens, S cache length, L layers, D hidden, N query heads, K kv heads,
+G = N // K query heads per kv head, H head dim, F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rrm_jax.model.config import Qwen2Config
+
+# Additive mask value: finite, so a fully masked row (a padding query) softmaxes to uniform instead of NaN.
+_MASKED = -1e30
+
+# state path -> logical axes; the one place the parameter layout is written down.
+LOGICAL_AXES = {
+    "embed": ("vocab", "embed"),
+    "layers.attn_norm": ("layers", "norm"),
+    "layers.q_proj": ("layers", "embed", "q_heads", "head_dim"),
+    "layers.q_bias": ("layers", "q_heads", "head_dim"),
+    "layers.k_proj": ("layers", "embed", "kv_heads", "head_dim"),
+    "layers.k_bias": ("layers", "kv_heads", "head_dim"),
+    "layers.v_proj": ("layers", "embed", "kv_heads", "head_dim"),
+    "layers.v_bias": ("layers", "kv_heads", "head_dim"),
+    "layers.o_proj": ("layers", "q_heads", "head_dim", "embed"),
+    "layers.mlp_norm": ("layers", "norm"),
+    "layers.gate_proj": ("layers", "embed", "mlp"),
+    "layers.up_proj": ("layers", "embed", "mlp"),
+    "layers.down_proj": ("layers", "mlp", "embed"),
+    "final_norm": ("norm",),
+    "lm_head": ("embed", "vocab"),
+}
+
+
+def param_shapes(c: Qwen2Config) -> dict[str, tuple[int, ...]]:
+    """State path -> shape, for every parameter this config has."""
+    L, D, N, K, H, F, V = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                           c.intermediate_size, c.vocab_size)
+    shapes = {
+        "embed": (V, D),
+        "layers.attn_norm": (L, D),
+        "layers.q_proj": (L, D, N, H),
+        "layers.q_bias": (L, N, H),
+        "layers.k_proj": (L, D, K, H),
+        "layers.k_bias": (L, K, H),
+        "layers.v_proj": (L, D, K, H),
+        "layers.v_bias": (L, K, H),
+        "layers.o_proj": (L, N, H, D),
+        "layers.mlp_norm": (L, D),
+        "layers.gate_proj": (L, D, F),
+        "layers.up_proj": (L, D, F),
+        "layers.down_proj": (L, F, D),
+        "final_norm": (D,),
+    }
+    if not c.tie_word_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def _init_value(path: str, shape, dtype, key):
+    if path.endswith("norm"):
+        return jnp.ones(shape, dtype)
+    if path.endswith("bias"):
+        return jnp.zeros(shape, dtype)
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' weights, stacked along a leading [L] axis (scanned in `forward`)."""
+
+    def __init__(self, values: dict[str, jax.Array]):
+        for name, value in values.items():
+            setattr(self, name, nnx.Param(value, logical_axes=LOGICAL_AXES[f"layers.{name}"]))
+
+
+class Qwen2(nnx.Module):
+    """Qwen2ForCausalLM. `logits = model(tokens, attention_mask=..., positions=...)` -> float32 [B, T, V]."""
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = jnp.dtype(config.param_dtype)
+        values = {}
+        for path, shape in param_shapes(config).items():
+            values[path] = _init_value(path, shape, dtype, rngs.params())
+        self.embed = nnx.Param(values.pop("embed"), logical_axes=LOGICAL_AXES["embed"])
+        self.final_norm = nnx.Param(values.pop("final_norm"), logical_axes=LOGICAL_AXES["final_norm"])
+        if "lm_head" in values:
+            self.lm_head = nnx.Param(values.pop("lm_head"), logical_axes=LOGICAL_AXES["lm_head"])
+        self.layers = DecoderLayers({p.removeprefix("layers."): v for p, v in values.items()})
+
+    def params(self) -> dict:
+        """The raw parameter arrays as a nested dict (the argument of `forward`)."""
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
+
+    def __call__(self, tokens, *, attention_mask=None, positions=None):
+        return forward(self.config, self.params(), tokens, attention_mask=attention_mask, positions=positions)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions of (config, params, inputs).
+
+
+def rms_norm(x, weight, eps):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x, positions, theta):
+    """Rotary embedding, split-half convention (as HF's rotate_half). x [B, T, heads, H], positions [B, T]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def default_positions(attention_mask):
+    """Running count of real tokens, so padding (left or right) never shifts a row's positions."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _qkv(c: Qwen2Config, p, x, positions):
+    dt = x.dtype
+    q = jnp.einsum("btd,dnh->btnh", x, p["q_proj"].astype(dt)) + p["q_bias"].astype(dt)
+    k = jnp.einsum("btd,dkh->btkh", x, p["k_proj"].astype(dt)) + p["k_bias"].astype(dt)
+    v = jnp.einsum("btd,dkh->btkh", x, p["v_proj"].astype(dt)) + p["v_bias"].astype(dt)
+    return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta), v
+
+
+def _scores(q, k):
+    """q [B, T, N, H], k [B, S, K, H] -> float32 scores [B, K, G, T, S]."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, N // K, H)
+    return jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (H ** -0.5)
+
+
+def _weighted_values(probs, v, dtype):
+    """probs float32 [B, K, G, T, S], v [B, S, K, H] -> [B, T, N, H]."""
+    B, K, G, T, _ = probs.shape
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(dtype), v)
+    return out.reshape(B, T, K * G, v.shape[-1])
+
+
+def _mlp_block(c: Qwen2Config, p, x):
+    dt = x.dtype
+    h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, p["gate_proj"].astype(dt))
+    up = jnp.einsum("btd,df->btf", h, p["up_proj"].astype(dt))
+    return x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"].astype(dt))
+
+
+def _attn_out(p, x, attn):
+    return x + jnp.einsum("btnh,nhd->btd", attn, p["o_proj"].astype(x.dtype))
+
+
+def _embed(c: Qwen2Config, params, tokens):
+    return params["embed"][tokens].astype(jnp.dtype(c.dtype))
+
+
+def _logits(c: Qwen2Config, params, x):
+    x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
+    if c.tie_word_embeddings:
+        return jnp.einsum("btd,vd->btv", x, params["embed"].astype(x.dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def hidden_states(c: Qwen2Config, params, tokens, *, attention_mask=None, positions=None, remat=False):
+    """Full-sequence pass (training, scoring, prefill). Returns (final hidden [B,T,D], keys, values),
+    where keys / values [L, B, T, K, H] are what a KV cache stores for these tokens."""
+    B, T = tokens.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, T), jnp.int32)
+    if positions is None:
+        positions = default_positions(attention_mask)
+    valid = attention_mask.astype(bool)
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    mask = causal[None, :, :] & valid[:, None, :]  # [B, T(query), S(key)]
+
+    def layer(x, p):
+        h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+        q, k, v = _qkv(c, p, h, positions)
+        scores = jnp.where(mask[:, None, None], _scores(q, k), _MASKED)
+        x = _attn_out(p, x, _weighted_values(jax.nn.softmax(scores, axis=-1), v, x.dtype))
+        return _mlp_block(c, p, x), (k, v)
+
+    if remat:
+        layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+    x, (keys, values) = jax.lax.scan(layer, _embed(c, params, tokens), params["layers"])
+    return x, keys, values
+
+
+def forward(c: Qwen2Config, params, tokens, *, attention_mask=None, positions=None, remat=False):
+    """tokens [B, T] int32, attention_mask [B, T] (1 = real) -> float32 logits [B, T, V]."""
+    x, _, _ = hidden_states(c, params, tokens, attention_mask=attention_mask, positions=positions, remat=remat)
+    return _logits(c, params, x)
+
+
+class KVCache(NamedTuple):
+    """keys / values [L, B, S, K, H] in the compute dtype; lengths [B]: filled positions per row,
+    which is also where each row writes next (rows of different prompt lengths decode together)."""
+
+    keys: jax.Array
+    values: jax.Array
+    lengths: jax.Array
+
+
+def prefill(c: Qwen2Config, params, tokens, lengths, cache_len: int):
+    """Right-padded prompts tokens [B, P] with lengths [B] -> (logits at each row's last token [B, V],
+    a KVCache of length cache_len holding the prompts)."""
+    B, P = tokens.shape
+    mask = (jnp.arange(P)[None, :] < lengths[:, None]).astype(jnp.int32)
+    x, keys, values = hidden_states(c, params, tokens, attention_mask=mask)
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
+    pad = [(0, 0), (0, 0), (0, cache_len - P), (0, 0), (0, 0)]
+    cache = KVCache(jnp.pad(keys, pad), jnp.pad(values, pad), lengths.astype(jnp.int32))
+    return _logits(c, params, last)[:, 0], cache
+
+
+def decode_step(c: Qwen2Config, params, tokens, cache: KVCache):
+    """One new token per row, tokens [B], written at cache.lengths -> (logits [B, V], updated cache).
+
+    Each layer attends over the cached prefix (read-only inside the scan) plus the new token itself;
+    the new keys / values are written into the cache once, after the scan, with a per-row scatter,
+    so the cache is never copied per layer."""
+    B = tokens.shape[0]
+    S = cache.keys.shape[2]
+    positions = cache.lengths[:, None]  # [B, 1]
+    prefix = (jnp.arange(S)[None, :] < cache.lengths[:, None])[:, None, None, None, :]  # [B,1,1,1,S]
+
+    def layer(x, xs):
+        p, cached_k, cached_v = xs
+        h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+        q, k, v = _qkv(c, p, h, positions)
+        s_prefix = jnp.where(prefix, _scores(q, cached_k), _MASKED)  # [B, K, G, 1, S]
+        s_self = _scores(q, k)  # [B, K, G, 1, 1]
+        probs = jax.nn.softmax(jnp.concatenate([s_prefix, s_self], axis=-1), axis=-1)
+        attn = _weighted_values(probs[..., :S], cached_v, x.dtype) + _weighted_values(probs[..., S:], v, x.dtype)
+        x = _attn_out(p, x, attn)
+        return _mlp_block(c, p, x), (k[:, 0], v[:, 0])
+
+    x, (new_k, new_v) = jax.lax.scan(layer, _embed(c, params, tokens[:, None]),
+                                     (params["layers"], cache.keys, cache.values))
+    rows = jnp.arange(B)
+    keys = cache.keys.at[:, rows, cache.lengths].set(new_k, mode="drop")
+    values = cache.values.at[:, rows, cache.lengths].set(new_v, mode="drop")
+    return _logits(c, params, x)[:, 0], KVCache(keys, values, cache.lengths + 1)
