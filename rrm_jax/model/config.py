@@ -23,11 +23,13 @@ class Qwen2Config:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 32768
     bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
     param_dtype: str = "float32"  # storage dtype of the weights
     dtype: str = "float32"  # compute dtype of activations (norms, softmax and logits stay float32)
 
     def __post_init__(self):
+        if isinstance(self.eos_token_id, list):  # HF writes a list; a tuple keeps the config hashable (jit static)
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         for key in ("param_dtype", "dtype"):
@@ -40,7 +42,15 @@ class Qwen2Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if isinstance(d["eos_token_id"], tuple):
+            d["eos_token_id"] = list(d["eos_token_id"])
+        return d
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        eos = self.eos_token_id
+        return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Qwen2Config":

@@ -1,0 +1,77 @@
+"""Device mesh (data, fsdp, tp) and the one table mapping logical axis names onto it.
+
+Weights are sharded over fsdp (the embedding / hidden dimension) and tp (heads, MLP width, vocab);
+activations and the KV cache over (data, fsdp) on the batch and tp on kv heads. Changing the
+parallelism strategy means editing `RULES`, nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rrm_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tp")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tp",
+    "embed": "fsdp",
+    "q_heads": "tp",
+    "kv_heads": "tp",
+    "head_dim": None,
+    "mlp": "tp",
+    "layers": None,
+    "norm": None,
+    "length": None,
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tp: int = 1, *, devices=None) -> Mesh:
+    """A (data, fsdp, tp) mesh over all devices; its size must equal the device count."""
+    devices = jax.devices() if devices is None else devices
+    shape = (data, fsdp, tp)
+    if min(shape) < 1 or math.prod(shape) != len(devices):
+        raise UserError(f"mesh data={data} fsdp={fsdp} tp={tp} has {math.prod(shape)} slots but there are "
+                        f"{len(devices)} devices; the product of data*fsdp*tp must equal {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_spec(logical_axes, mesh: Mesh, shape=None) -> PartitionSpec:
+    """PartitionSpec for an array with these logical axes. A dimension that the mesh axes do not
+    divide evenly stays replicated (e.g. 2 kv heads on tp=4), so any preset runs on any mesh."""
+    spec = []
+    used = set()
+    for i, name in enumerate(logical_axes):
+        target = RULES.get(name)
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
+        if shape is not None and axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
+            axes = ()
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(logical_axes, mesh: Mesh, shape=None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, mesh, shape))
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh):
+    """NamedSharding for every parameter of `model`, as a nested dict matching `model.params()`."""
+    state = nnx.state(model, nnx.Param)
+    return jax.tree.map(lambda v: logical_sharding(v.get_metadata()["logical_axes"], mesh, v.value.shape),
+                        state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Place every parameter of `model` on `mesh` according to its logical axes (in place)."""
+    shardings = param_shardings(model, mesh)
+    nnx.update(model, jax.device_put(model.params(), shardings))
+    return model
