@@ -1,0 +1,178 @@
+"""`rrm-jax bench sample`: sampling throughput against the machine's measured ceilings and transformers.
+
+The ceilings are measured here, by this process: memory bandwidth from a large elementwise pass
+(bytes read + written / time) and peak FLOP/s from a large matmul in the benchmark's dtype. MBU is
+(weight bytes + KV bytes read per decode step) / step time / bandwidth; MFU is model FLOPs per
+second / peak. Roofline fraction = the step time the ceilings allow / the measured step time.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rrm_jax import generate
+from rrm_jax.errors import UserError
+from rrm_jax.model import qwen2
+from rrm_jax.model.config import preset
+
+
+def _timed(fn, *args, repeats=3):
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure_ceilings(dtype) -> dict:
+    """Memory bandwidth (bytes/s) and matmul FLOP/s of the default device, measured now."""
+    on_cpu = jax.devices()[0].platform == "cpu"
+    n = (64 if on_cpu else 1024) * 2**20 // 4  # 64 MiB / 1 GiB of float32
+    x = jnp.ones((n,), jnp.float32)
+    t = _timed(jax.jit(lambda a: a * 1.0001 + 1.0), x)
+    bandwidth = 2 * x.nbytes / t
+    m = 1024 if on_cpu else 8192
+    a = jnp.ones((m, m), dtype)
+    t = _timed(jax.jit(lambda p, q: p @ q), a, a)
+    return {"memory_bandwidth_GBps": bandwidth / 1e9, "peak_TFLOPs": 2 * m**3 / t / 1e12,
+            "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform}
+
+
+def _peak_memory_bytes() -> int:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # host RSS (KiB on Linux)
+
+
+def bench_sample(model, *, batch: int, prompt_len: int, gen_len: int, ceilings: dict, seed: int = 0) -> dict:
+    """Greedy prefill + decode of batch x prompt_len random tokens for exactly gen_len new tokens."""
+    c = model.config
+    params = model.params()
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(0, c.vocab_size, (batch, prompt_len)), jnp.int32)
+    lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(batch, dtype=jnp.uint32))
+    settings = generate.SamplingSettings(gen_len, 0.0, 0, 1.0, (), None, ())  # no EOS: every row runs gen_len
+
+    t = time.perf_counter()
+    prefill = generate.prefill_fn.lower(c, settings, 1, None, params, tokens, lengths, keys).compile()
+    state = prefill(params, tokens, lengths, keys)
+    decode = generate.decode_fn.lower(c, settings, params, state).compile()
+    compile_s = time.perf_counter() - t
+
+    prefill_s = _timed(prefill, params, tokens, lengths, keys)
+    decode_s = float("inf")
+    for _ in range(2):
+        state = jax.block_until_ready(prefill(params, tokens, lengths, keys))
+        t = time.perf_counter()
+        out = jax.block_until_ready(decode(params, state))
+        decode_s = min(decode_s, time.perf_counter() - t)
+    assert int(out.num_generated.min()) == gen_len
+
+    step_s = decode_s / gen_len
+    itemsize = jnp.dtype(c.param_dtype).itemsize
+    weight_bytes = c.num_params * itemsize - (c.vocab_size * c.hidden_size * itemsize if not c.tie_word_embeddings else 0)
+    kv_token_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * jnp.dtype(c.dtype).itemsize
+    kv_bytes = batch * (prompt_len + gen_len / 2) * kv_token_bytes  # mean cache read per step
+    matmul_params = c.num_params - c.vocab_size * c.hidden_size * (0 if c.tie_word_embeddings else 1)
+    attn_flops = 4 * batch * c.num_layers * c.num_heads * c.head_dim * (prompt_len + gen_len / 2)
+    step_flops = 2 * matmul_params * batch + attn_flops
+    bw, peak = ceilings["memory_bandwidth_GBps"] * 1e9, ceilings["peak_TFLOPs"] * 1e12
+    roofline_step_s = max((weight_bytes + kv_bytes) / bw, step_flops / peak)
+    return {
+        "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "dtype": c.dtype,
+        "params_M": c.num_params / 1e6,
+        "compile_s": compile_s,
+        "prefill_tokens_per_s": batch * prompt_len / prefill_s,
+        "time_to_first_token_s": prefill_s,
+        "decode_tokens_per_s": batch * gen_len / decode_s,
+        "decode_step_ms": step_s * 1e3,
+        "MBU": (weight_bytes + kv_bytes) / step_s / bw,
+        "MFU": step_flops / step_s / peak,
+        "roofline_fraction": roofline_step_s / step_s,
+        "peak_memory_GB": _peak_memory_bytes() / 1e9,
+    }
+
+
+def bench_hf_generate(model, *, batch: int, prompt_len: int, gen_len: int, seed: int = 0) -> dict:
+    """transformers `generate` (torch) on the same weights, batch and lengths: greedy, exactly gen_len tokens."""
+    import torch  # benchmark-only reference
+    from transformers import AutoModelForCausalLM
+
+    from rrm_jax.checkpoint import save_hf
+
+    c = model.config
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as d:
+        save_hf(model, c, d)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, c.dtype)).to(device).eval()
+    rng = np.random.default_rng(seed)
+    ids = torch.tensor(rng.integers(0, c.vocab_size, (batch, prompt_len)), device=device)
+    kwargs = dict(max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        hf.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = hf.generate(ids, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        total = time.perf_counter() - t
+    assert out.shape[1] == prompt_len + gen_len
+    return {"hf_total_s": total, "hf_tokens_per_s": batch * gen_len / total}
+
+
+def run_sample(args) -> int:
+    if bool(args.model) == bool(args.preset):
+        raise UserError("give exactly one of --model DIR or --preset NAME")
+    if args.model:
+        from rrm_jax.checkpoint import load_model
+
+        model, _ = load_model(args.model, dtype=args.dtype)
+    else:
+        config = preset(args.preset).replace(param_dtype=args.dtype or "float32", dtype=args.dtype or "float32")
+        model = qwen2.Qwen2(config, rngs=nnx.Rngs(args.seed))
+    ceilings = measure_ceilings(jnp.dtype(model.config.dtype))
+    print(f"device {ceilings['device']}: measured {ceilings['memory_bandwidth_GBps']:.1f} GB/s, "
+          f"{ceilings['peak_TFLOPs']:.2f} TFLOP/s ({model.config.dtype} matmul)", file=sys.stderr)
+    rows = []
+    for batch in args.batch:
+        r = bench_sample(model, batch=batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                         ceilings=ceilings, seed=args.seed)
+        if args.compare_hf:
+            r.update(bench_hf_generate(model, batch=batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                                       seed=args.seed))
+            r["speedup_vs_hf"] = r["decode_tokens_per_s"] / r["hf_tokens_per_s"]
+        rows.append(r)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ceilings": ceilings, "results": rows}, f, indent=1)
+    return 0
+
+
+def configure(parser):
+    sub = parser.add_subparsers(dest="bench", required=True, parser_class=type(parser))
+    p = sub.add_parser("sample", help="sampling throughput (prefill, decode, MBU, MFU, vs transformers)")
+    p.add_argument("--model", help="HF folder or rrm-jax checkpoint")
+    p.add_argument("--preset", help="random weights with a preset's shape (e.g. r1-distill-qwen-1.5b)")
+    p.add_argument("--batch", type=int, nargs="+", default=[8], help="one or more batch sizes")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"))
+    p.add_argument("--compare-hf", action="store_true", help="also time transformers generate on the same weights")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_sample)
