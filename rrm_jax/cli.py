@@ -15,6 +15,7 @@ from rrm_jax.errors import UserError
 # command name -> (module, one-line help)
 COMMANDS = {
     "convert": ("rrm_jax.model.convert", "convert between Hugging Face folders and rrm-jax checkpoints"),
+    "generate": ("rrm_jax.generate_cli", "generate from JSONL prompts with the jitted sampler"),
     "bench": ("rrm_jax.bench", "throughput benchmarks with roofline figures"),
     "judge": ("rrm_jax.rrm.judge", "judge which of two responses is better (reasoning + verdict)"),
     "rank": ("rrm_jax.rrm.rank", "best-of-N selection by ELO round robin or knockout tournament"),
