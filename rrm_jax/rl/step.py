@@ -1,0 +1,104 @@
+"""The jitted pieces of a GRPO step after the rollout: sequence log-probabilities and the update.
+
+A rollout batch holds right-padded sequences `tokens [B, T]` (prompt then completion), an
+`attention_mask [B, T]` and a `loss_mask [B, T]` that is 1 on completion tokens. Log-probabilities
+are aligned with the tokens: `logp[b, t] = log p(tokens[b, t] | tokens[b, :t])` (0 at t = 0).
+
+The update accumulates gradients over micro-batches with `lax.scan`, each micro-batch's loss
+scaled by the FULL batch's counts (see rl/grpo.py), so the step equals the full-batch step exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rrm_jax.model import qwen2
+from rrm_jax.model.config import Qwen2Config
+from rrm_jax.rl import grpo
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    agg: str = "token-mean"
+    entropy_coef: float = 0.0
+    entropy_token_ids: tuple[int, ...] = ()  # entropy over these tokens only (empty: whole vocabulary)
+    remat: bool = False
+
+
+class RolloutBatch(NamedTuple):
+    tokens: jax.Array  # [B, T] int32
+    attention_mask: jax.Array  # [B, T]
+    loss_mask: jax.Array  # [B, T]: 1 on generated tokens
+    old_logp: jax.Array  # [B, T]: from the rollout policy
+    ref_logp: jax.Array  # [B, T]: from the frozen reference (zeros when kl_coef == 0)
+    advantages: jax.Array  # [B]
+    entropy_mask: jax.Array  # [B, T]: where the entropy bonus applies
+
+
+def token_logprobs(config: Qwen2Config, params, tokens, attention_mask, *, entropy_token_ids=(), remat=False,
+                   with_entropy=False):
+    """logp [B, T] of each token given its prefix; with_entropy also returns the per-position entropy
+    [B, T] of the predicted distribution (over entropy_token_ids only, when given)."""
+    logits = qwen2.forward(config, params, tokens, attention_mask=attention_mask, remat=remat)[:, :-1]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, 1:, None], axis=-1)[..., 0]
+    logp = jnp.pad(logp, ((0, 0), (1, 0)))
+    if not with_entropy:
+        return logp
+    if entropy_token_ids:
+        ent = grpo.restricted_entropy(logits, jnp.asarray(entropy_token_ids, jnp.int32))
+    else:
+        ent = grpo.token_entropy(logits)
+    return logp, jnp.pad(ent, ((0, 0), (1, 0)))
+
+
+def _terms(config: Qwen2Config, loss: LossSettings, params, mb: RolloutBatch) -> grpo.LossTerms:
+    use_entropy = loss.entropy_coef > 0
+    out = token_logprobs(config, params, mb.tokens, mb.attention_mask, entropy_token_ids=loss.entropy_token_ids,
+                         remat=loss.remat, with_entropy=use_entropy)
+    logp, entropy = out if use_entropy else (out, None)
+    return grpo.policy_loss_terms(
+        logp, mb.old_logp, mb.ref_logp if loss.kl_coef else None, mb.advantages, mb.loss_mask,
+        clip_low=loss.clip_low, clip_high=loss.clip_high, kl_estimator=loss.kl_estimator, agg=loss.agg,
+        entropy=entropy, entropy_mask=mb.entropy_mask if use_entropy else None)
+
+
+def _split(batch: RolloutBatch, micro_batches: int) -> RolloutBatch:
+    return jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
+
+
+def update(config: Qwen2Config, loss: LossSettings, optimizer: optax.GradientTransformation, micro_batches: int,
+           params, opt_state, batch: RolloutBatch):
+    """One optimizer step on a rollout batch -> (params, opt_state, metrics)."""
+    count = grpo.aggregation_count(batch.loss_mask, loss.agg)
+    entropy_count = grpo.aggregation_count(batch.entropy_mask, loss.agg) if loss.entropy_coef > 0 else 0.0
+
+    def micro_step(grads, mb):
+        def objective(p):
+            terms = _terms(config, loss, p, mb)
+            value = grpo.micro_batch_objective(terms, count=count, entropy_count=entropy_count,
+                                               kl_coef=loss.kl_coef, entropy_coef=loss.entropy_coef)
+            return value, terms
+
+        (_, terms), g = jax.value_and_grad(objective, has_aux=True)(params)
+        return jax.tree.map(jnp.add, grads, g), terms
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, terms = jax.lax.scan(micro_step, zeros, _split(batch, micro_batches))
+    merged = jax.tree.map(lambda x: x.sum(0), terms)._replace(ratio_min=terms.ratio_min.min(), ratio_max=terms.ratio_max.max())
+    _, metrics = grpo.finalize_terms(merged, kl_coef=loss.kl_coef, entropy_coef=loss.entropy_coef)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+
+update_fn = jax.jit(update, static_argnums=(0, 1, 2, 3), donate_argnums=(4, 5))
+logprobs_fn = jax.jit(token_logprobs, static_argnums=(0,), static_argnames=("entropy_token_ids", "remat", "with_entropy"))
