@@ -134,19 +134,102 @@ def bench_hf_generate(model, *, batch: int, prompt_len: int, gen_len: int, seed:
     return {"hf_total_s": total, "hf_tokens_per_s": batch * gen_len / total}
 
 
-def run_sample(args) -> int:
+def bench_train_step(model, *, prompts: int, samples: int, prompt_len: int, gen_len: int, micro_batches: int,
+                     ceilings: dict, seed: int = 0) -> dict:
+    """One GRPO step's phases on random prompts: rollout (sampling), logprob (a forward pass over the
+    rollout) and update (forward + backward + AdamW), each timed after its compilation."""
+    import optax
+
+    from rrm_jax.rl import step
+
+    c = model.config
+    rng = np.random.default_rng(seed)
+    prompt_ids = rng.integers(0, c.vocab_size, (prompts, prompt_len)).tolist()
+
+    def rollout():
+        return generate.sample(model, prompt_ids, max_new_tokens=gen_len, temperature=1.0, num_samples=samples,
+                               seed=seed, eos_ids=())
+
+    rollout()  # compile
+    t = time.perf_counter()
+    results = rollout()
+    rollout_s = time.perf_counter() - t
+
+    rows, T = prompts * samples, prompt_len + gen_len
+    tokens = np.zeros((rows, T), np.int32)
+    for r, res in enumerate(results):
+        tokens[r] = prompt_ids[r // samples] + res.output_ids
+    tokens = jnp.asarray(tokens)
+    attention = jnp.ones((rows, T), jnp.int32)
+    loss_mask = jnp.zeros((rows, T), jnp.float32).at[:, prompt_len:].set(1.0)
+    params = model.params()
+    logprob_s = _timed(lambda p, x, m: step.logprobs_fn(c, p, x, m), params, tokens, attention, repeats=2)
+    old = step.logprobs_fn(c, params, tokens, attention)
+    batch = step.RolloutBatch(tokens, attention, loss_mask, old, jnp.zeros_like(old),
+                              jnp.asarray(rng.normal(size=rows), jnp.float32), loss_mask)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6))
+    loss = step.LossSettings(remat=True)
+    params = jax.tree.map(jnp.copy, params)
+    opt_state = optimizer.init(params)
+    params, opt_state, _ = jax.block_until_ready(step.update_fn(c, loss, optimizer, micro_batches, params, opt_state, batch))
+    t = time.perf_counter()
+    jax.block_until_ready(step.update_fn(c, loss, optimizer, micro_batches, params, opt_state, batch))
+    update_s = time.perf_counter() - t
+
+    matmul_params = c.num_params - c.vocab_size * c.hidden_size * (0 if c.tie_word_embeddings else 1)
+    train_tokens = rows * T
+    attn = 2 * c.num_layers * c.num_heads * c.head_dim * T  # causal: half of 4*L*N*H*T per token
+    peak = ceilings["peak_TFLOPs"] * 1e12
+    return {
+        "prompts": prompts, "samples": samples, "prompt_len": prompt_len, "gen_len": gen_len, "dtype": c.dtype,
+        "rollout_s": rollout_s, "logprob_s": logprob_s, "update_s": update_s,
+        "step_s": rollout_s + logprob_s + update_s,
+        "rollout_tokens_per_s": rows * gen_len / rollout_s,
+        "update_tokens_per_s": train_tokens / update_s,
+        # 6N per token (forward + backward), the usual convention; rematerialisation's extra forward is not counted
+        "update_MFU": 3 * (2 * matmul_params + attn) * train_tokens / update_s / peak,
+        "logprob_MFU": (2 * matmul_params + attn) * train_tokens / logprob_s / peak,
+        "peak_memory_GB": _peak_memory_bytes() / 1e9,
+    }
+
+
+def _bench_model(args):
     if bool(args.model) == bool(args.preset):
         raise UserError("give exactly one of --model DIR or --preset NAME")
     if args.model:
         from rrm_jax.checkpoint import load_model
 
-        model, _ = load_model(args.model, dtype=args.dtype)
-    else:
-        config = preset(args.preset).replace(param_dtype=args.dtype or "float32", dtype=args.dtype or "float32")
-        model = qwen2.Qwen2(config, rngs=nnx.Rngs(args.seed))
-    ceilings = measure_ceilings(jnp.dtype(model.config.dtype))
+        return load_model(args.model, dtype=args.dtype)[0]
+    config = preset(args.preset).replace(param_dtype=args.dtype or "float32", dtype=args.dtype or "float32")
+    return qwen2.Qwen2(config, rngs=nnx.Rngs(args.seed))
+
+
+def _report(row: dict) -> None:
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+def _print_ceilings(ceilings: dict, dtype) -> None:
     print(f"device {ceilings['device']}: measured {ceilings['memory_bandwidth_GBps']:.1f} GB/s, "
-          f"{ceilings['peak_TFLOPs']:.2f} TFLOP/s ({model.config.dtype} matmul)", file=sys.stderr)
+          f"{ceilings['peak_TFLOPs']:.2f} TFLOP/s ({dtype} matmul)", file=sys.stderr)
+
+
+def run_train(args) -> int:
+    model = _bench_model(args)
+    ceilings = measure_ceilings(jnp.dtype(model.config.dtype))
+    _print_ceilings(ceilings, model.config.dtype)
+    row = bench_train_step(model, prompts=args.prompts, samples=args.samples, prompt_len=args.prompt_len,
+                           gen_len=args.gen_len, micro_batches=args.micro_batches, ceilings=ceilings, seed=args.seed)
+    _report(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ceilings": ceilings, "results": [row]}, f, indent=1)
+    return 0
+
+
+def run_sample(args) -> int:
+    model = _bench_model(args)
+    ceilings = measure_ceilings(jnp.dtype(model.config.dtype))
+    _print_ceilings(ceilings, model.config.dtype)
     rows = []
     for batch in args.batch:
         r = bench_sample(model, batch=batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
@@ -156,7 +239,7 @@ def run_sample(args) -> int:
                                        seed=args.seed))
             r["speedup_vs_hf"] = r["decode_tokens_per_s"] / r["hf_tokens_per_s"]
         rows.append(r)
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+        _report(r)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ceilings": ceilings, "results": rows}, f, indent=1)
@@ -176,3 +259,16 @@ def configure(parser):
     p.add_argument("--json", help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_sample)
+
+    t = sub.add_parser("train", help="GRPO step time split into rollout, logprob and update; MFU")
+    t.add_argument("--model", help="HF folder or rrm-jax checkpoint")
+    t.add_argument("--preset", help="random weights with a preset's shape")
+    t.add_argument("--prompts", type=int, default=4)
+    t.add_argument("--samples", type=int, default=4, help="samples per prompt (the GRPO group)")
+    t.add_argument("--prompt-len", type=int, default=64)
+    t.add_argument("--gen-len", type=int, default=64)
+    t.add_argument("--micro-batches", type=int, default=1)
+    t.add_argument("--dtype", choices=("float32", "bfloat16"))
+    t.add_argument("--json", help="write the results here")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(run=run_train)
