@@ -193,10 +193,12 @@ def test_micro_batches_reproduce_full_batch(agg):
     merged = terms(logp, parts[0])
     for rows in parts[1:]:
         merged = grpo.merge_terms(merged, terms(logp, rows))
-    loss, metrics = grpo.finalize_terms(merged, **coefs)
-    np.testing.assert_allclose(float(loss), float(full_loss), rtol=1e-6, atol=1e-6)
-    for k in full_metrics:
-        np.testing.assert_allclose(float(metrics[k]), float(full_metrics[k]), rtol=1e-6, atol=1e-6)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(terms(logp, rows) for rows in parts))
+    for combined in (merged, grpo.merge_stacked_terms(stacked)):
+        loss, metrics = grpo.finalize_terms(combined, **coefs)
+        np.testing.assert_allclose(float(loss), float(full_loss), rtol=1e-6, atol=1e-6)
+        for k in full_metrics:
+            np.testing.assert_allclose(float(metrics[k]), float(full_metrics[k]), rtol=1e-6, atol=1e-6)
 
     # gradient accumulation: per-micro-batch objectives with the global counts
     count = grpo.aggregation_count(mask, agg)
@@ -230,3 +232,40 @@ def test_jit_and_bad_names():
         grpo.policy_loss(logp, old, ref, adv, mask, kl_estimator="k4")
     with pytest.raises(ValueError, match="ref_logp"):
         grpo.policy_loss(logp, old, None, adv, mask, kl_coef=0.1)
+
+
+# ---------- reward ----------
+
+def test_rrm_reward_on_real_verdict_strings():
+    from rrm_jax.rl import reward
+
+    texts = [
+        "The query asks for 2+2. Assistant 1 says 4, which is right.\n</think>\n\n\\boxed{Assistant 1}",  # picks 1
+        "Both are fluent but response 2 follows the instruction.\n</think>\n\\boxed{Assistant 2}<｜end▁of▁sentence｜>",  # picks 2
+        "</think>\\boxed{Assistant 2}",  # the toy judge's answer
+        "maybe \\boxed{Assistant 1} here\n</think>\nI cannot decide.",  # boxed only inside the thinking part
+        "Still thinking about \\boxed{Assistant 1}",  # never closed </think>
+        "</think>\\boxed{ Assistant 1 }",  # extra spaces
+        "</think>\\boxed{Assistant 3}",
+    ]
+    preferred = [1, 1, 2, 1, 1, 1, 1]
+    np.testing.assert_array_equal(reward.compute_rewards(texts, preferred), [1, -1, 1, -1, -1, -1, -1])
+    np.testing.assert_array_equal(reward.compute_rewards(texts[:3], [2, 2, 1]), [-1, 1, -1])
+    assert reward.compute_rewards(texts, preferred).dtype == np.float32
+
+
+def test_rewards_are_pluggable_by_name():
+    from rrm_jax.rl import reward
+
+    @reward.register_reward("test-length")
+    def length_reward(text, preferred):
+        return float(len(text))
+
+    try:
+        np.testing.assert_array_equal(reward.compute_rewards(["ab", "abc"], [1, 2], reward="test-length"), [2, 3])
+        with pytest.raises(ValueError, match="already registered"):
+            reward.register_reward("test-length")(length_reward)
+    finally:
+        del reward.REWARDS["test-length"]
+    with pytest.raises(UserError, match="unknown reward 'nope'; available: rrm"):
+        reward.get_reward("nope")

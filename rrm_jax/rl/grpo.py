@@ -5,7 +5,8 @@ full-batch objective exactly:
 
 1. `policy_loss_terms(...)` reduces one (micro-)batch to `LossTerms`: numerators (sums) and
    denominators (counts) for each aggregation, plus token statistics for the metrics.
-2. `merge_terms` adds the terms of several micro-batches; `finalize_terms` divides once.
+2. `merge_terms` (or `merge_stacked_terms` after a `lax.scan`) adds the terms of several
+   micro-batches; `finalize_terms` divides once.
 
 For gradient accumulation, differentiate `micro_batch_objective(terms, count=..., entropy_count=...)`
 with the GLOBAL counts (`aggregation_count` of the whole batch's masks, known before any forward
@@ -189,6 +190,12 @@ def merge_terms(a: LossTerms, b: LossTerms) -> LossTerms:
     """Combine the terms of two disjoint parts of a batch (sums add, extremes take min / max)."""
     merged = jax.tree.map(jnp.add, a, b)
     return merged._replace(ratio_min=jnp.minimum(a.ratio_min, b.ratio_min), ratio_max=jnp.maximum(a.ratio_max, b.ratio_max))
+
+
+def merge_stacked_terms(stacked: LossTerms) -> LossTerms:
+    """Combine terms stacked along a leading axis, e.g. the per-micro-batch outputs of `lax.scan`."""
+    merged = jax.tree.map(lambda x: x.sum(axis=0), stacked)
+    return merged._replace(ratio_min=stacked.ratio_min.min(axis=0), ratio_max=stacked.ratio_max.max(axis=0))
 
 
 def _safe_div(num, den):

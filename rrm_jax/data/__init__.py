@@ -1,0 +1,1 @@
+"""Preference data readers, grain pipelines and the embedded toy task."""

@@ -1,0 +1,257 @@
+"""Pairwise preference data: file readers -> one record type -> judge prompts -> a grain pipeline.
+
+Rows come in two shapes, in JSONL, JSON (a list of objects) or Parquet files:
+    {"prompt": ..., "chosen": ..., "rejected": ...}
+    {"query": ..., "response_1": ..., "response_2": ..., "label": 1 | 2}   (label = the better one)
+Both become a `PreferencePair`. A `PreferenceDataset` shows each pair to the judge in a seeded
+A/B order (or in both orders), renders the prompt with the render function it is given (for RRMs
+`rrm_jax.rrm.prompt.render`), and drops prompts longer than `max_prompt_len`, counting them: a judge
+must never see a truncated comparison. `preference_batches` streams it through grain: reshuffled
+every epoch, one shard per JAX process, with an iterator state that goes into checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Iterator
+
+import grain
+import jax
+import numpy as np
+
+from rrm_jax.errors import UserError
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+LABELLED_FIELDS = ("query", "response_1", "response_2", "label")
+ORDERS = ("random", "both")
+SUFFIXES = (".jsonl", ".json", ".parquet")
+
+RenderFn = Callable[..., str]  # render(tokenizer, question, answer1, answer2) -> prompt text
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferencePair:
+    query: str
+    chosen: str  # the preferred response
+    rejected: str
+    origin: str = ""  # "file:line", for messages about this row
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeExample:
+    """One prompt for the judge: a pair shown in a fixed A/B order."""
+
+    query: str
+    response_1: str
+    response_2: str
+    label: int  # position (1 or 2) of the preferred response
+    prompt: str
+    prompt_ids: list[int]
+    origin: str
+
+
+# ---------- reading ----------
+
+def pair_from_row(row, origin: str) -> PreferencePair:
+    """Validate one row of either shape; a bad row is a UserError naming `origin` (file:line)."""
+    if not isinstance(row, dict):
+        raise UserError(f"{origin}: expected an object with fields {', '.join(PAIR_FIELDS)} or {', '.join(LABELLED_FIELDS)}; got {type(row).__name__}")
+    if all(k in row for k in PAIR_FIELDS):
+        fields = PAIR_FIELDS
+    elif all(k in row for k in LABELLED_FIELDS):
+        fields = LABELLED_FIELDS[:3]
+        label = row["label"]
+        if isinstance(label, bool) or label not in (1, 2):
+            raise UserError(f"{origin}: label must be 1 or 2 (the better response); got {label!r}")
+    else:
+        raise UserError(
+            f"{origin}: a row needs the fields {', '.join(PAIR_FIELDS)} or {', '.join(LABELLED_FIELDS)}; it has {', '.join(sorted(row)) or 'none'}"
+        )
+    for key in fields:
+        if not isinstance(row[key], str):
+            raise UserError(f"{origin}: field {key!r} must be a string; got {type(row[key]).__name__}")
+    if fields == PAIR_FIELDS:
+        return PreferencePair(row["prompt"], row["chosen"], row["rejected"], origin)
+    better, worse = (row["response_1"], row["response_2"]) if row["label"] == 1 else (row["response_2"], row["response_1"])
+    return PreferencePair(row["query"], better, worse, origin)
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[str, object]]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+
+
+def _json_array_rows(path: str) -> Iterator[tuple[str, object]]:
+    """The objects of a JSON list, each with the line where it starts."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    decoder = json.JSONDecoder()
+
+    def skip_space(pos):
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    def fail(pos, what):
+        raise UserError(f"{path}:{text.count(chr(10), 0, pos) + 1}: {what}")
+
+    pos = skip_space(0)
+    if not text.startswith("[", pos):
+        fail(pos, "a .json preference file must hold a list of objects (use .jsonl for one object per line)")
+    pos = skip_space(pos + 1)
+    if text.startswith("]", pos):
+        return
+    while True:
+        try:
+            row, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            fail(e.pos, f"not valid JSON ({e.msg})")
+        yield f"{path}:{text.count(chr(10), 0, pos) + 1}", row
+        pos = skip_space(end)
+        if text.startswith("]", pos):
+            return
+        if not text.startswith(",", pos):
+            fail(pos, "not valid JSON (expected ',' or ']' after a list item)")
+        pos = skip_space(pos + 1)
+
+
+def _parquet_rows(path: str) -> Iterator[tuple[str, object]]:
+    import pyarrow.parquet as pq  # the Parquet reader under `datasets`
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise UserError(f"{path}: not a readable Parquet file ({e})") from None
+    number = 0
+    for batch in table.iter_batches():
+        for row in batch.to_pylist():
+            number += 1
+            yield f"{path}: row {number}", row
+
+
+def read_preferences(path: str) -> list[PreferencePair]:
+    """All pairs of a .jsonl, .json or .parquet file; an empty file or a bad row is a UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    suffix = os.path.splitext(path)[1].lower()
+    readers = {".jsonl": _jsonl_rows, ".json": _json_array_rows, ".parquet": _parquet_rows}
+    if suffix not in readers:
+        raise UserError(f"{path}: unknown preference file type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
+    pairs = [pair_from_row(row, origin) for origin, row in readers[suffix](path)]
+    if not pairs:
+        raise UserError(f"{path}: the file holds no preference rows")
+    return pairs
+
+
+def split_heldout(pairs: list[PreferencePair], heldout: int | float, *, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, held-out): `heldout` items (an int) or that fraction (a float in (0, 1)), chosen with `seed`."""
+    n_heldout = round(heldout * len(pairs)) if isinstance(heldout, float) else int(heldout)
+    if not 0 <= n_heldout < len(pairs) or (isinstance(heldout, float) and not 0 < heldout < 1):
+        raise UserError(f"heldout={heldout} must leave some of the {len(pairs)} pairs for training (a count, or a fraction in (0, 1))")
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    return [pairs[i] for i in sorted(order[n_heldout:])], [pairs[i] for i in sorted(order[:n_heldout])]
+
+
+# ---------- prompts ----------
+
+def _token_counts(tokenizer, texts: list[str]) -> list[int]:
+    """Token counts of rendered prompts (no special tokens added)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the Rust tokenizer without offsets: several times faster than tokenizer(...)
+        return [len(e.ids) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+class PreferenceDataset:
+    """Random-access judge prompts over pairs: item i is the list of prompts of the i-th kept pair.
+
+    orders="random": one prompt per pair, its A/B order fixed by the i-th draw of a numpy PCG64
+    stream seeded with `seed` (reproducible on every machine and process, unlike Python's hash()).
+    orders="both": two prompts per pair, the preferred response first and then second (balanced
+    batches; the toy recipe learns faster with them).
+    Pairs with any prompt longer than max_prompt_len tokens are dropped and counted in
+    `dropped_over_length`; prompts are rendered again on access, so memory stays at the raw text.
+    """
+
+    def __init__(self, pairs: list[PreferencePair], *, tokenizer, render: RenderFn, max_prompt_len: int, seed: int = 0, orders: str = "random"):
+        if orders not in ORDERS:
+            raise UserError(f"orders={orders!r} is not supported; use one of {', '.join(ORDERS)}")
+        if not pairs:
+            raise UserError("the preference dataset is empty")
+        self.tokenizer, self.render, self.max_prompt_len = tokenizer, render, max_prompt_len
+        if orders == "both":
+            self._chosen_first = [(True, False)] * len(pairs)
+        else:
+            self._chosen_first = [(bool(c),) for c in np.random.default_rng(seed).random(len(pairs)) < 0.5]
+        fits = np.ones(len(pairs), bool)
+        chunk = 1024  # render and tokenize in chunks: fast batch tokenization, bounded memory
+        for start in range(0, len(pairs), chunk):
+            indices = range(start, min(start + chunk, len(pairs)))
+            owners, texts = [], []
+            for i in indices:
+                for chosen_first in self._chosen_first[i]:
+                    owners.append(i)
+                    texts.append(self._render(pairs[i], chosen_first))
+            for i, length in zip(owners, _token_counts(tokenizer, texts)):
+                fits[i] &= length <= max_prompt_len
+        self.pairs = pairs
+        self.kept = np.flatnonzero(fits)
+        self.dropped_over_length = int(len(pairs) - len(self.kept))
+        if not len(self.kept):
+            raise UserError(f"all {len(pairs)} preference pairs render to prompts longer than max_prompt_len={max_prompt_len} tokens; raise max_prompt_len")
+
+    def _render(self, pair: PreferencePair, chosen_first: bool) -> str:
+        first, second = (pair.chosen, pair.rejected) if chosen_first else (pair.rejected, pair.chosen)
+        return self.render(self.tokenizer, pair.query, first, second)
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __getitem__(self, index: int) -> list[JudgeExample]:
+        i = int(self.kept[index])
+        pair = self.pairs[i]
+        examples = []
+        for chosen_first in self._chosen_first[i]:
+            text = self._render(pair, chosen_first)
+            first, second = (pair.chosen, pair.rejected) if chosen_first else (pair.rejected, pair.chosen)
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            examples.append(JudgeExample(pair.query, first, second, 1 if chosen_first else 2, text, ids, pair.origin))
+        return examples
+
+    @property
+    def prompts_per_item(self) -> int:
+        return len(self._chosen_first[0])
+
+
+def preference_batches(dataset: PreferenceDataset, *, batch_size: int, seed: int, process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+    """An endless grain stream of this process's batches: lists of `batch_size / process_count` prompts.
+
+    The whole dataset is shuffled with `seed`, reshuffled differently every epoch, and dealt out
+    round-robin to the processes, so the processes' batches of step k together are the global
+    batch k whatever the process count. `it = iter(stream)`; `it.get_state()` / `it.set_state(s)`
+    save and restore the position (store it in the checkpoint).
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    per_process, remainder = divmod(batch_size, process_count)
+    if remainder or per_process % dataset.prompts_per_item:
+        raise UserError(
+            f"batch_size={batch_size} must split evenly into {process_count} process(es) of whole pairs "
+            f"({dataset.prompts_per_item} prompt(s) per pair)"
+        )
+    stream = grain.MapDataset.source(dataset).seed(seed).shuffle().repeat(None)  # repeat() reseeds each epoch
+    stream = stream[process_index::process_count]
+    stream = stream.batch(per_process // dataset.prompts_per_item, drop_remainder=True, batch_fn=_flatten)
+    return stream.to_iter_dataset()
+
+
+def _flatten(items: list[list[JudgeExample]]) -> list[JudgeExample]:
+    return [example for item in items for example in item]
