@@ -85,13 +85,19 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # Writing: atomic output folders, streamed arrays
 
 
+def check_output_free(out: Path | str) -> None:
+    """Outputs never overwrite anything: `out` must not exist (an empty folder is fine)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output {out} already exists; choose a new path or remove it")
+
+
 @contextlib.contextmanager
 def staged_output_dir(out: Path | str) -> Iterator[Path]:
     """Yields a not-yet-existing path in a temp folder beside `out`; on success it is renamed to `out`,
     on any error (or Ctrl-C) the temp folder is removed, so no half-written output is ever left."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output {out} already exists; choose a new path or remove it")
+    check_output_free(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -345,6 +351,11 @@ def load_tokenizer(path: Path | str):
     folder = _assets_dir(path)
     if folder is None or not hf.has_tokenizer(folder):
         return None
-    from transformers import AutoTokenizer  # heavy; only when a tokenizer exists
+    import transformers  # heavy; only when a tokenizer exists
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    if hf.is_hf_folder(folder):
+        return transformers.AutoTokenizer.from_pretrained(str(folder))
+    # AutoTokenizer picks the tokenizer class partly from the model config; give it the one an HF
+    # folder would have, so a checkpoint's tokenizer loads exactly like its exported folder's.
+    hf_config = transformers.Qwen2Config.from_dict(hf.config_to_hf(read_checkpoint_config(folder.parent)))
+    return transformers.AutoTokenizer.from_pretrained(str(folder), config=hf_config)

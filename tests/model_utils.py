@@ -7,6 +7,7 @@ mistakes), saves it with transformers' own save_pretrained, and returns (folder,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -48,26 +49,49 @@ def make_hf_model(tmp_path: Path, name: str = "hf", *, dtype: str = "float32", s
             else:
                 p.copy_(0.1 * torch.randn_like(p))
     folder = Path(tmp_path) / name
-    to_save = model.to(getattr(torch, dtype))
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    to_save.save_pretrained(folder, **save_kwargs)
+    model.to(getattr(torch, dtype)).save_pretrained(folder, **save_kwargs)
     if tokenizer:
         make_tokenizer(folder, kwargs["vocab_size"])
-    # The reference computes in float32 from exactly the saved (possibly bf16-rounded) weights.
-    return folder, to_save.float().eval()
+    # The reference computes in float32 from exactly the saved (possibly bf16-rounded) weights; reloading
+    # also keeps its rotary frequencies in float32 (casting the module would round them to bf16).
+    return folder, transformers.Qwen2ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+# Qwen2's pre-tokenizer split (as in transformers' Qwen2Tokenizer), so the tokenizer below loads the same
+# whether transformers builds it from tokenizer.json or as a Qwen2Tokenizer from its vocab and merges.
+_QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+_CORPUS = [
+    "the judge reads both answers and thinks before it decides which assistant is better.",
+    "assistant 1 wrote a short answer; assistant 2 wrote a longer one with 3 examples.",
+    "reasoning models spend more compute on hard questions: 7 + 5 = 12, so the answer is 12!",
+]
 
 
 def make_tokenizer(folder: Path, vocab_size: int):
-    """A word-level tokenizer over `vocab_size` ids ("<unk>", "<s>", "</s>", then "w3", "w4", ...)
-    saved as tokenizer.json + tokenizer_config.json."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A byte-level BPE tokenizer of exactly `vocab_size` ids, trained on a few English sentences
+    (lowercase text, digits and punctuation encode; "<|endoftext|>" = 0, "<s>" = 1, "</s>" = 2), saved
+    as tokenizer.json + tokenizer_config.json naming Qwen2Tokenizer like the real checkpoints do."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                                eos_token="</s>")
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<s>", "</s>"],
+                                  show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer)
+    assert tok.get_vocab_size() == vocab_size, "corpus too small for this vocab_size"
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     fast.save_pretrained(folder)
+    config_path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"tokenizer_class": "Qwen2Tokenizer"}, indent=2))
     return fast
 
 

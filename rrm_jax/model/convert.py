@@ -25,6 +25,7 @@ from rrm_jax.model.config import DTYPES
 def hf_to_checkpoint(hf_dir: Path | str, out_dir: Path | str, *, dtype: str | None = None,
                      progress: bool = False) -> Path:
     """Convert an HF Qwen2 folder into an rrm-jax checkpoint. dtype None keeps the stored dtype."""
+    checkpoint.check_output_free(out_dir)
     source = hf.HFParams(Path(hf_dir), dtype=dtype)
     # Blocks are sized for the wider of the stored and target dtypes.
     itemsize = max([source.dtype.itemsize] + [e.dtype.itemsize for e in source.files.entries.values()])

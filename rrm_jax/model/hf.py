@@ -132,7 +132,7 @@ def config_to_hf(config: Qwen2Config) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
         "tie_word_embeddings": c.tie_word_embeddings,
         "bos_token_id": c.bos_token_id,
-        "eos_token_id": c.eos_token_id,
+        "eos_token_id": c.to_dict()["eos_token_id"],  # a list, as HF writes it
         "attention_dropout": 0.0,
         "use_sliding_window": False,
         "sliding_window": None,
@@ -145,7 +145,7 @@ def config_to_hf(config: Qwen2Config) -> dict:
 
 def generation_config_to_hf(config: Qwen2Config) -> dict:
     """A minimal generation_config.json (used when the source carried none)."""
-    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.to_dict()["eos_token_id"]}
 
 
 # ----------------------------------------------------------------------------------------------
