@@ -66,7 +66,7 @@ def logical_sharding(logical_axes, mesh: Mesh, shape=None) -> NamedSharding:
 def param_shardings(model: nnx.Module, mesh: Mesh):
     """NamedSharding for every parameter of `model`, as a nested dict matching `model.params()`."""
     state = nnx.state(model, nnx.Param)
-    return jax.tree.map(lambda v: logical_sharding(v.get_metadata()["logical_axes"], mesh, v.value.shape),
+    return jax.tree.map(lambda v: logical_sharding(v.get_metadata()["logical_axes"], mesh, v.get_value().shape),
                         state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
 
 

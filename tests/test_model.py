@@ -1,0 +1,113 @@
+"""The Qwen2 model against Hugging Face transformers (torch, float32) as the reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from model_utils import make_hf_model
+from rrm_jax import load_model, parallel
+from rrm_jax.errors import UserError
+from rrm_jax.model.config import PRESETS, preset
+from rrm_jax.model.qwen2 import Qwen2, forward
+
+CONFIGS = {
+    "untied-gqa": dict(),
+    "tied-mqa": dict(tie_word_embeddings=True, num_key_value_heads=1),
+    "mha-odd-vocab": dict(num_key_value_heads=4, vocab_size=97),
+    "theta-eps": dict(rope_theta=1_000_000.0, rms_norm_eps=1e-6, num_hidden_layers=3),
+}
+
+
+def torch_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)[None]).logits[0].numpy()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(tmp_path, name):
+    folder, ref = make_hf_model(tmp_path, **CONFIGS[name])
+    model, config = load_model(folder)
+    rng = np.random.default_rng(0)
+    lengths = [11, 4, 7]
+    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in lengths]
+
+    # single prompts
+    for p in prompts:
+        ours = np.asarray(model(jnp.asarray([p], jnp.int32)))[0]
+        np.testing.assert_allclose(ours, torch_logits(ref, p), atol=1e-4, rtol=0)
+
+    # one padded batch, left- and right-padded: each row equals that row alone
+    T = max(lengths)
+    for side in ("left", "right"):
+        tokens = np.zeros((len(prompts), T), np.int32)
+        mask = np.zeros((len(prompts), T), np.int32)
+        for i, p in enumerate(prompts):
+            span = slice(T - len(p), T) if side == "left" else slice(0, len(p))
+            tokens[i, span], mask[i, span] = p, 1
+        out = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
+        for i, p in enumerate(prompts):
+            np.testing.assert_allclose(out[i][mask[i] == 1], torch_logits(ref, p), atol=1e-4, rtol=0)
+
+
+def test_padding_never_leaks_into_real_tokens(tmp_path):
+    folder, _ = make_hf_model(tmp_path)
+    model, config = load_model(folder)
+    tokens = jnp.asarray([[5, 6, 7, 0, 0]], jnp.int32)
+    mask = jnp.asarray([[1, 1, 1, 0, 0]], jnp.int32)
+    a = model(tokens, attention_mask=mask)[0, :3]
+    b = model(tokens.at[0, 3:].set(config.vocab_size - 1), attention_mask=mask)[0, :3]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bfloat16_close_to_float32_reference(tmp_path):
+    # bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%): weights and activations are each rounded
+    # once per layer, so logits of magnitude ~1 move by a few 1e-2; norms / softmax / logits stay float32.
+    folder, ref = make_hf_model(tmp_path)
+    model, config = load_model(folder, dtype="bfloat16")
+    assert config.dtype == "bfloat16" and model.params()["embed"].dtype == jnp.bfloat16
+    ids = list(range(3, 15))
+    ours = np.asarray(model(jnp.asarray([ids], jnp.int32)))[0]
+    want = torch_logits(ref, ids)
+    assert np.abs(ours - want).max() < 0.05 * max(1.0, np.abs(want).max())
+    assert (ours.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (1, 2, 4), (1, 1, 8)])
+def test_sharded_forward_matches_single_device(mesh_shape):
+    config = preset("tiny").replace(num_heads=8, num_kv_heads=8, hidden_size=64, tie_word_embeddings=False)
+    model = Qwen2(config, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (8, 16)), jnp.int32)
+    want = np.asarray(forward(config, model.params(), tokens))
+
+    mesh = parallel.make_mesh(*mesh_shape)
+    sharded = parallel.shard_model(Qwen2(config, rngs=nnx.Rngs(0)), mesh)
+    q_spec = sharded.params()["layers"]["q_proj"].sharding.spec
+    assert any(axis is not None for axis in q_spec), "weights should actually be sharded"
+    batch = jax.device_put(tokens, parallel.logical_sharding(("batch", "length"), mesh))
+    got = jax.jit(lambda p, t: forward(config, p, t))(sharded.params(), batch)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+
+
+def test_mesh_must_match_device_count():
+    with pytest.raises(UserError, match="must equal 8"):
+        parallel.make_mesh(data=1, fsdp=4, tp=1)
+
+
+def test_every_parameter_has_logical_axes():
+    model = Qwen2(preset("tiny"), rngs=nnx.Rngs(0))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = var.get_metadata()["logical_axes"]
+        assert len(axes) == var.get_value().ndim, path
+        assert all(a in parallel.RULES for a in axes), path
+
+
+def test_presets_have_the_released_shapes():
+    # DeepSeek-R1-Distill-Qwen parameter counts (HF model cards: 1.78B, 7.62B, 32.8B)
+    assert round(PRESETS["r1-distill-qwen-1.5b"].num_params / 1e9, 2) == 1.78
+    assert round(PRESETS["r1-distill-qwen-7b"].num_params / 1e9, 2) == 7.62
+    assert round(PRESETS["r1-distill-qwen-32b"].num_params / 1e9, 1) == 32.8
+    abstract = nnx.eval_shape(lambda: Qwen2(PRESETS["r1-distill-qwen-7b"], rngs=nnx.Rngs(0)))
+    assert abstract.layers.q_proj.get_value().shape == (28, 3584, 28, 128)
