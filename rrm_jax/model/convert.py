@@ -87,7 +87,8 @@ def _run_orbax_to_hf(args) -> int:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="direction", required=True, parser_class=type(parser))
+    sub = parser.add_subparsers(dest="direction", metavar="{hf-to-orbax,orbax-to-hf}", required=True,
+                                parser_class=type(parser))
     to_orbax = sub.add_parser("hf-to-orbax", help="Hugging Face folder (safetensors) -> rrm-jax checkpoint")
     to_orbax.add_argument("--hf", required=True, type=Path, help="Hugging Face model folder")
     to_orbax.add_argument("--out", required=True, type=Path, help="new checkpoint folder")
