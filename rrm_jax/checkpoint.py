@@ -19,14 +19,14 @@ Streaming: a conversion never holds a whole stacked parameter on the host. `Stre
 written by `_StreamedArrayHandler`, an Orbax TypeHandler that creates the array with the spec Orbax
 itself would build, chunked one block (one layer / one row block) per chunk, and writes block by
 block; Orbax writes all metadata, so the standard NumpyHandler / ArrayHandler restore it unchanged.
-`open_param_arrays` gives TensorStore handles for reading it back block by block.
+`open_param_arrays` gives TensorStore handles for reading it back block by block. (A trainer's
+checkpoint is chunked by device shard instead; it reads back the same, one chunk at a time.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -40,6 +40,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 from flax import nnx
+# Orbax's own spec builder and commit future, so streamed arrays are stored exactly as its NumpyHandler
+# stores numpy arrays (internal modules: orbax-checkpoint is pinned in setup.py).
 from orbax.checkpoint._src.futures import future as ocp_future
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils

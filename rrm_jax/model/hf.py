@@ -428,12 +428,6 @@ class SafetensorsFolder:
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def default_param_dtype(stored: np.dtype) -> str:
     """The parameter dtype a conversion keeps when none is asked for: the stored one (float16 widens
