@@ -199,6 +199,16 @@ def think_end_ids(tokenizer) -> tuple[int, ...]:
     return tuple(tokenizer.encode(THINK_END_TEXT, add_special_tokens=False))
 
 
+def check_prompts(config: Qwen2Config, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Every prompt non-empty and, with its new tokens, inside the model's context."""
+    for i, p in enumerate(prompt_ids):
+        if len(p) == 0:
+            raise UserError(f"prompt {i} is empty")
+        if len(p) + max_new_tokens > config.max_position_embeddings:
+            raise UserError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                            f"model's context of {config.max_position_embeddings} tokens")
+
+
 def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
            top_p: float = 1.0, top_k: int = 0, num_samples: int = 1, seed: int = 0, eos_ids=None,
            max_think_tokens: int | None = None, tokenizer=None, think_end_ids_override=None,
@@ -215,12 +225,7 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, t
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or num_samples < 1:
         raise UserError(f"invalid sampling settings temperature={temperature} top_p={top_p} top_k={top_k} "
                         f"num_samples={num_samples}: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, num_samples >= 1")
-    for i, p in enumerate(prompt_ids):
-        if len(p) == 0:
-            raise UserError(f"prompt {i} is empty")
-        if len(p) + max_new_tokens > config.max_position_embeddings:
-            raise UserError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
-                            f"model's context of {config.max_position_embeddings} tokens")
+    check_prompts(config, prompt_ids, max_new_tokens)
     forced = ()
     if max_think_tokens is not None:
         forced = tuple(think_end_ids_override) if think_end_ids_override else think_end_ids(tokenizer)

@@ -76,12 +76,13 @@ def write_jsonl_atomic(path: str, rows) -> None:
 
 def run(args) -> int:
     from rrm_jax.checkpoint import load_model, load_tokenizer
-    from rrm_jax.generate import sample
+    from rrm_jax.generate import check_prompts, sample
 
     rows = read_prompt_rows(args.input)
     tokenizer = load_tokenizer(args.model)
     prompts = encode_rows(rows, tokenizer, args.input)
-    model, _ = load_model(args.model)
+    model, config = load_model(args.model)
+    check_prompts(config, prompts, args.max_new_tokens)
     with tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr) as bar:
         results = sample(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, top_k=args.top_k, num_samples=args.num_samples, seed=args.seed,

@@ -63,11 +63,16 @@ def logical_sharding(logical_axes, mesh: Mesh, shape=None) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(logical_axes, mesh, shape))
 
 
-def param_shardings(model: nnx.Module, mesh: Mesh):
+def param_shardings(model: nnx.Module, mesh: Mesh) -> dict:
     """NamedSharding for every parameter of `model`, as a nested dict matching `model.params()`."""
-    state = nnx.state(model, nnx.Param)
-    return jax.tree.map(lambda v: logical_sharding(v.get_metadata()["logical_axes"], mesh, v.get_value().shape),
-                        state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+    shardings: dict = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        *parents, name = path
+        node = shardings
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[name] = logical_sharding(var.get_metadata()["logical_axes"], mesh, var.get_value().shape)
+    return shardings
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:

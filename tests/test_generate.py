@@ -1,0 +1,225 @@
+"""The sampler against transformers `generate` and against exact distributions."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from scipy import stats
+
+from model_utils import make_hf_model
+from rrm_jax import generate, load_model, parallel
+from rrm_jax.model import qwen2
+from rrm_jax.model.config import preset
+
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], [40]]
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    folder, ref = make_hf_model(tmp_path_factory.mktemp("gen"), tokenizer=True)
+    model, _ = load_model(folder)
+    return folder, ref, model
+
+
+def hf_greedy(ref, prompt, n, eos=None):
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                           pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def full_logprobs(ref, prompt, output):
+    with torch.no_grad():
+        logits = ref(torch.tensor([prompt + output])).logits[0].double()
+    lp = torch.log_softmax(logits, -1)
+    return [lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(output)]
+
+
+def test_greedy_equals_transformers_for_a_mixed_length_batch(hf_pair):
+    _, ref, model = hf_pair
+    results = generate.sample(model, PROMPTS, max_new_tokens=40, eos_ids=[])
+    for prompt, r in zip(PROMPTS, results):
+        assert r.output_ids == hf_greedy(ref, prompt, 40)
+        assert r.finish_reason == "length"
+        np.testing.assert_allclose(r.logprobs, full_logprobs(ref, prompt, r.output_ids), atol=1e-4)
+
+
+def test_eos_is_honoured_and_kept_as_last_token(hf_pair):
+    _, ref, model = hf_pair
+    free = generate.sample(model, PROMPTS, max_new_tokens=40, eos_ids=[])
+    eos = free[2].output_ids[7]  # a token the third prompt produces mid-way
+    results = generate.sample(model, PROMPTS, max_new_tokens=40, eos_ids=[eos, 999])
+    for prompt, r in zip(PROMPTS, results):
+        want = hf_greedy(ref, prompt, 40, eos=eos)
+        assert r.output_ids == want
+        assert r.finish_reason == ("eos" if want[-1] == eos else "length")
+    assert results[2].finish_reason == "eos" and len(results[2].output_ids) <= 8
+
+
+def test_num_samples_share_the_prompt_and_stay_prompt_major(hf_pair):
+    _, ref, model = hf_pair
+    results = generate.sample(model, PROMPTS[:2], max_new_tokens=33, num_samples=3, eos_ids=[])
+    assert len(results) == 6
+    for i, r in enumerate(results):
+        assert r.output_ids == hf_greedy(ref, PROMPTS[i // 3], 33)
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    config = preset("tiny")
+    model = qwen2.Qwen2(config, rngs=nnx.Rngs(3))
+    params = model.params()
+    seq = jnp.asarray([[3, 9, 4, 1, 7, 7, 2, 30, 31, 5]], jnp.int32)
+    full = qwen2.forward(config, params, seq)[0]
+    P = 4
+    logits, cache = qwen2.prefill(config, params, jnp.pad(seq[:, :P], ((0, 0), (0, 4))), jnp.asarray([P]), 16)
+    np.testing.assert_allclose(logits[0], full[P - 1], atol=1e-5)
+    for t in range(P, seq.shape[1]):
+        logits, cache = qwen2.decode_step(config, params, seq[:, t], cache)
+        np.testing.assert_allclose(logits[0], full[t], atol=1e-5)
+
+
+def exact_next_token_probs(logits, temperature, top_k, top_p):
+    """Reference filter in float64 numpy: temperature, top-k, then smallest set reaching top_p."""
+    z = logits.astype(np.float64) / temperature
+    order = np.argsort(-z, kind="stable")
+    keep = np.zeros_like(z, bool)
+    candidates = order[:top_k] if top_k else order
+    p = np.exp(z[candidates] - z[candidates].max())
+    p /= p.sum()
+    mass = 0.0
+    for idx, q in zip(candidates, p):
+        keep[idx] = True
+        mass += q
+        if mass >= top_p:
+            break
+    probs = np.where(keep, np.exp(z - z.max()), 0.0)
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.9, 10, 0.6)])
+def test_sampling_distribution_matches_exact_filtered_distribution(temperature, top_k, top_p):
+    config = preset("tiny").replace(vocab_size=24)
+    model = qwen2.Qwen2(config, rngs=nnx.Rngs(0))
+    nnx.update(model, {"embed": model.params()["embed"] * 40.0})  # a peaked, non-trivial distribution
+    prompt = [3, 1, 4]
+    logits = np.asarray(qwen2.forward(config, model.params(), jnp.asarray([prompt]))[0, -1])
+    want = exact_next_token_probs(logits, temperature, top_k, top_p)
+
+    n = 4000
+    results = generate.sample(model, [prompt], max_new_tokens=1, temperature=temperature, top_k=top_k,
+                              top_p=top_p, num_samples=n, seed=7, eos_ids=[])
+    counts = np.bincount([r.output_ids[0] for r in results], minlength=config.vocab_size)
+    assert counts[want == 0].sum() == 0, "sampled a token the filters remove"
+    support = want > 0
+    if support.sum() > 1:
+        chi2 = stats.chisquare(counts[support], n * want[support])
+        assert chi2.pvalue > 1e-3, (counts[support], n * want[support])
+    # the sampling logprob is the filtered distribution's, the plain logprob the model's
+    r = results[0]
+    np.testing.assert_allclose(r.sampling_logprobs[0], np.log(want[r.output_ids[0]]), atol=1e-4)
+    plain = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    np.testing.assert_allclose(r.logprobs[0], plain[r.output_ids[0]], atol=1e-4)
+
+
+def test_same_seed_same_samples_regardless_of_batching(hf_pair):
+    _, _, model = hf_pair
+    kw = dict(max_new_tokens=12, temperature=1.0, num_samples=2, seed=3, eos_ids=[])
+    together = generate.sample(model, PROMPTS, **kw)
+    one_by_one = generate.sample(model, PROMPTS, batch_size=1, **kw)
+    assert [r.output_ids for r in together] == [r.output_ids for r in one_by_one]
+    other_seed = generate.sample(model, PROMPTS, **{**kw, "seed": 4})
+    assert [r.output_ids for r in together] != [r.output_ids for r in other_seed]
+
+
+def test_thinking_budget_forces_end_of_thinking_then_continues(hf_pair):
+    _, ref, model = hf_pair
+    forced = (50, 51, 52)  # stands for the tokens of "\n</think>\n\n"; the last one closes thinking
+    free = generate.sample(model, PROMPTS, max_new_tokens=20, eos_ids=[])
+    results = generate.sample(model, PROMPTS, max_new_tokens=20, eos_ids=[], max_think_tokens=5,
+                              think_end_ids_override=forced)
+    checked = 0
+    for prompt, f, r in zip(PROMPTS, free, results):
+        if 52 in f.output_ids[:5]:  # closed its thinking on its own before the budget: nothing forced
+            assert r.output_ids == f.output_ids
+            continue
+        assert r.output_ids[:5] == f.output_ids[:5]
+        assert tuple(r.output_ids[5:8]) == forced
+        # after the forced tokens it goes on as the model would from that text
+        assert r.output_ids[8:] == hf_greedy(ref, prompt + r.output_ids[:8], 12)
+        checked += 1
+    assert checked >= 3
+
+
+def test_compiles_once_per_bucket():
+    config = preset("tiny")
+    model = qwen2.Qwen2(config, rngs=nnx.Rngs(0))
+    generate.sample(model, [[1] * 3], max_new_tokens=4, eos_ids=[])  # bucket 16
+    prefill_before = generate.prefill_fn._cache_size()
+    decode_before = generate.decode_fn._cache_size()
+    for n in (1, 5, 9, 16):
+        generate.sample(model, [[2] * n], max_new_tokens=4, eos_ids=[])
+    assert generate.prefill_fn._cache_size() == prefill_before
+    assert generate.decode_fn._cache_size() == decode_before
+    generate.sample(model, [[2] * 17], max_new_tokens=4, eos_ids=[])  # next bucket: one more compile
+    assert generate.prefill_fn._cache_size() == prefill_before + 1
+    assert generate.bucket_length(17) == 32 and generate.bucket_length(3, [8, 24]) == 8
+
+
+def test_sharded_greedy_equals_single_device():
+    config = preset("tiny").replace(num_heads=8, num_kv_heads=4, hidden_size=64)
+    prompts = [[3, 4, 5], [9] * 7, [1, 2], [7, 7, 7, 7, 7]]
+    single = generate.sample(qwen2.Qwen2(config, rngs=nnx.Rngs(0)), prompts, max_new_tokens=16, eos_ids=[])
+    for shape in [(2, 2, 2)]:  # data, fsdp and tp all > 1
+        mesh = parallel.make_mesh(*shape)
+        model = parallel.shard_model(qwen2.Qwen2(config, rngs=nnx.Rngs(0)), mesh)
+        sharded = generate.sample(model, prompts, max_new_tokens=16, eos_ids=[])
+        assert [r.output_ids for r in sharded] == [r.output_ids for r in single]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "rrm_jax.cli", *args], capture_output=True, text=True)
+
+
+def test_generate_cli_writes_rows(hf_pair, tmp_path):
+    folder, ref, _ = hf_pair
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"input_ids": PROMPTS[0], "id": "a"}) + "\n" + json.dumps({"prompt": "the judge"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = run_cli("generate", "--model", str(folder), "--input", str(src), "--output", str(out),
+                   "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["id"] == "a" and len(rows) == 2
+    eos = 2  # the test model's eos_token_id
+    want = hf_greedy(ref, PROMPTS[0], 8, eos=eos)
+    assert rows[0]["output_ids"] == want and isinstance(rows[1]["text"], str)
+    assert {"finish_reason", "logprobs"} <= rows[1].keys()
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"prompt": "ok"}\n{not json\n', "in.jsonl:2: not valid JSON"),
+    ('{"prompt": ""}\n', "empty prompt"),
+    ('{"input_ids": [' + ",".join(["1"] * 300) + ']}\n', "exceeds the model's context"),
+    ('{"text": "no prompt"}\n', "in.jsonl:1: needs a string 'prompt'"),
+])
+def test_generate_cli_bad_input(hf_pair, tmp_path, content, message):
+    folder, _, _ = hf_pair
+    src = tmp_path / "in.jsonl"
+    src.write_text(content)
+    out = tmp_path / "out.jsonl"
+    proc = run_cli("generate", "--model", str(folder), "--input", str(src), "--output", str(out))
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob("out.jsonl*"))
+
+
+def test_generate_cli_unknown_flag(tmp_path):
+    proc = run_cli("generate", "--model", "x", "--input", "y", "--output", "z", "--beam-size", "4")
+    assert proc.returncode == 2 and "--beam-size" in proc.stderr and "Traceback" not in proc.stderr
