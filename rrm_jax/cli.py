@@ -19,7 +19,9 @@ COMMANDS = {
     "bench": ("rrm_jax.bench", "throughput benchmarks with roofline figures"),
     "judge": ("rrm_jax.rrm.judge", "judge which of two responses is better (reasoning + verdict)"),
     "rank": ("rrm_jax.rrm.rank", "best-of-N selection by ELO round robin or knockout tournament"),
+    "train": ("rrm_jax.rl.trainer", "train a judge with GRPO (default: the embedded toy task)"),
     "eval": ("rrm_jax.eval", "evaluate a judge on RewardBench, PandaLM, LLMBar or preference pairs"),
+    "plan": ("rrm_jax.plan", "per-device memory plan of a training config; refuses one that does not fit"),
 }
 
 

@@ -1,0 +1,250 @@
+"""The training config of `rrm-jax train`: one dataclass per YAML section, plus `key=value` overrides.
+
+A config is YAML with the sections below (see rrm_jax/configs/toy.yaml, the embedded default).
+Overrides use dotted keys (`rollout.temperature=0.7`), top-level keys (`max_steps=50`) or the short
+aliases in `ALIASES` (`lr=3e-4`); values are parsed as YAML scalars. Any key not in the schema, or a
+value of the wrong type, is a UserError naming the key and listing what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import typing
+from typing import Any
+
+import yaml
+
+from rrm_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = 1
+    tp: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    init: str | None = None  # None: random init with the shape below; else a preset name or a model path
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 336
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 64
+    rope_theta: float = 10000.0
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "toy"  # "toy" or a .jsonl / .json / .parquet preference file
+    train_size: int = 65536  # toy only: training pairs generated
+    heldout: float = 500  # pairs held out for evaluation (a fraction when < 1)
+    max_prompt_len: int = 32
+    orders: str = "both"  # "random" or "both"
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupConfig:
+    steps: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    b2: float = 0.99
+    grad_clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    prompts_per_step: int = 256
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    agg: str = "token-mean"
+    normalize_std: bool = True
+    entropy_coef: float = 0.1
+    entropy_on: str = "verdict"  # "verdict" (toy tokenizer: the 2-way verdict distribution) or "completion"
+    ppo_epochs: int = 1
+    micro_batches: int = 1
+    remat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.99
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 600
+    eval_every: int = 20  # 0 = never
+    checkpoint_every: int = 100  # 0 = only at the end
+    keep_checkpoints: int = 3
+    tokenizer: str = "toy-char"  # the built-in character tokenizer, or a tokenizer / model folder
+    reward: str = "rrm"
+    mesh: MeshConfig = MeshConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    warmup: WarmupConfig = WarmupConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+ALIASES = {
+    "lr": "optimizer.lr",
+    "prompts_per_step": "rollout.prompts_per_step",
+    "samples_per_prompt": "rollout.samples_per_prompt",
+    "temperature": "rollout.temperature",
+    "warmup_steps": "warmup.steps",
+}
+
+
+def default_config_text() -> str:
+    return importlib.resources.files("rrm_jax.configs").joinpath("toy.yaml").read_text()
+
+
+def valid_keys(cls=TrainConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default):
+            keys += valid_keys(type(f.default), f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown(key: str, where: str) -> UserError:
+    return UserError(f"unknown config key {key!r} in {where}; valid keys: {', '.join(valid_keys())} "
+                     f"(aliases: {', '.join(ALIASES)})")
+
+
+def _coerce(key: str, value: Any, hint, where: str):
+    """value checked against the field's type; ints are accepted for floats."""
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if base is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if base is bool and isinstance(value, bool):
+        return value
+    if base is not bool and isinstance(value, base) and not isinstance(value, bool):
+        return value
+    raise UserError(f"config key {key}={value!r} in {where} must be of type {getattr(base, '__name__', base)}")
+
+
+def _build(cls, values: dict, prefix: str, where: str):
+    if not isinstance(values, dict):
+        raise UserError(f"config section {prefix.rstrip('.') or '(top level)'} in {where} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown(prefix + str(key), where)
+        f = fields[key]
+        if dataclasses.is_dataclass(f.default):
+            kwargs[key] = _build(type(f.default), value or {}, f"{prefix}{key}.", where)
+        else:
+            kwargs[key] = _coerce(prefix + key, value, hints[key], where)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise _unknown(key, where)
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} must look like key=value (e.g. max_steps=100)")
+        key = ALIASES.get(key, key)
+        if key not in valid_keys():
+            raise _unknown(key, "the command line")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            raise UserError(f"override {item!r}: cannot parse the value {text!r}") from None
+        parsed.append((key, value))
+    return parsed
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), *, base: dict | None = None) -> TrainConfig:
+    """The config of `path` (default: the packaged toy.yaml; `base`: an already-parsed dict such as a
+    run's saved config) with `overrides` (["key=value", ...]) applied."""
+    if base is not None:
+        tree, where = base, "the saved run config"
+    elif path is None:
+        tree, where = yaml.safe_load(default_config_text()), "the embedded default config"
+    else:
+        try:
+            with open(path) as f:
+                tree = yaml.safe_load(f)
+        except OSError as e:
+            raise UserError(f"cannot read config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        where = path
+    tree = dict(tree or {})
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value, "the command line")
+    return validate(_build(TrainConfig, tree, "", where))
+
+
+def validate(c: TrainConfig) -> TrainConfig:
+    checks = [
+        (c.max_steps >= 0, "max_steps must be >= 0"),
+        (c.eval_every >= 0, "eval_every must be >= 0 (0 = never)"),
+        (c.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 = only at the end)"),
+        (c.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+        (c.rollout.prompts_per_step >= 1 and c.rollout.samples_per_prompt >= 1,
+         "rollout.prompts_per_step and rollout.samples_per_prompt must be >= 1"),
+        (c.loss.ppo_epochs >= 1, "loss.ppo_epochs must be >= 1"),
+        (c.loss.micro_batches >= 1 and (c.rollout.prompts_per_step * c.rollout.samples_per_prompt) % c.loss.micro_batches == 0,
+         f"loss.micro_batches={c.loss.micro_batches} must divide prompts_per_step*samples_per_prompt="
+         f"{c.rollout.prompts_per_step * c.rollout.samples_per_prompt}"),
+        (c.loss.entropy_on in ("verdict", "completion"), f"loss.entropy_on={c.loss.entropy_on!r}: use verdict or completion"),
+        (c.data.orders in ("random", "both"), f"data.orders={c.data.orders!r}: use random or both"),
+        (c.warmup.steps == 0 or c.data.source == "toy",
+         "warmup.steps > 0 (the format warm-up) needs data.source=toy; set warmup.steps=0 for other data"),
+        (c.data.heldout > 0, "data.heldout must be > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    return c
