@@ -1,0 +1,239 @@
+"""Per-device memory plan of a GRPO training config: `rrm-jax plan --config FILE`.
+
+Estimates, per device, what `rrm-jax train` keeps in memory, and refuses a config that cannot fit.
+The sharding is the one the trainer uses: each parameter's logical axes (rrm_jax.model.qwen2
+LOGICAL_AXES) mapped onto the (data, fsdp, tp) mesh by rrm_jax.parallel RULES, so the large weights
+are split over fsdp (hidden dimension) and tp (heads, MLP width, vocabulary) and replicated over
+data; a dimension the mesh axis does not divide stays replicated. Activations and the KV cache
+split the batch over data*fsdp and heads / vocabulary over tp.
+
+Terms (bytes per device). P: parameter bytes in param_dtype on this device's shard; a: bytes of the
+compute dtype; T = data.max_prompt_len + rollout.max_new_tokens (the padded sequence length);
+R = rollout.prompts_per_step * rollout.samples_per_prompt sequences per step;
+b = ceil(R / loss.micro_batches / (data*fsdp)) sequences per device in one micro-batch, t = b*T;
+N', K', F', V' = heads, kv heads, MLP width, vocabulary divided by tp where tp divides them.
+  parameters          P
+  gradients           P, or 2P with micro_batches > 1 (the accumulator plus one micro-batch's gradient)
+  optimizer state     2P (AdamW's two moments, stored in the parameter dtype by optax)
+  reference model     P when loss.kl_coef > 0 (a frozen copy of the starting policy)
+  activations         with loss.remat: every layer's input, L*t*D*a, plus one layer's working set;
+                      without: L working sets. Working set = attention probabilities and their
+                      gradient in float32, 2*b*N'*T*T*4, plus the MLP and projections,
+                      t*(3F' + 2N'H + 2K'H)*a
+  logits              2*t*V'*4 (float32 logits and their gradient)
+  rollout KV cache    2*L*ceil(R / (data*fsdp))*T*K'*H*a (keys and values for every sampled sequence)
+The update phase holds parameters, gradients, optimizer state, reference, activations and logits;
+the rollout phase parameters, optimizer state, reference and the KV cache. The peak of the two is
+compared with the device memory. XLA's temporary buffers and fragmentation come on top: leave
+~10-15% headroom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from pathlib import Path
+
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh
+
+from rrm_jax import parallel
+from rrm_jax.errors import UserError
+from rrm_jax.model.config import PRESETS, Qwen2Config
+from rrm_jax.model.qwen2 import LOGICAL_AXES, param_shapes
+from rrm_jax.rl.config import TrainConfig, load_config
+
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    key: str  # stable name (tests, JSON)
+    label: str
+    bytes: float
+    phase: str  # "both", "update" or "rollout"
+    remedy: str  # what to change when this term is the largest one of a config that does not fit
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    model: Qwen2Config
+    mesh: tuple[int, int, int]  # (data, fsdp, tp)
+    terms: tuple[Term, ...]
+    micro_batch_sequences: int  # b
+    rollout_sequences: int  # per device
+    sequence_length: int  # T
+
+    def term(self, key: str) -> float:
+        return next(t.bytes for t in self.terms if t.key == key)
+
+    def phase_total(self, phase: str) -> float:
+        return sum(t.bytes for t in self.terms if t.phase in ("both", phase))
+
+    @property
+    def peak_phase(self) -> str:
+        return max(("update", "rollout"), key=self.phase_total)
+
+    @property
+    def peak(self) -> float:
+        return self.phase_total(self.peak_phase)
+
+    @property
+    def largest(self) -> Term:
+        return max((t for t in self.terms if t.phase in ("both", self.peak_phase)), key=lambda t: t.bytes)
+
+
+def model_shape(c: TrainConfig) -> Qwen2Config:
+    """The model `rrm-jax train` would build for this config, with the config's dtypes."""
+    m = c.model
+    if m.init is None:
+        from rrm_jax.rl.trainer import load_train_tokenizer  # the vocabulary size comes from the tokenizer
+
+        base = Qwen2Config(vocab_size=len(load_train_tokenizer(c.tokenizer)), hidden_size=m.hidden_size,
+                           intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                           num_kv_heads=m.num_kv_heads, tie_word_embeddings=m.tie_word_embeddings,
+                           max_position_embeddings=m.max_position_embeddings)
+    elif m.init in PRESETS:
+        base = PRESETS[m.init]
+    else:
+        base = _stored_model_config(Path(m.init))
+    return base.replace(param_dtype=m.param_dtype, dtype=m.dtype)
+
+
+def _stored_model_config(path: Path) -> Qwen2Config:
+    from rrm_jax import checkpoint
+    from rrm_jax.model import hf
+
+    if not path.exists():
+        raise UserError(f"model.init={str(path)!r} does not exist on this machine; to plan without the weights, "
+                        f"give the preset of the same shape, e.g. model.init=r1-distill-qwen-7b "
+                        f"(presets: {', '.join(PRESETS)})")
+    if hf.is_hf_folder(path):
+        return hf.read_hf_config(path)
+    return checkpoint.read_checkpoint_config(checkpoint.resolve_checkpoint(path))
+
+
+def plan_memory(c: TrainConfig, model: Qwen2Config) -> MemoryPlan:
+    data, fsdp, tp = c.mesh.data, c.mesh.fsdp, c.mesh.tp
+    mesh = AbstractMesh((data, fsdp, tp), parallel.MESH_AXES)
+    p_bytes = jnp.dtype(model.param_dtype).itemsize
+    a_bytes = jnp.dtype(model.dtype).itemsize
+
+    param_bytes = 0.0
+    for path, shape in param_shapes(model).items():
+        spec = parallel.logical_to_spec(LOGICAL_AXES[path], mesh, shape)
+        param_bytes += math.prod(shape) / _shard_count(spec, mesh) * p_bytes
+
+    def split(n: int) -> int:  # a tp-sharded dimension, replicated when tp does not divide it
+        return n // tp if n % tp == 0 else n
+
+    L, D, H = model.num_layers, model.hidden_size, model.head_dim
+    N, K, F, V = split(model.num_heads), split(model.num_kv_heads), split(model.intermediate_size), split(model.vocab_size)
+    T = c.data.max_prompt_len + c.rollout.max_new_tokens
+    rollout = c.rollout.prompts_per_step * c.rollout.samples_per_prompt
+    b = math.ceil(rollout / c.loss.micro_batches / (data * fsdp))
+    t = b * T
+    layer_input = t * D * a_bytes
+    working_set = 2 * b * N * T * T * 4 + t * (3 * F + 2 * N * H + 2 * K * H) * a_bytes
+    activations = L * layer_input + working_set if c.loss.remat else L * working_set
+    rollout_rows = math.ceil(rollout / (data * fsdp))
+
+    weights_remedy = "use more devices with a larger mesh.fsdp (parameters, gradients and optimizer state shard over fsdp*tp)"
+    per_micro_batch = "raise loss.micro_batches" if b > 1 else "lower data.max_prompt_len or rollout.max_new_tokens"
+    terms = (
+        Term("params", f"parameters ({model.param_dtype})", param_bytes, "both", weights_remedy),
+        Term("grads", "gradients" + (" (accumulator + micro-batch)" if c.loss.micro_batches > 1 else ""),
+             param_bytes * (2 if c.loss.micro_batches > 1 else 1), "update", weights_remedy),
+        Term("optimizer", "optimizer state (AdamW, 2 moments)", 2 * param_bytes, "both", weights_remedy),
+        Term("reference", "reference model (loss.kl_coef > 0)", param_bytes if c.loss.kl_coef > 0 else 0.0, "both",
+             "set loss.kl_coef=0 (no reference model) or " + weights_remedy),
+        Term("activations", f"activations ({'remat' if c.loss.remat else 'no remat'}, {b} x {T} tokens)", activations,
+             "update", "set loss.remat=true" if not c.loss.remat else
+             f"{per_micro_batch} or raise mesh.tp (splits attention heads and MLP)"),
+        Term("logits", f"logits (float32, {b} x {T} tokens)", 2 * t * V * 4, "update",
+             f"{per_micro_batch} or raise mesh.tp (splits the vocabulary)"),
+        Term("kv_cache", f"rollout KV cache ({rollout_rows} x {T} tokens)", 2 * L * rollout_rows * T * K * H * a_bytes,
+             "rollout", "lower rollout.prompts_per_step or rollout.max_new_tokens, or use more devices "
+                        "(the cache splits its sequences over mesh.data*fsdp)"),
+    )
+    return MemoryPlan(model, (data, fsdp, tp), terms, b, rollout_rows, T)
+
+
+def _shard_count(spec, mesh) -> int:
+    axes = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_fits(plan: MemoryPlan, device_memory: float, where: str) -> None:
+    """UserError naming the largest term and what to change when the peak exceeds device_memory (bytes)."""
+    if plan.peak > device_memory:
+        big = plan.largest
+        raise UserError(f"{where} does not fit: {plan.peak / GB:.1f} GB per device in the {plan.peak_phase} phase "
+                        f"> {device_memory / GB:.1f} GB; largest term: {big.label} {big.bytes / GB:.1f} GB; {big.remedy}")
+
+
+def check_devices(c: TrainConfig, devices: int) -> None:
+    slots = c.mesh.data * c.mesh.fsdp * c.mesh.tp
+    if slots != devices:
+        raise UserError(f"mesh data={c.mesh.data} fsdp={c.mesh.fsdp} tp={c.mesh.tp} has {slots} slots but there are "
+                        f"{devices} devices; the product of data*fsdp*tp must equal {devices}")
+
+
+def check_training_fits(c: TrainConfig, model: Qwen2Config, where: str) -> MemoryPlan:
+    """The check `rrm-jax train` runs before it starts, on the devices it runs on (skipped where the
+    backend does not report a memory limit, e.g. CPU)."""
+    import jax
+
+    plan = plan_memory(c, model)
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    if limit:
+        check_fits(plan, limit, where)
+    return plan
+
+
+def format_plan(plan: MemoryPlan, device_memory: float | None, title: str) -> str:
+    data, fsdp, tp = plan.mesh
+    lines = [title,
+             f"model: {plan.model.num_params / 1e9:.2f}B parameters, {plan.model.num_layers} layers; "
+             f"mesh data={data} fsdp={fsdp} tp={tp} ({data * fsdp * tp} devices)",
+             f"{'per device':<58}{'GB':>9}"]
+    for phase in ("both", "update", "rollout"):
+        for t in plan.terms:
+            if t.phase == phase and t.bytes:
+                tag = {"both": "", "update": "  [update]", "rollout": "  [rollout]"}[phase]
+                lines.append(f"  {t.label + tag:<56}{t.bytes / GB:>9.2f}")
+    lines.append(f"  {'update phase total':<56}{plan.phase_total('update') / GB:>9.2f}")
+    lines.append(f"  {'rollout phase total':<56}{plan.phase_total('rollout') / GB:>9.2f}")
+    if device_memory is None:
+        lines.append(f"peak {plan.peak / GB:.2f} GB ({plan.peak_phase}); pass --device-memory GB to check the fit")
+    else:
+        lines.append(f"peak {plan.peak / GB:.2f} GB ({plan.peak_phase}) of {device_memory / GB:.2f} GB per device: "
+                     f"{'fits' if plan.peak <= device_memory else 'does NOT fit'} "
+                     f"({100 * plan.peak / device_memory:.0f}% used)")
+    return "\n".join(lines)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="training YAML (default: the embedded toy task)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="number of devices (default: the mesh's data*fsdp*tp, which must equal it)")
+    parser.add_argument("--device-memory", type=float, default=None, metavar="GB",
+                        help="memory per device in GB (1e9 bytes), e.g. 95 for TPU v5p, 80 for H100")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for rrm-jax train")
+    parser.set_defaults(run=run_plan)
+
+
+def run_plan(args) -> int:
+    c = load_config(args.config, args.overrides)
+    if args.devices is not None:
+        check_devices(c, args.devices)
+    if args.device_memory is not None and args.device_memory <= 0:
+        raise UserError(f"--device-memory {args.device_memory} must be a positive number of GB")
+    where = args.config or "the embedded default config"
+    plan = plan_memory(c, model_shape(c))
+    memory = args.device_memory * GB if args.device_memory is not None else None
+    print(format_plan(plan, memory, f"memory plan of {where}"))
+    if memory is not None:
+        check_fits(plan, memory, where)
+    return 0

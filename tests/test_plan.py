@@ -1,0 +1,114 @@
+"""Memory planner (`rrm-jax plan`): figures against hand-computed values, refusals, the shipped configs."""
+
+import math
+from pathlib import Path
+
+import jax
+import pytest
+
+from rrm_jax import parallel, plan
+from rrm_jax.cli import main
+from rrm_jax.errors import UserError
+from rrm_jax.model.qwen2 import Qwen2
+from rrm_jax.rl.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_7B = str(ROOT / "configs" / "rrm_7b_v5p.yaml")
+WITHOUT_WEIGHTS = {"rrm_7b_v5p": "r1-distill-qwen-7b", "rrm_32b_v5p": "r1-distill-qwen-32b",
+                   "rrm_7b_8xh100": "r1-distill-qwen-7b"}
+
+
+def test_7b_v5p_figures_match_hand_computation():
+    c = load_config(CONFIG_7B, ["model.init=r1-distill-qwen-7b"])
+    assert (c.mesh.data, c.mesh.fsdp, c.mesh.tp) == (1, 32, 2)
+    assert (c.rollout.prompts_per_step, c.rollout.samples_per_prompt, c.loss.micro_batches) == (64, 16, 16)
+    p = plan.plan_memory(c, plan.model_shape(c))
+
+    # DeepSeek-R1-Distill-Qwen-7B: V=152064 D=3584 F=18944 L=28 N=28 K=4 H=128, float32 weights.
+    # Every matrix has an fsdp-sharded hidden axis and a tp-sharded heads / MLP / vocab axis: split 32*2 = 64
+    # ways. Biases have only heads (tp, 2 ways); norms are replicated.
+    matrices = 2 * 152064 * 3584 + 28 * (2 * 3584 * 28 * 128 + 2 * 3584 * 4 * 128 + 3 * 3584 * 18944)
+    biases = 28 * (28 * 128 + 2 * 4 * 128)
+    norms = 28 * 2 * 3584 + 3584
+    assert matrices + biases + norms == 7_615_616_512  # the published 7.6B
+    params = (matrices / 64 + biases / 2 + norms) * 4
+    assert params == 477_030_400
+    assert p.term("params") == params
+    assert p.term("grads") == 2 * params  # micro_batches > 1: accumulator + one micro-batch's gradient
+    assert p.term("optimizer") == 2 * params
+    assert p.term("reference") == 0  # kl_coef = 0
+
+    # 1024 sequences / 16 micro-batches / 32 batch shards = 2 sequences of 4096 + 8192 tokens per device
+    b, T = 2, 12288
+    assert (p.micro_batch_sequences, p.sequence_length) == (b, T)
+    layer_inputs = 28 * b * T * 3584 * 2  # bfloat16, one per layer (remat)
+    attention = 2 * b * (28 // 2) * T * T * 4  # float32 probabilities + gradient, 14 heads per device
+    mlp_and_projections = b * T * (3 * 18944 // 2 + 2 * 14 * 128 + 2 * 2 * 128) * 2
+    assert p.term("activations") == layer_inputs + attention + mlp_and_projections == 40_353_398_784
+    assert p.term("logits") == 2 * b * T * (152064 // 2) * 4 == 14_948_499_456
+    # rollout: 1024 sequences / 32 shards = 32 per device, 2 of the 4 kv heads each
+    assert p.term("kv_cache") == 2 * 28 * 32 * T * 2 * 128 * 2 == 11_274_289_152
+    assert p.peak_phase == "update"
+    assert p.peak == 3 * params + 2 * params + 40_353_398_784 + 14_948_499_456
+    plan.check_fits(p, 95e9, "rrm_7b_v5p")
+
+
+def test_parameter_bytes_match_real_sharded_model():
+    # the planner's sharding against what JAX actually places on one device of a 2x2x2 CPU mesh
+    c = load_config(None, ["model.init=tiny", "mesh.data=2", "mesh.fsdp=2", "mesh.tp=2"])
+    config = plan.model_shape(c)
+    from flax import nnx
+    model = parallel.shard_model(Qwen2(config, rngs=nnx.Rngs(0)), parallel.make_mesh(2, 2, 2))
+    first = jax.devices()[0]
+    on_first = sum(s.data.nbytes for leaf in jax.tree.leaves(model.params())
+                   for s in leaf.addressable_shards if s.device == first)
+    assert plan.plan_memory(c, config).term("params") == on_first
+
+
+@pytest.mark.parametrize("name, devices, memory", [("rrm_7b_v5p", 64, 95), ("rrm_32b_v5p", 128, 95),
+                                                   ("rrm_7b_8xh100", 8, 80)])
+def test_shipped_configs_fit(name, devices, memory, capsys):
+    path = ROOT / "configs" / f"{name}.yaml"
+    rc = main(["plan", "--config", str(path), "--devices", str(devices), "--device-memory", str(memory),
+               f"model.init={WITHOUT_WEIGHTS[name]}"])
+    out = capsys.readouterr().out
+    assert rc == 0 and " fits (" in out
+    c = load_config(str(path))  # the recipe
+    assert (c.rollout.samples_per_prompt, c.rollout.temperature, c.rollout.max_new_tokens, c.optimizer.lr,
+            c.reward) == (16, 0.8, 8192, 1e-6, "rrm")
+    assert c.loss.remat and c.model.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("overrides, memory, largest, remedy", [
+    # one device holds the whole 7B: float32 weights 30.5 GB + gradients 30.5 + AdamW 61 > 80
+    (["mesh.fsdp=1", "mesh.tp=1", "rollout.prompts_per_step=1", "rollout.samples_per_prompt=1", "loss.micro_batches=1",
+      "data.max_prompt_len=256", "rollout.max_new_tokens=256"], 80, "optimizer state", "mesh.fsdp"),
+    # 16384 rollouts: 512 sequences of 12288 tokens per device in the KV cache
+    (["rollout.prompts_per_step=1024", "loss.micro_batches=512"], 95, "rollout KV cache", "rollout.prompts_per_step"),
+    (["loss.remat=false"], 95, "activations", "loss.remat=true"),
+])
+def test_config_that_cannot_fit_is_refused(overrides, memory, largest, remedy, capsys):
+    rc = main(["plan", "--config", CONFIG_7B, "--device-memory", str(memory), "model.init=r1-distill-qwen-7b",
+               *overrides])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and err.startswith("rrm-jax: error: ") and "does not fit" in err
+    assert f"largest term: {largest}" in err and remedy in err
+
+
+def test_device_count_must_match_mesh(capsys):
+    assert main(["plan", "--config", CONFIG_7B, "--devices", "128", "model.init=r1-distill-qwen-7b"]) == 2
+    assert "has 64 slots but there are 128 devices" in capsys.readouterr().err
+
+
+def test_missing_weights_suggest_a_preset():
+    c = load_config(CONFIG_7B)
+    with pytest.raises(UserError, match="does not exist on this machine.*model.init=r1-distill-qwen-7b"):
+        plan.model_shape(c)
+
+
+def test_reference_model_counts_when_kl_is_on():
+    c = load_config(CONFIG_7B, ["model.init=r1-distill-qwen-7b", "loss.kl_coef=0.001", "loss.micro_batches=1024"])
+    p = plan.plan_memory(c, plan.model_shape(c))
+    assert p.term("reference") == p.term("params")
+    assert p.term("grads") == 2 * p.term("params") and p.micro_batch_sequences == math.ceil(1024 / 1024 / 32)
