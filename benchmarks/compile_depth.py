@@ -1,0 +1,46 @@
+"""Compile time of the forward pass and the decode loop against depth (layers are scanned, so it should
+not grow with depth). Abstract parameters: nothing is allocated, only compiled.
+
+    .venv/bin/python benchmarks/compile_depth.py
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from rrm_jax import generate
+from rrm_jax.model import qwen2
+from rrm_jax.model.config import preset
+
+
+def abstract_params(config):
+    dtype = jnp.dtype(config.param_dtype)
+    flat = {path: jax.ShapeDtypeStruct(shape, dtype) for path, shape in qwen2.param_shapes(config).items()}
+    params = {k: v for k, v in flat.items() if not k.startswith("layers.")}
+    params["layers"] = {k.removeprefix("layers."): v for k, v in flat.items() if k.startswith("layers.")}
+    return params
+
+
+def compile_seconds(config):
+    params = abstract_params(config)
+    tokens = jax.ShapeDtypeStruct((8, 256), jnp.int32)
+    t = time.perf_counter()
+    jax.jit(lambda p, x: qwen2.forward(config, p, x)).lower(params, tokens).compile()
+    forward_s = time.perf_counter() - t
+
+    settings = generate.SamplingSettings(64, 0.0, 0, 1.0, (), None, ())
+    lengths = jax.ShapeDtypeStruct((8,), jnp.int32)
+    keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.arange(8)))
+    state = jax.eval_shape(lambda p, x, n, k: generate._prefill(config, settings, 1, None, p, x, n, k),
+                           params, tokens, lengths, keys)
+    t = time.perf_counter()
+    generate.decode_fn.lower(config, settings, params, state).compile()
+    return forward_s, time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    base = preset("r1-distill-qwen-1.5b").replace(param_dtype="bfloat16", dtype="bfloat16")
+    for layers in (2, 28):
+        fwd, dec = compile_seconds(base.replace(num_layers=layers))
+        print(f"layers={layers:2d} forward_compile_s={fwd:.2f} decode_loop_compile_s={dec:.2f}", flush=True)
