@@ -201,7 +201,7 @@ def _latest_step(root: Path) -> Path | None:
 def resolve_checkpoint(path: Path | str) -> Path:
     """The checkpoint folder `path` names: itself, or the latest step of a CheckpointManager folder
     (`path` or `path/checkpoints`)."""
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax refuses relative paths
     if not path.exists():
         raise UserError(f"{path} does not exist")
     if is_checkpoint(path):

@@ -155,11 +155,11 @@ def supervised_step(config: Qwen2Config, optimizer, params, opt_state, tokens, a
 def rollout_batch(prompts: list[list[int]], samples, group_size: int, *, verdict_open_id: int | None):
     """Numpy arrays of a RolloutBatch (without advantages / reference) from prompt-major samples.
 
-    Rows are right-padded to a multiple of 8 tokens (few compiled shapes). The entropy mask is the
+    Rows are right-padded to a multiple of 4 tokens (few compiled shapes). The entropy mask is the
     verdict position (the token after `\\boxed{`) when verdict_open_id is given, else every
     generated token."""
     lengths = [len(prompts[r // group_size]) + len(s.output_ids) for r, s in enumerate(samples)]
-    n, width = len(samples), 8 * math.ceil(max(lengths) / 8)
+    n, width = len(samples), 4 * math.ceil(max(lengths) / 4)
     tokens = np.zeros((n, width), np.int32)
     attention = np.zeros((n, width), np.int32)
     loss_mask = np.zeros((n, width), np.float32)
@@ -336,21 +336,22 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
           progress: bool = True) -> int:
     t_start = time.perf_counter()
     mesh = make_mesh(c)
-    _prepare_output(output_dir, resume)
-    (output_dir / RUN_CONFIG).write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
     tokenizer = load_train_tokenizer(c.tokenizer)
-    model = build_model(c, tokenizer, mesh)
-    mcfg = model.config
-    if c.data.max_prompt_len + c.rollout.max_new_tokens > mcfg.max_position_embeddings:
-        raise UserError(f"data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len + c.rollout.max_new_tokens} "
-                        f"exceeds the model's context of {mcfg.max_position_embeddings} tokens")
+    # Everything that can be wrong with the data is found before OUTPUT_DIR is touched.
     train_pairs, heldout_pairs, render_fn = load_pairs(c)
-    write_pairs(output_dir / HELDOUT, heldout_pairs)
     dataset = PreferenceDataset(train_pairs, tokenizer=tokenizer, render=render_fn, max_prompt_len=c.data.max_prompt_len,
                                 seed=c.seed, orders=c.data.orders)
     heldout_set = PreferenceDataset(heldout_pairs, tokenizer=tokenizer, render=render_fn,
                                     max_prompt_len=c.data.max_prompt_len, seed=c.seed + 1, orders="random")
     heldout = [heldout_set[i][0] for i in range(len(heldout_set))]
+    model = build_model(c, tokenizer, mesh)
+    mcfg = model.config
+    if c.data.max_prompt_len + c.rollout.max_new_tokens > mcfg.max_position_embeddings:
+        raise UserError(f"data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len + c.rollout.max_new_tokens} "
+                        f"exceeds the model's context of {mcfg.max_position_embeddings} tokens")
+    _prepare_output(output_dir, resume)
+    (output_dir / RUN_CONFIG).write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
+    write_pairs(output_dir / HELDOUT, heldout_pairs)
     batches = iter(preference_batches(dataset, batch_size=c.rollout.prompts_per_step, seed=c.seed))
 
     verdict_open_id, entropy_ids = None, ()

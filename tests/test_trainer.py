@@ -1,0 +1,189 @@
+"""`rrm-jax train`: learning on a trivial rule, exact resume after kill -9, SIGTERM, bad input, sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from rrm_jax import checkpoint, cli, parallel
+from rrm_jax.model.config import Qwen2Config
+from rrm_jax.model.qwen2 import Qwen2
+from rrm_jax.rl import step, trainer
+from rrm_jax.rl.config import load_config
+from rrm_jax.rl.reward import register_reward
+from rrm_jax.rrm.prompt import parse_verdict
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny model and batch: the whole pipeline (warm-up, rollout, update, eval, checkpoint) in seconds.
+TINY = [
+    "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+    "model.intermediate_size=64", "data.train_size=512", "data.heldout=200",
+    "warmup.steps=40", "warmup.batch_size=32", "warmup.lr=1e-2",
+    "rollout.prompts_per_step=16", "rollout.samples_per_prompt=4", "optimizer.warmup_steps=0",
+    "eval_every=3", "checkpoint_every=3",
+]
+
+
+@register_reward("test-always-first")
+def _always_first(text: str, preferred: int) -> float:
+    """A trivial rule: the verdict "Assistant 1" is right whatever the prompt."""
+    return 1.0 if parse_verdict(text) == 1 else -1.0
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / trainer.METRICS).read_text().splitlines()]
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in r.items() if k not in trainer.TIMING_KEYS} for r in rows]
+
+
+def test_grpo_steps_raise_reward_on_trivial_rule(tmp_path):
+    config = load_config(None, TINY + ["reward=test-always-first", "max_steps=6", "loss.entropy_coef=0",
+                                       "optimizer.lr=5e-3", "eval_every=0", "checkpoint_every=0"])
+    assert trainer.train(config, tmp_path / "run", progress=False) == 0
+    rows = [r for r in _rows(tmp_path / "run") if "reward_mean" in r]
+    assert rows[0]["unparseable"] < 0.2  # the warm-up taught the format
+    first, last = np.mean([r["reward_mean"] for r in rows[:2]]), np.mean([r["reward_mean"] for r in rows[-2:]])
+    assert last > first + 0.4, (first, last)
+
+
+def _train_subprocess(out: Path, *extra: str, crash_after: int | None = None) -> subprocess.CompletedProcess:
+    """`rrm-jax train` in a fresh process; crash_after=N kills it with SIGKILL right after step N is logged."""
+    hook = ""
+    if crash_after is not None:  # an injected crash: no chance to clean up, exactly like kill -9
+        hook = textwrap.dedent(f"""
+            import os, signal
+            from rrm_jax.rl import trainer
+            log = trainer.MetricsLog.log
+            def log_then_crash(self, row):
+                log(self, row)
+                if row["step"] == {crash_after}:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            trainer.MetricsLog.log = log_then_crash
+        """)
+    code = hook + "\nimport sys\nfrom rrm_jax.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    flags = [e for e in extra if e.startswith("--")]
+    argv = ["train", "--output-dir", str(out), "--no-progress", *flags, *TINY, *[e for e in extra if e not in flags]]
+    return subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_resume_after_kill_is_exact(tmp_path):
+    straight = _train_subprocess(tmp_path / "straight", "max_steps=6")
+    assert straight.returncode == 0, straight.stderr
+    crashed = _train_subprocess(tmp_path / "resumed", "max_steps=6", crash_after=4)
+    assert crashed.returncode == -signal.SIGKILL
+    assert checkpoint._latest_step(tmp_path / "resumed" / trainer.CHECKPOINTS).name == "3"
+    resumed = _train_subprocess(tmp_path / "resumed", "max_steps=6", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+
+    assert _without_timing(_rows(tmp_path / "resumed")) == _without_timing(_rows(tmp_path / "straight"))
+    a, _ = checkpoint.load_model(tmp_path / "straight")
+    b, _ = checkpoint.load_model(tmp_path / "resumed")
+    for x, y in zip(jax.tree.leaves(a.params()), jax.tree.leaves(b.params())):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # the printed follow-on commands work on the run folder
+    assert checkpoint.load_tokenizer(tmp_path / "resumed") is not None
+    assert f"rrm-jax eval --model {tmp_path / 'resumed'}" in resumed.stdout
+
+
+def test_sigterm_saves_current_step_and_exits_zero(tmp_path, monkeypatch):
+    log = trainer.MetricsLog.log
+
+    def log_then_preempt(self, row):
+        log(self, row)
+        if row["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer.MetricsLog, "log", log_then_preempt)
+    out = tmp_path / "run"
+    config = load_config(None, TINY + ["max_steps=10", "checkpoint_every=0", "eval_every=0", "warmup.steps=2"])
+    assert trainer.train(config, out, progress=False) == 0
+    assert [p.name for p in (out / trainer.CHECKPOINTS).iterdir() if p.name.isdigit()] == ["2"]
+    assert max(r["step"] for r in _rows(out)) == 2
+    model, _ = checkpoint.load_model(out)  # the saved step is a loadable model checkpoint
+    assert model.config.hidden_size == 32
+
+
+def _cli_error(capsys, argv) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rrm-jax: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    def base(name):  # flags first, then the key=value overrides
+        return ["train", "--no-progress", "--output-dir", str(tmp_path / name), "warmup.steps=0", *TINY[:5]]
+
+    err = _cli_error(capsys, base("a") + ["max_stepz=3"])
+    assert "'max_stepz'" in err and "max_steps" in err and "rollout.temperature" in err
+
+    err = _cli_error(capsys, base("b") + ["mesh.data=3"])
+    assert "data=3" in err and f"{jax.device_count()} devices" in err
+
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
+    err = _cli_error(capsys, base("c") + [f"data.source={bad}", "data.heldout=0.5",
+                                     "loss.entropy_on=completion"])
+    assert f"{bad}:2" in err
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    err = _cli_error(capsys, base("d") + [f"data.source={empty}",
+                                     "loss.entropy_on=completion"])
+    assert str(empty) in err and "no preference rows" in err
+
+    err = _cli_error(capsys, ["train", "--config", str(tmp_path / "missing.yaml"), "--output-dir", str(tmp_path / "e")])
+    assert "missing.yaml" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _sharded_step(mesh, config, params, batch, optimizer, loss):
+    if mesh is not None:
+        model = Qwen2(config, rngs=nnx.Rngs(0))
+        shardings = parallel.param_shardings(model, mesh)
+        params = jax.device_put(params, shardings)
+        batch = jax.device_put(batch, parallel.logical_sharding(("batch",), mesh))
+    params = jax.tree.map(jnp.copy, params)
+    opt_state = optimizer.init(params)
+    new_params, _, metrics = step.update_fn(config, loss, optimizer, 2, params, opt_state, batch)
+    return jax.device_get(new_params), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (1, 2, 4)])
+def test_sharded_update_equals_single_device(shape):
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                         num_kv_heads=4, tie_word_embeddings=False, max_position_embeddings=64)
+    params = Qwen2(config, rngs=nnx.Rngs(1)).params()
+    rng = np.random.default_rng(0)
+    B, T = 16, 12
+    tokens = jnp.asarray(rng.integers(0, 64, (B, T)), jnp.int32)
+    attention = jnp.asarray(np.arange(T)[None] < rng.integers(8, T + 1, (B, 1)), jnp.int32)
+    loss_mask = attention * jnp.asarray(np.arange(T)[None] >= 5, jnp.int32)
+    old = step.logprobs_fn(config, params, tokens, attention) + jnp.asarray(rng.normal(0, 0.1, (B, T)), jnp.float32)
+    batch = step.RolloutBatch(tokens, attention, loss_mask.astype(jnp.float32), old, old - 0.05,
+                              jnp.asarray(rng.normal(size=B), jnp.float32), loss_mask.astype(jnp.float32))
+    # plain SGD: the update is the gradient itself (Adam would blow float noise in near-zero gradients up to lr)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))
+    loss = step.LossSettings(kl_coef=0.1, entropy_coef=0.05)
+    expected, expected_metrics = _sharded_step(None, config, params, batch, optimizer, loss)
+    got, got_metrics = _sharded_step(parallel.make_mesh(*shape), config, params, batch, optimizer, loss)
+    for path, x in checkpoint.flatten(expected).items():
+        np.testing.assert_allclose(checkpoint.flatten(got)[path], x, atol=1e-5, err_msg=path)
+    for key, value in expected_metrics.items():
+        np.testing.assert_allclose(got_metrics[key], value, atol=1e-5, rtol=1e-5, err_msg=key)
