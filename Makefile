@@ -14,7 +14,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/rrm-jax demo
+	$(VENV)/bin/rrm-jax train
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
