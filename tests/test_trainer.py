@@ -82,12 +82,12 @@ def _train_subprocess(out: Path, *extra: str, crash_after: int | None = None) ->
 
 
 def test_resume_after_kill_is_exact(tmp_path):
-    straight = _train_subprocess(tmp_path / "straight", "max_steps=6")
+    straight = _train_subprocess(tmp_path / "straight", "max_steps=6", "warmup.steps=5")
     assert straight.returncode == 0, straight.stderr
-    crashed = _train_subprocess(tmp_path / "resumed", "max_steps=6", crash_after=4)
+    crashed = _train_subprocess(tmp_path / "resumed", "max_steps=6", "warmup.steps=5", crash_after=4)
     assert crashed.returncode == -signal.SIGKILL
     assert checkpoint._latest_step(tmp_path / "resumed" / trainer.CHECKPOINTS).name == "3"
-    resumed = _train_subprocess(tmp_path / "resumed", "max_steps=6", "--resume")
+    resumed = _train_subprocess(tmp_path / "resumed", "max_steps=6", "warmup.steps=5", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
 

@@ -240,6 +240,7 @@ class MetricsLog:
     """metrics.jsonl (append, flushed each step) and TensorBoard events."""
 
     def __init__(self, output_dir: Path, resume_step: int | None):
+        """resume_step: the restored step (-1: a resumed run restarting from scratch), None for a new run."""
         self.path = output_dir / METRICS
         if resume_step is not None and self.path.exists():
             # rows written after the restored checkpoint are repeated by this run: drop them
@@ -375,8 +376,14 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
     elapsed_before = 0.0
     ref_params = None
 
+    preemption = _Preemption()
     if start is None:
-        params = _warmup(c, mcfg, params, tokenizer, progress)
+        params = _warmup(c, mcfg, params, tokenizer, progress, preemption)
+        if preemption.requested:
+            preemption.restore()
+            ckpts.close()
+            print("SIGTERM during the format warm-up: nothing to save yet; --resume starts over", file=sys.stderr)
+            return 0
         nnx.update(model, params)
         params = model.params()
         opt_state = optimizer.init(params)
@@ -388,14 +395,15 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
             ref_params = jax.tree.map(jnp.copy, params)
         restored = ckpts.restore(start, params, opt_state, ref_params)
         params, opt_state = restored["params"], restored["opt_state"]
-        ref_params = restored.get("ref_params") if ref_params is not None else None
+        if ref_params is not None:
+            ref_params = restored["ref_params"]
         nnx.update(model, params)
         state = restored["train_state"]
         batches.set_state(state["data_iterator"])
         elapsed_before = state["elapsed"]
         print(f"resuming {output_dir} from step {start}", file=sys.stderr)
 
-    metrics = MetricsLog(output_dir, start)
+    metrics = MetricsLog(output_dir, start if start is not None else (-1 if resume else None))
     first = (start or 0) + 1
     clock0 = t_start - elapsed_before  # elapsed time counts across resumes
 
@@ -409,7 +417,6 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
         state = {"step": step_number, "seed": c.seed, "data_iterator": batches.get_state(), "elapsed": elapsed()}
         return ckpts.save(step_number, model, opt_state, ref_params, state, c, tokenizer)
 
-    preemption = _Preemption()
     G = c.rollout.samples_per_prompt
     last_saved = start
     bar = _progress_bar(first, c.max_steps, progress)
@@ -494,7 +501,7 @@ def _step_seed(seed: int, step_number: int) -> int:
     return int(np.random.SeedSequence([seed, step_number]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, tokenizer, progress: bool):
+def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, tokenizer, progress: bool, preemption: _Preemption):
     """Phase A: supervised format warm-up on transcripts with random verdicts."""
     w = c.warmup
     if not w.steps:
@@ -505,12 +512,14 @@ def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, tokenizer, progress: bool
     params = jax.tree.map(jnp.copy, params)  # the step donates its inputs; keep the model's arrays intact
     bar = _progress_bar(1, w.steps, progress, desc="format warm-up")
     for _ in range(w.steps):
+        if preemption.requested:
+            break
         batch = toy.format_warmup_batch(tokenizer, w.batch_size, rng)
         attention = (batch["tokens"] != tokenizer.pad_token_id).astype(np.int32)
         params, opt_state, loss_value = supervised_step(mcfg, optimizer, params, opt_state, batch["tokens"], attention,
                                                         batch["loss_mask"])
         bar.update(1)
-    bar.set_postfix(loss=f"{float(loss_value):.3f}")
+        bar.set_postfix(loss=f"{float(loss_value):.3f}", refresh=False)
     bar.close()
     return params
 
