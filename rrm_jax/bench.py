@@ -156,16 +156,14 @@ def bench_train_step(model, *, prompts: int, samples: int, prompt_len: int, gen_
     rollout_s = time.perf_counter() - t
 
     rows, T = prompts * samples, prompt_len + gen_len
-    tokens = np.zeros((rows, T), np.int32)
-    for r, res in enumerate(results):
-        tokens[r] = prompt_ids[r // samples] + res.output_ids
-    tokens = jnp.asarray(tokens)
-    attention = jnp.ones((rows, T), jnp.int32)
-    loss_mask = jnp.zeros((rows, T), jnp.float32).at[:, prompt_len:].set(1.0)
+    prompt_tokens = jnp.asarray(prompt_ids, jnp.int32)
+    prompt_lengths = jnp.full((prompts,), prompt_len, jnp.int32)
+    tokens = jnp.asarray([r.output_ids for r in results], jnp.int32)
+    loss_mask = jnp.ones((rows, gen_len), jnp.float32)
     params = model.params()
-    logprob_s = _timed(lambda p, x, m: step.logprobs_fn(c, p, x, m), params, tokens, attention, repeats=2)
-    old = step.logprobs_fn(c, params, tokens, attention)
-    batch = step.RolloutBatch(tokens, attention, loss_mask, old, jnp.zeros_like(old),
+    logprob_s = _timed(lambda p, *x: step.logprobs_fn(c, p, *x), params, prompt_tokens, prompt_lengths, tokens, repeats=2)
+    old = step.logprobs_fn(c, params, prompt_tokens, prompt_lengths, tokens)
+    batch = step.RolloutBatch(prompt_tokens, prompt_lengths, tokens, loss_mask, old, jnp.zeros_like(old),
                               jnp.asarray(rng.normal(size=rows), jnp.float32), loss_mask)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6))
     loss = step.LossSettings(remat=True)
@@ -177,7 +175,8 @@ def bench_train_step(model, *, prompts: int, samples: int, prompt_len: int, gen_
     update_s = time.perf_counter() - t
 
     matmul_params = c.num_params - c.vocab_size * c.hidden_size * (0 if c.tie_word_embeddings else 1)
-    train_tokens = rows * T
+    # each prompt is encoded once per group: the tokens the update actually processes
+    train_tokens = prompts * prompt_len + rows * gen_len
     attn = 2 * c.num_layers * c.num_heads * c.head_dim * T  # causal: half of 4*L*N*H*T per token
     peak = ceilings["peak_TFLOPs"] * 1e12
     return {

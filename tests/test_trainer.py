@@ -171,13 +171,15 @@ def test_sharded_update_equals_single_device(shape):
                          num_kv_heads=4, tie_word_embeddings=False, max_position_embeddings=64)
     params = Qwen2(config, rngs=nnx.Rngs(1)).params()
     rng = np.random.default_rng(0)
-    B, T = 16, 12
-    tokens = jnp.asarray(rng.integers(0, 64, (B, T)), jnp.int32)
-    attention = jnp.asarray(np.arange(T)[None] < rng.integers(8, T + 1, (B, 1)), jnp.int32)
-    loss_mask = attention * jnp.asarray(np.arange(T)[None] >= 5, jnp.int32)
-    old = step.logprobs_fn(config, params, tokens, attention) + jnp.asarray(rng.normal(0, 0.1, (B, T)), jnp.float32)
-    batch = step.RolloutBatch(tokens, attention, loss_mask.astype(jnp.float32), old, old - 0.05,
-                              jnp.asarray(rng.normal(size=B), jnp.float32), loss_mask.astype(jnp.float32))
+    P, G, Tp, Tc = 8, 2, 8, 6
+    prompt_tokens = jnp.asarray(rng.integers(0, 64, (P, Tp)), jnp.int32)
+    prompt_lengths = jnp.asarray(rng.integers(3, Tp + 1, P), jnp.int32)
+    tokens = jnp.asarray(rng.integers(0, 64, (P * G, Tc)), jnp.int32)
+    loss_mask = jnp.asarray(np.arange(Tc)[None] < rng.integers(2, Tc + 1, (P * G, 1)), jnp.float32)
+    old = step.logprobs_fn(config, params, prompt_tokens, prompt_lengths, tokens)
+    old = old + jnp.asarray(rng.normal(0, 0.1, old.shape), jnp.float32)
+    batch = step.RolloutBatch(prompt_tokens, prompt_lengths, tokens, loss_mask, old, old - 0.05,
+                              jnp.asarray(rng.normal(size=P * G), jnp.float32), loss_mask)
     # plain SGD: the update is the gradient itself (Adam would blow float noise in near-zero gradients up to lr)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))
     loss = step.LossSettings(kl_coef=0.1, entropy_coef=0.05)

@@ -204,6 +204,52 @@ def hidden_states(c: Qwen2Config, params, tokens, *, attention_mask=None, positi
     return x, keys, values
 
 
+def grouped_hidden_states(c: Qwen2Config, params, prompt_tokens, prompt_lengths, tokens, *, remat=False):
+    """Training pass over GRPO groups without repeating the prompt: right-padded prompts [P, Tp] with
+    lengths [P] are encoded once, and each prompt's G = R // P continuations tokens [R, Tc] (prompt-major)
+    attend to their prompt's keys / values plus their own causal prefix. Gradients reach the prompt
+    through every continuation that reads it. Returns the hidden state that predicts each continuation
+    token, [R, Tc, D]: the prompt's last real position for token 0, the continuation's own before it."""
+    P, Tp = prompt_tokens.shape
+    R, Tc = tokens.shape
+    G = R // P
+    prompt_valid = jnp.arange(Tp)[None, :] < prompt_lengths[:, None]  # [P, Tp]
+    prompt_positions = jnp.broadcast_to(jnp.arange(Tp)[None, :], (P, Tp))
+    positions = jnp.repeat(prompt_lengths, G)[:, None] + jnp.arange(Tc)[None, :]  # [R, Tc]
+    prompt_mask = (jnp.tril(jnp.ones((Tp, Tp), bool))[None] & prompt_valid[:, None, :])[:, None, None]
+    prefix_mask = jnp.repeat(prompt_valid, G, axis=0)[:, None, None, None, :]  # [R, 1, 1, 1, Tp]
+    causal = jnp.tril(jnp.ones((Tc, Tc), bool))[None, None, None]
+
+    def layer(carry, p):
+        xp, xc = carry
+        hp = rms_norm(xp, p["attn_norm"], c.rms_norm_eps)
+        qp, kp, vp = _qkv(c, p, hp, prompt_positions)
+        probs = jax.nn.softmax(jnp.where(prompt_mask, _scores(qp, kp), _MASKED), axis=-1)
+        xp = _mlp_block(c, p, _attn_out(p, xp, _weighted_values(probs, vp, xp.dtype)))
+
+        hc = rms_norm(xc, p["attn_norm"], c.rms_norm_eps)
+        qc, kc, vc = _qkv(c, p, hc, positions)
+        kp, vp = jnp.repeat(kp, G, axis=0), jnp.repeat(vp, G, axis=0)
+        s_prefix = jnp.where(prefix_mask, _scores(qc, kp), _MASKED)
+        s_own = jnp.where(causal, _scores(qc, kc), _MASKED)
+        probs = jax.nn.softmax(jnp.concatenate([s_prefix, s_own], axis=-1), axis=-1)
+        attn = _weighted_values(probs[..., :Tp], vp, xc.dtype) + _weighted_values(probs[..., Tp:], vc, xc.dtype)
+        xc = _mlp_block(c, p, _attn_out(p, xc, attn))
+        return (xp, xc), None
+
+    if remat:
+        layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+    carry = (_embed(c, params, prompt_tokens), _embed(c, params, tokens))
+    (xp, xc), _ = jax.lax.scan(layer, carry, params["layers"])
+    last = jnp.take_along_axis(xp, (prompt_lengths - 1)[:, None, None], axis=1)  # [P, 1, D]
+    return jnp.concatenate([jnp.repeat(last, G, axis=0), xc[:, :-1]], axis=1)
+
+
+def logits_from_hidden(c: Qwen2Config, params, x):
+    """Final norm and lm_head: hidden [B, T, D] -> float32 logits [B, T, V]."""
+    return _logits(c, params, x)
+
+
 def forward(c: Qwen2Config, params, tokens, *, attention_mask=None, positions=None, remat=False):
     """tokens [B, T] int32, attention_mask [B, T] (1 = real) -> float32 logits [B, T, V]."""
     x, _, _ = hidden_states(c, params, tokens, attention_mask=attention_mask, positions=positions, remat=remat)

@@ -1,11 +1,13 @@
-"""The jitted pieces of a GRPO step after the rollout: sequence log-probabilities and the update.
+"""The jitted pieces of a GRPO step after the rollout: continuation log-probabilities and the update.
 
-A rollout batch holds right-padded sequences `tokens [B, T]` (prompt then completion), an
-`attention_mask [B, T]` and a `loss_mask [B, T]` that is 1 on completion tokens. Log-probabilities
-are aligned with the tokens: `logp[b, t] = log p(tokens[b, t] | tokens[b, :t])` (0 at t = 0).
+A rollout batch is grouped as the sampler made it: right-padded prompts `prompt_tokens [P, Tp]` with
+`prompt_lengths [P]`, and their G = R // P continuations each, prompt-major, `tokens [R, Tc]` with a
+`loss_mask [R, Tc]` that is 1 on generated tokens. Each prompt is encoded once per group, as in the
+sampler (`qwen2.grouped_hidden_states`). Log-probabilities are aligned with the continuation tokens:
+`logp[r, t] = log p(tokens[r, t] | prompt, tokens[r, :t])`.
 
-The update accumulates gradients over micro-batches with `lax.scan`, each micro-batch's loss
-scaled by the FULL batch's counts (see rl/grpo.py), so the step equals the full-batch step exactly.
+The update accumulates gradients over micro-batches (whole groups) with `lax.scan`, each micro-batch's
+loss scaled by the FULL batch's counts (see rl/grpo.py), so the step equals the full-batch step exactly.
 """
 
 from __future__ import annotations
@@ -35,35 +37,46 @@ class LossSettings:
 
 
 class RolloutBatch(NamedTuple):
-    tokens: jax.Array  # [B, T] int32
-    attention_mask: jax.Array  # [B, T]
-    loss_mask: jax.Array  # [B, T]: 1 on generated tokens
-    old_logp: jax.Array  # [B, T]: from the rollout policy
-    ref_logp: jax.Array  # [B, T]: from the frozen reference (zeros when kl_coef == 0)
-    advantages: jax.Array  # [B]
-    entropy_mask: jax.Array  # [B, T]: where the entropy bonus applies
+    prompt_tokens: jax.Array  # [P, Tp] int32, right-padded
+    prompt_lengths: jax.Array  # [P] int32
+    tokens: jax.Array  # [R, Tc] int32: the G = R // P continuations of each prompt, prompt-major
+    loss_mask: jax.Array  # [R, Tc]: 1 on generated tokens
+    old_logp: jax.Array  # [R, Tc]: from the rollout policy
+    ref_logp: jax.Array  # [R, Tc]: from the frozen reference (zeros when kl_coef == 0)
+    advantages: jax.Array  # [R]
+    entropy_mask: jax.Array  # [R, Tc]: where the entropy bonus applies
 
 
-def token_logprobs(config: Qwen2Config, params, tokens, attention_mask, *, entropy_token_ids=(), remat=False,
-                   with_entropy=False):
-    """logp [B, T] of each token given its prefix; with_entropy also returns the per-position entropy
-    [B, T] of the predicted distribution (over entropy_token_ids only, when given)."""
-    logits = qwen2.forward(config, params, tokens, attention_mask=attention_mask, remat=remat)[:, :-1]
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, 1:, None], axis=-1)[..., 0]
-    logp = jnp.pad(logp, ((0, 0), (1, 0)))
-    if not with_entropy:
-        return logp
+def _take_logprobs(logits, tokens):
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
+
+
+def _entropy(logits, entropy_token_ids):
     if entropy_token_ids:
-        ent = grpo.restricted_entropy(logits, jnp.asarray(entropy_token_ids, jnp.int32))
-    else:
-        ent = grpo.token_entropy(logits)
-    return logp, jnp.pad(ent, ((0, 0), (1, 0)))
+        return grpo.restricted_entropy(logits, jnp.asarray(entropy_token_ids, jnp.int32))
+    return grpo.token_entropy(logits)
+
+
+def token_logprobs(config: Qwen2Config, params, tokens, attention_mask, *, remat=False):
+    """logp [B, T] of each token of whole sequences given its prefix (0 at t = 0)."""
+    logits = qwen2.forward(config, params, tokens, attention_mask=attention_mask, remat=remat)[:, :-1]
+    return jnp.pad(_take_logprobs(logits, tokens[:, 1:]), ((0, 0), (1, 0)))
+
+
+def continuation_logprobs(config: Qwen2Config, params, prompt_tokens, prompt_lengths, tokens, *,
+                          entropy_token_ids=(), remat=False, with_entropy=False):
+    """logp [R, Tc] of each continuation token (see the module docstring); with_entropy also returns the
+    entropy [R, Tc] of each predicted distribution (over entropy_token_ids only, when given)."""
+    hidden = qwen2.grouped_hidden_states(config, params, prompt_tokens, prompt_lengths, tokens, remat=remat)
+    logits = qwen2.logits_from_hidden(config, params, hidden)
+    logp = _take_logprobs(logits, tokens)
+    return (logp, _entropy(logits, entropy_token_ids)) if with_entropy else logp
 
 
 def _terms(config: Qwen2Config, loss: LossSettings, params, mb: RolloutBatch) -> grpo.LossTerms:
     use_entropy = loss.entropy_coef > 0
-    out = token_logprobs(config, params, mb.tokens, mb.attention_mask, entropy_token_ids=loss.entropy_token_ids,
-                         remat=loss.remat, with_entropy=use_entropy)
+    out = continuation_logprobs(config, params, mb.prompt_tokens, mb.prompt_lengths, mb.tokens,
+                                entropy_token_ids=loss.entropy_token_ids, remat=loss.remat, with_entropy=use_entropy)
     logp, entropy = out if use_entropy else (out, None)
     return grpo.policy_loss_terms(
         logp, mb.old_logp, mb.ref_logp if loss.kl_coef else None, mb.advantages, mb.loss_mask,
@@ -72,6 +85,7 @@ def _terms(config: Qwen2Config, loss: LossSettings, params, mb: RolloutBatch) ->
 
 
 def _split(batch: RolloutBatch, micro_batches: int) -> RolloutBatch:
+    """Micro-batches of whole groups: prompt arrays and continuation arrays split alike (prompt-major)."""
     return jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
 
 
@@ -101,4 +115,5 @@ def update(config: Qwen2Config, loss: LossSettings, optimizer: optax.GradientTra
 
 
 update_fn = jax.jit(update, static_argnums=(0, 1, 2, 3), donate_argnums=(4, 5))
-logprobs_fn = jax.jit(token_logprobs, static_argnums=(0,), static_argnames=("entropy_token_ids", "remat", "with_entropy"))
+logprobs_fn = jax.jit(continuation_logprobs, static_argnums=(0,),
+                      static_argnames=("entropy_token_ids", "remat", "with_entropy"))

@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
 
-from rrm_jax import checkpoint, generate, parallel
+from rrm_jax import checkpoint, generate, parallel, plan
 from rrm_jax.data import toy
 from rrm_jax.data.char_tokenizer import BOXED_OPEN, verdict_token_ids
 from rrm_jax.data.preference import PreferenceDataset, preference_batches, read_preferences, split_heldout
@@ -152,32 +152,33 @@ def supervised_step(config: Qwen2Config, optimizer, params, opt_state, tokens, a
 # Rollouts
 
 
-def rollout_batch(prompts: list[list[int]], samples, group_size: int, *, verdict_open_id: int | None):
-    """Numpy arrays of a RolloutBatch (without advantages / reference) from prompt-major samples.
+def rollout_batch(prompts: list[list[int]], samples, group_size: int, width: int, *, verdict_open_id: int | None):
+    """Numpy arrays of a RolloutBatch (without advantages / reference) from prompt-major samples:
+    (prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask).
 
-    Rows are right-padded to a multiple of 4 tokens (few compiled shapes). The entropy mask is the
-    verdict position (the token after `\\boxed{`) when verdict_open_id is given, else every
-    generated token."""
-    lengths = [len(prompts[r // group_size]) + len(s.output_ids) for r, s in enumerate(samples)]
-    n, width = len(samples), 4 * math.ceil(max(lengths) / 4)
-    tokens = np.zeros((n, width), np.int32)
-    attention = np.zeros((n, width), np.int32)
-    loss_mask = np.zeros((n, width), np.float32)
-    old_logp = np.zeros((n, width), np.float32)
+    Prompts are right-padded to a multiple of 4 tokens and continuations to `width` (max_new_tokens),
+    so the update compiles for few shapes. The entropy mask is the verdict position (the token after
+    `\\boxed{`) when verdict_open_id is given, else every generated token."""
+    P, R = len(prompts), len(samples)
+    prompt_tokens = np.zeros((P, 4 * math.ceil(max(map(len, prompts)) / 4)), np.int32)
+    for i, p in enumerate(prompts):
+        prompt_tokens[i, :len(p)] = p
+    prompt_lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens = np.zeros((R, width), np.int32)
+    loss_mask = np.zeros((R, width), np.float32)
+    old_logp = np.zeros((R, width), np.float32)
     for r, s in enumerate(samples):
-        p = prompts[r // group_size]
-        end = len(p) + len(s.output_ids)
-        tokens[r, :end] = p + s.output_ids
-        attention[r, :end] = 1
-        loss_mask[r, len(p):end] = 1.0
-        old_logp[r, len(p):end] = s.logprobs
+        n = len(s.output_ids)
+        tokens[r, :n] = s.output_ids
+        loss_mask[r, :n] = 1.0
+        old_logp[r, :n] = s.logprobs
     if verdict_open_id is None:
         entropy_mask = loss_mask.copy()
     else:
         after_open = np.zeros_like(loss_mask)
         after_open[:, 1:] = tokens[:, :-1] == verdict_open_id
         entropy_mask = loss_mask * after_open
-    return tokens, attention, loss_mask, old_logp, entropy_mask
+    return prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask
 
 
 def evaluate(model, examples, tokenizer, max_new_tokens: int) -> dict:
@@ -313,9 +314,11 @@ class _Preemption:
 
 
 def _device_batch(arrays, mesh):
+    """Batch-shard each array over (data, fsdp) on its leading axis."""
     if mesh is None:
         return arrays
-    return jax.device_put(arrays, parallel.logical_sharding(("batch", "length"), mesh))
+    return tuple(jax.device_put(a, parallel.logical_sharding(("batch",) + ("length",) * (a.ndim - 1), mesh))
+                 for a in arrays)
 
 
 def _prepare_output(output_dir: Path, resume: bool) -> None:
@@ -347,6 +350,7 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
     heldout = [heldout_set[i][0] for i in range(len(heldout_set))]
     model = build_model(c, tokenizer, mesh)
     mcfg = model.config
+    plan.check_training_fits(c, mcfg, "this training config")  # the `rrm-jax plan` check, on these devices
     if c.data.max_prompt_len + c.rollout.max_new_tokens > mcfg.max_position_embeddings:
         raise UserError(f"data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len + c.rollout.max_new_tokens} "
                         f"exceeds the model's context of {mcfg.max_position_embeddings} tokens")
@@ -433,13 +437,12 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
             texts = [s.text for s in samples]
             rewards = compute_rewards(texts, preferred, reward=c.reward)
             advantages = grpo.group_advantages(rewards, G, normalize_std=c.loss.normalize_std)
-            tokens, attention, loss_mask, old_logp, entropy_mask = rollout_batch(
-                prompts, samples, G, verdict_open_id=verdict_open_id)
-            tokens, attention, loss_mask, old_logp, entropy_mask = _device_batch(
-                (tokens, attention, loss_mask, old_logp, entropy_mask), mesh)
-            ref_logp = (step.logprobs_fn(mcfg, ref_params, tokens, attention) if ref_params is not None
-                        else jnp.zeros_like(old_logp))
-            batch = step.RolloutBatch(tokens, attention, loss_mask, old_logp, ref_logp, advantages, entropy_mask)
+            prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask = _device_batch(
+                rollout_batch(prompts, samples, G, c.rollout.max_new_tokens, verdict_open_id=verdict_open_id), mesh)
+            ref_logp = (step.logprobs_fn(mcfg, ref_params, prompt_tokens, prompt_lengths, tokens)
+                        if ref_params is not None else jnp.zeros_like(old_logp))
+            batch = step.RolloutBatch(prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, ref_logp,
+                                      advantages, entropy_mask)
             for _ in range(c.loss.ppo_epochs):
                 params, opt_state, update_metrics = step.update_fn(mcfg, loss, optimizer, c.loss.micro_batches,
                                                                    params, opt_state, batch)
