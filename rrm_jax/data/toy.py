@@ -31,10 +31,10 @@ from rrm_jax.rrm import prompt, spec
 
 LETTERS = string.ascii_lowercase
 RESPONSE_LENGTH = 5
-# X is one of the last BANNED_CHOICES letters: with all 26 the 2-layer judge did not learn the matching
-# within 400 supervised steps on true labels here; with 4 it reaches ~80% in 100 (the measured recipe's
-# prototype learned all 26; ours, same shape, did not)
-BANNED_CHOICES = 4
+# X is one of the last BANNED_CHOICES letters. With all 26 (the measured recipe's prototype) this 2-layer
+# judge did not learn the matching within 400 supervised steps on true labels; with 4, GRPO learnt two
+# letters and stalled at 74% held-out; with 2 it passes 90% in minutes (BENCHMARKS.md)
+BANNED_CHOICES = 2
 SPLITS = {"train": 0, "heldout": 1}  # independent random streams per split
 TOY_USER_FORMAT = "{question}:{answer1}|{answer2}"
 

@@ -172,7 +172,8 @@ def _embed(c: Qwen2Config, params, tokens):
     return params["embed"][tokens].astype(jnp.dtype(c.dtype))
 
 
-def _logits(c: Qwen2Config, params, x):
+def logits_from_hidden(c: Qwen2Config, params, x):
+    """Final norm and lm_head: hidden [B, T, D] -> float32 logits [B, T, V]."""
     x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
     if c.tie_word_embeddings:
         return jnp.einsum("btd,vd->btv", x, params["embed"].astype(x.dtype), preferred_element_type=jnp.float32)
@@ -245,15 +246,10 @@ def grouped_hidden_states(c: Qwen2Config, params, prompt_tokens, prompt_lengths,
     return jnp.concatenate([jnp.repeat(last, G, axis=0), xc[:, :-1]], axis=1)
 
 
-def logits_from_hidden(c: Qwen2Config, params, x):
-    """Final norm and lm_head: hidden [B, T, D] -> float32 logits [B, T, V]."""
-    return _logits(c, params, x)
-
-
 def forward(c: Qwen2Config, params, tokens, *, attention_mask=None, positions=None, remat=False):
     """tokens [B, T] int32, attention_mask [B, T] (1 = real) -> float32 logits [B, T, V]."""
     x, _, _ = hidden_states(c, params, tokens, attention_mask=attention_mask, positions=positions, remat=remat)
-    return _logits(c, params, x)
+    return logits_from_hidden(c, params, x)
 
 
 class KVCache(NamedTuple):
@@ -274,7 +270,7 @@ def prefill(c: Qwen2Config, params, tokens, lengths, cache_len: int):
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     pad = [(0, 0), (0, 0), (0, cache_len - P), (0, 0), (0, 0)]
     cache = KVCache(jnp.pad(keys, pad), jnp.pad(values, pad), lengths.astype(jnp.int32))
-    return _logits(c, params, last)[:, 0], cache
+    return logits_from_hidden(c, params, last)[:, 0], cache
 
 
 def decode_step(c: Qwen2Config, params, tokens, cache: KVCache):
@@ -304,4 +300,4 @@ def decode_step(c: Qwen2Config, params, tokens, cache: KVCache):
     rows = jnp.arange(B)
     keys = cache.keys.at[:, rows, cache.lengths].set(new_k, mode="drop")
     values = cache.values.at[:, rows, cache.lengths].set(new_v, mode="drop")
-    return _logits(c, params, x)[:, 0], KVCache(keys, values, cache.lengths + 1)
+    return logits_from_hidden(c, params, x)[:, 0], KVCache(keys, values, cache.lengths + 1)
