@@ -135,7 +135,7 @@ def bench_hf_generate(model, *, batch: int, prompt_len: int, gen_len: int, seed:
 
 
 def bench_train_step(model, *, prompts: int, samples: int, prompt_len: int, gen_len: int, micro_batches: int,
-                     ceilings: dict, seed: int = 0) -> dict:
+                     ceilings: dict, remat: bool = True, seed: int = 0) -> dict:
     """One GRPO step's phases on random prompts: rollout (sampling), logprob (a forward pass over the
     rollout) and update (forward + backward + AdamW), each timed after its compilation."""
     import optax
@@ -166,7 +166,7 @@ def bench_train_step(model, *, prompts: int, samples: int, prompt_len: int, gen_
     batch = step.RolloutBatch(prompt_tokens, prompt_lengths, tokens, loss_mask, old, jnp.zeros_like(old),
                               jnp.asarray(rng.normal(size=rows), jnp.float32), loss_mask)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6))
-    loss = step.LossSettings(remat=True)
+    loss = step.LossSettings(remat=remat)
     params = jax.tree.map(jnp.copy, params)
     opt_state = optimizer.init(params)
     params, opt_state, _ = jax.block_until_ready(step.update_fn(c, loss, optimizer, micro_batches, params, opt_state, batch))
@@ -181,6 +181,7 @@ def bench_train_step(model, *, prompts: int, samples: int, prompt_len: int, gen_
     peak = ceilings["peak_TFLOPs"] * 1e12
     return {
         "prompts": prompts, "samples": samples, "prompt_len": prompt_len, "gen_len": gen_len, "dtype": c.dtype,
+        "remat": remat,
         "rollout_s": rollout_s, "logprob_s": logprob_s, "update_s": update_s,
         "step_s": rollout_s + logprob_s + update_s,
         "rollout_tokens_per_s": rows * gen_len / rollout_s,
@@ -217,7 +218,8 @@ def run_train(args) -> int:
     ceilings = measure_ceilings(jnp.dtype(model.config.dtype))
     _print_ceilings(ceilings, model.config.dtype)
     row = bench_train_step(model, prompts=args.prompts, samples=args.samples, prompt_len=args.prompt_len,
-                           gen_len=args.gen_len, micro_batches=args.micro_batches, ceilings=ceilings, seed=args.seed)
+                           gen_len=args.gen_len, micro_batches=args.micro_batches, ceilings=ceilings,
+                           remat=not args.no_remat, seed=args.seed)
     _report(row)
     if args.json:
         with open(args.json, "w") as f:
@@ -267,6 +269,7 @@ def configure(parser):
     t.add_argument("--prompt-len", type=int, default=64)
     t.add_argument("--gen-len", type=int, default=64)
     t.add_argument("--micro-batches", type=int, default=1)
+    t.add_argument("--no-remat", action="store_true", help="keep activations instead of recomputing them")
     t.add_argument("--dtype", choices=("float32", "bfloat16"))
     t.add_argument("--json", help="write the results here")
     t.add_argument("--seed", type=int, default=0)
