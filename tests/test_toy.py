@@ -131,13 +131,13 @@ def test_write_heldout_is_readable_pairs_file(tmp_path):
     assert [(p.query, p.chosen, p.rejected) for p in pairs] == [(p.query, p.chosen, p.rejected) for p in expected]
 
 
-def test_toy_config_carries_the_recipe():
+def test_toy_config_carries_the_measured_settings():
     config = yaml.safe_load(resources.files("rrm_jax").joinpath("configs/toy.yaml").read_text())
     model, rollout, loss, opt, warmup = (config[k] for k in ("model", "rollout", "loss", "optimizer", "warmup"))
     assert (model["hidden_size"], model["num_layers"], model["num_heads"], model["num_kv_heads"], model["intermediate_size"]) == (128, 2, 4, 2, 336)
     assert model["tie_word_embeddings"] is True
-    assert (warmup["steps"], warmup["batch_size"], warmup["lr"]) == (100, 256, 1e-3)
+    assert (warmup["steps"], warmup["batch_size"], warmup["lr"]) == (60, 256, 1e-3)
     assert (rollout["prompts_per_step"], rollout["samples_per_prompt"], rollout["temperature"]) == (256, 4, 1.0)
-    assert (loss["clip_low"], loss["clip_high"], loss["kl_coef"], loss["entropy_coef"], loss["entropy_on"]) == (0.2, 0.2, 0.0, 0.1, "verdict")
+    assert (loss["clip_low"], loss["clip_high"], loss["kl_coef"], loss["entropy_coef"], loss["entropy_on"]) == (0.2, 0.2, 0.0, 0.03, "verdict")
     assert (opt["lr"], opt["warmup_steps"], opt["grad_clip"]) == (1e-3, 20, 1.0)
     assert config["data"]["max_prompt_len"] >= 21
