@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rrm_jax import generate
+from rrm_jax import distributed, generate
 from rrm_jax.errors import UserError
 from rrm_jax.model import qwen2
 from rrm_jax.model.config import preset
@@ -63,19 +63,19 @@ def bench_sample(model, *, batch: int, prompt_len: int, gen_len: int, ceilings: 
     rng = np.random.default_rng(seed)
     tokens = jnp.asarray(rng.integers(0, c.vocab_size, (batch, prompt_len)), jnp.int32)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(batch, dtype=jnp.uint32))
+    keys = (np.uint32(seed), np.arange(batch, dtype=np.uint32))  # the seed and row ids of the sampling streams
     settings = generate.SamplingSettings(gen_len, 0.0, 0, 1.0, (), None, ())  # no EOS: every row runs gen_len
 
     t = time.perf_counter()
-    prefill = generate.prefill_fn.lower(c, settings, 1, None, params, tokens, lengths, keys).compile()
-    state = prefill(params, tokens, lengths, keys)
+    prefill = generate.prefill_fn.lower(c, settings, 1, None, params, tokens, lengths, *keys).compile()
+    state = prefill(params, tokens, lengths, *keys)
     decode = generate.decode_fn.lower(c, settings, params, state).compile()
     compile_s = time.perf_counter() - t
 
-    prefill_s = _timed(prefill, params, tokens, lengths, keys)
+    prefill_s = _timed(prefill, params, tokens, lengths, *keys)
     decode_s = float("inf")
     for _ in range(2):
-        state = jax.block_until_ready(prefill(params, tokens, lengths, keys))
+        state = jax.block_until_ready(prefill(params, tokens, lengths, *keys))
         t = time.perf_counter()
         out = jax.block_until_ready(decode(params, state))
         decode_s = min(decode_s, time.perf_counter() - t)
@@ -221,7 +221,7 @@ def run_train(args) -> int:
                            gen_len=args.gen_len, micro_batches=args.micro_batches, ceilings=ceilings,
                            remat=not args.no_remat, seed=args.seed)
     _report(row)
-    if args.json:
+    if args.json and distributed.is_main_process():  # one file, however many processes
         with open(args.json, "w") as f:
             json.dump({"ceilings": ceilings, "results": [row]}, f, indent=1)
     return 0
@@ -241,7 +241,7 @@ def run_sample(args) -> int:
             r["speedup_vs_hf"] = r["decode_tokens_per_s"] / r["hf_tokens_per_s"]
         rows.append(r)
         _report(r)
-    if args.json:
+    if args.json and distributed.is_main_process():  # one file, however many processes
         with open(args.json, "w") as f:
             json.dump({"ceilings": ceilings, "results": rows}, f, indent=1)
     return 0

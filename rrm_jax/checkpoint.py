@@ -319,16 +319,23 @@ def _load_checkpoint(ckpt: Path, dtype: str | None, mesh) -> tuple[Qwen2, Qwen2C
     return model_from_params(config, params), config
 
 
-def load_model(path: Path | str, *, dtype: str | None = None, mesh=None) -> tuple[Qwen2, Qwen2Config]:
+def load_model(path: Path | str, *, dtype: str | None = None, compute_dtype: str | None = None,
+               mesh=None) -> tuple[Qwen2, Qwen2Config]:
     """Load a Qwen2 model from an HF folder, an rrm-jax checkpoint or a CheckpointManager folder.
 
-    dtype: parameter and compute dtype ("float32" / "bfloat16"); None keeps the stored one.
+    dtype: parameter dtype ("float32" / "bfloat16"), and the compute dtype too unless compute_dtype
+    is given (e.g. float32 master weights with bfloat16 activations); None keeps the stored one.
     mesh: a (data, fsdp, tp) mesh from rrm_jax.parallel.make_mesh; each parameter is read straight into
     its sharding on it. None puts everything on the first device."""
     path = Path(path)
     if hf.is_hf_folder(path):
-        return _load_hf(path, dtype, mesh)
-    return _load_checkpoint(resolve_checkpoint(path), dtype, mesh)
+        model, config = _load_hf(path, dtype, mesh)
+    else:
+        model, config = _load_checkpoint(resolve_checkpoint(path), dtype, mesh)
+    if compute_dtype is not None:
+        config = config.replace(dtype=compute_dtype)
+        model.config = config
+    return model, config
 
 
 def save_hf(model: Qwen2, config: Qwen2Config, out_dir: Path | str, *, max_shard_size: int | str = "5GB",

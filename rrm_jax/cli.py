@@ -25,6 +25,10 @@ COMMANDS = {
 }
 
 
+# commands that run computations on devices: they take the multi-process flags and start jax.distributed
+DEVICE_COMMANDS = ("generate", "bench", "judge", "rank", "train", "eval")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad flags as one line with exit code 2 (its usage dump is noise in logs)."""
 
@@ -40,6 +44,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         if name == wanted:  # only the chosen command's module is imported
             importlib.import_module(module).configure(p)
+            if name in DEVICE_COMMANDS:
+                from rrm_jax import distributed
+
+                distributed.add_cli_flags(p)
     return parser
 
 
@@ -47,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     try:
+        if args.command in DEVICE_COMMANDS:  # one of several processes: join them before touching a device
+            from rrm_jax import distributed
+
+            distributed.initialize_from_args(args)
         result = args.run(args)
     except UserError as e:
         print(f"rrm-jax: error: {e}", file=sys.stderr)

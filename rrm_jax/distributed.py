@@ -21,6 +21,8 @@ import os
 import threading
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from rrm_jax.errors import UserError
 
@@ -79,6 +81,38 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 def is_main_process() -> bool:
     """Process 0 writes logs, metrics, plots and exports; the others stay quiet."""
     return jax.process_index() == 0
+
+
+# ---------- collectives between the processes (each a no-op with one process) ----------
+
+def fetch(tree):
+    """Host numpy copies of a pytree of arrays; arrays spread over several processes are all-gathered,
+    so every process gets the whole value."""
+    leaves = jax.tree.leaves(tree)
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated for x in leaves):
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def gather_processes(x: np.ndarray) -> np.ndarray:
+    """[process_count, *x.shape]: every process's `x` (same shape everywhere), in process order."""
+    if jax.process_count() == 1:
+        return np.asarray(x)[None]
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is True on any: a decision all of them take together (e.g. to
+    stop after a preemption signal that reached the hosts at different steps)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(gather_processes(np.array(flag)).any())
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier of this name."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _register(kwargs: dict, who: str, timeout_s: float) -> None:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from rrm_jax import parallel
+from rrm_jax import distributed, parallel
 from rrm_jax.errors import UserError
 from rrm_jax.model import qwen2
 from rrm_jax.model.config import Qwen2Config
@@ -143,8 +143,9 @@ def _decode_loop(config: Qwen2Config, settings: SamplingSettings, params, state:
 
 
 def _prefill(config: Qwen2Config, settings: SamplingSettings, num_samples: int, mesh,
-             params, tokens, lengths, row_keys) -> DecodeState:
-    """Prefill each prompt once, then give each of its num_samples rows a copy of its cache."""
+             params, tokens, lengths, seed, row_ids) -> DecodeState:
+    """Prefill each prompt once, then give each of its num_samples rows a copy of its cache.
+    Row r samples from the stream fold_in(key(seed), row_ids[r])."""
     cache_len = tokens.shape[1] + settings.max_new_tokens
     logits, cache = qwen2.prefill(config, params, tokens, lengths, cache_len)
     if num_samples > 1:
@@ -166,7 +167,7 @@ def _prefill(config: Qwen2Config, settings: SamplingSettings, num_samples: int, 
         done=jnp.zeros(rows, bool),
         forced=jnp.full(rows, -1, jnp.int32),
         think_closed=jnp.zeros(rows, bool),
-        row_keys=row_keys,
+        row_keys=jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids),
         step=jnp.zeros((), jnp.int32),
     )
 
@@ -266,18 +267,17 @@ def _sample_batch(config, settings, params, chunk, first_index, num_samples, see
         tokens[i, :len(p)] = p
         lengths[i] = len(p)
     # One key per (prompt, sample), from the prompt's global index: results do not depend on batching.
-    base = jax.random.key(seed)
     row_ids = (first_index + np.repeat(np.arange(n), num_samples)) * num_samples + np.tile(np.arange(num_samples), n)
-    row_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(row_ids, jnp.uint32))
+    row_ids = row_ids.astype(np.uint32)
 
     if mesh is not None:
         batch = parallel.logical_sharding(("batch", "length"), mesh)
         tokens, lengths = jax.device_put(tokens, batch), jax.device_put(lengths, parallel.logical_sharding(("batch",), mesh))
-        row_keys = jax.device_put(row_keys, parallel.logical_sharding(("batch",), mesh))
-    state = prefill_fn(config, settings, num_samples, mesh, params, tokens, lengths, row_keys)
+        row_ids = jax.device_put(row_ids, parallel.logical_sharding(("batch",), mesh))
+    state = prefill_fn(config, settings, num_samples, mesh, params, tokens, lengths, np.uint32(seed % 2**32), row_ids)
     state = decode_fn(config, settings, params, state)
 
-    out_tokens, out_logp, out_slogp, counts, done = jax.device_get(
+    out_tokens, out_logp, out_slogp, counts, done = distributed.fetch(
         (state.tokens, state.logprobs, state.sampling_logprobs, state.num_generated, state.done))
     eos = set(settings.eos_ids)
     results = []

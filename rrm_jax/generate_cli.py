@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rrm_jax import distributed
 from rrm_jax.errors import UserError
 
 
@@ -62,7 +63,10 @@ def encode_rows(rows: list[dict], tokenizer, path: str) -> list[list[int]]:
 
 
 def write_jsonl_atomic(path: str, rows) -> None:
-    """Write to a temporary file beside `path`, then rename: never a half-written output."""
+    """Write to a temporary file beside `path`, then rename: never a half-written output. In a
+    multi-process run every process computes the same rows and process 0 writes them."""
+    if not distributed.is_main_process():
+        return
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:

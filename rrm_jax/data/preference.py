@@ -234,10 +234,11 @@ class PreferenceDataset:
 def preference_batches(dataset: PreferenceDataset, *, batch_size: int, seed: int, process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
     """An endless grain stream of this process's batches: lists of `batch_size / process_count` prompts.
 
-    The whole dataset is shuffled with `seed`, reshuffled differently every epoch, and dealt out
-    round-robin to the processes, so the processes' batches of step k together are the global
-    batch k whatever the process count. `it = iter(stream)`; `it.get_state()` / `it.set_state(s)`
-    save and restore the position (store it in the checkpoint).
+    The whole dataset is shuffled with `seed` and reshuffled differently every epoch; global batch k
+    is cut into process_count contiguous chunks and process i renders and tokenizes only chunk i, so
+    the processes' batches of step k, concatenated in process order, are global batch k whatever
+    the process count. `it = iter(stream)`; `it.get_state()` / `it.set_state(s)` save and restore
+    the position, a count of batches that is also the same in every process.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -248,9 +249,9 @@ def preference_batches(dataset: PreferenceDataset, *, batch_size: int, seed: int
             f"({dataset.prompts_per_item} prompt(s) per pair)"
         )
     stream = grain.MapDataset.source(dataset).seed(seed).shuffle().repeat(None)  # repeat() reseeds each epoch
-    stream = stream[process_index::process_count]
-    stream = stream.batch(per_process // dataset.prompts_per_item, drop_remainder=True, batch_fn=_flatten)
-    return stream.to_iter_dataset()
+    # batching is lazy: chunk c renders its items only when this process asks for it
+    chunks = stream.batch(per_process // dataset.prompts_per_item, drop_remainder=True, batch_fn=_flatten)
+    return chunks[process_index::process_count].to_iter_dataset()
 
 
 def _flatten(items: list[list[JudgeExample]]) -> list[JudgeExample]:

@@ -40,11 +40,12 @@ import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
 
-from rrm_jax import checkpoint, generate, parallel, plan
+from rrm_jax import checkpoint, distributed, generate, parallel, plan
 from rrm_jax.data import toy
 from rrm_jax.data.char_tokenizer import BOXED_OPEN, verdict_token_ids
 from rrm_jax.data.preference import PreferenceDataset, preference_batches, read_preferences, split_heldout
 from rrm_jax.errors import UserError
+from rrm_jax.model import convert
 from rrm_jax.model.config import PRESETS, Qwen2Config
 from rrm_jax.model.qwen2 import Qwen2
 from rrm_jax.rl import grpo, step
@@ -89,12 +90,13 @@ def build_model(c: TrainConfig, tokenizer, mesh) -> Qwen2:
         return parallel.shard_model(model, mesh) if mesh is not None else model
     if not Path(m.init).exists():
         raise UserError(f"model.init={m.init!r} is neither a preset ({', '.join(PRESETS)}) nor an existing model folder")
-    return checkpoint.load_model(m.init, dtype=m.param_dtype, mesh=mesh)[0]
+    return checkpoint.load_model(m.init, dtype=m.param_dtype, compute_dtype=m.dtype, mesh=mesh)[0]
 
 
 def make_mesh(c: TrainConfig):
-    """None (one device, no sharding) for a 1x1x1 mesh, else the mesh over all devices."""
-    if c.mesh.data * c.mesh.fsdp * c.mesh.tp == 1:
+    """None (one device, no sharding) for a 1x1x1 mesh in a single process, else the mesh over all
+    devices of all processes (several processes always train as one mesh)."""
+    if c.mesh.data * c.mesh.fsdp * c.mesh.tp == 1 and jax.process_count() == 1:
         return None
     return parallel.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tp)
 
@@ -211,13 +213,15 @@ class Checkpoints:
                      train_state=ocp.args.JsonSave(train_state), config=ocp.args.JsonSave(config.to_dict()))
         if ref_params is not None:
             items["ref_params"] = ocp.args.PyTreeSave(ref_params)
-        self.manager.save(step_number, args=ocp.args.Composite(**items), force=True)
+        self.manager.save(step_number, args=ocp.args.Composite(**items), force=True)  # every process, collectively
         self.manager.wait_until_finished()
         # The tokenizer goes beside the finalized step (renamed into place) for load_tokenizer / judge.
         step_dir = self.root / str(step_number)
-        stage = Path(tempfile.mkdtemp(prefix=".assets-", dir=step_dir))
-        tokenizer.save_pretrained(str(stage))
-        os.replace(stage, step_dir / checkpoint.ASSETS_DIR)
+        if distributed.is_main_process():
+            stage = Path(tempfile.mkdtemp(prefix=".assets-", dir=step_dir))
+            tokenizer.save_pretrained(str(stage))
+            os.replace(stage, step_dir / checkpoint.ASSETS_DIR)
+        distributed.barrier(f"checkpoint-{step_number}-complete")
         return step_dir
 
     def restore(self, step_number: int, params, opt_state, ref_params):
@@ -238,11 +242,14 @@ class Checkpoints:
 
 
 class MetricsLog:
-    """metrics.jsonl (append, flushed each step) and TensorBoard events."""
+    """metrics.jsonl (append, flushed each step) and TensorBoard events, written by process 0 only."""
 
     def __init__(self, output_dir: Path, resume_step: int | None):
         """resume_step: the restored step (-1: a resumed run restarting from scratch), None for a new run."""
         self.path = output_dir / METRICS
+        self.enabled = distributed.is_main_process()
+        if not self.enabled:
+            return
         if resume_step is not None and self.path.exists():
             # rows written after the restored checkpoint are repeated by this run: drop them
             rows = [r for r in self.rows() if r["step"] <= resume_step]
@@ -256,10 +263,14 @@ class MetricsLog:
         self.writer = SummaryWriter(str(output_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
 
     def rows(self) -> list[dict]:
+        if not self.enabled:
+            return []
         with open(self.path) as f:
             return [json.loads(line) for line in f if line.strip()]
 
     def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         for key, value in row.items():
@@ -267,8 +278,9 @@ class MetricsLog:
                 self.writer.add_scalar(key, value, row["step"])
 
     def close(self) -> None:
-        self.file.close()
-        self.writer.close()
+        if self.enabled:
+            self.file.close()
+            self.writer.close()
 
 
 def plot_curve(rows: list[dict], path: Path) -> None:
@@ -321,12 +333,33 @@ def _device_batch(arrays, mesh):
                  for a in arrays)
 
 
-def _prepare_output(output_dir: Path, resume: bool) -> None:
+def _prepare_output(output_dir: Path, resume: bool, c: TrainConfig, heldout_pairs) -> None:
+    """Check OUTPUT_DIR on every process, then let process 0 create it and write the run config and
+    the held-out pairs."""
     previous = (output_dir / METRICS).exists() or (output_dir / CHECKPOINTS).exists()
     if previous and not resume:
         raise UserError(f"{output_dir} already holds a training run; pass --resume to continue it or choose "
                         f"another --output-dir")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier("output-dir-checked")  # before process 0 writes anything the others would see
+    if distributed.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RUN_CONFIG).write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
+        write_pairs(output_dir / HELDOUT, heldout_pairs)
+    distributed.barrier("output-dir-ready")
+
+
+def global_batch(examples, width: int) -> tuple[list[list[int]], list[int]]:
+    """(prompt ids, labels) of the whole step: every process's slice of the batch, in process order.
+    Only token ids and labels travel; each process rendered and tokenized its own slice."""
+    if jax.process_count() == 1:
+        return [e.prompt_ids for e in examples], [e.label for e in examples]
+    ids = np.zeros((len(examples), width), np.int32)
+    lengths = np.array([len(e.prompt_ids) for e in examples], np.int32)
+    for i, e in enumerate(examples):
+        ids[i, :len(e.prompt_ids)] = e.prompt_ids
+    labels = np.array([e.label for e in examples], np.int32)
+    ids, lengths, labels = (distributed.gather_processes(a).reshape(-1, *a.shape[1:]) for a in (ids, lengths, labels))
+    return [row[:n].tolist() for row, n in zip(ids, lengths)], labels.tolist()
 
 
 def resolve_config(config_path: str | None, overrides: list[str], output_dir: Path, resume: bool) -> TrainConfig:
@@ -347,17 +380,17 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
                                 seed=c.seed, orders=c.data.orders)
     heldout_set = PreferenceDataset(heldout_pairs, tokenizer=tokenizer, render=render_fn,
                                     max_prompt_len=c.data.max_prompt_len, seed=c.seed + 1, orders="random")
-    heldout = [heldout_set[i][0] for i in range(len(heldout_set))]
+    heldout = [heldout_set[i][0] for i in range(len(heldout_set))]  # every process evaluates all of it
+    batches = iter(preference_batches(dataset, batch_size=c.rollout.prompts_per_step, seed=c.seed))  # this process's slice
     model = build_model(c, tokenizer, mesh)
     mcfg = model.config
     plan.check_training_fits(c, mcfg, "this training config")  # the `rrm-jax plan` check, on these devices
     if c.data.max_prompt_len + c.rollout.max_new_tokens > mcfg.max_position_embeddings:
         raise UserError(f"data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len + c.rollout.max_new_tokens} "
                         f"exceeds the model's context of {mcfg.max_position_embeddings} tokens")
-    _prepare_output(output_dir, resume)
-    (output_dir / RUN_CONFIG).write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
-    write_pairs(output_dir / HELDOUT, heldout_pairs)
-    batches = iter(preference_batches(dataset, batch_size=c.rollout.prompts_per_step, seed=c.seed))
+    _prepare_output(output_dir, resume, c, heldout_pairs)
+    main = distributed.is_main_process()
+    progress = progress and main
 
     verdict_open_id, entropy_ids = None, ()
     if c.loss.entropy_coef > 0 and c.loss.entropy_on == "verdict":
@@ -383,10 +416,11 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
     preemption = _Preemption()
     if start is None:
         params = _warmup(c, mcfg, params, tokenizer, progress, preemption)
-        if preemption.requested:
+        if preemption.requested:  # already agreed by every process in _warmup
             preemption.restore()
             ckpts.close()
-            print("SIGTERM during the format warm-up: nothing to save yet; --resume starts over", file=sys.stderr)
+            if main:
+                print("SIGTERM during the format warm-up: nothing to save yet; --resume starts over", file=sys.stderr)
             return 0
         nnx.update(model, params)
         params = model.params()
@@ -405,7 +439,8 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
         state = restored["train_state"]
         batches.set_state(state["data_iterator"])
         elapsed_before = state["elapsed"]
-        print(f"resuming {output_dir} from step {start}", file=sys.stderr)
+        if main:
+            print(f"resuming {output_dir} from step {start}", file=sys.stderr)
 
     metrics = MetricsLog(output_dir, start if start is not None else (-1 if resume else None))
     first = (start or 0) + 1
@@ -427,18 +462,18 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
     try:
         for step_number in range(first, c.max_steps + 1):
             t0 = time.perf_counter()
-            examples = next(batches)
-            prompts = [e.prompt_ids for e in examples]
+            prompts, labels = global_batch(next(batches), c.data.max_prompt_len)
             samples = generate.sample(
                 model, prompts, max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
                 top_p=c.rollout.top_p, num_samples=G, seed=_step_seed(c.seed, step_number), tokenizer=tokenizer)
             t_rollout = time.perf_counter() - t0
-            preferred = np.repeat([e.label for e in examples], G)
+            preferred = np.repeat(labels, G)
             texts = [s.text for s in samples]
             rewards = compute_rewards(texts, preferred, reward=c.reward)
             advantages = grpo.group_advantages(rewards, G, normalize_std=c.loss.normalize_std)
-            prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask = _device_batch(
-                rollout_batch(prompts, samples, G, c.rollout.max_new_tokens, verdict_open_id=verdict_open_id), mesh)
+            prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask, advantages = _device_batch(
+                (*rollout_batch(prompts, samples, G, c.rollout.max_new_tokens, verdict_open_id=verdict_open_id),
+                 advantages), mesh)
             ref_logp = (step.logprobs_fn(mcfg, ref_params, prompt_tokens, prompt_lengths, tokens)
                         if ref_params is not None else jnp.zeros_like(old_logp))
             batch = step.RolloutBatch(prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, ref_logp,
@@ -447,7 +482,7 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
                 params, opt_state, update_metrics = step.update_fn(mcfg, loss, optimizer, c.loss.micro_batches,
                                                                    params, opt_state, batch)
             nnx.update(model, params)  # the sampler reads the new weights; no second copy
-            update_metrics = {k: float(v) for k, v in jax.device_get(update_metrics).items()}
+            update_metrics = {k: float(v) for k, v in distributed.fetch(update_metrics).items()}
             step_time = time.perf_counter() - t0
 
             verdicts = [parse_verdict(t) for t in texts]
@@ -475,9 +510,10 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.2f}",
                             **({"eval": f"{row['eval_accuracy']:.3f}"} if "eval_accuracy" in row else {}))
-            if preemption.requested:
+            if distributed.any_process(preemption.requested):  # every process stops at the same step
                 step_dir = save(step_number)
-                print(f"\nSIGTERM: saved step {step_number} to {step_dir}; resume with --resume", file=sys.stderr)
+                if main:
+                    print(f"\nSIGTERM: saved step {step_number} to {step_dir}; resume with --resume", file=sys.stderr)
                 return 0
             if c.checkpoint_every and step_number % c.checkpoint_every == 0:
                 save(step_number)
@@ -492,11 +528,13 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
         rows = metrics.rows()
         metrics.close()
         ckpts.close()
-    plot_curve(rows, output_dir / "curve.png")
     step_dir = ckpts.root / str(ckpts.latest_step())
-    if export_hf:
-        checkpoint.save_hf(model, mcfg, export_hf, assets_from=step_dir)
-    _print_summary(output_dir, step_dir, rows, export_hf)
+    if main:
+        plot_curve(rows, output_dir / "curve.png")
+        if export_hf:  # from the files just written: no process holds all the weights of a sharded model
+            convert.checkpoint_to_hf(step_dir, export_hf)
+        _print_summary(output_dir, step_dir, rows, export_hf)
+    distributed.barrier("run-finished")
     return 0
 
 
@@ -515,7 +553,8 @@ def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, tokenizer, progress: bool
     params = jax.tree.map(jnp.copy, params)  # the step donates its inputs; keep the model's arrays intact
     bar = _progress_bar(1, w.steps, progress, desc="format warm-up")
     for _ in range(w.steps):
-        if preemption.requested:
+        if distributed.any_process(preemption.requested):
+            preemption.requested = True
             break
         batch = toy.format_warmup_batch(tokenizer, w.batch_size, rng)
         attention = (batch["tokens"] != tokenizer.pad_token_id).astype(np.int32)

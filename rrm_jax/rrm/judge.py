@@ -33,6 +33,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from rrm_jax import distributed
 from rrm_jax.errors import UserError
 from rrm_jax.rrm import spec
 from rrm_jax.rrm.prompt import chat_template_named, encode, parse_verdict, render
@@ -283,10 +284,13 @@ def require_text(where: str, row: dict, key: str, allowed: str) -> str:
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so no half-written output is left."""
+    """Write via a temporary file in the same folder and rename, so no half-written output is left.
+    In a multi-process run every process computes the same text and process 0 writes it."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"{path}: output folder {folder} does not exist")
+    if not distributed.is_main_process():
+        return
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
