@@ -109,7 +109,7 @@ def update(config: Qwen2Config, loss: LossSettings, optimizer: optax.GradientTra
     grads, terms = jax.lax.scan(micro_step, zeros, _split(batch, micro_batches))
     merged = jax.tree.map(lambda x: x.sum(0), terms)._replace(ratio_min=terms.ratio_min.min(), ratio_max=terms.ratio_max.max())
     _, metrics = grpo.finalize_terms(merged, kl_coef=loss.kl_coef, entropy_coef=loss.entropy_coef)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, metrics
 

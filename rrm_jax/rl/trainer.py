@@ -39,6 +39,7 @@ import optax
 import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rrm_jax import checkpoint, distributed, generate, parallel, plan
 from rrm_jax.data import toy
@@ -333,6 +334,20 @@ def _device_batch(arrays, mesh):
                  for a in arrays)
 
 
+def _on_mesh(tree, mesh):
+    """Leaves not laid out on the mesh yet (the optimizer's step count) replicated over it, so that
+    restoring a checkpoint into this tree does not pin them to one device."""
+    if mesh is None:
+        return tree
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(x):
+        on_mesh = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        return x if on_mesh else jax.device_put(x, replicated)
+
+    return jax.tree.map(place, tree)
+
+
 def _prepare_output(output_dir: Path, resume: bool, c: TrainConfig, heldout_pairs) -> None:
     """Check OUTPUT_DIR on every process, then let process 0 create it and write the run config and
     the held-out pairs."""
@@ -424,11 +439,11 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
             return 0
         nnx.update(model, params)
         params = model.params()
-        opt_state = optimizer.init(params)
+        opt_state = _on_mesh(optimizer.init(params), mesh)
         if c.loss.kl_coef > 0:
             ref_params = jax.tree.map(jnp.copy, params)  # frozen reference: the policy GRPO starts from
     else:
-        opt_state = optimizer.init(params)
+        opt_state = _on_mesh(optimizer.init(params), mesh)  # the restore target: restored arrays keep its layout
         if c.loss.kl_coef > 0:
             ref_params = jax.tree.map(jnp.copy, params)
         restored = ckpts.restore(start, params, opt_state, ref_params)
