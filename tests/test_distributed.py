@@ -52,6 +52,28 @@ def test_psum_across_two_processes(tmp_path):
     assert "result 2 4 6.0 False" in lines_of(1, out)
 
 
+def test_collectives_between_processes(tmp_path):
+    # any_process: a flag raised on process 1 only (a preemption signal) is seen by both;
+    # gather_processes stacks each process's array; fetch brings a sharded array whole to each process
+    rc, out, err = run_pod(["--devices-per-process", "2", "2"], tmp_path, script="""
+        import jax, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from rrm_jax import distributed
+        assert distributed.initialize(timeout_s=60)
+        me = jax.process_index()
+        raised = distributed.any_process(me == 1)
+        quiet = distributed.any_process(False)
+        stacked = distributed.gather_processes(np.array([me, 10 * me]))
+        sharded = jax.device_put(np.arange(8), NamedSharding(Mesh(np.array(jax.devices()), ("d",)), P("d")))
+        whole = distributed.fetch({"x": sharded})["x"]
+        distributed.barrier("done")
+        print("result", raised, quiet, stacked.tolist(), whole.tolist())
+    """)
+    assert rc == 0, err + out
+    for process in range(2):
+        assert "result True False [[0, 0], [1, 10]] [0, 1, 2, 3, 4, 5, 6, 7]" in lines_of(process, out)
+
+
 def test_missing_process_fails_clearly_within_timeout(tmp_path):
     # process 1 exits without ever joining; process 0 must report it instead of waiting
     start = time.monotonic()
