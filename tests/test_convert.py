@@ -116,6 +116,18 @@ def test_bfloat16_folder_loads_in_float32_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("source", ["hf", "ckpt"])
+def test_float32_weights_with_bfloat16_compute(tmp_path, source):
+    src, reference = make_hf_model(tmp_path)
+    path = src if source == "hf" else hf_to_checkpoint(src, tmp_path / "ckpt")
+    model, config = checkpoint.load_model(path, dtype="float32", compute_dtype="bfloat16")
+    assert (config.param_dtype, config.dtype, model.config.dtype) == ("float32", "bfloat16", "bfloat16")
+    assert model.embed[...].dtype == np.float32
+    got, want = np.asarray(model(TOKENS)), torch_logits(reference, TOKENS).numpy()
+    error = np.abs(got - want).max()
+    assert 1e-4 < error < 0.05 * np.abs(want).max()  # bfloat16 activations: close, but not float32-exact
+
+
+@pytest.mark.parametrize("source", ["hf", "ckpt"])
 def test_mesh_load_puts_each_shard_straight_on_its_device(tmp_path, monkeypatch, source):
     src, _ = make_hf_model(tmp_path, num_attention_heads=4, num_key_value_heads=4, vocab_size=128)
     path = src if source == "hf" else hf_to_checkpoint(src, tmp_path / "ckpt")

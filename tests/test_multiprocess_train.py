@@ -76,14 +76,20 @@ def runs(tmp_path_factory):
     return single, double, output
 
 
-def test_two_processes_train_like_one(runs):
+@pytest.mark.parametrize("processes", [2, 4])
+def test_several_processes_train_like_one(runs, tmp_path, processes):
     single, double, output = runs
     rewards = [r["reward_mean"] for r in metrics(single) if "reward_mean" in r]
     assert max(rewards) > -1 and min(rewards) < 1  # real learning signal, not a constant reward
-    assert_same_run(double, single)
+    if processes == 2:
+        pod = double
+    else:
+        pod = tmp_path / "quad"
+        output = train_pod(processes, pod, *SETTINGS, f"max_steps={STEPS}")
+    assert_same_run(pod, single)
     # only process 0 writes and reports
     assert "[0] checkpoint:" in output and "[1] checkpoint:" not in output
-    assert len(list((double / "tb").iterdir())) == 1
+    assert len(list((pod / "tb").iterdir())) == 1
 
 
 @pytest.mark.parametrize("processes", [1, 4])
