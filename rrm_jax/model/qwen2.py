@@ -156,6 +156,27 @@ def _weighted_values(probs, v, dtype):
     return out.reshape(B, T, K * G, v.shape[-1])
 
 
+def _cached_scores(q, k):
+    """One query per row against the cache: q [B, 1, N, H], k [B, S, K, H] -> float32 [B, K, G, 1, S].
+
+    A decode step is memory-bound, so this is an elementwise product summed over H that streams the
+    cache once in its own layout; the batched matmul of `_scores` makes XLA's CPU backend transpose
+    each layer's cache slice first, an extra read and write of the whole cache every step."""
+    B, _, N, H = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, 1, K, N // K, H).astype(jnp.float32)
+    s = jnp.sum(q * k[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B, S, K, G]
+    return s.transpose(0, 2, 3, 1)[:, :, :, None, :] * (H ** -0.5)
+
+
+def _cached_values(probs, v, dtype):
+    """probs float32 [B, K, G, 1, S], v [B, S, K, H] -> [B, 1, N, H], streaming v in its own layout."""
+    B, K, G, _, _ = probs.shape
+    p = probs[:, :, :, 0, :].transpose(0, 3, 1, 2)  # [B, S, K, G]: small
+    out = jnp.sum(p[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B, K, G, H]
+    return out.reshape(B, 1, K * G, v.shape[-1]).astype(dtype)
+
+
 def _mlp_block(c: Qwen2Config, p, x):
     dt = x.dtype
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
@@ -288,10 +309,10 @@ def decode_step(c: Qwen2Config, params, tokens, cache: KVCache):
         p, cached_k, cached_v = xs
         h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
         q, k, v = _qkv(c, p, h, positions)
-        s_prefix = jnp.where(prefix, _scores(q, cached_k), _MASKED)  # [B, K, G, 1, S]
+        s_prefix = jnp.where(prefix, _cached_scores(q, cached_k), _MASKED)  # [B, K, G, 1, S]
         s_self = _scores(q, k)  # [B, K, G, 1, 1]
         probs = jax.nn.softmax(jnp.concatenate([s_prefix, s_self], axis=-1), axis=-1)
-        attn = _weighted_values(probs[..., :S], cached_v, x.dtype) + _weighted_values(probs[..., S:], v, x.dtype)
+        attn = _cached_values(probs[..., :S], cached_v, x.dtype) + _weighted_values(probs[..., S:], v, x.dtype)
         x = _attn_out(p, x, attn)
         return _mlp_block(c, p, x), (k[:, 0], v[:, 0])
 
