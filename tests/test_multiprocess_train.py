@@ -34,14 +34,15 @@ SETTINGS = [
 ]
 
 
-def train_pod(processes: int, output_dir: Path, *extra: str) -> str:
-    """`rrm-jax train` in `processes` local processes with DEVICES devices in all; -> their output."""
+def train_pod(processes: int, output_dir: Path, *extra: str, program=("-m", "rrm_jax.cli")) -> str:
+    """`rrm-jax train` in `processes` local processes with DEVICES devices in all; -> their output.
+    program: what python runs (default the rrm-jax entry point), given `train ...`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RRM_JAX_", "XLA_FLAGS"))}
     # runs with the same process count share compiled programs (about a quarter of a 4-process run)
     env.update(JAX_COMPILATION_CACHE_DIR=str(output_dir.parent.parent / "jax-cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     cmd = [str(LOCAL_POD), "--devices-per-process", str(DEVICES // processes), str(processes),
-           sys.executable, "-m", "rrm_jax.cli", "train", "--output-dir", str(output_dir), "--no-progress", *extra]
+           sys.executable, *program, "train", "--output-dir", str(output_dir), "--no-progress", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=output_dir.parent)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
@@ -107,3 +108,33 @@ def test_checkpoint_of_two_processes_resumes_in_1_and_4(runs, tmp_path, processe
     output = train_pod(processes, resumed, "--resume", f"max_steps={STEPS}")
     assert "resuming" in output
     assert_same_run(resumed, single)
+
+
+# Process 1 alone is preempted (SIGTERM) after its step-2 metrics; process 0 never gets a signal.
+PREEMPT_ONE_PROCESS = """
+import os, signal, sys
+import jax
+from rrm_jax import cli
+from rrm_jax.rl import trainer
+
+log = trainer.MetricsLog.log
+
+def log_then_preempt(self, row):
+    log(self, row)
+    if row["step"] == 2 and jax.process_index() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+trainer.MetricsLog.log = log_then_preempt
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_on_one_host_stops_every_process_at_the_same_step(tmp_path):
+    script = tmp_path / "preempt_one.py"
+    script.write_text(PREEMPT_ONE_PROCESS)
+    run = tmp_path / "run"
+    output = train_pod(2, run, *SETTINGS, "max_steps=20", "checkpoint_every=0", "eval_every=0", "warmup.steps=2",
+                       program=(str(script),))
+    assert "[0] SIGTERM: saved step 2" in output and "[1] SIGTERM" not in output  # reported by process 0
+    assert [p.name for p in (run / trainer.CHECKPOINTS).iterdir() if p.name.isdigit()] == ["2"]
+    assert max(r["step"] for r in metrics(run)) == 2
