@@ -219,7 +219,9 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, t
 
     batch_size: prompts per compiled batch (default: all). Batches are padded to a power of two
     and prompt lengths to a bucket, so a stream of varied requests reuses a few compilations.
-    progress: optional callable, called with the number of prompts finished after each batch."""
+    progress: optional callable, called with the number of prompts finished after each batch.
+    With a model sharded over the devices of several processes, every process calls this with the
+    same prompts and gets every result back (the trainer gathers each step's prompts first)."""
     config: Qwen2Config = model.config
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
