@@ -39,8 +39,8 @@ def train_pod(processes: int, output_dir: Path, *extra: str, program=("-m", "rrm
     """`rrm-jax train` in `processes` local processes with DEVICES devices in all; -> their output.
     program: what python runs (default the rrm-jax entry point), given `train ...`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RRM_JAX_", "XLA_FLAGS"))}
-    # every run of the session shares one compilation cache in pytest's base temp folder: runs with the
-    # same process count reuse compiled programs (about a quarter of a 4-process run)
+    # every run of the session shares one compilation cache in pytest's base temp folder, so runs with
+    # the same process count reuse compiled programs
     env.update(JAX_COMPILATION_CACHE_DIR=str(output_dir.parent.parent / "jax-cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     cmd = [str(LOCAL_POD), "--devices-per-process", str(DEVICES // processes), str(processes),

@@ -201,6 +201,15 @@ def logits_from_hidden(c: Qwen2Config, params, x):
     return jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(x.dtype), preferred_element_type=jnp.float32)
 
 
+def _self_attention_layer(c: Qwen2Config, p, x, positions, mask):
+    """One decoder layer over a whole sequence, mask [B, T(query), S(key)] -> (x, its keys, its values)."""
+    h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+    q, k, v = _qkv(c, p, h, positions)
+    scores = jnp.where(mask[:, None, None], _scores(q, k), _MASKED)
+    x = _attn_out(p, x, _weighted_values(jax.nn.softmax(scores, axis=-1), v, x.dtype))
+    return _mlp_block(c, p, x), k, v
+
+
 def hidden_states(c: Qwen2Config, params, tokens, *, attention_mask=None, positions=None, remat=False):
     """Full-sequence pass (training, scoring, prefill). Returns (final hidden [B,T,D], keys, values),
     where keys / values [L, B, T, K, H] are what a KV cache stores for these tokens."""
@@ -214,11 +223,8 @@ def hidden_states(c: Qwen2Config, params, tokens, *, attention_mask=None, positi
     mask = causal[None, :, :] & valid[:, None, :]  # [B, T(query), S(key)]
 
     def layer(x, p):
-        h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-        q, k, v = _qkv(c, p, h, positions)
-        scores = jnp.where(mask[:, None, None], _scores(q, k), _MASKED)
-        x = _attn_out(p, x, _weighted_values(jax.nn.softmax(scores, axis=-1), v, x.dtype))
-        return _mlp_block(c, p, x), (k, v)
+        x, k, v = _self_attention_layer(c, p, x, positions, mask)
+        return x, (k, v)
 
     if remat:
         layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
@@ -238,16 +244,13 @@ def grouped_hidden_states(c: Qwen2Config, params, prompt_tokens, prompt_lengths,
     prompt_valid = jnp.arange(Tp)[None, :] < prompt_lengths[:, None]  # [P, Tp]
     prompt_positions = jnp.broadcast_to(jnp.arange(Tp)[None, :], (P, Tp))
     positions = jnp.repeat(prompt_lengths, G)[:, None] + jnp.arange(Tc)[None, :]  # [R, Tc]
-    prompt_mask = (jnp.tril(jnp.ones((Tp, Tp), bool))[None] & prompt_valid[:, None, :])[:, None, None]
+    prompt_mask = jnp.tril(jnp.ones((Tp, Tp), bool))[None] & prompt_valid[:, None, :]  # [P, Tp, Tp]
     prefix_mask = jnp.repeat(prompt_valid, G, axis=0)[:, None, None, None, :]  # [R, 1, 1, 1, Tp]
     causal = jnp.tril(jnp.ones((Tc, Tc), bool))[None, None, None]
 
     def layer(carry, p):
         xp, xc = carry
-        hp = rms_norm(xp, p["attn_norm"], c.rms_norm_eps)
-        qp, kp, vp = _qkv(c, p, hp, prompt_positions)
-        probs = jax.nn.softmax(jnp.where(prompt_mask, _scores(qp, kp), _MASKED), axis=-1)
-        xp = _mlp_block(c, p, _attn_out(p, xp, _weighted_values(probs, vp, xp.dtype)))
+        xp, kp, vp = _self_attention_layer(c, p, xp, prompt_positions, prompt_mask)
 
         hc = rms_norm(xc, p["attn_norm"], c.rms_norm_eps)
         qc, kc, vc = _qkv(c, p, hc, positions)

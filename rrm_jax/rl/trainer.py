@@ -155,7 +155,7 @@ def supervised_step(config: Qwen2Config, optimizer, params, opt_state, tokens, a
 # Rollouts
 
 
-def rollout_batch(prompts: list[list[int]], samples, group_size: int, width: int, *, verdict_open_id: int | None):
+def rollout_batch(prompts: list[list[int]], samples, width: int, *, verdict_open_id: int | None):
     """Numpy arrays of a RolloutBatch (without advantages / reference) from prompt-major samples:
     (prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask).
 
@@ -487,7 +487,7 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
             rewards = compute_rewards(texts, preferred, reward=c.reward)
             advantages = grpo.group_advantages(rewards, G, normalize_std=c.loss.normalize_std)
             prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask, advantages = _device_batch(
-                (*rollout_batch(prompts, samples, G, c.rollout.max_new_tokens, verdict_open_id=verdict_open_id),
+                (*rollout_batch(prompts, samples, c.rollout.max_new_tokens, verdict_open_id=verdict_open_id),
                  advantages), mesh)
             ref_logp = (step.logprobs_fn(mcfg, ref_params, prompt_tokens, prompt_lengths, tokens)
                         if ref_params is not None else jnp.zeros_like(old_logp))
