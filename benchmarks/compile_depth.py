@@ -1,4 +1,4 @@
-"""Compile time of the forward pass and the decode loop against depth (layers are scanned, so it should
+"""Compile time of the forward pass and the engine's decode chunk against depth (layers are scanned, so it should
 not grow with depth). Abstract parameters: nothing is allocated, only compiled.
 
     .venv/bin/python benchmarks/compile_depth.py
@@ -9,9 +9,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from rrm_jax import generate
+from rrm_jax import engine
 from rrm_jax.model import qwen2
 from rrm_jax.model.config import preset
+from rrm_jax.sampling import SamplingSettings
 
 
 def abstract_params(config):
@@ -29,13 +30,11 @@ def compile_seconds(config):
     jax.jit(lambda p, x: qwen2.forward(config, p, x)).lower(params, tokens).compile()
     forward_s = time.perf_counter() - t
 
-    settings = generate.SamplingSettings(64, 0.0, 0, 1.0, (), None, ())
-    lengths = jax.ShapeDtypeStruct((8,), jnp.int32)
-    keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.arange(8)))
-    state = jax.eval_shape(lambda p, x, n, k: generate._prefill(config, settings, 1, None, p, x, n, k),
-                           params, tokens, lengths, keys)
+    settings = SamplingSettings(0.0, 0, 1.0, (), None, ())
+    state = jax.eval_shape(lambda: engine._empty_state(config, 8, 320, None))
     t = time.perf_counter()
-    generate.decode_fn.lower(config, settings, params, state).compile()
+    engine.decode_fn.lower(config, settings, engine.CHUNK_STEPS, engine.ATTENTION_BLOCK, None, params, state,
+                           jax.ShapeDtypeStruct((), jnp.int32)).compile()
     return forward_s, time.perf_counter() - t
 
 

@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rrm_jax import distributed, generate
+from rrm_jax import distributed, engine, generate, static_sampler
 from rrm_jax.errors import UserError
 from rrm_jax.model import qwen2
 from rrm_jax.model.config import preset
+from rrm_jax.sampling import SamplingSettings
 
 
 def _timed(fn, *args, repeats=3):
@@ -68,36 +69,46 @@ def _peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # host RSS (KiB on Linux)
 
 
+def _engine_batch(model, tokens, gen_len: int, capacity: int, block: int):
+    """A fresh engine slot state holding prompts tokens [B, P] (all of length P) with limit gen_len."""
+    c = model.config
+    B, P = tokens.shape
+    state = engine.empty_state_fn(c, B, capacity, None)
+    return engine.prefill_fn(c, 1, None, model.params(), state, tokens, np.full(B, P, np.int32),
+                             np.full(B, gen_len, np.int32), np.arange(B, dtype=np.int32), np.uint32(0),
+                             np.arange(B, dtype=np.uint32))
+
+
 def bench_sample(model, *, batch: int, prompt_len: int, gen_len: int, ceilings: dict, seed: int = 0) -> dict:
-    """Greedy prefill + decode of batch x prompt_len random tokens for exactly gen_len new tokens."""
+    """Greedy prefill + decode of batch x prompt_len random tokens for exactly gen_len new tokens, on the
+    engine's compiled programs (one prefill-insert, one decode call of gen_len steps)."""
     c = model.config
     params = model.params()
     rng = np.random.default_rng(seed)
-    tokens = jnp.asarray(rng.integers(0, c.vocab_size, (batch, prompt_len)), jnp.int32)
-    lengths = jnp.full((batch,), prompt_len, jnp.int32)
-    keys = (np.uint32(seed), np.arange(batch, dtype=np.uint32))  # the seed and row ids of the sampling streams
-    settings = generate.SamplingSettings(gen_len, 0.0, 0, 1.0, (), None, ())  # no EOS: every row runs gen_len
+    tokens = np.asarray(rng.integers(0, c.vocab_size, (batch, prompt_len)), np.int32)
+    settings = SamplingSettings(0.0, 0, 1.0, (), None, ())  # greedy, no EOS: every row runs gen_len
+    capacity, block = engine.capacity_and_block([engine.Request(tokens[0], gen_len, 0)])
+
+    def decode(state):
+        return engine.decode_fn(c, settings, gen_len, block, None, params, state, np.int32(batch))
 
     t = time.perf_counter()
-    prefill = generate.prefill_fn.lower(c, settings, 1, None, params, tokens, lengths, *keys).compile()
-    state = prefill(params, tokens, lengths, *keys)
-    decode = generate.decode_fn.lower(c, settings, params, state).compile()
+    jax.block_until_ready(decode(_engine_batch(model, tokens, gen_len, capacity, block)))
     compile_s = time.perf_counter() - t
 
-    prefill_s = _timed(prefill, params, tokens, lengths, *keys)
+    prefill_s = _timed(lambda: _engine_batch(model, tokens, gen_len, capacity, block))
     decode_s = float("inf")
     for _ in range(2):
-        state = jax.block_until_ready(prefill(params, tokens, lengths, *keys))
+        state = jax.block_until_ready(_engine_batch(model, tokens, gen_len, capacity, block))
         t = time.perf_counter()
-        out = jax.block_until_ready(decode(params, state))
+        out, _ = jax.block_until_ready(decode(state))
         decode_s = min(decode_s, time.perf_counter() - t)
     assert int(out.num_generated.min()) == gen_len
 
     step_s = decode_s / gen_len
     itemsize = jnp.dtype(c.param_dtype).itemsize
     weight_bytes = c.num_params * itemsize - (c.vocab_size * c.hidden_size * itemsize if not c.tie_word_embeddings else 0)
-    kv_token_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * jnp.dtype(c.dtype).itemsize
-    kv_bytes = batch * (prompt_len + gen_len / 2) * kv_token_bytes  # mean cache read per step
+    kv_bytes = batch * (prompt_len + gen_len / 2) * kv_bytes_per_token(c)  # mean cache read per step
     matmul_params = c.num_params - c.vocab_size * c.hidden_size * (0 if c.tie_word_embeddings else 1)
     attn_flops = 4 * batch * c.num_layers * c.num_heads * c.head_dim * (prompt_len + gen_len / 2)
     step_flops = 2 * matmul_params * batch + attn_flops
@@ -118,6 +129,57 @@ def bench_sample(model, *, batch: int, prompt_len: int, gen_len: int, ceilings: 
         "roofline_fraction": roofline_step_s / step_s,
         "peak_memory_GB": _peak_memory_bytes() / 1e9,
     }
+
+
+def kv_bytes_per_token(c) -> int:
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * jnp.dtype(c.dtype).itemsize
+
+
+def bench_decode_step(model, *, batch: int, prompt_len: int, steps: int, capacities, seed: int = 0) -> list[dict]:
+    """Time per decode step against the cache length allocated, with the same filled length in every
+    row (prompt_len + up to `steps`): the engine's block-wise step beside the whole-cache step of the
+    static sampler, measured in the same process."""
+    c = model.config
+    params = model.params()
+    rng = np.random.default_rng(seed)
+    tokens = np.asarray(rng.integers(0, c.vocab_size, (batch, prompt_len)), np.int32)
+    settings = SamplingSettings(0.0, 0, 1.0, (), None, ())
+    rows = []
+    for capacity in capacities:
+        block = min(engine.ATTENTION_BLOCK, capacity)
+        capacity_rounded = -(-capacity // block) * block
+
+        def engine_decode(state):
+            return engine.decode_fn(c, settings, steps, block, None, params, state, np.int32(batch))
+
+        def whole_cache(state):  # the static sampler's step: every allocated position, every step
+            return static_sampler.decode_fn(c, settings, steps, params, state)
+
+        def static_state():
+            return static_sampler.prefill_fn(c, capacity - prompt_len, 1, None, params, tokens,
+                                             np.full(batch, prompt_len, np.int32), np.uint32(0),
+                                             np.arange(batch, dtype=np.uint32))
+
+        timings = {}
+        for name, make, run in (("engine", lambda: _engine_batch(model, tokens, steps, capacity_rounded, block),
+                                 engine_decode),
+                                ("static", static_state, whole_cache)):
+            jax.block_until_ready(run(make()))  # compile
+            best = float("inf")
+            for _ in range(3):
+                state = jax.block_until_ready(make())
+                t = time.perf_counter()
+                jax.block_until_ready(run(state))
+                best = min(best, time.perf_counter() - t)
+            timings[name] = best / steps
+        rows.append({"batch": batch, "cache_allocated": capacity, "filled": f"{prompt_len}-{prompt_len + steps}",
+                     "block": block, "engine_step_ms": timings["engine"] * 1e3,
+                     "static_step_ms": timings["static"] * 1e3})
+    base = rows[0]
+    for r in rows:
+        r["engine_vs_smallest"] = r["engine_step_ms"] / base["engine_step_ms"]
+        r["static_vs_smallest"] = r["static_step_ms"] / base["static_step_ms"]
+    return rows
 
 
 def bench_hf_generate(model, *, batch: int, prompt_len: int, gen_len: int, seed: int = 0) -> dict:

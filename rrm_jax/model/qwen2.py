@@ -156,25 +156,61 @@ def _weighted_values(probs, v, dtype):
     return out.reshape(B, T, K * G, v.shape[-1])
 
 
-def _cached_scores(q, k):
-    """One query per row against the cache: q [B, 1, N, H], k [B, S, K, H] -> float32 [B, K, G, 1, S].
+def _prefix_attention(q, cache_k, cache_v, layer, lengths, block: int, num_blocks):
+    """Online-softmax attention of one query per row over its cached prefix, read block by block.
 
-    A decode step is memory-bound, so this is an elementwise product summed over H that streams the
-    cache once in its own layout; the batched matmul of `_scores` makes XLA's CPU backend transpose
-    each layer's cache slice first, an extra read and write of the whole cache every step."""
+    q [B, 1, N, H]; cache_k / cache_v: the whole cache [L, B, S, K, H] (S a multiple of `block`), of
+    which layer `layer` is read; lengths [B] (positions < lengths are real). Only the first `num_blocks`
+    blocks are read (a traced count, so one compiled step serves every fill level): the step's cost
+    follows the filled length, not the allocated S. Blocks are sliced straight out of the stacked cache
+    (slicing the layer first would copy all S positions of it). Returns the running (max [B, K, G],
+    normaliser [B, K, G], unnormalised output [B, K, G, H]), float32.
+
+    Each block is an elementwise product summed over H, streaming the cache in its own layout: a decode
+    step is memory-bound, and a batched matmul would make XLA's CPU backend transpose every block first."""
     B, _, N, H = q.shape
-    K = k.shape[2]
-    q = q.reshape(B, 1, K, N // K, H).astype(jnp.float32)
-    s = jnp.sum(q * k[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B, S, K, G]
-    return s.transpose(0, 2, 3, 1)[:, :, :, None, :] * (H ** -0.5)
+    _, _, _, K, _ = cache_k.shape
+    G = N // K
+    qf = q.reshape(B, 1, K, G, H).astype(jnp.float32) * (H ** -0.5)
+
+    def read_block(i, carry):
+        m, l, acc = carry
+        start = i * block
+        at = (layer, 0, start, 0, 0)
+        k = jax.lax.dynamic_slice(cache_k, at, (1, B, block, K, H))[0].astype(jnp.float32)
+        v = jax.lax.dynamic_slice(cache_v, at, (1, B, block, K, H))[0].astype(jnp.float32)
+        s = jnp.sum(qf * k[:, :, :, None, :], axis=-1)  # [B, block, K, G]
+        valid = ((start + jnp.arange(block))[None, :] < lengths[:, None])[:, :, None, None]
+        s = jnp.where(valid, s, _MASKED)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
+        rescale = jnp.exp(m - m_new)
+        acc = acc * rescale[..., None] + jnp.sum(p[..., None] * v[:, :, :, None, :], axis=1)
+        return m_new, l * rescale + jnp.sum(p, axis=1), acc
+
+    init = (jnp.full((B, K, G), _MASKED, jnp.float32), jnp.zeros((B, K, G), jnp.float32),
+            jnp.zeros((B, K, G, H), jnp.float32))
+    return jax.lax.fori_loop(0, num_blocks, read_block, init)
 
 
-def _cached_values(probs, v, dtype):
-    """probs float32 [B, K, G, 1, S], v [B, S, K, H] -> [B, 1, N, H], streaming v in its own layout."""
-    B, K, G, _, _ = probs.shape
-    p = probs[:, :, :, 0, :].transpose(0, 3, 1, 2)  # [B, S, K, G]: small
-    out = jnp.sum(p[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B, K, G, H]
-    return out.reshape(B, 1, K * G, v.shape[-1]).astype(dtype)
+def _attend_cached(q, k_new, v_new, cache: "KVCache", layer, block: int, num_blocks, dtype):
+    """The new token's attention over its cached prefix plus itself -> [B, 1, N, H]."""
+    B, _, N, H = q.shape
+    K = k_new.shape[2]
+    m, l, acc = _prefix_attention(q, cache.keys, cache.values, layer, cache.lengths, block, num_blocks)
+    qf = q.reshape(B, K, N // K, H).astype(jnp.float32) * (H ** -0.5)
+    s_self = jnp.sum(qf * k_new[:, 0, :, None, :].astype(jnp.float32), axis=-1)  # [B, K, G]
+    m_all = jnp.maximum(m, s_self)
+    prefix_scale, self_p = jnp.exp(m - m_all), jnp.exp(s_self - m_all)
+    out = acc * prefix_scale[..., None] + self_p[..., None] * v_new[:, 0, :, None, :].astype(jnp.float32)
+    out = out / (l * prefix_scale + self_p)[..., None]
+    return out.reshape(B, 1, N, H).astype(dtype)
+
+
+def attention_blocks(lengths, active, block: int):
+    """Cache blocks a decode step reads: enough for the longest active row (at least one)."""
+    longest = jnp.max(jnp.where(active, lengths, 0))
+    return jnp.maximum((longest + block - 1) // block, 1)
 
 
 def _mlp_block(c: Qwen2Config, p, x):
@@ -297,31 +333,39 @@ def prefill(c: Qwen2Config, params, tokens, lengths, cache_len: int):
     return logits_from_hidden(c, params, last)[:, 0], cache
 
 
-def decode_step(c: Qwen2Config, params, tokens, cache: KVCache):
+def decode_step(c: Qwen2Config, params, tokens, cache: KVCache, *, active=None, block_size: int | None = None):
     """One new token per row, tokens [B], written at cache.lengths -> (logits [B, V], updated cache).
 
-    Each layer attends over the cached prefix (read-only inside the scan) plus the new token itself;
+    Each layer attends over the cached prefix (read-only inside the scan, sliced block by block out of
+    the stacked cache) plus the new token itself;
     the new keys / values are written into the cache once, after the scan, with a per-row scatter,
-    so the cache is never copied per layer."""
+    so the cache is never copied per layer. active [B] (default all): rows that take the token;
+    inactive rows neither write nor advance. block_size: the prefix is read in blocks of this many
+    positions, only as many blocks as the longest active row fills (None = the whole cache as one
+    block, i.e. every allocated position every step). It must divide the cache length."""
     B = tokens.shape[0]
     S = cache.keys.shape[2]
+    block = S if block_size is None else int(block_size)
+    if S % block:
+        raise ValueError(f"block_size {block} must divide the cache length {S}")
+    if active is None:
+        active = jnp.ones(B, bool)
+    num_blocks = 1 if block_size is None else attention_blocks(cache.lengths, active, block)
     positions = cache.lengths[:, None]  # [B, 1]
-    prefix = (jnp.arange(S)[None, :] < cache.lengths[:, None])[:, None, None, None, :]  # [B,1,1,1,S]
 
     def layer(x, xs):
-        p, cached_k, cached_v = xs
+        p, index = xs
         h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
         q, k, v = _qkv(c, p, h, positions)
-        s_prefix = jnp.where(prefix, _cached_scores(q, cached_k), _MASKED)  # [B, K, G, 1, S]
-        s_self = _scores(q, k)  # [B, K, G, 1, 1]
-        probs = jax.nn.softmax(jnp.concatenate([s_prefix, s_self], axis=-1), axis=-1)
-        attn = _cached_values(probs[..., :S], cached_v, x.dtype) + _weighted_values(probs[..., S:], v, x.dtype)
+        attn = _attend_cached(q, k, v, cache, index, block, num_blocks, x.dtype)
         x = _attn_out(p, x, attn)
         return _mlp_block(c, p, x), (k[:, 0], v[:, 0])
 
     x, (new_k, new_v) = jax.lax.scan(layer, _embed(c, params, tokens[:, None]),
-                                     (params["layers"], cache.keys, cache.values))
+                                     (params["layers"], jnp.arange(c.num_layers)))
     rows = jnp.arange(B)
-    keys = cache.keys.at[:, rows, cache.lengths].set(new_k, mode="drop")
-    values = cache.values.at[:, rows, cache.lengths].set(new_v, mode="drop")
-    return logits_from_hidden(c, params, x)[:, 0], KVCache(keys, values, cache.lengths + 1)
+    write_at = jnp.where(active, cache.lengths, S)  # out of range -> dropped
+    keys = cache.keys.at[:, rows, write_at].set(new_k, mode="drop")
+    values = cache.values.at[:, rows, write_at].set(new_v, mode="drop")
+    lengths = cache.lengths + active.astype(jnp.int32)
+    return logits_from_hidden(c, params, x)[:, 0], KVCache(keys, values, lengths)

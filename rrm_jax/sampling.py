@@ -1,0 +1,189 @@
+"""What every decoder of rrm-jax shares: the sampling settings, the token filters, the choice of the next
+token (with the thinking budget's forced tokens) and the result type.
+
+Each (prompt, sample) row has its own random stream, fold_in(key(seed), row_id) with
+row_id = prompt_index * num_samples + sample_index, and its t-th token uses fold_in(stream, t): a sample
+depends on (seed, prompt index, sample index) only, never on the batch, slot or step it ran in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rrm_jax.errors import UserError
+from rrm_jax.model.config import Qwen2Config
+
+FINISH_EOS = "eos"
+FINISH_LENGTH = "length"
+THINK_END_TEXT = "\n</think>\n\n"  # forced when a row reaches its thinking budget
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass
+class Sample:
+    """One generated continuation. `logprobs` are under the unmodified model (temperature 1, no
+    filtering); `sampling_logprobs` under the distribution actually sampled from (None for greedy)."""
+
+    output_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    text: str | None = None
+    sampling_logprobs: list[float] | None = None
+
+
+class SamplingSettings(NamedTuple):
+    """Static (compile-time) decoding settings; the length limits are per row and not part of them."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    eos_ids: tuple[int, ...]
+    max_think_tokens: int | None  # None = no budget
+    think_end_ids: tuple[int, ...]  # forced at the budget; the last one closes the thinking block
+
+
+class NextTokens(NamedTuple):
+    tokens: jax.Array  # [B] int32
+    logprobs: jax.Array  # [B] float32 under the model
+    sampling_logprobs: jax.Array  # [B] float32 under the sampling distribution (0 when greedy)
+    forced: jax.Array  # [B] int32: index into think_end_ids to force next, -1 = not forcing
+    think_closed: jax.Array  # [B] bool
+
+
+def bucket_length(n: int, buckets: Sequence[int] | None = None) -> int:
+    """Smallest bucket >= n: powers of two (at least MIN_BUCKET) unless explicit buckets are given."""
+    if buckets:
+        for b in sorted(buckets):
+            if b >= n:
+                return b
+        raise UserError(f"prompt of {n} tokens is longer than the largest bucket {max(buckets)}")
+    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+
+
+def filter_logits(logits, temperature: float, top_k: int, top_p: float):
+    """Temperature, then top-k, then top-p (smallest set whose probability reaches p), in the order of
+    transformers and vLLM. Returns float32 logits with removed tokens at -inf."""
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = mass_before < top_p  # always keeps the most likely token
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
+
+
+def row_keys(seed, row_ids):
+    """[B] PRNG keys, one stream per (prompt, sample) row."""
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids)
+
+
+def _choose(settings: SamplingSettings, logits, keys, steps):
+    """Next token per row and its log-probability under the sampling distribution; steps [B]: the index
+    of the token in its row, which picks the row's key for it."""
+    if settings.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[0], jnp.float32)
+    filtered = filter_logits(logits, settings.temperature, settings.top_k, settings.top_p)
+    step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
+    token = jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), token[:, None], axis=-1)[:, 0]
+    return token, logp
+
+
+def next_tokens(settings: SamplingSettings, logits, keys, num_generated, forced, think_closed) -> NextTokens:
+    """The token each row takes next: sampled (or greedy), unless the row is at its thinking budget, where
+    the tokens of "\\n</think>\\n\\n" are forced one per step."""
+    token, sampling_logp = _choose(settings, logits, keys, num_generated)
+    if settings.max_think_tokens is not None:
+        forced_ids = jnp.asarray(settings.think_end_ids, jnp.int32)
+        start = (~think_closed) & (forced < 0) & (num_generated >= settings.max_think_tokens)
+        forced = jnp.where(start, 0, forced)
+        forcing = forced >= 0
+        token = jnp.where(forcing, forced_ids[jnp.maximum(forced, 0)], token)
+        forced = jnp.where(forcing & (forced + 1 < len(settings.think_end_ids)), forced + 1, -1)
+        think_closed = think_closed | (token == settings.think_end_ids[-1])
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    return NextTokens(token, logp, sampling_logp, forced, think_closed)
+
+
+def is_eos(settings: SamplingSettings, tokens):
+    if not settings.eos_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(settings.eos_ids, jnp.int32))
+
+
+def resolve_eos_ids(config: Qwen2Config, tokenizer=None, eos_ids=None) -> tuple[int, ...]:
+    if eos_ids is not None:
+        return tuple(int(i) for i in ([eos_ids] if isinstance(eos_ids, int) else eos_ids))
+    if config.eos_ids:
+        return config.eos_ids
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return (int(tokenizer.eos_token_id),)
+    return ()
+
+
+def think_end_ids(tokenizer) -> tuple[int, ...]:
+    if tokenizer is None:
+        raise UserError("max_think_tokens needs a tokenizer (to encode the forced '</think>'), or pass think_end_ids")
+    return tuple(tokenizer.encode(THINK_END_TEXT, add_special_tokens=False))
+
+
+def make_settings(config: Qwen2Config, *, temperature, top_p, top_k, eos_ids, max_think_tokens, tokenizer,
+                  think_end_ids_override) -> SamplingSettings:
+    """Validated settings; raises UserError naming the bad value."""
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise UserError(f"invalid sampling settings temperature={temperature} top_p={top_p} top_k={top_k}: "
+                        f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    forced = ()
+    if max_think_tokens is not None:
+        forced = tuple(think_end_ids_override) if think_end_ids_override else think_end_ids(tokenizer)
+    return SamplingSettings(
+        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+        eos_ids=resolve_eos_ids(config, tokenizer, eos_ids),
+        max_think_tokens=None if max_think_tokens is None else int(max_think_tokens), think_end_ids=forced)
+
+
+def request_limits(max_new_tokens, n_prompts: int) -> list[int]:
+    """max_new_tokens as one int for every prompt, or one per prompt -> a list of n_prompts ints >= 1."""
+    if isinstance(max_new_tokens, (int, np.integer)):
+        limits = [int(max_new_tokens)] * n_prompts
+    else:
+        limits = [int(m) for m in max_new_tokens]
+        if len(limits) != n_prompts:
+            raise UserError(f"max_new_tokens has {len(limits)} entries for {n_prompts} prompts; give one int or one per prompt")
+    for i, m in enumerate(limits):
+        if m < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {m}" + (f" for prompt {i}" if n_prompts > 1 else ""))
+    return limits
+
+
+def check_prompts(config: Qwen2Config, prompt_ids: Sequence[Sequence[int]], max_new_tokens) -> None:
+    """Every prompt non-empty and, with its new tokens, inside the model's context. max_new_tokens: one
+    int for all prompts or one per prompt."""
+    limits = request_limits(max_new_tokens, len(prompt_ids))
+    for i, (p, m) in enumerate(zip(prompt_ids, limits)):
+        if len(p) == 0:
+            raise UserError(f"prompt {i} is empty")
+        if len(p) + m > config.max_position_embeddings:
+            raise UserError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={m} that exceeds the "
+                            f"model's context of {config.max_position_embeddings} tokens")
+
+
+def make_sample(settings: SamplingSettings, ids, logprobs, sampling_logprobs, tokenizer) -> Sample:
+    ids = [int(t) for t in ids]
+    finish = FINISH_EOS if ids and ids[-1] in settings.eos_ids else FINISH_LENGTH
+    text = None
+    if tokenizer is not None:
+        text = tokenizer.decode(ids[:-1] if finish == FINISH_EOS else ids, skip_special_tokens=False)
+    return Sample(output_ids=ids, logprobs=[float(x) for x in logprobs], finish_reason=finish, text=text,
+                  sampling_logprobs=None if settings.temperature == 0.0 else [float(x) for x in sampling_logprobs])

@@ -1,0 +1,183 @@
+"""The continuous-batching engine against the static sampler (itself the pre-engine sampler) and against
+its own invariants: refilled slots, per-request limits, seeded streams, thinking budget, compilations,
+sharding and the attention's block reads."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model_utils import make_hf_model
+from rrm_jax import engine, generate, load_model, parallel, static_sampler
+from rrm_jax.model import qwen2
+from rrm_jax.model.config import preset
+from rrm_jax.sampling import make_settings
+
+# Lengths over two buckets (16 and 64) and limits that differ per request.
+PROMPTS = [[(7 * i + j) % 97 + 3 for j in range(n)] for i, n in enumerate([5, 23, 1, 40, 9, 16, 17, 3, 30, 12])]
+LIMITS = [12, 3, 30, 7, 19, 1, 25, 9, 14, 21]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder, _ = make_hf_model(tmp_path_factory.mktemp("engine"))
+    return load_model(folder)[0]
+
+
+def settings_for(model, **kw):
+    kw = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "eos_ids": [], "max_think_tokens": None,
+          "tokenizer": None, "think_end_ids_override": None, **kw}
+    return make_settings(model.config, **kw)
+
+
+def requests_for(prompts=PROMPTS, limits=LIMITS):
+    return [engine.Request(p, m, i) for i, (p, m) in enumerate(zip(prompts, limits))]
+
+
+def static_reference(model, settings, prompts, limits, num_samples=1, seed=0):
+    """Each request alone through the static sampler, with its own limit and global index."""
+    out = []
+    for i, (p, m) in enumerate(zip(prompts, limits)):
+        out += static_sampler.sample_batch(model.config, settings, model.params(), [p], m, first_index=i,
+                                           num_samples=num_samples, seed=seed)
+    return out
+
+
+@pytest.mark.parametrize("num_samples,max_rows", [(1, 4), (2, 4)])
+def test_greedy_equals_static_sampler_with_refilled_slots(model, num_samples, max_rows):
+    settings = settings_for(model)
+    stats = engine.EngineStats()
+    got = engine.generate(model.config, settings, model.params(), requests_for(), num_samples=num_samples,
+                          max_rows=max_rows, block_size=16, chunk=8, stats=stats)
+    want = static_reference(model, settings, PROMPTS, LIMITS, num_samples)
+    assert stats.slots == max_rows < len(PROMPTS) * num_samples  # slots were refilled
+    assert stats.prefills == len(PROMPTS)  # each prompt prefilled once, whatever num_samples
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.output_ids == w.output_ids, i
+        assert len(g.output_ids) == LIMITS[i // num_samples] and g.finish_reason == "length"
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
+
+
+def test_sampled_logprobs_equal_static_sampler(model):
+    settings = settings_for(model, temperature=0.8, top_k=20, top_p=0.9)
+    got = engine.generate(model.config, settings, model.params(), requests_for(), num_samples=2, seed=5,
+                          max_rows=4, block_size=16, chunk=8)
+    want = static_reference(model, settings, PROMPTS, LIMITS, num_samples=2, seed=5)
+    for g, w in zip(got, want):
+        assert g.output_ids == w.output_ids
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
+        np.testing.assert_allclose(g.sampling_logprobs, w.sampling_logprobs, atol=1e-5)
+
+
+def test_eos_frees_the_slot_and_the_row_ends_with_it(model):
+    free = generate.sample(model, PROMPTS, max_new_tokens=LIMITS, eos_ids=[])
+    eos = free[6].output_ids[4]  # a token request 6 produces early on
+    settings = settings_for(model, eos_ids=[eos])
+    got = engine.generate(model.config, settings, model.params(), requests_for(), max_rows=3, block_size=16, chunk=4)
+    want = static_reference(model, settings, PROMPTS, LIMITS)
+    assert [g.output_ids for g in got] == [w.output_ids for w in want]
+    assert got[6].finish_reason == "eos" and got[6].output_ids[-1] == eos and len(got[6].output_ids) <= 5
+
+
+def test_seeded_samples_do_not_depend_on_slots_or_arrival_order(model):
+    settings = settings_for(model, temperature=1.0)
+    runs = []
+    for max_rows, order in [(2, 1), (3, 1), (8, 1), (3, -1)]:
+        reqs = requests_for()[::order]
+        out = engine.generate(model.config, settings, model.params(), reqs, num_samples=2, seed=11,
+                              max_rows=max_rows, block_size=16, chunk=5)
+        by_key = {(r.index, j): out[k * 2 + j].output_ids for k, r in enumerate(reqs) for j in range(2)}
+        runs.append(by_key)
+    assert all(r == runs[0] for r in runs[1:])
+    other = engine.generate(model.config, settings, model.params(), requests_for(), num_samples=2, seed=12,
+                            max_rows=3, block_size=16, chunk=5)
+    assert [o.output_ids for o in other] != [runs[0][(i, j)] for i in range(len(PROMPTS)) for j in range(2)]
+
+
+def test_thinking_budget_in_refilled_slots(model):
+    forced = (50, 51, 52)  # stands for "\n</think>\n\n"; the last id closes thinking
+    settings = settings_for(model, max_think_tokens=4, think_end_ids_override=forced)
+    limits = [20] * len(PROMPTS)
+    stats = engine.EngineStats()
+    got = engine.generate(model.config, settings, model.params(), requests_for(limits=limits), max_rows=2,
+                          block_size=16, chunk=3, stats=stats)
+    want = static_reference(model, settings, PROMPTS, limits)
+    free = static_reference(model, settings_for(model), PROMPTS, limits)
+    assert stats.prefills > stats.slots  # most rows ran in refilled slots
+    assert [g.output_ids for g in got] == [w.output_ids for w in want]
+    budgeted = [g for g, f in zip(got, free) if 52 not in f.output_ids[:4]]
+    assert len(budgeted) >= 5
+    for g in budgeted:
+        assert tuple(g.output_ids[4:7]) == forced and len(g.output_ids) == 20  # then on to its verdict
+
+
+def test_compilations_stay_flat_over_varied_lengths_and_counts(model):
+    settings = settings_for(model)
+    prefill_before, decode_before = engine.prefill_fn._cache_size(), engine.decode_fn._cache_size()
+    rng = np.random.default_rng(0)
+    for count in (9, 5, 13, 7, 11):
+        prompts = [list(rng.integers(3, 100, rng.integers(1, 17))) for _ in range(count)]  # one bucket
+        reqs = [engine.Request(p, 6, i) for i, p in enumerate(prompts)]
+        stats = engine.EngineStats()
+        engine.generate(model.config, settings, model.params(), reqs, max_rows=4, block_size=16, stats=stats)
+        assert stats.prefills == count
+    assert engine.decode_fn._cache_size() - decode_before <= 1  # one decode program for the whole stream
+    assert engine.prefill_fn._cache_size() - prefill_before <= 3  # group sizes 1, 2, 4
+
+
+def test_per_request_limits_through_sample(model):
+    results = generate.sample(model, PROMPTS, max_new_tokens=LIMITS, eos_ids=[], batch_size=3)
+    assert [len(r.output_ids) for r in results] == LIMITS
+    with pytest.raises(Exception, match="3 entries for 10 prompts"):
+        generate.sample(model, PROMPTS, max_new_tokens=[1, 2, 3])
+
+
+def test_sharded_engine_equals_one_device():
+    config = preset("tiny").replace(num_heads=8, num_kv_heads=4, hidden_size=64)
+    reqs = requests_for([[t % 120 + 1 for t in p] for p in PROMPTS])
+    settings = make_settings(config, temperature=1.0, top_p=1.0, top_k=0, eos_ids=[], max_think_tokens=None,
+                             tokenizer=None, think_end_ids_override=None)
+    single = engine.generate(config, settings, qwen2.Qwen2(config, rngs=nnx.Rngs(0)).params(), reqs,
+                             num_samples=2, seed=3, max_rows=8, block_size=16, chunk=6)
+    mesh = parallel.make_mesh(2, 2, 2)
+    sharded_model = parallel.shard_model(qwen2.Qwen2(config, rngs=nnx.Rngs(0)), mesh)
+    sharded = engine.generate(config, settings, sharded_model.params(), reqs, num_samples=2, seed=3,
+                              max_rows=8, mesh=mesh, block_size=16, chunk=6)
+    assert [r.output_ids for r in sharded] == [r.output_ids for r in single]
+
+
+def test_decode_step_reads_only_the_blocks_the_longest_active_row_fills():
+    """Cache positions past the filled blocks hold NaN: a step that read them would return NaN logits
+    (0 * NaN = NaN in the weighted values), as the whole-cache step does."""
+    config = preset("tiny")
+    params = qwen2.Qwen2(config, rngs=nnx.Rngs(1)).params()
+    B, S, block = 3, 256, 32
+    lengths = jnp.asarray([5, 70, 33], jnp.int32)  # longest 70 -> 3 blocks of 32 (96 positions)
+    shape = (config.num_layers, B, S, config.num_kv_heads, config.head_dim)
+    filled = jnp.arange(S)[None, None, :, None, None] < 96
+    keys = jnp.where(filled, jax.random.normal(jax.random.key(0), shape), jnp.nan)
+    values = jnp.where(filled, jax.random.normal(jax.random.key(1), shape), jnp.nan)
+    cache = qwen2.KVCache(keys, values, lengths)
+    tokens = jnp.asarray([3, 4, 5], jnp.int32)
+    active = jnp.asarray([True, True, True])
+
+    assert int(qwen2.attention_blocks(lengths, active, block)) == 3
+    assert int(qwen2.attention_blocks(lengths, jnp.asarray([True, False, True]), block)) == 2
+    step = jax.jit(lambda c, a: qwen2.decode_step(config, params, tokens, c, active=a, block_size=block))
+    logits, new = step(cache, active)
+    assert np.isfinite(np.asarray(logits)).all()
+    assert np.asarray(new.lengths).tolist() == [6, 71, 34]
+    whole, _ = qwen2.decode_step(config, params, tokens, cache)  # reads every allocated position
+    assert np.isnan(np.asarray(whole)).all()
+
+    # the blockwise result equals attention over exactly the filled prefix
+    clean = qwen2.KVCache(jnp.nan_to_num(keys[:, :, :96]), jnp.nan_to_num(values[:, :, :96]), lengths)
+    reference, _ = qwen2.decode_step(config, params, tokens, clean)
+    np.testing.assert_allclose(logits, reference, atol=1e-5)
+
+    # an inactive row neither writes nor advances, and its length no longer sets the blocks read
+    _, new = step(cache, jnp.asarray([True, False, True]))
+    assert np.asarray(new.lengths).tolist() == [6, 70, 34]
+    np.testing.assert_array_equal(new.keys[:, 1, 70], keys[:, 1, 70])
+    assert not np.allclose(new.keys[:, 0, 5], keys[:, 0, 5])
