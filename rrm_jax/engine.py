@@ -165,8 +165,13 @@ class EngineStats:
         return self.live_row_steps / max(1, self.decode_steps * self.slots)
 
 
-def _pow2_at_most(n: int) -> int:
-    return 1 << (n.bit_length() - 1)
+def _group_size(n: int) -> int:
+    """Prompts per prefill call: the largest power of four <= n, so a run compiles at most
+    log4(slots) + 1 prefill programs per prompt bucket and never prefills a padding prompt."""
+    size = 1
+    while size * 4 <= n:
+        size *= 4
+    return size
 
 
 def slot_count(n_rows: int, max_rows: int | None, num_samples: int, mesh) -> int:
@@ -225,6 +230,8 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
     stats.slots, stats.capacity = slots, capacity
 
     state = empty_state_fn(config, slots, capacity, mesh)
+    if mesh is None:  # committed like every later state, so the first refill reuses the same compilation
+        state = jax.device_put(state, next(iter(jax.tree.leaves(params)[0].devices())))
     waiting = collections.deque(range(len(requests)))
     free = list(range(slots))
     owner: list[_Row | None] = [None] * slots
@@ -233,8 +240,8 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
     seed32 = np.uint32(seed % 2**32)
 
     while waiting or len(free) < slots:
-        while waiting and len(free) >= num_samples:  # refill: groups of a power-of-two size, no padding rows
-            group = [waiting.popleft() for _ in range(_pow2_at_most(min(len(waiting), len(free) // num_samples)))]
+        while waiting and len(free) >= num_samples:  # refill
+            group = [waiting.popleft() for _ in range(_group_size(min(len(waiting), len(free) // num_samples)))]
             P = bucket_length(max(len(requests[i].prompt_ids) for i in group), buckets)
             tokens = np.zeros((len(group), P), np.int32)
             for g, i in enumerate(group):

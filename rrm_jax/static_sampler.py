@@ -26,6 +26,7 @@ class DecodeState(NamedTuple):
     logprobs: jax.Array  # [B, G] float32 under the model
     sampling_logprobs: jax.Array  # [B, G] float32 under the sampling distribution
     num_generated: jax.Array  # [B] int32
+    limits: jax.Array  # [B] int32: the row's own limit (<= max_new_tokens, which sizes the cache)
     done: jax.Array  # [B] bool
     forced: jax.Array  # [B] int32: index into think_end_ids being forced, -1 = not forcing
     think_closed: jax.Array  # [B] bool
@@ -43,9 +44,9 @@ def _decode_body(config: Qwen2Config, settings: SamplingSettings, max_new_tokens
     logprobs = s.logprobs.at[rows, col].set(nxt.logprobs, mode="drop")
     sampling_logprobs = s.sampling_logprobs.at[rows, col].set(nxt.sampling_logprobs, mode="drop")
     num_generated = s.num_generated + active.astype(jnp.int32)
-    done = s.done | (active & is_eos(settings, nxt.tokens)) | (num_generated >= max_new_tokens)
+    done = s.done | (active & is_eos(settings, nxt.tokens)) | (num_generated >= s.limits)
     logits, cache = qwen2.decode_step(config, params, nxt.tokens, s.cache)  # the whole cache, every row
-    return DecodeState(cache, logits, tokens, logprobs, sampling_logprobs, num_generated, done,
+    return DecodeState(cache, logits, tokens, logprobs, sampling_logprobs, num_generated, s.limits, done,
                        nxt.forced, nxt.think_closed, s.row_keys, s.step + 1)
 
 
@@ -58,8 +59,8 @@ def _decode_loop(config: Qwen2Config, settings: SamplingSettings, max_new_tokens
                               state)
 
 
-def _prefill(config: Qwen2Config, max_new_tokens: int, num_samples: int, mesh, params, tokens, lengths, seed,
-             row_ids) -> DecodeState:
+def _prefill(config: Qwen2Config, max_new_tokens: int, num_samples: int, mesh, params, tokens, lengths, limits,
+             seed, row_ids) -> DecodeState:
     """Prefill each prompt once, then give each of its num_samples rows a copy of its cache."""
     cache_len = tokens.shape[1] + max_new_tokens
     logits, cache = qwen2.prefill(config, params, tokens, lengths, cache_len)
@@ -68,6 +69,7 @@ def _prefill(config: Qwen2Config, max_new_tokens: int, num_samples: int, mesh, p
                               jnp.repeat(cache.values, num_samples, axis=1),
                               jnp.repeat(cache.lengths, num_samples))
         logits = jnp.repeat(logits, num_samples, axis=0)
+        limits = jnp.repeat(limits, num_samples)
     if mesh is not None:  # batch over (data, fsdp), kv heads over tp
         kv = parallel.logical_sharding(("layers", "batch", "length", "kv_heads", "head_dim"), mesh, cache.keys.shape)
         cache = qwen2.KVCache(jax.lax.with_sharding_constraint(cache.keys, kv),
@@ -79,6 +81,7 @@ def _prefill(config: Qwen2Config, max_new_tokens: int, num_samples: int, mesh, p
         logprobs=jnp.zeros((rows, G), jnp.float32),
         sampling_logprobs=jnp.zeros((rows, G), jnp.float32),
         num_generated=jnp.zeros(rows, jnp.int32),
+        limits=limits.astype(jnp.int32),
         done=jnp.zeros(rows, bool),
         forced=jnp.full(rows, -1, jnp.int32),
         think_closed=jnp.zeros(rows, bool),
@@ -102,26 +105,30 @@ def _padded_batch(n_prompts: int, num_samples: int, mesh) -> int:
 
 
 def sample_batch(config: Qwen2Config, settings: SamplingSettings, params, chunk: Sequence[Sequence[int]],
-                 max_new_tokens: int, *, first_index: int = 0, num_samples: int = 1, seed: int = 0, mesh=None,
-                 buckets=None, tokenizer=None) -> list[Sample]:
+                 max_new_tokens: int, *, limits: Sequence[int] | None = None, first_index: int = 0,
+                 num_samples: int = 1, seed: int = 0, mesh=None, buckets=None, tokenizer=None) -> list[Sample]:
     """One static batch: prompts `chunk` (global indices first_index, first_index + 1, ...) decoded
-    together until every row is done or has max_new_tokens tokens."""
+    together until every row is done: EOS, max_new_tokens or its own entry of `limits` (the cache is
+    sized for max_new_tokens, as when rows end by EOS well before the cap)."""
     n_real = len(chunk)
     n = _padded_batch(n_real, num_samples, mesh)
     P = bucket_length(max(len(p) for p in chunk), buckets)
     tokens = np.zeros((n, P), np.int32)
-    lengths = np.ones(n, np.int32)  # padding prompts: one token, results dropped
+    lengths = np.ones(n, np.int32)  # padding prompts: one token and one new token, results dropped
+    row_limits = np.ones(n, np.int32)
     for i, p in enumerate(chunk):
         tokens[i, :len(p)] = p
         lengths[i] = len(p)
+        row_limits[i] = max_new_tokens if limits is None else limits[i]
     row_ids = (first_index + np.repeat(np.arange(n), num_samples)) * num_samples + np.tile(np.arange(num_samples), n)
     row_ids = row_ids.astype(np.uint32)
     if mesh is not None:
         batch = parallel.logical_sharding(("batch", "length"), mesh)
         tokens, lengths = jax.device_put(tokens, batch), jax.device_put(lengths, parallel.logical_sharding(("batch",), mesh))
         row_ids = jax.device_put(row_ids, parallel.logical_sharding(("batch",), mesh))
-    state = prefill_fn(config, max_new_tokens, num_samples, mesh, params, tokens, lengths, np.uint32(seed % 2**32),
-                       row_ids)
+        row_limits = jax.device_put(row_limits, parallel.logical_sharding(("batch",), mesh))
+    state = prefill_fn(config, max_new_tokens, num_samples, mesh, params, tokens, lengths, row_limits,
+                       np.uint32(seed % 2**32), row_ids)
     state = decode_fn(config, settings, max_new_tokens, params, state)
     out_tokens, out_logp, out_slogp, counts = distributed.fetch(
         (state.tokens, state.logprobs, state.sampling_logprobs, state.num_generated))

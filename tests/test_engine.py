@@ -123,7 +123,7 @@ def test_compilations_stay_flat_over_varied_lengths_and_counts(model):
         engine.generate(model.config, settings, model.params(), reqs, max_rows=4, block_size=16, stats=stats)
         assert stats.prefills == count
     assert engine.decode_fn._cache_size() - decode_before <= 1  # one decode program for the whole stream
-    assert engine.prefill_fn._cache_size() - prefill_before <= 3  # group sizes 1, 2, 4
+    assert engine.prefill_fn._cache_size() - prefill_before <= 2  # prefill groups of 1 and 4 prompts
 
 
 def test_per_request_limits_through_sample(model):

@@ -91,6 +91,11 @@ PRESETS: dict[str, Qwen2Config] = {
         vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
         num_kv_heads=2, tie_word_embeddings=True, max_position_embeddings=4096,
     ),
+    # A ~40M-parameter shape for the CPU benchmark of ragged, RRM-shaped generation.
+    "qwen2-40m": Qwen2Config(
+        vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
+        num_kv_heads=2, tie_word_embeddings=True, max_position_embeddings=4096,
+    ),
     "tiny": Qwen2Config(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
         num_kv_heads=2, tie_word_embeddings=True, max_position_embeddings=512,
