@@ -259,32 +259,3 @@ def run_sample(args) -> int:
         with open(args.json, "w") as f:
             json.dump({"ceilings": ceilings, "results": rows}, f, indent=1)
     return 0
-
-
-def configure(parser):
-    sub = parser.add_subparsers(dest="bench", required=True, parser_class=type(parser))
-    p = sub.add_parser("sample", help="sampling throughput (prefill, decode, MBU, MFU, vs transformers)")
-    p.add_argument("--model", help="HF folder or rrm-jax checkpoint")
-    p.add_argument("--preset", help="random weights with a preset's shape (e.g. r1-distill-qwen-1.5b)")
-    p.add_argument("--batch", type=int, nargs="+", default=[8], help="one or more batch sizes")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--gen-len", type=int, default=128)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"))
-    p.add_argument("--compare-hf", action="store_true", help="also time transformers generate on the same weights")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=run_sample)
-
-    t = sub.add_parser("train", help="GRPO step time split into rollout, logprob and update; MFU")
-    t.add_argument("--model", help="HF folder or rrm-jax checkpoint")
-    t.add_argument("--preset", help="random weights with a preset's shape")
-    t.add_argument("--prompts", type=int, default=4)
-    t.add_argument("--samples", type=int, default=4, help="samples per prompt (the GRPO group)")
-    t.add_argument("--prompt-len", type=int, default=64)
-    t.add_argument("--gen-len", type=int, default=64)
-    t.add_argument("--micro-batches", type=int, default=1)
-    t.add_argument("--no-remat", action="store_true", help="keep activations instead of recomputing them")
-    t.add_argument("--dtype", choices=("float32", "bfloat16"))
-    t.add_argument("--json", help="write the results here")
-    t.add_argument("--seed", type=int, default=0)
-    t.set_defaults(run=run_train)

@@ -96,10 +96,11 @@ def build_model(c: TrainConfig, tokenizer, mesh) -> Qwen2:
 
 def make_mesh(c: TrainConfig):
     """None (one device, no sharding) for a 1x1x1 mesh in a single process, else the mesh over all
-    devices of all processes (several processes always train as one mesh)."""
-    if c.mesh.data * c.mesh.fsdp * c.mesh.tp == 1 and jax.process_count() == 1:
+    devices of all processes (several processes always train as one mesh); a -1 size fills the devices."""
+    m = c.with_mesh_for(jax.device_count()).mesh
+    if m.data * m.fsdp * m.tp == 1 and jax.process_count() == 1:
         return None
-    return parallel.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tp)
+    return parallel.make_mesh(m.data, m.fsdp, m.tp)
 
 
 def load_pairs(c: TrainConfig):
@@ -108,7 +109,7 @@ def load_pairs(c: TrainConfig):
         heldout = int(c.data.heldout)
         return (toy.make_toy_pairs(c.data.train_size, c.seed), toy.make_toy_pairs(heldout, c.seed, split="heldout"),
                 toy.render_toy)
-    pairs = read_preferences(c.data.source)
+    pairs = read_preferences(c.data.source, dataset_config=c.data.dataset_config, dataset_split=c.data.dataset_split)
     train, heldout = split_heldout(pairs, c.data.heldout, seed=c.seed)
     if not train or not heldout:
         raise UserError(f"{c.data.source}: {len(pairs)} pairs leave {len(train)} for training and {len(heldout)} "
@@ -399,7 +400,7 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
     batches = iter(preference_batches(dataset, batch_size=c.rollout.prompts_per_step, seed=c.seed))  # this process's slice
     model = build_model(c, tokenizer, mesh)
     mcfg = model.config
-    plan.check_training_fits(c, mcfg, "this training config")  # the `rrm-jax plan` check, on these devices
+    plan.check_training_fits(c.with_mesh_for(jax.device_count()), mcfg, "this training config")  # the `rrm-jax plan` check, on these devices
     if c.data.max_prompt_len + c.rollout.max_new_tokens > mcfg.max_position_embeddings:
         raise UserError(f"data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len + c.rollout.max_new_tokens} "
                         f"exceeds the model's context of {mcfg.max_position_embeddings} tokens")
@@ -608,18 +609,7 @@ def _print_summary(output_dir: Path, step_dir: Path, rows: list[dict], export_hf
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="training YAML (default: the embedded toy task)")
-    parser.add_argument("--output-dir", default="runs/toy", help="run folder (default runs/toy)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
-    parser.add_argument("--export-hf", default=None, help="also write the final model as a Hugging Face folder here")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. max_steps=300 seed=1 rollout.temperature=0.8")
-    parser.set_defaults(run=run_train)
+# CLI (the flags are in rrm_jax.rl.train_cli, which imports this module only to run)
 
 
 def run_train(args) -> int:
