@@ -107,6 +107,7 @@ class PartialFile:
     def __init__(self, output: str, command: str, settings: dict, *, resume: bool):
         self.output, self.path = output, output + PARTIAL_SUFFIX
         self._file = None
+        self._header = None
         loaded = {"records": [], "error": None}
         if distributed.is_main_process():
             loaded = self._open(command, settings, resume)
@@ -128,10 +129,9 @@ class PartialFile:
                 self._file = open(self.path, "r+b")
                 self._file.truncate(good)
                 self._file.seek(good)
-            else:
+            else:  # created with the first finished batch: a run that fails before one leaves nothing behind
                 records = []
-                self._file = open(self.path, "wb")
-                self._write([{"rrm_jax_partial": FORMAT_VERSION, "command": command, "settings": settings}])
+                self._header = {"rrm_jax_partial": FORMAT_VERSION, "command": command, "settings": settings}
         except UserError as e:
             return {"records": [], "error": str(e)}
         return {"records": records, "error": None}
@@ -143,14 +143,18 @@ class PartialFile:
 
     def append(self, records: list[dict]) -> None:
         """Add finished records (process 0 writes; one write and fsync per call)."""
-        if self._file is not None and records:
-            self._write(records)
+        if not records or not distributed.is_main_process():
+            return
+        if self._file is None:
+            self._file = open(self.path, "xb")
+            records = [self._header, *records]
+        self._write(records)
 
     def finish(self, text: str) -> None:
         """Write the complete output (by rename), then remove the partial file."""
         write_output(self.output, text)
         self.close()
-        if distributed.is_main_process():
+        if distributed.is_main_process() and os.path.exists(self.path):
             os.remove(self.path)
 
     def close(self) -> None:
