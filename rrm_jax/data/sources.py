@@ -57,6 +57,19 @@ def load_rows(source: str, *, config: str | None = None, split: str | None = Non
 def _load(source: str, config: str | None, split: str | None):
     import datasets  # heavy: only when a dataset is used
 
+    # datasets' progress bars and "using the cached version" warnings would bury our one-line messages
+    verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        return _load_quietly(datasets, source, config, split)
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _load_quietly(datasets, source: str, config: str | None, split: str | None):
     if os.path.isdir(source):
         try:
             loaded = datasets.load_from_disk(source)
@@ -74,7 +87,7 @@ def _load(source: str, config: str | None, split: str | None):
         raise UserError(f"{source}: no such file or folder, and no dataset of that name in the local Hugging Face "
                         f"cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}) or on the Hub "
                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return _pick_split(source, loaded, split)
+    return loaded if split else _pick_split(source, loaded, None)  # with a split, load_dataset returns just that
 
 
 def _pick_split(source: str, loaded, split: str | None):

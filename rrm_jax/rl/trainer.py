@@ -110,7 +110,9 @@ def load_pairs(c: TrainConfig):
         return (toy.make_toy_pairs(c.data.train_size, c.seed), toy.make_toy_pairs(heldout, c.seed, split="heldout"),
                 toy.render_toy)
     pairs = read_preferences(c.data.source, dataset_config=c.data.dataset_config, dataset_split=c.data.dataset_split)
-    train, heldout = split_heldout(pairs, c.data.heldout, seed=c.seed)
+    # the config stores heldout as a float: 500 (a count) arrives as 500.0, which split_heldout reads as a fraction
+    count_or_fraction = int(c.data.heldout) if c.data.heldout >= 1 else c.data.heldout
+    train, heldout = split_heldout(pairs, count_or_fraction, seed=c.seed)
     if not train or not heldout:
         raise UserError(f"{c.data.source}: {len(pairs)} pairs leave {len(train)} for training and {len(heldout)} "
                         f"held out (data.heldout={c.data.heldout}); both need at least one")
