@@ -19,6 +19,12 @@ Rules (documented in the README):
   advances the first candidate of the pair.
 - Decoding defaults are those of the published evaluations (temperature 0.6, top_p 1.0, no top-k,
   8192 new tokens); `max_think_tokens` is passed to the sampler, which forces `</think>` there.
+- Sampling seeds: each judge call cuts its comparisons into a fixed batch plan (rrm_jax.worksplit) and
+  samples batch b with the seed of (seed, call number, b): the votes of a comparison depend on the
+  seed, --batch-size and the input, never on the number of processes or on interruptions.
+- Several processes each sample their share of the batches on their own devices; every process gets
+  every judgment. The `judge`, `eval` and `rank` commands keep the judgments in OUTPUT.partial as
+  batches finish (`JudgmentLog`, rrm_jax.resumable) and continue from it with --resume.
 """
 
 from __future__ import annotations
