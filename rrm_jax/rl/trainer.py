@@ -21,7 +21,6 @@ checkpoint, so a resumed run repeats the uninterrupted one exactly.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
