@@ -146,25 +146,7 @@ class Judge:
         plan = worksplit.plan_batches([max(map(len, p)) for p in prompts], [len(p) for p in prompts], self.batch_size)
         todo = [b for b, items in enumerate(plan) if any(judgments[i] is None for i in items)]
 
-        def run(b: int) -> list[list[str]]:
-            batch = [p for i in plan[b] for p in prompts[i]]
-            results = self.generate(batch, num_samples=self.votes, seed=worksplit.batch_seed(self.seed, call, b),
-                                    batch_size=self.batch_size, progress=None, **self.decoding)
-            if len(results) != len(batch) * self.votes:
-                raise RuntimeError(f"generate returned {len(results)} results for {len(batch)} prompts x {self.votes} samples")
-            texts, start = [], 0
-            for i in plan[b]:  # prompt-major: each comparison's shown orders, votes samples each
-                n = len(prompts[i]) * self.votes
-                texts.append([r.text for r in results[start:start + n]])
-                start += n
-            return texts
-
-        from tqdm import tqdm
-
-        done_prompts = sum(len(prompts[i]) for i, j in enumerate(judgments) if j is not None)
-        show = self.progress and distributed.is_main_process()
-        with tqdm(total=sum(map(len, prompts)), initial=done_prompts, desc="judging", unit="prompt", disable=not show,
-                  file=sys.stderr) as bar:
+        with self._progress_bar(prompts, judgments) as bar:
 
             def on_round(finished: list[tuple[int, list[list[str]]]]) -> None:
                 new = []
@@ -173,14 +155,35 @@ class Judge:
                         self.comparisons_judged += 1
                         self.samples_drawn += len(item_texts)
                         bar.update(len(prompts[i]))
-                        if judgments[i] is None:
+                        if judgments[i] is None:  # (a batch re-run after a cut-short partial file keeps what it had)
                             judgments[i] = _judgment(item_texts, orders[i], self.votes)
                             new.append((i, judgments[i]))
                 if self.journal is not None:
                     self.journal.record(call, new)
 
-            worksplit.run_rounds(todo, run, on_round, stop_requested=self.stop_requested)
+            worksplit.run_rounds(todo, lambda b: self._sample(call, b, [prompts[i] for i in plan[b]]), on_round,
+                                 stop_requested=self.stop_requested)
         return judgments
+
+    def _sample(self, call: int, batch: int, item_prompts: list[list[list[int]]]) -> list[list[str]]:
+        """The texts of one planned batch, per comparison: `votes` per shown order, in order."""
+        flat = [p for prompts in item_prompts for p in prompts]
+        results = self.generate(flat, num_samples=self.votes, seed=worksplit.batch_seed(self.seed, call, batch),
+                                batch_size=self.batch_size, progress=None, **self.decoding)
+        if len(results) != len(flat) * self.votes:
+            raise RuntimeError(f"generate returned {len(results)} results for {len(flat)} prompts x {self.votes} samples")
+        texts, start = [], 0
+        for prompts in item_prompts:  # results are prompt-major
+            texts.append([r.text for r in results[start:start + len(prompts) * self.votes]])
+            start += len(prompts) * self.votes
+        return texts
+
+    def _progress_bar(self, prompts: list[list[list[int]]], judgments: list[Judgment | None]):
+        from tqdm import tqdm
+
+        done = sum(len(p) for p, j in zip(prompts, judgments) if j is not None)
+        return tqdm(total=sum(map(len, prompts)), initial=done, desc="judging", unit="prompt", file=sys.stderr,
+                    disable=not (self.progress and distributed.is_main_process()))
 
     def _prompt_ids(self, c: Comparison, swapped: bool) -> list[int]:
         first, second = (c.response_2, c.response_1) if swapped else (c.response_1, c.response_2)
