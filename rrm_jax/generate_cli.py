@@ -84,45 +84,18 @@ def generate_settings(args, rows: list[dict]) -> dict:
 
 def run(args) -> int:
     from rrm_jax.checkpoint import load_model, load_tokenizer
-    from rrm_jax.generate import check_prompts, sample
+    from rrm_jax.generate import check_prompts
 
     rows = read_prompt_rows(args.input, dataset_config=args.dataset_config, dataset_split=args.dataset_split)
     tokenizer = load_tokenizer(args.model)
     prompts = encode_rows(rows, tokenizer, args.input)
     with resumable.sigterm_requests() as stop_requested:
         partial = resumable.PartialFile(args.output, "generate", generate_settings(args, rows), resume=args.resume)
+        generated = {r["index"]: r["samples"] for r in partial.records}
         try:
             model, config = load_model(args.model, mesh=options.local_mesh(args.mesh))
             check_prompts(config, prompts, args.max_new_tokens)
-            generated = {r["index"]: r["samples"] for r in partial.records}
-            plan = worksplit.plan_batches([len(p) for p in prompts], [1] * len(prompts), args.batch_size)
-            todo = [b for b, items in enumerate(plan) if any(i not in generated for i in items)]
-
-            def run_batch(b: int) -> list[list[dict]]:
-                results = sample(model, [prompts[i] for i in plan[b]], max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                 num_samples=args.num_samples, seed=worksplit.batch_seed(args.seed, 0, b),
-                                 max_think_tokens=args.max_think_tokens, tokenizer=tokenizer, batch_size=args.batch_size)
-                samples = [dict(output_ids=r.output_ids, text=r.text, finish_reason=r.finish_reason, logprobs=r.logprobs)
-                           for r in results]
-                return [samples[k * args.num_samples:(k + 1) * args.num_samples] for k in range(len(plan[b]))]
-
-            from tqdm import tqdm
-
-            with tqdm(total=len(prompts), initial=len(generated), desc="generate", unit="prompt", file=sys.stderr,
-                      disable=not distributed.is_main_process()) as bar:
-
-                def on_round(finished) -> None:
-                    new = []
-                    for b, per_prompt in finished:
-                        for i, samples in zip(plan[b], per_prompt):
-                            if i not in generated:
-                                generated[i] = samples
-                                new.append({"call": 0, "index": i, "samples": samples})
-                        bar.update(len(plan[b]))
-                    partial.append(new)
-
-                worksplit.run_rounds(todo, run_batch, on_round, stop_requested=stop_requested)
+            _generate_all(args, model, tokenizer, prompts, generated, partial, stop_requested)
         except resumable.Interrupted:
             if distributed.is_main_process():
                 print(f"SIGTERM: stopped with {len(generated)} prompts finished in {partial.path}; run the same "
@@ -130,18 +103,59 @@ def run(args) -> int:
             return 0
         finally:
             partial.close()
-    out = []
+    lines = _output_lines(rows, generated, args.num_samples)
+    partial.finish("".join(line + "\n" for line in lines))
+    if distributed.is_main_process():
+        print(f"wrote {len(lines)} generations to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _generate_all(args, model, tokenizer, prompts: list[list[int]], generated: dict, partial, stop_requested) -> None:
+    """Sample every prompt not in `generated` yet (planned batches split over the processes), adding
+    each finished batch to `generated` and to the partial file."""
+    from tqdm import tqdm
+
+    from rrm_jax.generate import sample
+
+    plan = worksplit.plan_batches([len(p) for p in prompts], [1] * len(prompts), args.batch_size)
+    todo = [b for b, items in enumerate(plan) if any(i not in generated for i in items)]
+
+    def run_batch(b: int) -> list[list[dict]]:
+        results = sample(model, [prompts[i] for i in plan[b]], max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, num_samples=args.num_samples,
+                         seed=worksplit.batch_seed(args.seed, 0, b), max_think_tokens=args.max_think_tokens,
+                         tokenizer=tokenizer, batch_size=args.batch_size)
+        samples = [dict(output_ids=r.output_ids, text=r.text, finish_reason=r.finish_reason, logprobs=r.logprobs)
+                   for r in results]
+        return [samples[k * args.num_samples:(k + 1) * args.num_samples] for k in range(len(plan[b]))]
+
+    with tqdm(total=len(prompts), initial=len(generated), desc="generate", unit="prompt", file=sys.stderr,
+              disable=not distributed.is_main_process()) as bar:
+
+        def on_round(finished) -> None:
+            new = []
+            for b, per_prompt in finished:
+                for i, samples in zip(plan[b], per_prompt):
+                    if i not in generated:
+                        generated[i] = samples
+                        new.append({"call": 0, "index": i, "samples": samples})
+                bar.update(len(plan[b]))
+            partial.append(new)
+
+        worksplit.run_rounds(todo, run_batch, on_round, stop_requested=stop_requested)
+
+
+def _output_lines(rows: list[dict], generated: dict, num_samples: int) -> list[str]:
+    """One JSON line per generation, in input order: the input row plus the sample."""
+    lines = []
     for i, row in enumerate(rows):
         for k, sample_row in enumerate(generated[i]):
             row_out = dict(row)
-            if args.num_samples > 1:
+            if num_samples > 1:
                 row_out["sample_index"] = k
             row_out.update(sample_row)
-            out.append(json.dumps(row_out, ensure_ascii=False, default=str))
-    partial.finish("".join(line + "\n" for line in out))
-    if distributed.is_main_process():
-        print(f"wrote {len(out)} generations to {args.output}", file=sys.stderr)
-    return 0
+            lines.append(json.dumps(row_out, ensure_ascii=False, default=str))
+    return lines
 
 
 def configure(parser):
