@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from rrm_jax.errors import UserError
@@ -45,6 +46,8 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+        # "-1,1,4" (--mesh) is a value, not a flag: argparse only knows plain negative numbers
+        self._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+(,-?\d+)+$")
 
     def error(self, message):
         self.exit(2, f"rrm-jax: error: {message}\n")

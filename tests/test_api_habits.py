@@ -12,7 +12,7 @@ import pytest
 from model_utils import make_hf_model
 
 import rrm_jax
-from rrm_jax import checkpoint, cli, parallel
+from rrm_jax import checkpoint, cli, options, parallel
 from rrm_jax.errors import UserError
 from rrm_jax.model.config import PRESETS
 from rrm_jax.rl import trainer
@@ -67,6 +67,11 @@ def test_mesh_minus_one_fills_the_devices():
         load_config(None, ["mesh.data=-1"])
     with pytest.raises(UserError, match=r"the other sizes \(3\) do not divide the 8 devices"):
         parallel.make_mesh(3, -1, 1)
+    # judge / eval / rank / generate: --mesh over this process's own devices
+    argv = ["judge", "--model", "M", "--query", "q", "--response-1", "a", "--response-2", "b", "--mesh", "-1,1,2"]
+    shape = cli.build_parser(argv).parse_args(argv).mesh
+    assert shape == (-1, 1, 2) and options.local_mesh(shape).devices.shape == (4, 1, 2)
+    assert options.local_mesh(None) is None
 
 
 def test_a_bad_override_names_the_command_line(capsys):
