@@ -1,5 +1,6 @@
 """`judge`, `eval` and `rank` as a 2-process pod (launch/local_pod.sh) with a tiny real model: byte-identical
-outputs to one process, and each process sampled only its share of the prompts.
+outputs to one process, each process sampling only its share of the prompts; a SIGTERM on one process stops
+both, and a resume on two processes completes the one-process output.
 
 The model is a random tiny Qwen2 with the test tokenizer, sampled at temperature 0.6, so every output depends
 on the seeds and batches of the sampler: equal files mean each prompt got the same batch and seed. judge reads
@@ -21,9 +22,10 @@ from judge_utils import build_test_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_POD = ROOT / "launch" / "local_pod.sh"
 
-# Wraps the sampler to log, per process, how many prompts each call sampled.
+# Wraps the sampler to log, per process, how many prompts each call sampled; with $PREEMPT_PROCESS_1 set,
+# process 1 alone gets a SIGTERM (a preemption) while it samples its first batch.
 COUNTING = """
-import json, os, sys
+import json, os, signal, sys
 import jax
 from rrm_jax import cli, generate
 
@@ -32,6 +34,8 @@ sample = generate.sample
 def counting_sample(model, prompt_ids, **kwargs):
     with open(os.path.join(os.environ["COUNT_DIR"], f"process-{jax.process_index()}.log"), "a") as f:
         f.write(json.dumps(len(prompt_ids)) + "\\n")
+    if os.environ.get("PREEMPT_PROCESS_1") and jax.process_index() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
     return sample(model, prompt_ids, **kwargs)
 
 generate.sample = counting_sample
@@ -76,27 +80,53 @@ COMMANDS = {
 }
 
 
-def run_pod(processes: int, command: str, root: Path, name: str) -> tuple[bytes, dict[int, int]]:
-    """(output bytes, prompts sampled per process) of `command` on `processes` local processes."""
-    out, counts = root / f"{name}.out", root / f"{name}.counts"
+def run_pod(processes: int, command: str, root: Path, name: str, *extra: str, preempt_process_1: bool = False,
+            ) -> tuple[str, Path, dict[int, int]]:
+    """(stdout, output path, prompts sampled per process) of `command` on `processes` local processes."""
+    out, counts = root / f"{name}.out", root / f"{name}.counts{len(extra)}"
     counts.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RRM_JAX_", "XLA_FLAGS"))}
     env.update(PYTHONPATH=str(ROOT), COUNT_DIR=str(counts), JAX_COMPILATION_CACHE_DIR=str(root / "jax-cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PREEMPT_PROCESS_1="1" if preempt_process_1 else "")
     cmd = [str(LOCAL_POD), str(processes), sys.executable, str(root / "script.py"), *COMMANDS[command](root),
-           "--output", str(out), "--votes", "2", "--batch-size", "2", "--max-new-tokens", "6"]
+           "--output", str(out), "--votes", "2", "--batch-size", "2", "--max-new-tokens", "6", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     per_process = {int(p.stem.split("-")[1]): sum(json.loads(line) for line in p.read_text().split())
                    for p in counts.iterdir()}
-    return out.read_bytes(), per_process
+    return done.stdout + done.stderr, out, per_process
+
+
+@pytest.fixture(scope="module")
+def single_process(setup):
+    """command -> (output bytes, prompts sampled) of the one-process run, run once per module."""
+    runs = {}
+
+    def get(command):
+        if command not in runs:
+            _, out, counts = run_pod(1, command, setup, f"{command}-1")
+            runs[command] = out.read_bytes(), counts[0]
+        return runs[command]
+
+    return get
 
 
 @pytest.mark.parametrize("command", ["judge", "eval", "rank"])
-def test_two_processes_write_what_one_writes_each_sampling_its_share(setup, command):
-    single, single_counts = run_pod(1, command, setup, f"{command}-1")
-    double, double_counts = run_pod(2, command, setup, f"{command}-2")
-    assert double == single
-    total = single_counts[0]
+def test_two_processes_write_what_one_writes_each_sampling_its_share(setup, single_process, command):
+    single, total = single_process(command)
+    _, out, double_counts = run_pod(2, command, setup, f"{command}-2")
+    assert out.read_bytes() == single
     assert sorted(double_counts) == [0, 1] and sum(double_counts.values()) == total
     assert all(0 < n < total for n in double_counts.values())  # each sampled a share, not the whole job
+
+
+def test_sigterm_on_one_process_stops_both_and_resume_on_two_completes(setup, single_process):
+    single, total = single_process("judge")
+    log, out, first = run_pod(2, "judge", setup, "judge-preempted", preempt_process_1=True)
+    assert "[0] SIGTERM: stopped with 4 pairs finished" in log and "[1] SIGTERM" not in log  # process 0 reports
+    assert not out.exists() and first == {0: 2, 1: 2}  # both stopped after round 1 (batches 0 and 1)
+    log, out, resumed = run_pod(2, "judge", setup, "judge-preempted", "--resume")
+    assert out.read_bytes() == single
+    # only the unfinished pair was sampled: process 1, which never reads the partial file, learnt from process 0
+    # which pairs were done (with a different list of batches the two would not meet in the same rounds)
+    assert sum(resumed.values()) == total - 4
