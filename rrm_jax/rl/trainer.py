@@ -51,27 +51,18 @@ from rrm_jax.model.qwen2 import Qwen2
 from rrm_jax.rl import grpo, step
 from rrm_jax.rl.config import TrainConfig, load_config
 from rrm_jax.rl.reward import compute_rewards
+from rrm_jax.rl.tokenizer import load_train_tokenizer
 from rrm_jax.rrm.prompt import parse_verdict, render
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 HELDOUT = "heldout.jsonl"
-TOY_TOKENIZER = "toy-char"
 TIMING_KEYS = ("step_time", "rollout_time", "update_time", "tokens_per_s", "elapsed")  # vary run to run
 
 
 # ----------------------------------------------------------------------------------------------
 # Set-up: tokenizer, model, data
-
-
-def load_train_tokenizer(name: str):
-    if name == TOY_TOKENIZER:
-        return toy.toy_tokenizer()
-    tokenizer = checkpoint.load_tokenizer(name) if Path(name).exists() else None
-    if tokenizer is None:
-        raise UserError(f"tokenizer={name!r}: use {TOY_TOKENIZER} or a model / tokenizer folder that holds one")
-    return tokenizer
 
 
 def build_model(c: TrainConfig, tokenizer, mesh) -> Qwen2:
