@@ -22,7 +22,7 @@ import contextlib
 import json
 import os
 import signal
-from typing import Iterator
+from typing import Callable, Iterator
 
 from rrm_jax import distributed
 from rrm_jax.errors import UserError
@@ -36,7 +36,7 @@ class Interrupted(Exception):
 
 
 @contextlib.contextmanager
-def sigterm_requests() -> Iterator[callable]:
+def sigterm_requests() -> Iterator[Callable[[], bool]]:
     """Within the block SIGTERM only raises a flag; yields `requested()`, polled between batches."""
     raised = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: raised.append(signum))
