@@ -49,7 +49,7 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 from rrm_jax import parallel
 from rrm_jax.errors import UserError
 from rrm_jax.model import hf
-from rrm_jax.model.config import Qwen2Config
+from rrm_jax.model.config import Qwen2Config, dtype_name
 from rrm_jax.model.qwen2 import LOGICAL_AXES, Qwen2, param_shapes
 
 PARAMS_ITEM = "params"
@@ -277,8 +277,8 @@ def _assets_dir(path: Path | str | None) -> Path | None:
 
 
 def _target_sharding(path: str, shape: tuple[int, ...], mesh):
-    if mesh is None:
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if mesh is None:  # this process's own first device: in a multi-process run jax.devices()[0] is process 0's
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return parallel.logical_sharding(LOGICAL_AXES[path], mesh, shape)
 
 
@@ -297,7 +297,8 @@ def _load_hf(folder: Path, dtype: str | None, mesh) -> tuple[Qwen2, Qwen2Config]
         for path, shape in source.shapes.items():
             # Each device's shard is read straight from the files into its target sharding.
             arrays[path] = jax.make_array_from_callback(
-                shape, _target_sharding(path, shape, mesh), lambda index, path=path: source.region(path, index))
+                shape, _target_sharding(path, shape, mesh), lambda index, path=path: source.region(path, index),
+                dtype=source.dtype)
     finally:
         source.close()
     return model_from_params(source.config, nest(arrays)), source.config
@@ -319,15 +320,17 @@ def _load_checkpoint(ckpt: Path, dtype: str | None, mesh) -> tuple[Qwen2, Qwen2C
     return model_from_params(config, params), config
 
 
-def load_model(path: Path | str, *, dtype: str | None = None, compute_dtype: str | None = None,
-               mesh=None) -> tuple[Qwen2, Qwen2Config]:
+def load_model(path: Path | str, *, dtype=None, compute_dtype=None, mesh=None) -> tuple[Qwen2, Qwen2Config]:
     """Load a Qwen2 model from an HF folder, an rrm-jax checkpoint or a CheckpointManager folder.
 
-    dtype: parameter dtype ("float32" / "bfloat16"), and the compute dtype too unless compute_dtype
-    is given (e.g. float32 master weights with bfloat16 activations); None keeps the stored one.
+    dtype: parameter dtype (float32 / bfloat16, as "bfloat16", jnp.bfloat16, np.dtype("float32") ...),
+    and the compute dtype too unless compute_dtype is given (e.g. float32 master weights with bfloat16
+    activations); None keeps the stored one.
     mesh: a (data, fsdp, tp) mesh from rrm_jax.parallel.make_mesh; each parameter is read straight into
-    its sharding on it. None puts everything on the first device."""
+    its sharding on it. None puts everything on this process's first device."""
     path = Path(path)
+    dtype = None if dtype is None else dtype_name(dtype, "dtype")
+    compute_dtype = None if compute_dtype is None else dtype_name(compute_dtype, "compute_dtype")
     if hf.is_hf_folder(path):
         model, config = _load_hf(path, dtype, mesh)
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from rrm_jax.errors import UserError
@@ -16,10 +17,10 @@ from rrm_jax.errors import UserError
 COMMANDS = {
     "convert": ("rrm_jax.model.convert", "convert between Hugging Face folders and rrm-jax checkpoints"),
     "generate": ("rrm_jax.generate_cli", "generate from JSONL prompts with the jitted sampler"),
-    "bench": ("rrm_jax.bench", "throughput benchmarks with roofline figures"),
+    "bench": ("rrm_jax.bench_cli", "throughput benchmarks with roofline figures"),
     "judge": ("rrm_jax.rrm.judge", "judge which of two responses is better (reasoning + verdict)"),
     "rank": ("rrm_jax.rrm.rank", "best-of-N selection by ELO round robin or knockout tournament"),
-    "train": ("rrm_jax.rl.trainer", "train a judge with GRPO (default: the embedded toy task)"),
+    "train": ("rrm_jax.rl.train_cli", "train a judge with GRPO (default: the embedded toy task)"),
     "eval": ("rrm_jax.eval", "evaluate a judge on RewardBench, PandaLM, LLMBar or preference pairs"),
     "plan": ("rrm_jax.plan", "per-device memory plan of a training config; refuses one that does not fit"),
 }
@@ -29,8 +30,24 @@ COMMANDS = {
 DEVICE_COMMANDS = ("generate", "bench", "judge", "rank", "train", "eval")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to a flag's help unless X is None or False (nothing to tell)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad flags as one line with exit code 2 (its usage dump is noise in logs)."""
+    """argparse that reports bad flags as one line with exit code 2 (its usage dump is noise in logs),
+    and shows every flag's default in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        # "-1,1,4" (--mesh) is a value, not a flag: argparse only knows plain negative numbers
+        self._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+(,-?\d+)+$")
 
     def error(self, message):
         self.exit(2, f"rrm-jax: error: {message}\n")

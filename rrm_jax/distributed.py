@@ -9,6 +9,9 @@ first match wins:
   3. on a Cloud TPU VM, JAX's own detection from the TPU metadata (every worker of a slice);
   4. otherwise a single process: nothing to start.
 
+JAX is imported on first use, not with this module, so that `rrm-jax <command> --help` (which adds
+these flags) stays instant.
+
 JAX aborts the whole process (a C++ fatal error) when the processes do not all register within its
 initialization timeout, and waits for 5 minutes by default. So the registration runs in a helper
 thread under our own deadline, and a missing process becomes a one-line UserError instead.
@@ -17,12 +20,11 @@ thread under our own deadline, and a missing process becomes a one-line UserErro
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import threading
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from rrm_jax.errors import UserError
 
@@ -57,6 +59,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
     Raises UserError on inconsistent settings, and when the processes do not all arrive within
     `timeout_s` seconds (default: $RRM_JAX_DISTRIBUTED_TIMEOUT or 300)."""
+    import jax
+
     if jax.distributed.is_initialized():
         return True
     timeout_s = _timeout(timeout_s)
@@ -80,7 +84,21 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
 def is_main_process() -> bool:
     """Process 0 writes logs, metrics, plots and exports; the others stay quiet."""
+    import jax
+
     return jax.process_index() == 0
+
+
+def process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 # ---------- collectives between the processes (each a no-op with one process) ----------
@@ -88,6 +106,9 @@ def is_main_process() -> bool:
 def fetch(tree):
     """Host numpy copies of a pytree of arrays; arrays spread over several processes are all-gathered,
     so every process gets the whole value."""
+    import jax
+    from jax.experimental import multihost_utils
+
     leaves = jax.tree.leaves(tree)
     if any(isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated for x in leaves):
         return multihost_utils.process_allgather(tree, tiled=True)
@@ -96,7 +117,9 @@ def fetch(tree):
 
 def gather_processes(x: np.ndarray) -> np.ndarray:
     """[process_count, *x.shape]: every process's `x` (same shape everywhere), in process order."""
-    if jax.process_count() == 1:
+    from jax.experimental import multihost_utils
+
+    if process_count() == 1:
         return np.asarray(x)[None]
     return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
 
@@ -104,19 +127,58 @@ def gather_processes(x: np.ndarray) -> np.ndarray:
 def any_process(flag: bool) -> bool:
     """True on every process when `flag` is True on any: a decision all of them take together (e.g. to
     stop after a preemption signal that reached the hosts at different steps)."""
-    if jax.process_count() == 1:
+    if process_count() == 1:
         return flag
     return bool(gather_processes(np.array(flag)).any())
 
 
 def barrier(name: str) -> None:
     """Wait until every process reaches the barrier of this name."""
-    if jax.process_count() > 1:
+    if process_count() > 1:
+        from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
+
+
+def _to_bytes(obj) -> np.ndarray:
+    return np.frombuffer(json.dumps(obj, ensure_ascii=False).encode("utf-8"), np.uint8)
+
+
+def _from_bytes(data: np.ndarray):
+    return json.loads(data.tobytes().decode("utf-8"))
+
+
+def allgather_objects(obj) -> list:
+    """Every process's `obj` (anything JSON can carry; sizes may differ), in process order, on every
+    process: results computed by each process on its own share of the work."""
+    if process_count() == 1:
+        return [obj]
+    data = _to_bytes(obj)
+    sizes = gather_processes(np.array(len(data), np.int64))
+    padded = np.zeros(max(int(sizes.max()), 1), np.uint8)
+    padded[:len(data)] = data
+    stacked = gather_processes(padded)
+    return [_from_bytes(row[:int(n)]) for row, n in zip(stacked, sizes)]
+
+
+def broadcast_object(obj):
+    """Process 0's `obj` (JSON-able) on every process, e.g. what it read from a file only it can see;
+    the other processes' `obj` is ignored."""
+    if process_count() == 1:
+        return obj
+    from jax.experimental import multihost_utils
+
+    data = _to_bytes(obj) if is_main_process() else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.array(len(data), np.int64)))
+    padded = np.zeros(max(size, 1), np.uint8)
+    padded[:len(data)] = data[:size]
+    return _from_bytes(np.asarray(multihost_utils.broadcast_one_to_all(padded))[:size])
 
 
 def _register(kwargs: dict, who: str, timeout_s: float) -> None:
     failure: list[BaseException] = []
+
+    import jax
 
     def connect():
         try:

@@ -20,19 +20,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass
 
+from rrm_jax import distributed, options, resumable
 from rrm_jax.errors import UserError
 from rrm_jax.rrm import spec
 from rrm_jax.rrm.judge import (
     Comparison,
     Judgment,
     add_judge_arguments,
+    interrupted_message,
     judge_from_args,
+    judge_settings,
+    open_journal,
     read_rows,
     require_text,
-    write_atomic,
+    rows_from_args,
 )
 
 FORMATS = ("rewardbench", "pandalm", "llmbar", "pairs")
@@ -99,13 +104,31 @@ _FIELDS = {
 }
 
 
-def read_items(path: str, fmt: str) -> list[Item]:
-    """The evaluation items of a file in one of FORMATS (JSON list, JSONL or Parquet)."""
+_COLUMNS = {
+    "rewardbench": ("prompt", "chosen", "rejected", "subset"),
+    "pairs": ("prompt", "chosen", "rejected"),
+    "llmbar": ("input", "output_1", "output_2", "label"),
+    "pandalm": ("instruction", "input", "response1", "response2", "annotator1", "annotator2", "annotator3"),
+}
+
+
+def read_items(path: str, fmt: str, *, dataset_config: str | None = None, dataset_split: str | None = None) -> list[Item]:
+    """The evaluation items of a file (JSON list, JSONL or Parquet) or dataset in one of FORMATS."""
+    _check_format(fmt)
+    rows = read_rows(path, dataset_config=dataset_config, dataset_split=dataset_split, columns=_COLUMNS[fmt],
+                     allowed=_FIELDS[fmt])
+    return items_from_rows(rows, fmt)
+
+
+def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+
+
+def items_from_rows(rows: list[tuple[str, dict]], fmt: str) -> list[Item]:
     fields = _FIELDS[fmt]
     items = []
-    for where, row in read_rows(path):
+    for where, row in rows:
 
         def text(key: str) -> str:
             return require_text(where, row, key, fields)
@@ -159,9 +182,10 @@ def format_table(results: dict) -> str:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_judge_arguments(parser)
-    parser.add_argument("--input", required=True, help="evaluation file (JSON list, JSONL or Parquet)")
-    parser.add_argument("--format", required=True, choices=FORMATS)
+    options.add_input_arguments(parser, "the evaluation set")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="what the rows are")
     parser.add_argument("--output", required=True, help="results JSON")
+    options.add_resume_argument(parser)
     parser.set_defaults(run=run_eval)
 
 
@@ -175,7 +199,9 @@ def evaluate(judge, items: list[Item], fmt: str) -> dict:
         "tied_items": sum(j.tie for j in judgments),
         "unparseable_samples": sum(j.unparseable for j in judgments),
         "samples": sum(len(j.verdicts) for j in judgments),
-        "judge": {"votes": judge.votes, "both_orders": judge.both_orders, "seed": judge.seed, **judge.decoding},
+        # batch_size too: the seed of every sampled batch comes from the batch plan it shapes
+        "judge": {"votes": judge.votes, "both_orders": judge.both_orders, "seed": judge.seed,
+                  "batch_size": judge.batch_size, **judge.decoding},
         "per_item": [
             {"label": it.label, "subset": it.subset, "verdict": j.winner,
              "votes": {"1": j.votes_1, "2": j.votes_2, "unparseable": j.unparseable}, "swapped": j.swapped}
@@ -185,10 +211,22 @@ def evaluate(judge, items: list[Item], fmt: str) -> dict:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    items = read_items(args.input, args.format)  # bad input fails before the model loads
-    judge = judge_from_args(args, progress=True)
-    results = {"model": args.model, "input": args.input, **evaluate(judge, items, args.format)}
-    write_atomic(args.output, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    print(format_table(results))
-    print(f"results -> {args.output}")
+    _check_format(args.format)
+    rows = rows_from_args(args, _COLUMNS[args.format], _FIELDS[args.format])
+    items = items_from_rows(rows, args.format)  # bad input fails before the model loads
+    with resumable.sigterm_requests() as stop_requested:
+        journal = open_journal(args, "eval", judge_settings(args, rows, format=args.format))
+        try:
+            judge = judge_from_args(args, progress=True, journal=journal, stop_requested=stop_requested)
+            results = {"model": args.model, "input": args.input, **evaluate(judge, items, args.format)}
+        except resumable.Interrupted:
+            if distributed.is_main_process():
+                print(interrupted_message(journal, "items"), file=sys.stderr)
+            return 0
+        finally:
+            journal.partial.close()
+    journal.partial.finish(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    if distributed.is_main_process():
+        print(format_table(results))
+        print(f"results -> {args.output}")
     return 0

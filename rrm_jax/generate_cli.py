@@ -1,4 +1,10 @@
-"""`rrm-jax generate`: JSONL prompts in, JSONL generations out."""
+"""`rrm-jax generate`: JSONL prompts (or a Hugging Face dataset) in, JSONL generations out.
+
+Prompts are cut into a batch plan (`worksplit`: similar lengths together, --batch-size prompts each, a
+seed per batch); on several processes each runs its share of the batches on its own devices and
+process 0 writes. Finished prompts go into OUTPUT.partial as they finish (`--resume` continues);
+OUTPUT appears, in input order, when all are done.
+"""
 
 from __future__ import annotations
 
@@ -7,43 +13,49 @@ import os
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
-from rrm_jax import distributed
+from rrm_jax import distributed, options, resumable, worksplit
+from rrm_jax.data import sources
 from rrm_jax.errors import UserError
 
 
-def read_prompt_rows(path: str) -> list[dict]:
-    """Rows `{"prompt": str, "chat": bool?}` or `{"input_ids": [int, ...]}`; other fields pass through."""
-    if not Path(path).is_file():
-        raise UserError(f"input file {path} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{n}: each line must be a JSON object with 'prompt' or 'input_ids'")
-            if "input_ids" in row:
-                ids = row["input_ids"]
-                if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
-                    raise UserError(f"{path}:{n}: 'input_ids' must be a list of non-negative integers")
-            elif not isinstance(row.get("prompt"), str):
-                raise UserError(f"{path}:{n}: needs a string 'prompt' or a list 'input_ids'")
-            rows.append(row)
-    if not rows:
+def read_prompt_rows(path: str, *, dataset_config: str | None = None, dataset_split: str | None = None) -> list[dict]:
+    """Rows `{"prompt": str, "chat": bool?}` or `{"input_ids": [int, ...]}`; other fields pass through.
+    `path` is a JSONL file or a Hugging Face dataset with a `prompt` or `input_ids` column."""
+    if sources.is_dataset(path):
+        located = sources.load_rows(path, config=dataset_config, split=dataset_split)
+        if not {"prompt", "input_ids"} & set(located[0][1]):
+            raise UserError(f"{sources.describe(path, dataset_config, dataset_split)}: missing column 'prompt' "
+                            f"(it has {', '.join(located[0][1])}; rows need 'prompt' or 'input_ids')")
+    else:
+        if not Path(path).is_file():
+            raise UserError(f"input file {path} does not exist")
+        located = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    located.append((f"{path}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for where, row in located:
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: each line must be a JSON object with 'prompt' or 'input_ids'")
+        if row.get("input_ids") is not None:
+            ids = row["input_ids"]
+            if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
+                raise UserError(f"{where}: 'input_ids' must be a list of non-negative integers")
+        elif not isinstance(row.get("prompt"), str):
+            raise UserError(f"{where}: needs a string 'prompt' or a list 'input_ids'")
+    if not located:
         raise UserError(f"{path} holds no rows")
-    return rows
+    return [row for _, row in located]
 
 
 def encode_rows(rows: list[dict], tokenizer, path: str) -> list[list[int]]:
     prompts = []
     for n, row in enumerate(rows, 1):
-        if "input_ids" in row:
+        if row.get("input_ids") is not None:
             prompts.append(row["input_ids"])
             continue
         if tokenizer is None:
@@ -62,58 +74,102 @@ def encode_rows(rows: list[dict], tokenizer, path: str) -> list[list[int]]:
     return prompts
 
 
-def write_jsonl_atomic(path: str, rows) -> None:
-    """Write to a temporary file beside `path`, then rename: never a half-written output. In a
-    multi-process run every process computes the same rows and process 0 writes them."""
-    if not distributed.is_main_process():
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def generate_settings(args, rows: list[dict]) -> dict:
+    """What the generations depend on: stored in the partial file, compared on --resume."""
+    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+    return {"model": model, **options.input_settings(args, [("", row) for row in rows]),
+            **{key: getattr(args, key) for key in ("max_new_tokens", "temperature", "top_p", "top_k", "num_samples",
+                                                   "seed", "batch_size", "max_think_tokens")}}
 
 
 def run(args) -> int:
     from rrm_jax.checkpoint import load_model, load_tokenizer
-    from rrm_jax.generate import check_prompts, sample
+    from rrm_jax.generate import check_prompts
 
-    rows = read_prompt_rows(args.input)
+    rows = read_prompt_rows(args.input, dataset_config=args.dataset_config, dataset_split=args.dataset_split)
     tokenizer = load_tokenizer(args.model)
     prompts = encode_rows(rows, tokenizer, args.input)
-    model, config = load_model(args.model)
-    check_prompts(config, prompts, args.max_new_tokens)
-    with tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr) as bar:
-        results = sample(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_p=args.top_p, top_k=args.top_k, num_samples=args.num_samples, seed=args.seed,
-                         max_think_tokens=args.max_think_tokens, tokenizer=tokenizer,
-                         batch_size=args.batch_size, progress=bar.update)
-    out = []
-    for i, r in enumerate(results):
-        row = dict(rows[i // args.num_samples])
-        if args.num_samples > 1:
-            row["sample_index"] = i % args.num_samples
-        row.update(output_ids=r.output_ids, text=r.text, finish_reason=r.finish_reason, logprobs=r.logprobs)
-        out.append(row)
-    write_jsonl_atomic(args.output, out)
-    print(f"wrote {len(out)} generations to {args.output}", file=sys.stderr)
+    with resumable.sigterm_requests() as stop_requested:
+        partial = resumable.PartialFile(args.output, "generate", generate_settings(args, rows), resume=args.resume)
+        generated = {r["index"]: r["samples"] for r in partial.records}
+        try:
+            model, config = load_model(args.model, mesh=options.local_mesh(args.mesh))
+            check_prompts(config, prompts, args.max_new_tokens)
+            _generate_all(args, model, tokenizer, prompts, generated, partial, stop_requested)
+        except resumable.Interrupted:
+            if distributed.is_main_process():
+                print(f"SIGTERM: stopped with {len(generated)} prompts finished in {partial.path}; run the same "
+                      f"command with --resume to continue", file=sys.stderr)
+            return 0
+        finally:
+            partial.close()
+    lines = _output_lines(rows, generated, args.num_samples)
+    partial.finish("".join(line + "\n" for line in lines))
+    if distributed.is_main_process():
+        print(f"wrote {len(lines)} generations to {args.output}", file=sys.stderr)
     return 0
+
+
+def _generate_all(args, model, tokenizer, prompts: list[list[int]], generated: dict, partial, stop_requested) -> None:
+    """Sample every prompt not in `generated` yet (planned batches split over the processes), adding
+    each finished batch to `generated` and to the partial file."""
+    from tqdm import tqdm
+
+    from rrm_jax.generate import sample
+
+    plan = worksplit.plan_batches([len(p) for p in prompts], [1] * len(prompts), args.batch_size)
+    todo = [b for b, items in enumerate(plan) if any(i not in generated for i in items)]
+
+    def run_batch(b: int) -> list[list[dict]]:
+        results = sample(model, [prompts[i] for i in plan[b]], max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, num_samples=args.num_samples,
+                         seed=worksplit.batch_seed(args.seed, 0, b), max_think_tokens=args.max_think_tokens,
+                         tokenizer=tokenizer, batch_size=args.batch_size)
+        samples = [dict(output_ids=r.output_ids, text=r.text, finish_reason=r.finish_reason, logprobs=r.logprobs)
+                   for r in results]
+        return [samples[k * args.num_samples:(k + 1) * args.num_samples] for k in range(len(plan[b]))]
+
+    with tqdm(total=len(prompts), initial=len(generated), desc="generate", unit="prompt", file=sys.stderr,
+              disable=not distributed.is_main_process()) as bar:
+
+        def on_round(finished) -> None:
+            new = []
+            for b, per_prompt in finished:
+                for i, samples in zip(plan[b], per_prompt):
+                    if i not in generated:
+                        generated[i] = samples
+                        new.append({"call": 0, "index": i, "samples": samples})
+                bar.update(len(plan[b]))
+            partial.append(new)
+
+        worksplit.run_rounds(todo, run_batch, on_round, stop_requested=stop_requested)
+
+
+def _output_lines(rows: list[dict], generated: dict, num_samples: int) -> list[str]:
+    """One JSON line per generation, in input order: the input row plus the sample."""
+    lines = []
+    for i, row in enumerate(rows):
+        for k, sample_row in enumerate(generated[i]):
+            row_out = dict(row)
+            if num_samples > 1:
+                row_out["sample_index"] = k
+            row_out.update(sample_row)
+            lines.append(json.dumps(row_out, ensure_ascii=False, default=str))
+    return lines
 
 
 def configure(parser):
     parser.add_argument("--model", required=True, help="HF folder, rrm-jax checkpoint or training output dir")
-    parser.add_argument("--input", required=True, help='JSONL rows {"prompt": ...} or {"input_ids": [...]}')
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    options.add_input_arguments(parser, 'rows {"prompt": ...} or {"input_ids": [...]}')
+    parser.add_argument("--output", required=True, help="JSONL file for the generations")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per sample")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k filter, 0 = off")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--seed", type=int, default=0, help="seeds each batch's sampling")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per compiled batch")
     parser.add_argument("--max-think-tokens", type=int, default=None, help="force </think> after this many tokens")
+    options.add_mesh_argument(parser)
+    options.add_resume_argument(parser)
     parser.set_defaults(run=run)

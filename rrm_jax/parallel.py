@@ -33,11 +33,28 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tp: int = 1, *, devices=None) -> Mesh:
-    """A (data, fsdp, tp) mesh over all devices; its size must equal the device count."""
-    devices = jax.devices() if devices is None else devices
+def mesh_shape(data: int, fsdp: int, tp: int, n_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tp) with a -1 (at most one) replaced by what fills `n_devices` (MaxText's convention)."""
     shape = (data, fsdp, tp)
-    if min(shape) < 1 or math.prod(shape) != len(devices):
+    if any(v < 1 and v != -1 for v in shape) or shape.count(-1) > 1:
+        raise UserError(f"mesh data={data} fsdp={fsdp} tp={tp}: sizes must be >= 1, with at most one -1 "
+                        f"(= all remaining devices)")
+    if -1 in shape:
+        rest = math.prod(v for v in shape if v != -1)
+        if n_devices % rest:
+            raise UserError(f"mesh data={data} fsdp={fsdp} tp={tp}: the other sizes ({rest}) do not divide the "
+                            f"{n_devices} devices, so -1 cannot fill them")
+        shape = tuple(n_devices // rest if v == -1 else v for v in shape)
+    return shape
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tp: int = 1, *, devices=None) -> Mesh:
+    """A (data, fsdp, tp) mesh over all devices (or `devices`); its size must equal their count, and one
+    size may be -1 for all remaining devices (`make_mesh(fsdp=-1)`: fsdp over everything)."""
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(data, fsdp, tp, len(devices))
+    data, fsdp, tp = shape
+    if math.prod(shape) != len(devices):
         raise UserError(f"mesh data={data} fsdp={fsdp} tp={tp} has {math.prod(shape)} slots but there are "
                         f"{len(devices)} devices; the product of data*fsdp*tp must equal {len(devices)}")
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)

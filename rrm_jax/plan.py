@@ -35,13 +35,8 @@ import dataclasses
 import math
 from pathlib import Path
 
-import jax.numpy as jnp
-from jax.sharding import AbstractMesh
-
-from rrm_jax import parallel
 from rrm_jax.errors import UserError
 from rrm_jax.model.config import PRESETS, Qwen2Config
-from rrm_jax.model.qwen2 import LOGICAL_AXES, param_shapes
 from rrm_jax.rl.config import TrainConfig, load_config
 
 GB = 1e9
@@ -88,7 +83,7 @@ def model_shape(c: TrainConfig) -> Qwen2Config:
     """The model `rrm-jax train` would build for this config, with the config's dtypes."""
     m = c.model
     if m.init is None:
-        from rrm_jax.rl.trainer import load_train_tokenizer  # the vocabulary size comes from the tokenizer
+        from rrm_jax.rl.tokenizer import load_train_tokenizer  # the vocabulary size comes from the tokenizer
 
         base = Qwen2Config(vocab_size=len(load_train_tokenizer(c.tokenizer)), hidden_size=m.hidden_size,
                            intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
@@ -115,6 +110,12 @@ def _stored_model_config(path: Path) -> Qwen2Config:
 
 
 def plan_memory(c: TrainConfig, model: Qwen2Config) -> MemoryPlan:
+    import jax.numpy as jnp  # jax only once there is something to plan: `rrm-jax plan --help` stays instant
+    from jax.sharding import AbstractMesh
+
+    from rrm_jax import parallel
+    from rrm_jax.model.qwen2 import LOGICAL_AXES, param_shapes
+
     data, fsdp, tp = c.mesh.data, c.mesh.fsdp, c.mesh.tp
     mesh = AbstractMesh((data, fsdp, tp), parallel.MESH_AXES)
     p_bytes = jnp.dtype(model.param_dtype).itemsize
@@ -217,7 +218,8 @@ def format_plan(plan: MemoryPlan, device_memory: float | None, title: str) -> st
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="training YAML (default: the embedded toy task)")
     parser.add_argument("--devices", type=int, default=None,
-                        help="number of devices (default: the mesh's data*fsdp*tp, which must equal it)")
+                        help="number of devices (default: the mesh's data*fsdp*tp, which must equal it; with a -1 "
+                             "mesh size, this machine's device count)")
     parser.add_argument("--device-memory", type=float, default=None, metavar="GB",
                         help="memory per device in GB (1e9 bytes), e.g. 95 for TPU v5p, 80 for H100")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for rrm-jax train")
@@ -226,6 +228,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run_plan(args) -> int:
     c = load_config(args.config, args.overrides)
+    if -1 in (c.mesh.data, c.mesh.fsdp, c.mesh.tp):  # "all remaining devices": of --devices, else of this machine
+        import jax
+
+        c = c.with_mesh_for(args.devices if args.devices is not None else jax.device_count())
     if args.devices is not None:
         check_devices(c, args.devices)
     if args.device_memory is not None and args.device_memory <= 0:

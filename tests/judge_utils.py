@@ -9,6 +9,8 @@ tokens, and `<｜User｜>`, `<｜Assistant｜>`, `<think>`, `</think>` are added
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -80,3 +82,32 @@ class ScriptedGenerate:
         if kwargs.get("progress"):
             kwargs["progress"](len(prompt_ids))
         return [Output(self.script(*shown_pair(p), s)) for p in prompts for s in range(kwargs["num_samples"])]
+
+
+class SeededGenerate(ScriptedGenerate):
+    """A stand-in that, like `rrm_jax.sample`, draws each output from its own random stream: the verdict
+    and text of sample s of the prompt at position p of a call come from SHA-256 of (seed, p, s, prompt
+    ids), and about one sample in six is unparseable. So outputs change whenever the seed or the place of
+    a prompt in its sampler call changes, which is what the batch-plan and resume tests need to see.
+
+    on_call(call_number): called before each call returns (e.g. to send the process a signal)."""
+
+    def __init__(self, tokenizer, on_call: Callable[[int], None] | None = None):
+        super().__init__(tokenizer, script=None)
+        self.on_call = on_call
+
+    def __call__(self, prompt_ids, **kwargs):
+        self.calls.append({"prompt_ids": [list(p) for p in prompt_ids], **kwargs})
+        outputs = []
+        for position, ids in enumerate(prompt_ids):
+            for s in range(kwargs["num_samples"]):
+                digest = hashlib.sha256(json.dumps([kwargs["seed"], position, s, list(ids)]).encode()).digest()
+                text = boxed(1 + digest[0] % 2, reasoning=f"stream {digest.hex()[:12]}")
+                outputs.append(Output("no verdict" if digest[1] % 6 == 0 else text))
+        if self.on_call is not None:
+            self.on_call(len(self.calls))
+        return outputs
+
+    @property
+    def prompts_sampled(self) -> list[list[int]]:
+        return [p for call in self.calls for p in call["prompt_ids"]]

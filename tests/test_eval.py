@@ -66,7 +66,7 @@ def use_script(monkeypatch, tokenizer):
 
     def install(script):
         holder["generate"] = ScriptedGenerate(tokenizer, script)
-        monkeypatch.setattr(judge_module, "load_backend", lambda path: (holder["generate"], tokenizer))
+        monkeypatch.setattr(judge_module, "load_backend", lambda path, **options: (holder["generate"], tokenizer))
         return holder["generate"]
 
     return install

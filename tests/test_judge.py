@@ -5,7 +5,7 @@ import json
 import pytest
 from judge_utils import ScriptedGenerate, boxed, build_test_tokenizer
 
-from rrm_jax import cli
+from rrm_jax import cli, worksplit
 from rrm_jax.errors import UserError
 from rrm_jax.rrm import judge as judge_module
 from rrm_jax.rrm.judge import Comparison, Judge, Judgment, is_swapped
@@ -112,7 +112,9 @@ def test_decoding_defaults_follow_the_spec_and_are_overridable(tokenizer):
     assert (first["temperature"], first["top_p"], first["top_k"], first["max_new_tokens"], first["max_think_tokens"]) == (
         0.0, 0.9, 5, 64, 16)
     assert (first["num_samples"], first["batch_size"]) == (3, 2)
-    assert (first["seed"], second["seed"]) == (11, 12)  # every sampler call draws fresh, reproducible randomness
+    # every judge call (and every batch of its plan) draws fresh, reproducible randomness
+    assert (first["seed"], second["seed"]) == (worksplit.batch_seed(11, 0, 0), worksplit.batch_seed(11, 1, 0))
+    assert first["seed"] != second["seed"]
 
 
 def test_results_return_to_input_order_when_prompts_are_sorted_by_length(tokenizer):
@@ -147,7 +149,7 @@ def test_judgment_counts():
 def scripted_backend(monkeypatch, tokenizer):
     generate = ScriptedGenerate(tokenizer, prefers("good"))
     loaded = []
-    monkeypatch.setattr(judge_module, "load_backend", lambda path: loaded.append(path) or (generate, tokenizer))
+    monkeypatch.setattr(judge_module, "load_backend", lambda path, **options: loaded.append(path) or (generate, tokenizer))
     return loaded
 
 

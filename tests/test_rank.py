@@ -185,7 +185,7 @@ def good_judge(monkeypatch, tmp_path_factory):
 
     tokenizer = build_test_tokenizer(tmp_path_factory.mktemp("tok"))
     generate = ScriptedGenerate(tokenizer, lambda q, first, second, s: boxed(1 if "good" in first else 2))
-    monkeypatch.setattr(judge_module, "load_backend", lambda path: (generate, tokenizer))
+    monkeypatch.setattr(judge_module, "load_backend", lambda path, **options: (generate, tokenizer))
     return generate
 
 

@@ -34,6 +34,7 @@ TINY = [
     "warmup.steps=40", "warmup.batch_size=32", "warmup.lr=1e-2",
     "rollout.prompts_per_step=16", "rollout.samples_per_prompt=4", "optimizer.warmup_steps=0",
     "eval_every=3", "checkpoint_every=3",
+    "mesh.fsdp=1",  # one device: the default fsdp=-1 would shard these tiny runs over conftest's 8 CPU devices
 ]
 
 

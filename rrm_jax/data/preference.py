@@ -21,6 +21,7 @@ import grain
 import jax
 import numpy as np
 
+from rrm_jax.data import sources
 from rrm_jax.errors import UserError
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -137,8 +138,23 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, object]]:
             yield f"{path}: row {number}", row
 
 
-def read_preferences(path: str) -> list[PreferencePair]:
-    """All pairs of a .jsonl, .json or .parquet file; an empty file or a bad row is a UserError."""
+def _dataset_rows(source: str, config: str | None, split: str | None) -> list[tuple[str, dict]]:
+    """The rows of a Hugging Face dataset, its columns checked against the two row shapes first."""
+    rows = sources.load_rows(source, config=config, split=split)
+    columns = set(rows[0][1])
+    if not (set(PAIR_FIELDS) <= columns or set(LABELLED_FIELDS) <= columns):
+        shape = max((PAIR_FIELDS, LABELLED_FIELDS), key=lambda fields: len(columns & set(fields)))
+        missing = next(f for f in shape if f not in columns)
+        raise UserError(f"{sources.describe(source, config, split)}: missing column {missing!r} (it has "
+                        f"{', '.join(sorted(columns))}; rows need {', '.join(PAIR_FIELDS)} or {', '.join(LABELLED_FIELDS)})")
+    return rows
+
+
+def read_preferences(path: str, *, dataset_config: str | None = None, dataset_split: str | None = None) -> list[PreferencePair]:
+    """All pairs of a .jsonl, .json or .parquet file or of a Hugging Face dataset (rrm_jax.data.sources);
+    an empty file or a bad row is a UserError."""
+    if sources.is_dataset(path):
+        return [pair_from_row(row, origin) for origin, row in _dataset_rows(path, dataset_config, dataset_split)]
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     suffix = os.path.splitext(path)[1].lower()

@@ -7,6 +7,40 @@ import dataclasses
 from rrm_jax.errors import UserError
 
 DTYPES = ("float32", "bfloat16")
+_DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "f32": "float32",
+                  "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def dtype_name(value, what: str = "dtype") -> str:
+    """The canonical name ("float32" / "bfloat16") of a dtype as JAX users spell it: "bfloat16", "bf16",
+    jnp.bfloat16, np.dtype("float32"), jnp.float32, np.float32, "jnp.float32"."""
+    if isinstance(value, str):
+        name = value.strip().lower()
+        for prefix in ("jax.numpy.", "jnp.", "numpy.", "np.", "torch."):
+            name = name.removeprefix(prefix)
+    else:
+        name = getattr(value, "name", None) or getattr(getattr(value, "dtype", None), "name", None)
+        if name is None:
+            try:  # numpy scalar types (np.float32) and jnp's (jnp.bfloat16, with ml_dtypes)
+                import numpy as np
+
+                name = np.dtype(value).name
+            except TypeError:
+                name = None
+    if name not in _DTYPE_ALIASES:
+        raise UserError(f"{what}={value!r} is not supported; use one of {', '.join(DTYPES)} "
+                        f"(a name, jnp.{DTYPES[1]} or np.dtype({DTYPES[0]!r}) alike)")
+    return _DTYPE_ALIASES[name]
+
+
+def dtype_arg(text: str) -> str:
+    """argparse type of a --dtype flag: any spelling `dtype_name` accepts (bf16, jnp.bfloat16, ...)."""
+    import argparse
+
+    try:
+        return dtype_name(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +66,8 @@ class Qwen2Config:
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        for key in ("param_dtype", "dtype"):
-            if getattr(self, key) not in DTYPES:
-                raise UserError(f"model {key}={getattr(self, key)!r} is not supported; use one of {', '.join(DTYPES)}")
+        for key in ("param_dtype", "dtype"):  # stored by name: hashable (a jit static) and JSON-able
+            object.__setattr__(self, key, dtype_name(getattr(self, key), f"model {key}"))
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 

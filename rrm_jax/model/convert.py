@@ -14,17 +14,19 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from rrm_jax import checkpoint
 from rrm_jax.errors import UserError
-from rrm_jax.model import hf
-from rrm_jax.model.config import DTYPES
+from rrm_jax.model.config import dtype_arg
 
 
 def hf_to_checkpoint(hf_dir: Path | str, out_dir: Path | str, *, dtype: str | None = None,
                      progress: bool = False) -> Path:
     """Convert an HF Qwen2 folder into an rrm-jax checkpoint. dtype None keeps the stored dtype."""
+    from tqdm import tqdm
+
+    from rrm_jax import checkpoint  # heavy (orbax, jax): imported when a conversion runs, not for --help
+    from rrm_jax.model import hf
+
     checkpoint.check_output_free(out_dir)
     source = hf.HFParams(Path(hf_dir), dtype=dtype)
     # Blocks are sized for the wider of the stored and target dtypes.
@@ -32,7 +34,7 @@ def hf_to_checkpoint(hf_dir: Path | str, out_dir: Path | str, *, dtype: str | No
     indices = {path: hf.block_indices(source.config, path, itemsize) for path in source.shapes}
     bar = tqdm(total=sum(map(len, indices.values())), desc="hf-to-orbax", unit="block", disable=not progress)
 
-    def streamed(path: str) -> checkpoint.StreamedArray:
+    def streamed(path: str):
         def blocks():
             for index in indices[path]:
                 yield index, source.region(path, index)
@@ -54,6 +56,11 @@ def checkpoint_to_hf(ckpt_dir: Path | str, out_dir: Path | str, *, max_shard_siz
                      progress: bool = False) -> Path:
     """Convert an rrm-jax checkpoint (or the latest step of a checkpoint folder) into an HF folder that
     transformers.AutoModelForCausalLM.from_pretrained loads."""
+    from tqdm import tqdm
+
+    from rrm_jax import checkpoint
+    from rrm_jax.model import hf
+
     ckpt = checkpoint.resolve_checkpoint(ckpt_dir)
     config = checkpoint.read_checkpoint_config(ckpt)
     arrays = checkpoint.open_param_arrays(ckpt, config)
@@ -92,13 +99,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     to_orbax = sub.add_parser("hf-to-orbax", help="Hugging Face folder (safetensors) -> rrm-jax checkpoint")
     to_orbax.add_argument("--hf", required=True, type=Path, help="Hugging Face model folder")
     to_orbax.add_argument("--out", required=True, type=Path, help="new checkpoint folder")
-    to_orbax.add_argument("--dtype", choices=DTYPES, default=None,
-                          help="parameter dtype to store (default: the stored one; float16 becomes float32)")
+    to_orbax.add_argument("--dtype", type=dtype_arg, default=None,
+                          help="parameter dtype to store, float32 or bfloat16 (default: the stored one; float16 "
+                               "becomes float32)")
     to_orbax.set_defaults(run=_run_hf_to_orbax)
     to_hf = sub.add_parser("orbax-to-hf", help="rrm-jax checkpoint -> Hugging Face folder")
     to_hf.add_argument("--ckpt", required=True, type=Path,
                        help="rrm-jax checkpoint, or a folder of checkpoint steps (the latest is used)")
     to_hf.add_argument("--out", required=True, type=Path, help="new Hugging Face folder")
     to_hf.add_argument("--max-shard-size", default="5GB",
-                       help="largest safetensors file before sharding with an index (default 5GB)")
+                       help="largest safetensors file before sharding with an index")
     to_hf.set_defaults(run=_run_orbax_to_hf)

@@ -20,8 +20,11 @@ from rrm_jax.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+    """Sizes of the (data, fsdp, tp) mesh; one may be -1 for all remaining devices. The default fills
+    every device found with fsdp (on one device: no mesh at all)."""
+
     data: int = 1
-    fsdp: int = 1
+    fsdp: int = -1
     tp: int = 1
 
 
@@ -42,7 +45,9 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "toy"  # "toy" or a .jsonl / .json / .parquet preference file
+    source: str = "toy"  # "toy", a .jsonl / .json / .parquet preference file, or a Hugging Face dataset
+    dataset_config: str | None = None  # a dataset source's config (subset)
+    dataset_split: str | None = None  # a dataset source's split (default: its only one)
     train_size: int = 65536  # toy only: training pairs generated
     heldout: float = 500  # pairs held out for evaluation (a fraction when < 1)
     max_prompt_len: int = 32
@@ -112,6 +117,13 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def with_mesh_for(self, n_devices: int) -> "TrainConfig":
+        """This config with a -1 mesh size resolved for `n_devices` devices."""
+        from rrm_jax.parallel import mesh_shape  # jax: only when a mesh is built
+
+        data, fsdp, tp = mesh_shape(self.mesh.data, self.mesh.fsdp, self.mesh.tp, n_devices)
+        return dataclasses.replace(self, mesh=MeshConfig(data, fsdp, tp))
+
 
 ALIASES = {
     "lr": "optimizer.lr",
@@ -159,7 +171,8 @@ def _coerce(key: str, value: Any, hint, where: str):
     raise UserError(f"config key {key}={value!r} in {where} must be of type {getattr(base, '__name__', base)}")
 
 
-def _build(cls, values: dict, prefix: str, where: str):
+def _build(cls, values: dict, prefix: str, where: str, overridden: frozenset = frozenset()):
+    """The dataclass of `values`; a key in `overridden` (dotted) came from the command line and errors say so."""
     if not isinstance(values, dict):
         raise UserError(f"config section {prefix.rstrip('.') or '(top level)'} in {where} must be a mapping, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -170,9 +183,10 @@ def _build(cls, values: dict, prefix: str, where: str):
             raise _unknown(prefix + str(key), where)
         f = fields[key]
         if dataclasses.is_dataclass(f.default):
-            kwargs[key] = _build(type(f.default), value or {}, f"{prefix}{key}.", where)
+            kwargs[key] = _build(type(f.default), value or {}, f"{prefix}{key}.", where, overridden)
         else:
-            kwargs[key] = _coerce(prefix + key, value, hints[key], where)
+            source = "the command line" if prefix + key in overridden else where
+            kwargs[key] = _coerce(prefix + key, value, hints[key], source)
     return cls(**kwargs)
 
 
@@ -221,9 +235,10 @@ def load_config(path: str | None = None, overrides: list[str] = (), *, base: dic
             raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         where = path
     tree = dict(tree or {})
-    for key, value in parse_overrides(list(overrides)):
+    parsed = parse_overrides(list(overrides))
+    for key, value in parsed:
         _set_dotted(tree, key, value, "the command line")
-    return validate(_build(TrainConfig, tree, "", where))
+    return validate(_build(TrainConfig, tree, "", where, frozenset(key for key, _ in parsed)))
 
 
 def validate(c: TrainConfig) -> TrainConfig:
@@ -243,6 +258,10 @@ def validate(c: TrainConfig) -> TrainConfig:
         (c.warmup.steps == 0 or c.data.source == "toy",
          "warmup.steps > 0 (the format warm-up) needs data.source=toy; set warmup.steps=0 for other data"),
         (c.data.heldout > 0, "data.heldout must be > 0"),
+        (all(v >= 1 or v == -1 for v in (c.mesh.data, c.mesh.fsdp, c.mesh.tp))
+         and (c.mesh.data, c.mesh.fsdp, c.mesh.tp).count(-1) <= 1,
+         f"mesh data={c.mesh.data} fsdp={c.mesh.fsdp} tp={c.mesh.tp}: sizes must be >= 1 with at most one -1 "
+         f"(all remaining devices; the default is fsdp=-1, so set mesh.fsdp=1 when another axis is -1)"),
     ]
     for ok, message in checks:
         if not ok:

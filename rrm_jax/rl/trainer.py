@@ -21,7 +21,6 @@ checkpoint, so a resumed run repeats the uninterrupted one exactly.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -52,27 +51,18 @@ from rrm_jax.model.qwen2 import Qwen2
 from rrm_jax.rl import grpo, step
 from rrm_jax.rl.config import TrainConfig, load_config
 from rrm_jax.rl.reward import compute_rewards
+from rrm_jax.rl.tokenizer import load_train_tokenizer
 from rrm_jax.rrm.prompt import parse_verdict, render
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 HELDOUT = "heldout.jsonl"
-TOY_TOKENIZER = "toy-char"
 TIMING_KEYS = ("step_time", "rollout_time", "update_time", "tokens_per_s", "elapsed")  # vary run to run
 
 
 # ----------------------------------------------------------------------------------------------
 # Set-up: tokenizer, model, data
-
-
-def load_train_tokenizer(name: str):
-    if name == TOY_TOKENIZER:
-        return toy.toy_tokenizer()
-    tokenizer = checkpoint.load_tokenizer(name) if Path(name).exists() else None
-    if tokenizer is None:
-        raise UserError(f"tokenizer={name!r}: use {TOY_TOKENIZER} or a model / tokenizer folder that holds one")
-    return tokenizer
 
 
 def build_model(c: TrainConfig, tokenizer, mesh) -> Qwen2:
@@ -96,10 +86,11 @@ def build_model(c: TrainConfig, tokenizer, mesh) -> Qwen2:
 
 def make_mesh(c: TrainConfig):
     """None (one device, no sharding) for a 1x1x1 mesh in a single process, else the mesh over all
-    devices of all processes (several processes always train as one mesh)."""
-    if c.mesh.data * c.mesh.fsdp * c.mesh.tp == 1 and jax.process_count() == 1:
+    devices of all processes (several processes always train as one mesh); a -1 size fills the devices."""
+    m = c.with_mesh_for(jax.device_count()).mesh
+    if m.data * m.fsdp * m.tp == 1 and jax.process_count() == 1:
         return None
-    return parallel.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tp)
+    return parallel.make_mesh(m.data, m.fsdp, m.tp)
 
 
 def load_pairs(c: TrainConfig):
@@ -108,8 +99,10 @@ def load_pairs(c: TrainConfig):
         heldout = int(c.data.heldout)
         return (toy.make_toy_pairs(c.data.train_size, c.seed), toy.make_toy_pairs(heldout, c.seed, split="heldout"),
                 toy.render_toy)
-    pairs = read_preferences(c.data.source)
-    train, heldout = split_heldout(pairs, c.data.heldout, seed=c.seed)
+    pairs = read_preferences(c.data.source, dataset_config=c.data.dataset_config, dataset_split=c.data.dataset_split)
+    # the config stores heldout as a float: 500 (a count) arrives as 500.0, which split_heldout reads as a fraction
+    count_or_fraction = int(c.data.heldout) if c.data.heldout >= 1 else c.data.heldout
+    train, heldout = split_heldout(pairs, count_or_fraction, seed=c.seed)
     if not train or not heldout:
         raise UserError(f"{c.data.source}: {len(pairs)} pairs leave {len(train)} for training and {len(heldout)} "
                         f"held out (data.heldout={c.data.heldout}); both need at least one")
@@ -399,7 +392,7 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
     batches = iter(preference_batches(dataset, batch_size=c.rollout.prompts_per_step, seed=c.seed))  # this process's slice
     model = build_model(c, tokenizer, mesh)
     mcfg = model.config
-    plan.check_training_fits(c, mcfg, "this training config")  # the `rrm-jax plan` check, on these devices
+    plan.check_training_fits(c.with_mesh_for(jax.device_count()), mcfg, "this training config")  # the `rrm-jax plan` check, on these devices
     if c.data.max_prompt_len + c.rollout.max_new_tokens > mcfg.max_position_embeddings:
         raise UserError(f"data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len + c.rollout.max_new_tokens} "
                         f"exceeds the model's context of {mcfg.max_position_embeddings} tokens")
@@ -608,18 +601,7 @@ def _print_summary(output_dir: Path, step_dir: Path, rows: list[dict], export_hf
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="training YAML (default: the embedded toy task)")
-    parser.add_argument("--output-dir", default="runs/toy", help="run folder (default runs/toy)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
-    parser.add_argument("--export-hf", default=None, help="also write the final model as a Hugging Face folder here")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. max_steps=300 seed=1 rollout.temperature=0.8")
-    parser.set_defaults(run=run_train)
+# CLI (the flags are in rrm_jax.rl.train_cli, which imports this module only to run)
 
 
 def run_train(args) -> int:

@@ -19,6 +19,12 @@ Rules (documented in the README):
   advances the first candidate of the pair.
 - Decoding defaults are those of the published evaluations (temperature 0.6, top_p 1.0, no top-k,
   8192 new tokens); `max_think_tokens` is passed to the sampler, which forces `</think>` there.
+- Sampling seeds: each judge call cuts its comparisons into a fixed batch plan (rrm_jax.worksplit) and
+  samples batch b with the seed of (seed, call number, b): the votes of a comparison depend on the
+  seed, --batch-size and the input, never on the number of processes or on interruptions.
+- Several processes each sample their share of the batches on their own devices; every process gets
+  every judgment. The `judge`, `eval` and `rank` commands keep the judgments in OUTPUT.partial as
+  batches finish (`JudgmentLog`, rrm_jax.resumable) and continue from it with --resume.
 """
 
 from __future__ import annotations
@@ -29,11 +35,11 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from rrm_jax import distributed
+from rrm_jax import distributed, options, resumable, worksplit
+from rrm_jax.data import sources
 from rrm_jax.errors import UserError
 from rrm_jax.rrm import spec
 from rrm_jax.rrm.prompt import chat_template_named, encode, parse_verdict, render
@@ -89,7 +95,14 @@ def is_swapped(comparison: Comparison, seed: int) -> bool:
 
 
 class Judge:
-    """Judges batches of comparisons through `generate`; counts the comparisons and samples it spent."""
+    """Judges batches of comparisons through `generate`; counts the comparisons and samples it spent.
+
+    Each call's comparisons are cut into a fixed batch plan (`worksplit.plan_batches`: similar prompt
+    lengths together, at most `batch_size` prompts per batch, a comparison's prompts in one batch), each
+    batch sampled with its own seed from (seed, call number, batch number). On several processes
+    each one samples its share of the batches and all of them get every judgment. With a `journal`
+    (`JudgmentLog`), comparisons it already holds are not judged again and new ones are recorded
+    batch by batch; `stop_requested` is polled after each round of batches (see worksplit)."""
 
     def __init__(
         self,
@@ -107,6 +120,8 @@ class Judge:
         batch_size: int = 64,
         chat_template: str | None = None,
         progress: bool = False,
+        journal: "JudgmentLog | None" = None,
+        stop_requested: Callable[[], bool] | None = None,
     ):
         _check_options(votes=votes, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                        max_think_tokens=max_think_tokens, batch_size=batch_size)
@@ -116,52 +131,98 @@ class Judge:
         self.decoding = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                              max_think_tokens=max_think_tokens)
         self.batch_size, self.chat_template, self.progress = batch_size, chat_template, progress
-        self.comparisons_judged = 0
+        self.journal, self.stop_requested = journal, stop_requested
+        self.comparisons_judged = 0  # sampled by this run, over all processes (not those from the journal)
         self.samples_drawn = 0
-        self._generate_calls = 0  # each call gets its own sampler seed, so repeated rounds differ reproducibly
+        self._calls = 0  # each call seeds its batches with its own number, so repeated rounds differ reproducibly
 
     def __call__(self, comparisons: Sequence[Comparison]) -> list[Judgment]:
-        shown = []  # (comparison index, swapped) per prompt
-        for index, c in enumerate(comparisons):
-            orders = (False, True) if self.both_orders else (is_swapped(c, self.seed),)
-            shown.extend((index, swapped) for swapped in orders)
-        prompts = [self._prompt_ids(comparisons[index], swapped) for index, swapped in shown]
-        texts = self._generate_all(prompts)
+        call = self._calls
+        self._calls += 1
+        orders = [(False, True) if self.both_orders else (is_swapped(c, self.seed),) for c in comparisons]
+        prompts = [[self._prompt_ids(c, swapped) for swapped in o] for c, o in zip(comparisons, orders)]
+        judgments: list[Judgment | None] = [
+            self.journal.get(call, i) if self.journal is not None else None for i in range(len(comparisons))]
+        plan = worksplit.plan_batches([max(map(len, p)) for p in prompts], [len(p) for p in prompts], self.batch_size)
+        todo = [b for b, items in enumerate(plan) if any(judgments[i] is None for i in items)]
 
-        judgments = [Judgment(verdicts=[], texts=[], swapped=[]) for _ in comparisons]
-        for p, (index, swapped) in enumerate(shown):
-            for text in texts[p * self.votes : (p + 1) * self.votes]:
-                verdict = parse_verdict(text)
-                if verdict is not None and swapped:
-                    verdict = 3 - verdict
-                judgments[index].verdicts.append(verdict)
-                judgments[index].texts.append(text)
-                judgments[index].swapped.append(swapped)
-        self.comparisons_judged += len(comparisons)
-        self.samples_drawn += len(texts)
+        with self._progress_bar(prompts, judgments) as bar:
+
+            def on_round(finished: list[tuple[int, list[list[str]]]]) -> None:
+                new = []
+                for b, texts in finished:
+                    for i, item_texts in zip(plan[b], texts):
+                        self.comparisons_judged += 1
+                        self.samples_drawn += len(item_texts)
+                        bar.update(len(prompts[i]))
+                        if judgments[i] is None:  # (a batch re-run after a cut-short partial file keeps what it had)
+                            judgments[i] = _judgment(item_texts, orders[i], self.votes)
+                            new.append((i, judgments[i]))
+                if self.journal is not None:
+                    self.journal.record(call, new)
+
+            worksplit.run_rounds(todo, lambda b: self._sample(call, b, [prompts[i] for i in plan[b]]), on_round,
+                                 stop_requested=self.stop_requested)
         return judgments
+
+    def _sample(self, call: int, batch: int, item_prompts: list[list[list[int]]]) -> list[list[str]]:
+        """The texts of one planned batch, per comparison: `votes` per shown order, in order."""
+        flat = [p for prompts in item_prompts for p in prompts]
+        results = self.generate(flat, num_samples=self.votes, seed=worksplit.batch_seed(self.seed, call, batch),
+                                batch_size=self.batch_size, progress=None, **self.decoding)
+        if len(results) != len(flat) * self.votes:
+            raise RuntimeError(f"generate returned {len(results)} results for {len(flat)} prompts x {self.votes} samples")
+        texts, start = [], 0
+        for prompts in item_prompts:  # results are prompt-major
+            texts.append([r.text for r in results[start:start + len(prompts) * self.votes]])
+            start += len(prompts) * self.votes
+        return texts
+
+    def _progress_bar(self, prompts: list[list[list[int]]], judgments: list[Judgment | None]):
+        from tqdm import tqdm
+
+        done = sum(len(p) for p, j in zip(prompts, judgments) if j is not None)
+        return tqdm(total=sum(map(len, prompts)), initial=done, desc="judging", unit="prompt", file=sys.stderr,
+                    disable=not (self.progress and distributed.is_main_process()))
 
     def _prompt_ids(self, c: Comparison, swapped: bool) -> list[int]:
         first, second = (c.response_2, c.response_1) if swapped else (c.response_1, c.response_2)
         return encode(self.tokenizer, render(self.tokenizer, c.query, first, second, chat_template=self.chat_template))
 
-    def _generate_all(self, prompts: list[list[int]]) -> list[str]:
-        """`votes` texts per prompt, prompt-major, from one sampler call over all prompts."""
-        from tqdm import tqdm
 
-        # Similar lengths share a sampler batch (less padding); results are put back in prompt order.
-        order = sorted(range(len(prompts)), key=lambda p: len(prompts[p]))
-        with tqdm(total=len(prompts), desc="judging", unit="prompt", disable=not self.progress, file=sys.stderr) as bar:
-            results = self.generate([prompts[p] for p in order], num_samples=self.votes, seed=self.seed + self._generate_calls,
-                                    batch_size=self.batch_size, progress=bar.update, **self.decoding)
-        self._generate_calls += 1
-        if len(results) != len(prompts) * self.votes:
-            raise RuntimeError(f"generate returned {len(results)} results for {len(prompts)} prompts x {self.votes} samples")
-        texts: list[str] = [""] * len(results)
-        for position, p in enumerate(order):
-            for v in range(self.votes):
-                texts[p * self.votes + v] = results[position * self.votes + v].text
-        return texts
+def _judgment(texts: list[str], orders: tuple[bool, ...], votes: int) -> Judgment:
+    """The judgment of one comparison from its texts (`votes` per shown order, in order)."""
+    j = Judgment(verdicts=[], texts=[], swapped=[])
+    for k, text in enumerate(texts):
+        swapped = orders[k // votes]
+        verdict = parse_verdict(text)
+        if verdict is not None and swapped:
+            verdict = 3 - verdict
+        j.verdicts.append(verdict)
+        j.texts.append(text)
+        j.swapped.append(swapped)
+    return j
+
+
+class JudgmentLog:
+    """The judgments of a run, kept in its partial file: one record per judged comparison, keyed by
+    the judge call (rank: the tournament round) and the comparison's index in that call."""
+
+    def __init__(self, partial: resumable.PartialFile):
+        self.partial = partial
+        self._done = {(r["call"], r["index"]): Judgment(r["verdicts"], r["texts"], r["swapped"]) for r in partial.records}
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def get(self, call: int, index: int) -> Judgment | None:
+        return self._done.get((call, index))
+
+    def record(self, call: int, judged: list[tuple[int, Judgment]]) -> None:
+        for index, j in judged:
+            self._done[(call, index)] = j
+        self.partial.append([{"call": call, "index": index, "verdicts": j.verdicts, "texts": j.texts,
+                              "swapped": j.swapped} for index, j in judged])
 
 
 def _check_options(*, votes, temperature, top_p, top_k, max_new_tokens, max_think_tokens, batch_size) -> None:
@@ -179,53 +240,74 @@ def _check_options(*, votes, temperature, top_p, top_k, max_new_tokens, max_thin
             raise UserError(message)
 
 
-def load_backend(model_dir: str):
-    """(generate, tokenizer) for a model folder: an HF folder or an rrm-jax checkpoint with its tokenizer files."""
+def load_backend(model_dir: str, *, mesh_shape: tuple[int, int, int] | None = None):
+    """(generate, tokenizer) for a model folder: an HF folder or an rrm-jax checkpoint with its tokenizer files.
+
+    The model goes onto this process's own devices: its first one, or a mesh of `mesh_shape`
+    (data, fsdp, tp; -1 = the remaining devices) over all of them."""
     import rrm_jax
     from rrm_jax.checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)  # checked first: it is cheap, the model is not
     if tokenizer is None:
         raise UserError(f"{model_dir}: no tokenizer files; judging needs the model's tokenizer next to its weights")
-    model, _ = rrm_jax.load_model(model_dir)
+    model, _ = rrm_jax.load_model(model_dir, mesh=options.local_mesh(mesh_shape))
     return functools.partial(rrm_jax.sample, model, tokenizer=tokenizer), tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------
-# Shared by the judge, rank and eval commands: judge flags, reading rows, writing results atomically.
+# Shared by the judge, rank and eval commands: judge flags, reading rows, resumable output.
 
 
 def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, voting and decoding flags common to `judge`, `rank` and `eval`."""
     parser.add_argument("--model", required=True, help="HF folder or rrm-jax checkpoint of the judge")
-    parser.add_argument("--votes", type=int, default=1, help="samples per comparison; majority verdict (default 1)")
+    parser.add_argument("--votes", type=int, default=1, help="samples per comparison; majority verdict")
     parser.add_argument("--both-orders", action="store_true", help="judge each pair in both A/B orders (2x samples)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for A/B order, sampling and brackets (default 0)")
-    parser.add_argument("--temperature", type=float, default=spec.EVAL_TEMPERATURE)
-    parser.add_argument("--top-p", type=float, default=spec.EVAL_TOP_P)
-    parser.add_argument("--top-k", type=int, default=spec.EVAL_TOP_K, help="0 = off")
-    parser.add_argument("--max-new-tokens", type=int, default=spec.EVAL_MAX_NEW_TOKENS)
+    parser.add_argument("--seed", type=int, default=0, help="seed for A/B order, sampling and brackets")
+    parser.add_argument("--temperature", type=float, default=spec.EVAL_TEMPERATURE, help="sampling temperature")
+    parser.add_argument("--top-p", type=float, default=spec.EVAL_TOP_P, help="nucleus sampling mass")
+    parser.add_argument("--top-k", type=int, default=spec.EVAL_TOP_K, help="top-k filter, 0 = off")
+    parser.add_argument("--max-new-tokens", type=int, default=spec.EVAL_MAX_NEW_TOKENS, help="tokens generated per sample")
     parser.add_argument("--max-think-tokens", type=int, default=None, help="thinking budget: force </think> after M tokens")
-    parser.add_argument("--batch-size", type=int, default=64, help="prompts per compiled sampler batch (default 64)")
+    parser.add_argument("--batch-size", type=int, default=64, help="prompts per compiled sampler batch")
     parser.add_argument("--chat-template", default=None, help="use this named chat template (deepseek-r1-distill) "
                         "instead of the tokenizer's; needed when the tokenizer has none")
+    options.add_mesh_argument(parser)
 
 
-def judge_from_args(args: argparse.Namespace, *, progress: bool) -> Judge:
+def judge_from_args(args: argparse.Namespace, *, progress: bool, journal: JudgmentLog | None = None,
+                    stop_requested: Callable[[], bool] | None = None) -> Judge:
     options = dict(votes=args.votes, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                    max_new_tokens=args.max_new_tokens, max_think_tokens=args.max_think_tokens, batch_size=args.batch_size)
     _check_options(**options)  # before the (slow) model load
     chat_template = chat_template_named(args.chat_template) if args.chat_template else None
-    generate, tokenizer = load_backend(args.model)
+    generate, tokenizer = load_backend(args.model, mesh_shape=args.mesh)
     return Judge(generate, tokenizer, both_orders=args.both_orders, seed=args.seed, chat_template=chat_template,
-                 progress=progress, **options)
+                 progress=progress, journal=journal, stop_requested=stop_requested, **options)
 
 
-def read_rows(path: str) -> list[tuple[str, dict]]:
-    """(location, row) for each row of a JSONL file, a JSON file holding a list of objects, or a Parquet file.
+def judge_settings(args: argparse.Namespace, rows: list[tuple[str, dict]], **extra) -> dict:
+    """What a judging run's results depend on: stored in its partial file, compared on --resume."""
+    return {"model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
+            **options.input_settings(args, rows), "votes": args.votes, "both_orders": args.both_orders, "seed": args.seed,
+            "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+            "max_new_tokens": args.max_new_tokens, "max_think_tokens": args.max_think_tokens,
+            "batch_size": args.batch_size, "chat_template": args.chat_template, **extra}
 
-    The location ("FILE line N", "FILE item N" or "FILE row N") is what error messages about that row name.
+
+def read_rows(path: str, *, dataset_config: str | None = None, dataset_split: str | None = None,
+              columns: tuple[str, ...] = (), allowed: str = "") -> list[tuple[str, dict]]:
+    """(location, row) for each row of a JSONL file, a JSON file holding a list of objects, a Parquet
+    file, or a Hugging Face dataset (rrm_jax.data.sources; `columns` are checked there up front).
+
+    The location ("FILE line N", "FILE item N", "FILE row N" or "DATASET row N") is what error messages
+    about that row name.
     """
+    if sources.is_dataset(path):
+        return sources.load_rows(path, config=dataset_config, split=dataset_split, columns=columns, allowed=allowed)
+    if dataset_config or dataset_split:
+        raise UserError(f"{path} is a file: --dataset-config / --dataset-split are for datasets")
     if path.endswith(".parquet"):
         unit, numbered = "row", _parquet_rows(path)
     else:
@@ -244,6 +326,11 @@ def read_rows(path: str) -> list[tuple[str, dict]]:
     if not numbered:
         raise UserError(f"{path}: no rows")
     return [(f"{path} {unit} {number}", row) for number, row in numbered]
+
+
+def rows_from_args(args: argparse.Namespace, columns: tuple[str, ...], allowed: str) -> list[tuple[str, dict]]:
+    return read_rows(args.input, dataset_config=args.dataset_config, dataset_split=args.dataset_split,
+                     columns=columns, allowed=allowed)
 
 
 def _parquet_rows(path: str) -> list[tuple[int, dict]]:
@@ -283,28 +370,21 @@ def require_text(where: str, row: dict, key: str, allowed: str) -> str:
     return value
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so no half-written output is left.
-    In a multi-process run every process computes the same text and process 0 writes it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"{path}: output folder {folder} does not exist")
-    if not distributed.is_main_process():
-        return
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def open_journal(args: argparse.Namespace, command: str, settings: dict) -> JudgmentLog:
+    """The JudgmentLog of a command writing args.output, on its partial file (resumed with --resume)."""
+    return JudgmentLog(resumable.PartialFile(args.output, command, settings, resume=args.resume))
+
+
+def interrupted_message(journal: JudgmentLog, what: str) -> str:
+    return (f"SIGTERM: stopped with {len(journal)} {what} finished in {journal.partial.path}; "
+            f"run the same command with --resume to continue")
 
 
 # ---------------------------------------------------------------------------------------------------
 # `rrm-jax judge`
 
 _JUDGE_FIELDS = "query, response_1, response_2"
+_JUDGE_COLUMNS = ("query", "response_1", "response_2")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -312,8 +392,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query", help="the instruction / question")
     parser.add_argument("--response-1", help="first candidate response")
     parser.add_argument("--response-2", help="second candidate response")
-    parser.add_argument("--input", help=f"JSONL rows {{{_JUDGE_FIELDS}}} to judge")
+    options.add_input_arguments(parser, f"rows {{{_JUDGE_FIELDS}}} to judge", required=False)
     parser.add_argument("--output", help="JSONL file for the verdicts (with --input)")
+    options.add_resume_argument(parser)
     parser.set_defaults(run=run_judge)
 
 
@@ -329,39 +410,44 @@ def judgment_record(j: Judgment) -> dict:
 
 def run_judge(args: argparse.Namespace) -> int:
     single = (args.query, args.response_1, args.response_2)
-    if args.input is not None:
-        if any(v is not None for v in single):
-            raise UserError("give either --input/--output or --query/--response-1/--response-2, not both")
-        if args.output is None:
-            raise UserError("--input needs --output FILE.jsonl for the verdicts")
-        rows = read_rows(args.input)
-        comparisons = [
-            Comparison(*(require_text(where, row, k, _JUDGE_FIELDS) for k in ("query", "response_1", "response_2")))
-            for where, row in rows
-        ]
-    else:
+    if args.input is None:
         if any(v is None for v in single):
             raise UserError("give --query, --response-1 and --response-2 (or --input FILE.jsonl --output FILE.jsonl)")
-        if args.output is not None:
-            raise UserError("--output goes with --input")
-        rows, comparisons = None, [Comparison(*single)]
-
-    judge = judge_from_args(args, progress=rows is not None)
-    judgments = judge(comparisons)
-
-    if rows is None:
-        j = judgments[0]
-        for number, (text, swapped) in enumerate(zip(j.texts, j.swapped), start=1):
-            shown = "response 2 shown first" if swapped else "response 1 shown first"
-            print(f"--- judgment {number}/{len(j.texts)} ({shown}) ---\n{text}\n")
-        verdict = "tie" if j.winner is None else f"response {j.winner}"
-        print(f"verdict: {verdict} (votes: response 1 {j.votes_1}, response 2 {j.votes_2}, unparseable {j.unparseable})")
+        if args.output is not None or args.resume:
+            raise UserError("--output and --resume go with --input")
+        judge = judge_from_args(args, progress=False)
+        (j,) = judge([Comparison(*single)])
+        if distributed.is_main_process():
+            for number, (text, swapped) in enumerate(zip(j.texts, j.swapped), start=1):
+                shown = "response 2 shown first" if swapped else "response 1 shown first"
+                print(f"--- judgment {number}/{len(j.texts)} ({shown}) ---\n{text}\n")
+            verdict = "tie" if j.winner is None else f"response {j.winner}"
+            print(f"verdict: {verdict} (votes: response 1 {j.votes_1}, response 2 {j.votes_2}, unparseable {j.unparseable})")
         return 0
 
-    lines = [json.dumps({**row, **judgment_record(j)}, ensure_ascii=False) for (_, row), j in zip(rows, judgments)]
-    write_atomic(args.output, "\n".join(lines) + "\n")
-    ties = sum(j.tie for j in judgments)
-    unparseable = sum(j.unparseable for j in judgments)
-    print(f"judged {len(judgments)} pairs ({judge.samples_drawn} samples): {ties} ties, {unparseable} unparseable samples "
-          f"-> {args.output}")
+    if any(v is not None for v in single):
+        raise UserError("give either --input/--output or --query/--response-1/--response-2, not both")
+    if args.output is None:
+        raise UserError("--input needs --output FILE.jsonl for the verdicts")
+    rows = rows_from_args(args, _JUDGE_COLUMNS, _JUDGE_FIELDS)
+    comparisons = [Comparison(*(require_text(where, row, k, _JUDGE_FIELDS) for k in _JUDGE_COLUMNS)) for where, row in rows]
+    with resumable.sigterm_requests() as stop_requested:
+        journal = open_journal(args, "judge", judge_settings(args, rows))
+        try:
+            judge = judge_from_args(args, progress=True, journal=journal, stop_requested=stop_requested)
+            judgments = judge(comparisons)
+        except resumable.Interrupted:
+            if distributed.is_main_process():
+                print(interrupted_message(journal, "pairs"), file=sys.stderr)
+            return 0
+        finally:
+            journal.partial.close()
+    lines = [json.dumps({**row, **judgment_record(j)}, ensure_ascii=False, default=str) for (_, row), j in zip(rows, judgments)]
+    journal.partial.finish("\n".join(lines) + "\n")
+    if distributed.is_main_process():
+        ties = sum(j.tie for j in judgments)
+        unparseable = sum(j.unparseable for j in judgments)
+        resumed = len(judgments) - judge.comparisons_judged
+        print(f"judged {len(judgments)} pairs ({judge.samples_drawn} samples{f'; {resumed} pairs from the partial file' if resumed else ''}): "
+              f"{ties} ties, {unparseable} unparseable samples -> {args.output}")
     return 0

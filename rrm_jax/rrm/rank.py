@@ -15,12 +15,23 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from rrm_jax import distributed, options, resumable
 from rrm_jax.errors import UserError
 from rrm_jax.rrm import spec
-from rrm_jax.rrm.judge import Comparison, add_judge_arguments, judge_from_args, read_rows, require_text, write_atomic
+from rrm_jax.rrm.judge import (
+    Comparison,
+    add_judge_arguments,
+    interrupted_message,
+    judge_from_args,
+    judge_settings,
+    open_journal,
+    require_text,
+    rows_from_args,
+)
 
 Pair = tuple[int, int]
 QuestionPair = tuple[int, int, int]  # (question, i, j)
@@ -222,11 +233,12 @@ _RANK_FIELDS = "query, responses (a list of >= 2 strings), optional correct (a l
 
 def configure(parser) -> None:
     add_judge_arguments(parser)
-    parser.add_argument("--input", required=True, help="JSONL rows {query, responses: [...], correct: [...] (optional)}")
-    parser.add_argument("--strategy", required=True, choices=("elo", "knockout"))
+    options.add_input_arguments(parser, "rows {query, responses: [...], correct: [...] (optional)}")
+    parser.add_argument("--strategy", required=True, choices=("elo", "knockout"), help="ELO round robin or knockout")
     parser.add_argument("--output", required=True, help="JSONL file for each question's pick with its ratings or bracket")
     parser.add_argument("--bracket", help="knockout: JSON first round for every question, a list of pairs (1-entry "
                         "lists are byes) or an object with 'round_1' like the official tournament.json")
+    options.add_resume_argument(parser)
     parser.set_defaults(run=run_rank)
 
 
@@ -239,9 +251,9 @@ class _Question:
     correct: list[bool] | None
 
 
-def _read_questions(path: str) -> list[_Question]:
+def _read_questions(rows: list[tuple[str, dict]]) -> list[_Question]:
     questions = []
-    for where, row in read_rows(path):
+    for where, row in rows:
         query = require_text(where, row, "query", _RANK_FIELDS)
         responses = row.get("responses")
         if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
@@ -275,32 +287,32 @@ def _read_bracket(path: str, questions: list[_Question]) -> list[list[int]]:
 
 
 def run_rank(args) -> int:
-    questions = _read_questions(args.input)
+    rows = rows_from_args(args, ("query", "responses"), _RANK_FIELDS)
+    questions = _read_questions(rows)
     if args.bracket is not None and args.strategy != "knockout":
         raise UserError("--bracket is for --strategy knockout")
     bracket = _read_bracket(args.bracket, questions) if args.bracket else None
-    judge = judge_from_args(args, progress=True)
-
-    def compare(batch: list[QuestionPair]) -> list[int | None]:
-        judgments = judge([Comparison(questions[q].query, questions[q].responses[i], questions[q].responses[j]) for q, i, j in batch])
-        return [None if jd.winner is None else (i, j)[jd.winner - 1] for (_, i, j), jd in zip(batch, judgments)]
-
-    sizes = [len(q.responses) for q in questions]
-    if args.strategy == "elo":
-        results = [{"pick": r.best, "ratings": r.ratings} for r in elo_round_robin_many(sizes, compare, seed=args.seed)]
-    else:
-        results = [
-            {"pick": r.winner, "rounds": r.rounds, "byes": r.byes}
-            for r in knockout_many(sizes, compare, bracket=bracket, seed=args.seed)
-        ]
+    settings = judge_settings(args, rows, strategy=args.strategy, bracket=bracket)
+    with resumable.sigterm_requests() as stop_requested:
+        journal = open_journal(args, "rank", settings)
+        try:
+            judge = judge_from_args(args, progress=True, journal=journal, stop_requested=stop_requested)
+            results = _tournaments(args, questions, judge, bracket)
+        except resumable.Interrupted:
+            if distributed.is_main_process():
+                print(interrupted_message(journal, "comparisons"), file=sys.stderr)
+            return 0
+        finally:
+            journal.partial.close()
 
     lines = []
     for q, result in zip(questions, results):
         if q.correct is not None:
             result["pick_correct"] = q.correct[result["pick"]]
-        lines.append(json.dumps({**q.row, "strategy": args.strategy, **result}, ensure_ascii=False))
-    write_atomic(args.output, "\n".join(lines) + "\n")
-
+        lines.append(json.dumps({**q.row, "strategy": args.strategy, **result}, ensure_ascii=False, default=str))
+    journal.partial.finish("\n".join(lines) + "\n")
+    if not distributed.is_main_process():
+        return 0
     graded = [(q.correct, result["pick"]) for q, result in zip(questions, results) if q.correct is not None]
     if graded:
         accuracy = sum(correct[pick] for correct, pick in graded) / len(graded)
@@ -308,3 +320,18 @@ def run_rank(args) -> int:
         print(f"best-of-N accuracy: {accuracy:.4f} over {len(graded)} questions (random pick: {random_pick:.4f})")
     print(f"judge calls: {judge.comparisons_judged} comparisons, {judge.samples_drawn} samples -> {args.output}")
     return 0
+
+
+def _tournaments(args, questions: list[_Question], judge, bracket) -> list[dict]:
+    """Each question's pick and its ratings (ELO) or rounds and byes (knockout); every round's
+    comparisons over all questions are one judge call."""
+
+    def compare(batch: list[QuestionPair]) -> list[int | None]:
+        judgments = judge([Comparison(questions[q].query, questions[q].responses[i], questions[q].responses[j]) for q, i, j in batch])
+        return [None if jd.winner is None else (i, j)[jd.winner - 1] for (_, i, j), jd in zip(batch, judgments)]
+
+    sizes = [len(q.responses) for q in questions]
+    if args.strategy == "elo":
+        return [{"pick": r.best, "ratings": r.ratings} for r in elo_round_robin_many(sizes, compare, seed=args.seed)]
+    return [{"pick": r.winner, "rounds": r.rounds, "byes": r.byes}
+            for r in knockout_many(sizes, compare, bracket=bracket, seed=args.seed)]
