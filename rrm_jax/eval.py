@@ -199,9 +199,9 @@ def evaluate(judge, items: list[Item], fmt: str) -> dict:
         "tied_items": sum(j.tie for j in judgments),
         "unparseable_samples": sum(j.unparseable for j in judgments),
         "samples": sum(len(j.verdicts) for j in judgments),
-        # batch_size too: the seed of every sampled batch comes from the batch plan it shapes
+        # prompts_per_call too: the seed of every sampled batch comes from the batch plan it shapes
         "judge": {"votes": judge.votes, "both_orders": judge.both_orders, "seed": judge.seed,
-                  "batch_size": judge.batch_size, **judge.decoding},
+                  "batch_size": judge.batch_size, "prompts_per_call": judge.prompts_per_call, **judge.decoding},
         "per_item": [
             {"label": it.label, "subset": it.subset, "verdict": j.winner,
              "votes": {"1": j.votes_1, "2": j.votes_2, "unparseable": j.unparseable}, "swapped": j.swapped}

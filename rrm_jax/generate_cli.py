@@ -79,7 +79,8 @@ def generate_settings(args, rows: list[dict]) -> dict:
     model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
     return {"model": model, **options.input_settings(args, [("", row) for row in rows]),
             **{key: getattr(args, key) for key in ("max_new_tokens", "temperature", "top_p", "top_k", "num_samples",
-                                                   "seed", "batch_size", "max_think_tokens")}}
+                                                   "seed", "batch_size", "max_think_tokens")},
+            "prompts_per_call": options.prompts_per_call(args)}
 
 
 def run(args) -> int:
@@ -117,7 +118,7 @@ def _generate_all(args, model, tokenizer, prompts: list[list[int]], generated: d
 
     from rrm_jax.generate import sample
 
-    plan = worksplit.plan_batches([len(p) for p in prompts], [1] * len(prompts), args.batch_size)
+    plan = worksplit.plan_batches([len(p) for p in prompts], [1] * len(prompts), options.prompts_per_call(args))
     todo = [b for b, items in enumerate(plan) if any(i not in generated for i in items)]
 
     def run_batch(b: int) -> list[list[dict]]:
@@ -168,7 +169,9 @@ def configure(parser):
     parser.add_argument("--top-k", type=int, default=0, help="top-k filter, 0 = off")
     parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     parser.add_argument("--seed", type=int, default=0, help="seeds each batch's sampling")
-    parser.add_argument("--batch-size", type=int, default=64, help="prompts per compiled batch")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="prompts decoding at once (the engine's slots hold their samples)")
+    options.add_prompts_per_call_argument(parser)
     parser.add_argument("--max-think-tokens", type=int, default=None, help="force </think> after this many tokens")
     options.add_mesh_argument(parser)
     options.add_resume_argument(parser)

@@ -60,3 +60,22 @@ def input_settings(args: argparse.Namespace, rows: list[tuple[str, dict]]) -> di
     source = os.path.abspath(args.input) if os.path.exists(args.input) else args.input
     return {"input": source, "dataset_config": args.dataset_config, "dataset_split": args.dataset_split,
             "input_rows_sha256": digest}
+
+
+CALL_BATCHES = 8  # default planned batch: this many --batch-size worths of prompts per sampler call
+
+
+def add_prompts_per_call_argument(parser) -> None:
+    parser.add_argument("--prompts-per-call", type=int, default=None,
+                        help="prompts per planned batch: one sampler call, the unit split over processes and "
+                             "saved to the partial file; the engine keeps --batch-size of them decoding, refilling "
+                             f"slots as rows finish (default: {CALL_BATCHES} x --batch-size)")
+
+
+def prompts_per_call(args) -> int:
+    n = args.prompts_per_call if args.prompts_per_call is not None else CALL_BATCHES * args.batch_size
+    if n < 1:
+        from rrm_jax.errors import UserError
+
+        raise UserError(f"--prompts-per-call must be >= 1, got {n}")
+    return n

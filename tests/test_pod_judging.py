@@ -89,7 +89,7 @@ def run_pod(processes: int, command: str, root: Path, name: str, *extra: str, pr
     env.update(PYTHONPATH=str(ROOT), COUNT_DIR=str(counts), JAX_COMPILATION_CACHE_DIR=str(root / "jax-cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PREEMPT_PROCESS_1="1" if preempt_process_1 else "")
     cmd = [str(LOCAL_POD), str(processes), sys.executable, str(root / "script.py"), *COMMANDS[command](root),
-           "--output", str(out), "--votes", "2", "--batch-size", "2", "--max-new-tokens", "6", *extra]
+           "--output", str(out), "--votes", "2", "--batch-size", "2", "--prompts-per-call", "2", "--max-new-tokens", "6", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     per_process = {int(p.stem.split("-")[1]): sum(json.loads(line) for line in p.read_text().split())

@@ -19,12 +19,12 @@ from rrm_jax.rrm import judge as judge_module
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-# 6 pairs of different lengths: with --batch-size 2 the plan has 3 batches (one sampler call each)
+# 6 pairs of different lengths: with --prompts-per-call 2 the plan has 3 batches (one sampler call each)
 PAIRS = [{"id": k, "query": f"question {k}" + "?" * (3 * k), "response_1": f"good {k}", "response_2": f"poor {k}"}
          for k in range(6)]
 QUESTIONS = [{"query": f"pick one {q}", "responses": [f"answer {q}.{r}" + "!" * r for r in range(4)],
               "correct": [r == 2 for r in range(4)]} for q in range(3)]
-COMMON = ["--model", "M", "--votes", "2", "--batch-size", "2"]
+COMMON = ["--model", "M", "--votes", "2", "--batch-size", "2", "--prompts-per-call", "2"]
 
 
 @pytest.fixture(scope="module")

@@ -118,6 +118,7 @@ class Judge:
         max_new_tokens: int = spec.EVAL_MAX_NEW_TOKENS,
         max_think_tokens: int | None = None,
         batch_size: int = 64,
+        prompts_per_call: int | None = None,
         chat_template: str | None = None,
         progress: bool = False,
         journal: "JudgmentLog | None" = None,
@@ -131,6 +132,7 @@ class Judge:
         self.decoding = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                              max_think_tokens=max_think_tokens)
         self.batch_size, self.chat_template, self.progress = batch_size, chat_template, progress
+        self.prompts_per_call = prompts_per_call or options.CALL_BATCHES * batch_size
         self.journal, self.stop_requested = journal, stop_requested
         self.comparisons_judged = 0  # sampled by this run, over all processes (not those from the journal)
         self.samples_drawn = 0
@@ -143,7 +145,8 @@ class Judge:
         prompts = [[self._prompt_ids(c, swapped) for swapped in o] for c, o in zip(comparisons, orders)]
         judgments: list[Judgment | None] = [
             self.journal.get(call, i) if self.journal is not None else None for i in range(len(comparisons))]
-        plan = worksplit.plan_batches([max(map(len, p)) for p in prompts], [len(p) for p in prompts], self.batch_size)
+        plan = worksplit.plan_batches([max(map(len, p)) for p in prompts], [len(p) for p in prompts],
+                                     self.prompts_per_call)
         todo = [b for b, items in enumerate(plan) if any(judgments[i] is None for i in items)]
 
         with self._progress_bar(prompts, judgments) as bar:
@@ -270,7 +273,9 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=spec.EVAL_TOP_K, help="top-k filter, 0 = off")
     parser.add_argument("--max-new-tokens", type=int, default=spec.EVAL_MAX_NEW_TOKENS, help="tokens generated per sample")
     parser.add_argument("--max-think-tokens", type=int, default=None, help="thinking budget: force </think> after M tokens")
-    parser.add_argument("--batch-size", type=int, default=64, help="prompts per compiled sampler batch")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="prompts decoding at once (the engine's slots hold their votes)")
+    options.add_prompts_per_call_argument(parser)
     parser.add_argument("--chat-template", default=None, help="use this named chat template (deepseek-r1-distill) "
                         "instead of the tokenizer's; needed when the tokenizer has none")
     options.add_mesh_argument(parser)
@@ -278,13 +283,13 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
 
 def judge_from_args(args: argparse.Namespace, *, progress: bool, journal: JudgmentLog | None = None,
                     stop_requested: Callable[[], bool] | None = None) -> Judge:
-    options = dict(votes=args.votes, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+    decoding = dict(votes=args.votes, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                    max_new_tokens=args.max_new_tokens, max_think_tokens=args.max_think_tokens, batch_size=args.batch_size)
-    _check_options(**options)  # before the (slow) model load
+    _check_options(**decoding)  # before the (slow) model load
     chat_template = chat_template_named(args.chat_template) if args.chat_template else None
     generate, tokenizer = load_backend(args.model, mesh_shape=args.mesh)
     return Judge(generate, tokenizer, both_orders=args.both_orders, seed=args.seed, chat_template=chat_template,
-                 progress=progress, journal=journal, stop_requested=stop_requested, **options)
+                 prompts_per_call=options.prompts_per_call(args), progress=progress, journal=journal, stop_requested=stop_requested, **decoding)
 
 
 def judge_settings(args: argparse.Namespace, rows: list[tuple[str, dict]], **extra) -> dict:
@@ -293,7 +298,8 @@ def judge_settings(args: argparse.Namespace, rows: list[tuple[str, dict]], **ext
             **options.input_settings(args, rows), "votes": args.votes, "both_orders": args.both_orders, "seed": args.seed,
             "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
             "max_new_tokens": args.max_new_tokens, "max_think_tokens": args.max_think_tokens,
-            "batch_size": args.batch_size, "chat_template": args.chat_template, **extra}
+            "batch_size": args.batch_size, "prompts_per_call": options.prompts_per_call(args),
+            "chat_template": args.chat_template, **extra}
 
 
 def read_rows(path: str, *, dataset_config: str | None = None, dataset_split: str | None = None,
