@@ -80,6 +80,7 @@ def _static_run(model, settings, prompts, outputs, slots, cap, seed):
 def _hf_run(hf, prompts, outputs, slots, temperature):
     import torch
 
+    device = next(hf.parameters()).device
     for start in range(0, len(prompts), slots):
         batch, longest = prompts[start:start + slots], max(outputs[start:start + slots])
         width = max(len(p) for p in batch)
@@ -89,9 +90,11 @@ def _hf_run(hf, prompts, outputs, slots, temperature):
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+            out = hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=longest, min_new_tokens=longest,
                               do_sample=True, temperature=temperature, top_k=0, top_p=1.0, pad_token_id=0)
         assert out.shape[1] == width + longest
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: int, temperature: float = 0.6,
@@ -133,6 +136,7 @@ def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: 
         with tempfile.TemporaryDirectory() as d:
             save_hf(model, c, d)
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, c.dtype)).eval()
+        hf = hf.to("cuda" if torch.cuda.is_available() else "cpu")
         _hf_run(hf, prompts[:2], [2, 2], 2, temperature)  # warm-up
         _, wall, _ = clock.run(lambda: _hf_run(hf, prompts, outputs, slots, temperature))
         row.update({"hf_s": wall, "hf_tokens_per_s": useful / wall, "engine_vs_hf": row["engine_tokens_per_s"] / (useful / wall),

@@ -9,9 +9,9 @@ The host loop is plain Python over three jitted programs:
                 enough slots have finished that a refill is worth it; returns the tokens it emitted;
     empty_state allocate the slots.
 
-A decode step attends only over the cache blocks the longest live row fills (`qwen2.decode_step` with a
-block size), so its cost follows the tokens present, not the capacity allocated for the longest
-request. Rows keep their own random streams (see `rrm_jax.sampling`), so results do not depend on the
+A decode step attends only over the smallest window of the cache (128, 256, 512, ... positions) that
+holds the longest live row (`qwen2.decode_step` with a block size), so its cost follows the tokens
+present, not the capacity allocated for the longest request. Rows keep their own random streams (see `rrm_jax.sampling`), so results do not depend on the
 slot, the slot count, the other requests or their order.
 """
 
@@ -31,7 +31,7 @@ from rrm_jax.model import qwen2
 from rrm_jax.model.config import Qwen2Config
 from rrm_jax.sampling import Sample, SamplingSettings, bucket_length, is_eos, make_sample, next_tokens, row_keys
 
-ATTENTION_BLOCK = 128  # cache positions per attention block: the granularity at which a step's reads grow
+ATTENTION_BLOCK = 128  # the smallest attention window; windows double up to the whole cache
 CHUNK_STEPS = 32  # decode steps per device call between host checks
 
 

@@ -144,23 +144,26 @@ def test_sharded_engine_equals_one_device():
     assert [r.output_ids for r in sharded] == [r.output_ids for r in single]
 
 
-def test_decode_step_reads_only_the_blocks_the_longest_active_row_fills():
-    """Cache positions past the filled blocks hold NaN: a step that read them would return NaN logits
+def test_decode_step_reads_only_the_window_the_longest_active_row_fills():
+    """Cache positions past the window hold NaN: a step that read them would return NaN logits
     (0 * NaN = NaN in the weighted values), as the whole-cache step does."""
     config = preset("tiny")
     params = qwen2.Qwen2(config, rngs=nnx.Rngs(1)).params()
     B, S, block = 3, 256, 32
-    lengths = jnp.asarray([5, 70, 33], jnp.int32)  # longest 70 -> 3 blocks of 32 (96 positions)
+    lengths = jnp.asarray([5, 70, 33], jnp.int32)  # longest 70 -> window 128 of (32, 64, 128, 256)
     shape = (config.num_layers, B, S, config.num_kv_heads, config.head_dim)
-    filled = jnp.arange(S)[None, None, :, None, None] < 96
+    filled = jnp.arange(S)[None, None, :, None, None] < 128
     keys = jnp.where(filled, jax.random.normal(jax.random.key(0), shape), jnp.nan)
     values = jnp.where(filled, jax.random.normal(jax.random.key(1), shape), jnp.nan)
     cache = qwen2.KVCache(keys, values, lengths)
     tokens = jnp.asarray([3, 4, 5], jnp.int32)
     active = jnp.asarray([True, True, True])
 
-    assert int(qwen2.attention_blocks(lengths, active, block)) == 3
-    assert int(qwen2.attention_blocks(lengths, jnp.asarray([True, False, True]), block)) == 2
+    windows = qwen2.attention_windows(S, block)
+    assert windows == (32, 64, 128, 256)
+    assert windows[int(qwen2.attention_window(lengths, active, windows))] == 128
+    assert windows[int(qwen2.attention_window(lengths, jnp.asarray([True, False, True]), windows))] == 64
+    assert windows[int(qwen2.attention_window(jnp.asarray([1, 32, 0]), active, windows))] == 32
     step = jax.jit(lambda c, a: qwen2.decode_step(config, params, tokens, c, active=a, block_size=block))
     logits, new = step(cache, active)
     assert np.isfinite(np.asarray(logits)).all()
@@ -168,13 +171,15 @@ def test_decode_step_reads_only_the_blocks_the_longest_active_row_fills():
     whole, _ = qwen2.decode_step(config, params, tokens, cache)  # reads every allocated position
     assert np.isnan(np.asarray(whole)).all()
 
-    # the blockwise result equals attention over exactly the filled prefix
-    clean = qwen2.KVCache(jnp.nan_to_num(keys[:, :, :96]), jnp.nan_to_num(values[:, :, :96]), lengths)
+    # the windowed result equals attention over exactly the filled prefix
+    clean = qwen2.KVCache(keys[:, :, :128], values[:, :, :128], lengths)
     reference, _ = qwen2.decode_step(config, params, tokens, clean)
     np.testing.assert_allclose(logits, reference, atol=1e-5)
 
-    # an inactive row neither writes nor advances, and its length no longer sets the blocks read
-    _, new = step(cache, jnp.asarray([True, False, True]))
+    # an inactive row neither writes nor advances, and its length no longer sets the window read
+    cache = qwen2.KVCache(jnp.where(jnp.arange(S)[None, None, :, None, None] < 64, keys, jnp.nan), values, lengths)
+    logits, new = step(cache, jnp.asarray([True, False, True]))
+    assert np.isfinite(np.asarray(logits)[[0, 2]]).all()
     assert np.asarray(new.lengths).tolist() == [6, 70, 34]
-    np.testing.assert_array_equal(new.keys[:, 1, 70], keys[:, 1, 70])
-    assert not np.allclose(new.keys[:, 0, 5], keys[:, 0, 5])
+    np.testing.assert_array_equal(new.keys[:, 1, 60], cache.keys[:, 1, 60])
+    assert not np.allclose(new.keys[:, 0, 5], cache.keys[:, 0, 5])

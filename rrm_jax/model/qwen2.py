@@ -156,48 +156,38 @@ def _weighted_values(probs, v, dtype):
     return out.reshape(B, T, K * G, v.shape[-1])
 
 
-def _prefix_attention(q, cache_k, cache_v, layer, lengths, block: int, num_blocks):
-    """Online-softmax attention of one query per row over its cached prefix, read block by block.
+def _prefix_attention(q, cache_k, cache_v, layer, lengths, window: int):
+    """Attention of one query per row over the first `window` positions of its cached prefix.
 
-    q [B, 1, N, H]; cache_k / cache_v: the whole cache [L, B, S, K, H] (S a multiple of `block`), of
-    which layer `layer` is read; lengths [B] (positions < lengths are real). Only the first `num_blocks`
-    blocks are read (a traced count, so one compiled step serves every fill level): the step's cost
-    follows the filled length, not the allocated S. Blocks are sliced straight out of the stacked cache
-    (slicing the layer first would copy all S positions of it). Returns the running (max [B, K, G],
-    normaliser [B, K, G], unnormalised output [B, K, G, H]), float32.
+    q [B, 1, N, H]; cache_k / cache_v: the whole cache [L, B, S, K, H], of which layer `layer` is read
+    (sliced straight out of the stacked cache: slicing the layer first would copy all S positions);
+    lengths [B] (positions < lengths are real, and must be <= window). Returns the softmax's pieces
+    (max [B, K, G], normaliser [B, K, G], unnormalised output [B, K, G, H]), float32, so the new
+    token's own score joins them exactly.
 
-    Each block is an elementwise product summed over H, streaming the cache in its own layout: a decode
-    step is memory-bound, and a batched matmul would make XLA's CPU backend transpose every block first."""
+    An elementwise product summed over H, streaming the cache in its own layout: a decode step is
+    memory-bound, and a batched matmul would make XLA's CPU backend transpose the slice first."""
     B, _, N, H = q.shape
     _, _, _, K, _ = cache_k.shape
-    G = N // K
-    qf = q.reshape(B, 1, K, G, H).astype(jnp.float32) * (H ** -0.5)
-
-    def read_block(i, carry):
-        m, l, acc = carry
-        start = i * block
-        at = (layer, 0, start, 0, 0)
-        k = jax.lax.dynamic_slice(cache_k, at, (1, B, block, K, H))[0].astype(jnp.float32)
-        v = jax.lax.dynamic_slice(cache_v, at, (1, B, block, K, H))[0].astype(jnp.float32)
-        s = jnp.sum(qf * k[:, :, :, None, :], axis=-1)  # [B, block, K, G]
-        valid = ((start + jnp.arange(block))[None, :] < lengths[:, None])[:, :, None, None]
-        s = jnp.where(valid, s, _MASKED)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
-        rescale = jnp.exp(m - m_new)
-        acc = acc * rescale[..., None] + jnp.sum(p[..., None] * v[:, :, :, None, :], axis=1)
-        return m_new, l * rescale + jnp.sum(p, axis=1), acc
-
-    init = (jnp.full((B, K, G), _MASKED, jnp.float32), jnp.zeros((B, K, G), jnp.float32),
-            jnp.zeros((B, K, G, H), jnp.float32))
-    return jax.lax.fori_loop(0, num_blocks, read_block, init)
+    qf = q.reshape(B, 1, K, N // K, H).astype(jnp.float32) * (H ** -0.5)
+    at, size = (layer, 0, 0, 0, 0), (1, B, window, K, H)
+    k = jax.lax.dynamic_slice(cache_k, at, size)[0].astype(jnp.float32)
+    v = jax.lax.dynamic_slice(cache_v, at, size)[0].astype(jnp.float32)
+    s = jnp.sum(qf * k[:, :, :, None, :], axis=-1)  # [B, window, K, G]
+    valid = (jnp.arange(window)[None, :] < lengths[:, None])[:, :, None, None]
+    s = jnp.where(valid, s, _MASKED)
+    m = jnp.max(s, axis=1)
+    p = jnp.where(valid, jnp.exp(s - m[:, None]), 0.0)
+    return m, jnp.sum(p, axis=1), jnp.sum(p[..., None] * v[:, :, :, None, :], axis=1)
 
 
-def _attend_cached(q, k_new, v_new, cache: "KVCache", layer, block: int, num_blocks, dtype):
-    """The new token's attention over its cached prefix plus itself -> [B, 1, N, H]."""
+def _attend_cached(q, k_new, v_new, cache: "KVCache", layer, windows: tuple[int, ...], window_index, dtype):
+    """The new token's attention over its cached prefix (the first windows[window_index] positions) plus
+    itself -> [B, 1, N, H]."""
     B, _, N, H = q.shape
     K = k_new.shape[2]
-    m, l, acc = _prefix_attention(q, cache.keys, cache.values, layer, cache.lengths, block, num_blocks)
+    branches = [lambda q, w=w: _prefix_attention(q, cache.keys, cache.values, layer, cache.lengths, w) for w in windows]
+    m, l, acc = branches[0](q) if len(windows) == 1 else jax.lax.switch(window_index, branches, q)
     qf = q.reshape(B, K, N // K, H).astype(jnp.float32) * (H ** -0.5)
     s_self = jnp.sum(qf * k_new[:, 0, :, None, :].astype(jnp.float32), axis=-1)  # [B, K, G]
     m_all = jnp.maximum(m, s_self)
@@ -207,10 +197,21 @@ def _attend_cached(q, k_new, v_new, cache: "KVCache", layer, block: int, num_blo
     return out.reshape(B, 1, N, H).astype(dtype)
 
 
-def attention_blocks(lengths, active, block: int):
-    """Cache blocks a decode step reads: enough for the longest active row (at least one)."""
+def attention_windows(cache_len: int, smallest: int | None) -> tuple[int, ...]:
+    """The prefix lengths a decode step may read: smallest, doubling, then the whole cache."""
+    if smallest is None or smallest >= cache_len:
+        return (cache_len,)
+    windows = []
+    while smallest < cache_len:
+        windows.append(smallest)
+        smallest *= 2
+    return (*windows, cache_len)
+
+
+def attention_window(lengths, active, windows: tuple[int, ...]):
+    """Index of the smallest window that holds the longest active row's cached prefix."""
     longest = jnp.max(jnp.where(active, lengths, 0))
-    return jnp.maximum((longest + block - 1) // block, 1)
+    return sum((longest > w).astype(jnp.int32) for w in windows[:-1]) if len(windows) > 1 else jnp.int32(0)
 
 
 def _mlp_block(c: Qwen2Config, p, x):
@@ -336,28 +337,26 @@ def prefill(c: Qwen2Config, params, tokens, lengths, cache_len: int):
 def decode_step(c: Qwen2Config, params, tokens, cache: KVCache, *, active=None, block_size: int | None = None):
     """One new token per row, tokens [B], written at cache.lengths -> (logits [B, V], updated cache).
 
-    Each layer attends over the cached prefix (read-only inside the scan, sliced block by block out of
-    the stacked cache) plus the new token itself;
-    the new keys / values are written into the cache once, after the scan, with a per-row scatter,
-    so the cache is never copied per layer. active [B] (default all): rows that take the token;
-    inactive rows neither write nor advance. block_size: the prefix is read in blocks of this many
-    positions, only as many blocks as the longest active row fills (None = the whole cache as one
-    block, i.e. every allocated position every step). It must divide the cache length."""
+    Each layer attends over the cached prefix (read-only inside the scan, sliced out of the stacked
+    cache) plus the new token itself; the new keys / values are written into the cache once, after the
+    scan, with a per-row scatter, so the cache is never copied per layer. active [B] (default all): rows
+    that take the token; inactive rows neither write nor advance. block_size: the step reads only the
+    smallest of the windows block_size, 2 x block_size, 4 x ..., the whole cache, that holds the longest
+    active row (one compiled step, a `lax.switch` over the windows), so its cost follows the filled
+    length, within 2x, not the allocated length; None reads the whole cache every step."""
     B = tokens.shape[0]
     S = cache.keys.shape[2]
-    block = S if block_size is None else int(block_size)
-    if S % block:
-        raise ValueError(f"block_size {block} must divide the cache length {S}")
     if active is None:
         active = jnp.ones(B, bool)
-    num_blocks = 1 if block_size is None else attention_blocks(cache.lengths, active, block)
+    windows = attention_windows(S, block_size)
+    window_index = attention_window(cache.lengths, active, windows)
     positions = cache.lengths[:, None]  # [B, 1]
 
     def layer(x, xs):
         p, index = xs
         h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
         q, k, v = _qkv(c, p, h, positions)
-        attn = _attend_cached(q, k, v, cache, index, block, num_blocks, x.dtype)
+        attn = _attend_cached(q, k, v, cache, index, windows, window_index, x.dtype)
         x = _attn_out(p, x, attn)
         return _mlp_block(c, p, x), (k[:, 0], v[:, 0])
 
