@@ -31,10 +31,8 @@ from rrm_jax.rrm import prompt, spec
 
 LETTERS = string.ascii_lowercase
 RESPONSE_LENGTH = 5
-# X is one of the last BANNED_CHOICES letters. With all 26 (the measured recipe's prototype) this 2-layer
-# judge did not learn the matching within 400 supervised steps on true labels; with 4, GRPO learnt two
-# letters and stalled at 74% held-out; with 2 it passes 90% in minutes (BENCHMARKS.md)
-BANNED_CHOICES = 2
+# X is drawn from the last BANNED_CHOICES letters: all 26, the measured recipe's task (BENCHMARKS.md).
+BANNED_CHOICES = 26
 SPLITS = {"train": 0, "heldout": 1}  # independent random streams per split
 TOY_USER_FORMAT = "{question}:{answer1}|{answer2}"
 
@@ -116,21 +114,28 @@ def verdict_completion(tokenizer, verdict: int) -> str:
     return spec.THINK_CLOSE + BOXED_OPEN + VERDICT_TOKENS[verdict - 1] + "}" + tokenizer.eos_token
 
 
-def format_warmup_batch(tokenizer, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def format_warmup_batch(tokenizer, batch_size: int, rng: np.random.Generator, *,
+                        true_verdicts: bool = False) -> dict[str, np.ndarray]:
     """Phase A of the recipe: supervised transcripts that teach the answer FORMAT only.
 
     Fresh toy items in random A/B order, each followed by a RANDOM verdict, so a model trained on
     them writes well-formed verdicts while its accuracy stays at chance: any later climb in accuracy
     comes from the GRPO reward alone.
 
+    true_verdicts=True writes the CORRECT verdict instead: plain supervised learning of the task, a
+    diagnostic of what the model can learn (benchmarks/toy_init.py), never used by the trainer.
+
     Returns tokens [B, T] int32 (prompt then answer, right-padded with pad ids) and loss_mask [B, T]
     float32, 1 where tokens[b, t] is an answer token (to be predicted from position t - 1).
     """
     rows, masks = [], []
     for pair in _draw_pairs(rng, batch_size):
-        first, second = (pair.chosen, pair.rejected) if rng.random() < 0.5 else (pair.rejected, pair.chosen)
+        chosen_first = rng.random() < 0.5
+        first, second = (pair.chosen, pair.rejected) if chosen_first else (pair.rejected, pair.chosen)
         prompt_ids = prompt.encode(tokenizer, render_toy(tokenizer, pair.query, first, second))
-        answer_ids = tokenizer(verdict_completion(tokenizer, int(rng.integers(1, 3))), add_special_tokens=False)["input_ids"]
+        coin = int(rng.integers(1, 3))  # drawn either way, so both modes see the same items
+        verdict = (1 if chosen_first else 2) if true_verdicts else coin
+        answer_ids = tokenizer(verdict_completion(tokenizer, verdict), add_special_tokens=False)["input_ids"]
         rows.append(prompt_ids + answer_ids)
         masks.append([0.0] * len(prompt_ids) + [1.0] * len(answer_ids))
     width = max(map(len, rows))

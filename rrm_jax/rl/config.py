@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from rrm_jax.errors import UserError
+from rrm_jax.model.qwen2 import INITIALIZERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,7 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     init: str | None = None  # None: random init with the shape below; else a preset name or a model path
+    initializer: str = "fan-in"  # how a random init draws its weights: rrm_jax.model.qwen2.INITIALIZERS
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -239,6 +241,8 @@ def validate(c: TrainConfig) -> TrainConfig:
          f"loss.micro_batches={c.loss.micro_batches} must divide prompts_per_step*samples_per_prompt="
          f"{c.rollout.prompts_per_step * c.rollout.samples_per_prompt}"),
         (c.loss.entropy_on in ("verdict", "completion"), f"loss.entropy_on={c.loss.entropy_on!r}: use verdict or completion"),
+        (c.model.initializer in INITIALIZERS,
+         f"model.initializer={c.model.initializer!r}: use one of {', '.join(INITIALIZERS)}"),
         (c.data.orders in ("random", "both"), f"data.orders={c.data.orders!r}: use random or both"),
         (c.warmup.steps == 0 or c.data.source == "toy",
          "warmup.steps > 0 (the format warm-up) needs data.source=toy; set warmup.steps=0 for other data"),

@@ -87,7 +87,7 @@ def build_model(c: TrainConfig, tokenizer, mesh) -> Qwen2:
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, param_dtype=m.param_dtype, dtype=m.dtype)
         else:
             config = PRESETS[m.init].replace(param_dtype=m.param_dtype, dtype=m.dtype)
-        model = Qwen2(config, rngs=nnx.Rngs(c.seed))
+        model = Qwen2(config, rngs=nnx.Rngs(c.seed), init=m.initializer)
         return parallel.shard_model(model, mesh) if mesh is not None else model
     if not Path(m.init).exists():
         raise UserError(f"model.init={m.init!r} is neither a preset ({', '.join(PRESETS)}) nor an existing model folder")
