@@ -40,8 +40,8 @@ def init_statistics(config: Qwen2Config, params, tokens) -> dict:
     return {"attention_logit_std": float(jnp.std(qwen2._scores(q, k))), "output_logit_std": float(jnp.std(logits))}
 
 
-def run(initializer: str, seed: int, steps: int, eval_every: int) -> dict:
-    c = load_config(None, [f"seed={seed}", f"model.initializer={initializer}"])
+def run(initializer: str, seed: int, steps: int, eval_every: int, overrides: list[str]) -> dict:
+    c = load_config(None, [f"seed={seed}", f"model.initializer={initializer}", *overrides])
     tokenizer = toy.toy_tokenizer()
     model = trainer.build_model(c, tokenizer, None)
     config = model.config
@@ -84,9 +84,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--initializers", nargs="+", default=list(qwen2.INITIALIZERS))
+    parser.add_argument("--override", nargs="*", default=[], help="train config overrides, e.g. warmup.lr=2e-3")
     parser.add_argument("--out", default="benchmarks/results/toy_init.json")
     args = parser.parse_args()
-    results = [run(init, seed, args.steps, args.eval_every) for init in args.initializers for seed in args.seeds]
+    results = [run(init, seed, args.steps, args.eval_every, args.override) for init in args.initializers for seed in args.seeds]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     print(f"{'initializer':<12} {'seed':>4} {'attn std':>8} {'out std':>8}  " +

@@ -88,7 +88,7 @@ def model_shape(c: TrainConfig) -> Qwen2Config:
     """The model `rrm-jax train` would build for this config, with the config's dtypes."""
     m = c.model
     if m.init is None:
-        from rrm_jax.rl.trainer import load_train_tokenizer  # the vocabulary size comes from the tokenizer
+        from rrm_jax.data.train_tokenizer import load_train_tokenizer  # the vocabulary size comes from the tokenizer
 
         base = Qwen2Config(vocab_size=len(load_train_tokenizer(c.tokenizer)), hidden_size=m.hidden_size,
                            intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,

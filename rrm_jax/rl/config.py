@@ -95,6 +95,22 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GuardConfig:
+    """Defences against a run that fails silently (rrm_jax/rl/guard.py)."""
+
+    format_penalty: float = 0.5  # subtracted from the advantage of each unparseable sample, after the group normalisation
+    truncation_penalty: float = 0.0  # the same for samples cut off at rollout.max_new_tokens (no end-of-sequence token)
+    truncation_warning: float = 0.5  # warn when truncated_fraction reaches this (0 = never)
+    collapse_steps: int = 10  # K: collapse when a signal stays at collapse_threshold this many steps (0 = off)
+    collapse_threshold: float = 1.0  # the fraction of unparseable samples / zero-variance groups that counts
+    on_collapse: str = "stop"  # "stop" (exit code 3) or "rollback" (to the last good checkpoint, new rollout seed)
+    max_rollbacks: int = 2  # then stop
+
+
+ON_COLLAPSE = ("stop", "rollback")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     max_steps: int = 600
@@ -110,6 +126,7 @@ class TrainConfig:
     rollout: RolloutConfig = RolloutConfig()
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
+    guard: GuardConfig = GuardConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -247,6 +264,12 @@ def validate(c: TrainConfig) -> TrainConfig:
         (c.warmup.steps == 0 or c.data.source == "toy",
          "warmup.steps > 0 (the format warm-up) needs data.source=toy; set warmup.steps=0 for other data"),
         (c.data.heldout > 0, "data.heldout must be > 0"),
+        (c.guard.on_collapse in ON_COLLAPSE, f"guard.on_collapse={c.guard.on_collapse!r}: use {' or '.join(ON_COLLAPSE)}"),
+        (c.guard.collapse_steps >= 0 and c.guard.max_rollbacks >= 0,
+         "guard.collapse_steps and guard.max_rollbacks must be >= 0"),
+        (0 < c.guard.collapse_threshold <= 1, "guard.collapse_threshold must be in (0, 1]"),
+        (c.guard.format_penalty >= 0 and c.guard.truncation_penalty >= 0,
+         "guard.format_penalty and guard.truncation_penalty must be >= 0 (they are subtracted)"),
     ]
     for ok, message in checks:
         if not ok:
