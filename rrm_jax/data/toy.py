@@ -8,7 +8,7 @@ for it in both. The item space is about 26^11, so training and held-out items ne
 The toy judge speaks the RRM format with a character tokenizer and its own short prompt: its chat
 template recognises the RRM user message (rrm_jax.rrm.prompt.messages) and compresses it to
 
-    <s>avoid x:abcde|fghij<think>        (query : response 1 | response 2; 21 tokens)
+    <s>avoid x:abcde|fghij<think>        (query : response 1 | response 2; 16 tokens, "avoid " is one)
 
 so `rrm_jax.rrm.prompt.render`, `rrm-jax judge` and `rrm-jax eval` work on a toy checkpoint
 unchanged. The answer is `</think>\\boxed{Assistant k}</s>`: empty thinking and a one-token verdict
@@ -24,6 +24,7 @@ import string
 import tempfile
 
 import numpy as np
+from tokenizers import AddedToken
 
 from rrm_jax.data.char_tokenizer import BOXED_OPEN, VERDICT_TOKENS, build_char_tokenizer
 from rrm_jax.data.preference import PreferencePair
@@ -71,9 +72,16 @@ def _toy_chat_template() -> str:
 TOY_CHAT_TEMPLATE = _toy_chat_template()
 
 
+# The query's fixed words are one token, so the prompt is 16 tokens as in the measured recipe's
+# prototype (BOS, marker, X, separator, 5 letters, separator, 5 letters, <think>): BENCHMARKS.md.
+QUERY_PREFIX = "avoid "
+
+
 def toy_tokenizer():
     """The toy's character tokenizer with its chat template (save it with the checkpoint)."""
-    return build_char_tokenizer(chat_template=TOY_CHAT_TEMPLATE)
+    tokenizer = build_char_tokenizer(chat_template=TOY_CHAT_TEMPLATE)
+    tokenizer.add_tokens([AddedToken(QUERY_PREFIX, special=False, normalized=False)])
+    return tokenizer
 
 
 def render_toy(tokenizer, question: str, answer1: str, answer2: str) -> str:
@@ -83,7 +91,7 @@ def render_toy(tokenizer, question: str, answer1: str, answer2: str) -> str:
 
 
 def question_for(letter: str) -> str:
-    return f"avoid {letter}"
+    return QUERY_PREFIX + letter
 
 
 def _draw_pairs(rng: np.random.Generator, n: int) -> list[PreferencePair]:
