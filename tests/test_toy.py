@@ -145,6 +145,7 @@ def test_toy_config_carries_the_measured_settings():
     assert model["tie_word_embeddings"] is True
     assert (warmup["steps"], warmup["batch_size"], warmup["lr"]) == (60, 256, 1e-3)
     assert (rollout["prompts_per_step"], rollout["samples_per_prompt"], rollout["temperature"]) == (256, 4, 1.0)
-    assert (loss["clip_low"], loss["clip_high"], loss["kl_coef"], loss["entropy_coef"], loss["entropy_on"]) == (0.2, 0.2, 0.0, 0.03, "verdict")
+    assert (loss["clip_low"], loss["clip_high"], loss["kl_coef"], loss["entropy_coef"], loss["entropy_on"]) == (0.2, 0.2, 0.0, 0.1, "verdict")
     assert (opt["lr"], opt["warmup_steps"], opt["grad_clip"]) == (1e-3, 20, 1.0)
-    assert config["data"]["max_prompt_len"] >= 21
+    assert config["data"]["max_prompt_len"] >= 16
+    assert (config["guard"]["format_penalty"], config["guard"]["truncation_penalty"]) == (0.5, 0.5)

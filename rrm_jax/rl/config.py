@@ -77,7 +77,7 @@ class LossConfig:
     kl_estimator: str = "k3"
     agg: str = "token-mean"
     normalize_std: bool = True
-    entropy_coef: float = 0.0  # off unless a config asks (the toy sets 0.03 on the verdict)
+    entropy_coef: float = 0.0  # off unless a config asks (the toy sets 0.1 on the verdict)
     entropy_on: str = "completion"  # or "verdict" (toy tokenizer: the 2-way verdict distribution)
     ppo_epochs: int = 1
     micro_batches: int = 1
