@@ -11,9 +11,12 @@ One run, in OUTPUT_DIR:
     metrics.jsonl      one JSON object per step; tb/ TensorBoard events; curve.png at the end
 
 Phases: (A) an optional supervised format warm-up on toy transcripts with RANDOM verdicts (the model
-learns to answer, not what to answer), then (B) GRPO: B prompts -> G samples each -> rewards ->
-group advantages -> `ppo_epochs` clipped-policy updates -> AdamW. The sampler and the update share
-one copy of the weights: the updated arrays are put back into the model the sampler reads.
+learns to answer, not what to answer), then (B) GRPO, one step as named stages: `rollout` (B prompts
+-> G samples each), `score` (rewards, group advantages, the guard's format penalties, rollout
+statistics), `update` (`ppo_epochs` clipped-policy updates -> AdamW); then the loop logs metrics,
+lets the guard (rrm_jax/rl/guard.py) look for a collapse (stop, or roll back to the last good
+checkpoint), evaluates and checkpoints. The sampler and the update share one copy of the weights: the
+updated arrays are put back into the model the sampler reads.
 
 All randomness is a function of (seed, step) and the data iterator's position, both in the
 checkpoint, so a resumed run repeats the uninterrupted one exactly.
