@@ -88,8 +88,10 @@ def test_generated_items_follow_the_rule():
         assert x not in p.chosen and p.rejected.count(x) == 1
     choices = "abcdefghijklmnopqrstuvwxyz"[-toy.BANNED_CHOICES:]
     assert set(banned) == set(choices)
+    assert toy.BANNED_CHOICES == 26  # the full task
     counts = np.array([banned.count(c) for c in choices])
-    assert counts.min() > 0.8 * 2000 / len(choices) and counts.max() < 1.2 * 2000 / len(choices)  # uniform
+    expected = 2000 / len(choices)
+    assert np.sum((counts - expected) ** 2 / expected) < 52.6  # uniform: chi-square, 25 dof, p = 0.001
     positions = [p.rejected.index(p.query[-1]) for p in pairs]
     assert set(positions) == set(range(5))
 
