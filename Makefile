@@ -1,22 +1,31 @@
-# `make demo` and `make test` each set up .venv on first use.
+# `make demo` and `make test` each set up .venv on first use: the demo installs the package alone,
+# the tests add the test extra (pytest, and torch as the reference implementation).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+DEMO_DIR ?= runs/toy
 
 .PHONY: demo test install clean
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(TEST_STAMP)
 
+install: $(TEST_STAMP)
+
+# Trains the toy judge into $(DEMO_DIR). Run again, it continues that run from its latest checkpoint,
+# or, once finished, prints its summary again; `rm -rf runs/toy` (or DEMO_DIR=runs/other) for a new one.
 demo: $(STAMP)
-	$(VENV)/bin/rrm-jax train
+	$(VENV)/bin/rrm-jax train --output-dir $(DEMO_DIR) --resume
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q tests
 
 clean:

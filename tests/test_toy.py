@@ -30,7 +30,7 @@ def test_characters_round_trip(tokenizer):
 
 def test_special_tokens_and_vocabulary(tokenizer):
     assert [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id] == [0, 1, 2, 3]
-    assert len(tokenizer) == 4 + 96 + 5  # specials, printable ASCII and newline, marker tokens
+    assert len(tokenizer) == 4 + 96 + 5 + 1  # specials, printable ASCII and newline, marker tokens, "avoid "
     # plain calls add nothing: the chat template writes the BOS token itself
     assert tokenizer("ab")["input_ids"] == tokenizer("ab", add_special_tokens=False)["input_ids"]
     assert char_tokenizer.verdict_token_ids(tokenizer) == (tokenizer.convert_tokens_to_ids("Assistant 1"), tokenizer.convert_tokens_to_ids("Assistant 2"))
@@ -66,7 +66,7 @@ def test_save_and_reload_with_auto_tokenizer(tokenizer, tmp_path):
 def test_chat_template_compresses_the_rrm_prompt(tokenizer):
     rendered = prompt.render(tokenizer, "avoid x", "abcde", "fxhij")
     assert rendered == "<s>avoid x:abcde|fxhij<think>"
-    assert len(prompt.encode(tokenizer, rendered)) == 21
+    assert len(prompt.encode(tokenizer, rendered)) == 16  # the recipe's layout: "avoid " is one token
     assert toy.render_toy(tokenizer, "avoid x", "abcde", "fxhij") == rendered
     # responses with line breaks and the separators survive unchanged
     odd = ("q\n\n## Query", "a|b:\n\n", "")
@@ -88,8 +88,10 @@ def test_generated_items_follow_the_rule():
         assert x not in p.chosen and p.rejected.count(x) == 1
     choices = "abcdefghijklmnopqrstuvwxyz"[-toy.BANNED_CHOICES:]
     assert set(banned) == set(choices)
+    assert toy.BANNED_CHOICES == 26  # the full task
     counts = np.array([banned.count(c) for c in choices])
-    assert counts.min() > 0.8 * 2000 / len(choices) and counts.max() < 1.2 * 2000 / len(choices)  # uniform
+    expected = 2000 / len(choices)
+    assert np.sum((counts - expected) ** 2 / expected) < 52.6  # uniform: chi-square, 25 dof, p = 0.001
     positions = [p.rejected.index(p.query[-1]) for p in pairs]
     assert set(positions) == set(range(5))
 
@@ -104,23 +106,30 @@ def test_generator_is_seeded_and_splits_are_disjoint():
     assert not {key(p) for p in a} & {key(p) for p in heldout}
 
 
-def test_format_warmup_batch_has_random_verdicts(tokenizer):
-    batch = toy.format_warmup_batch(tokenizer, 400, np.random.default_rng(0))
+def _verdicts_and_truths(tokenizer, batch):
     tokens, mask = batch["tokens"], batch["loss_mask"]
-    assert tokens.shape == (400, 26) and tokens.dtype == np.int32 and mask.dtype == np.float32
-    agree = verdicts_one = 0
+    assert tokens.shape == (len(tokens), 21) and tokens.dtype == np.int32 and mask.dtype == np.float32
     for row, row_mask in zip(tokens, mask):
-        assert row_mask.tolist() == [0.0] * 21 + [1.0] * 5  # only the answer is learnt
-        text = tokenizer.decode(row[:21])
+        assert row_mask.tolist() == [0.0] * 16 + [1.0] * 5  # only the answer is learnt
+        text = tokenizer.decode(row[:16])
         query, responses = text[len("<s>"):-len("<think>")].split(":")
         first, second = responses.split("|")
-        verdict = parse_verdict(tokenizer.decode(row[21:], skip_special_tokens=True))
+        yield parse_verdict(tokenizer.decode(row[16:], skip_special_tokens=True)), 1 if query[-1] not in first else 2
+
+
+def test_format_warmup_batch_has_random_verdicts(tokenizer):
+    batch = toy.format_warmup_batch(tokenizer, 400, np.random.default_rng(0))
+    agree = verdicts_one = 0
+    for verdict, truth in _verdicts_and_truths(tokenizer, batch):
         assert verdict in (1, 2)
-        truth = 1 if query[-1] not in first else 2
         agree += verdict == truth
         verdicts_one += verdict == 1
     # verdicts are coin flips, independent of the truth: the model learns the format, not the task
     assert 160 < agree < 240 and 160 < verdicts_one < 240
+    # the diagnostic mode (benchmarks/toy_init.py) writes the right verdict on the same items
+    true = toy.format_warmup_batch(tokenizer, 400, np.random.default_rng(0), true_verdicts=True)
+    np.testing.assert_array_equal(true["tokens"][:, :16], batch["tokens"][:, :16])
+    assert all(verdict == truth for verdict, truth in _verdicts_and_truths(tokenizer, true))
 
 
 def test_write_heldout_is_readable_pairs_file(tmp_path):
@@ -138,6 +147,7 @@ def test_toy_config_carries_the_measured_settings():
     assert model["tie_word_embeddings"] is True
     assert (warmup["steps"], warmup["batch_size"], warmup["lr"]) == (60, 256, 1e-3)
     assert (rollout["prompts_per_step"], rollout["samples_per_prompt"], rollout["temperature"]) == (256, 4, 1.0)
-    assert (loss["clip_low"], loss["clip_high"], loss["kl_coef"], loss["entropy_coef"], loss["entropy_on"]) == (0.2, 0.2, 0.0, 0.03, "verdict")
+    assert (loss["clip_low"], loss["clip_high"], loss["kl_coef"], loss["entropy_coef"], loss["entropy_on"]) == (0.2, 0.2, 0.0, 0.1, "verdict")
     assert (opt["lr"], opt["warmup_steps"], opt["grad_clip"]) == (1e-3, 20, 1.0)
-    assert config["data"]["max_prompt_len"] >= 21
+    assert config["data"]["max_prompt_len"] >= 16
+    assert (config["guard"]["format_penalty"], config["guard"]["truncation_penalty"]) == (0.5, 0.5)

@@ -8,7 +8,7 @@ for it in both. The item space is about 26^11, so training and held-out items ne
 The toy judge speaks the RRM format with a character tokenizer and its own short prompt: its chat
 template recognises the RRM user message (rrm_jax.rrm.prompt.messages) and compresses it to
 
-    <s>avoid x:abcde|fghij<think>        (query : response 1 | response 2; 21 tokens)
+    <s>avoid x:abcde|fghij<think>        (query : response 1 | response 2; 16 tokens, "avoid " is one)
 
 so `rrm_jax.rrm.prompt.render`, `rrm-jax judge` and `rrm-jax eval` work on a toy checkpoint
 unchanged. The answer is `</think>\\boxed{Assistant k}</s>`: empty thinking and a one-token verdict
@@ -24,6 +24,7 @@ import string
 import tempfile
 
 import numpy as np
+from tokenizers import AddedToken
 
 from rrm_jax.data.char_tokenizer import BOXED_OPEN, VERDICT_TOKENS, build_char_tokenizer
 from rrm_jax.data.preference import PreferencePair
@@ -31,10 +32,8 @@ from rrm_jax.rrm import prompt, spec
 
 LETTERS = string.ascii_lowercase
 RESPONSE_LENGTH = 5
-# X is one of the last BANNED_CHOICES letters. With all 26 (the measured recipe's prototype) this 2-layer
-# judge did not learn the matching within 400 supervised steps on true labels; with 4, GRPO learnt two
-# letters and stalled at 74% held-out; with 2 it passes 90% in minutes (BENCHMARKS.md)
-BANNED_CHOICES = 2
+# X is drawn from the last BANNED_CHOICES letters: all 26, the measured recipe's task (BENCHMARKS.md).
+BANNED_CHOICES = 26
 SPLITS = {"train": 0, "heldout": 1}  # independent random streams per split
 TOY_USER_FORMAT = "{question}:{answer1}|{answer2}"
 
@@ -73,9 +72,16 @@ def _toy_chat_template() -> str:
 TOY_CHAT_TEMPLATE = _toy_chat_template()
 
 
+# The query's fixed words are one token, so the prompt is 16 tokens as in the measured recipe's
+# prototype (BOS, marker, X, separator, 5 letters, separator, 5 letters, <think>): BENCHMARKS.md.
+QUERY_PREFIX = "avoid "
+
+
 def toy_tokenizer():
     """The toy's character tokenizer with its chat template (save it with the checkpoint)."""
-    return build_char_tokenizer(chat_template=TOY_CHAT_TEMPLATE)
+    tokenizer = build_char_tokenizer(chat_template=TOY_CHAT_TEMPLATE)
+    tokenizer.add_tokens([AddedToken(QUERY_PREFIX, special=False, normalized=False)])
+    return tokenizer
 
 
 def render_toy(tokenizer, question: str, answer1: str, answer2: str) -> str:
@@ -85,7 +91,7 @@ def render_toy(tokenizer, question: str, answer1: str, answer2: str) -> str:
 
 
 def question_for(letter: str) -> str:
-    return f"avoid {letter}"
+    return QUERY_PREFIX + letter
 
 
 def _draw_pairs(rng: np.random.Generator, n: int) -> list[PreferencePair]:
@@ -116,21 +122,28 @@ def verdict_completion(tokenizer, verdict: int) -> str:
     return spec.THINK_CLOSE + BOXED_OPEN + VERDICT_TOKENS[verdict - 1] + "}" + tokenizer.eos_token
 
 
-def format_warmup_batch(tokenizer, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def format_warmup_batch(tokenizer, batch_size: int, rng: np.random.Generator, *,
+                        true_verdicts: bool = False) -> dict[str, np.ndarray]:
     """Phase A of the recipe: supervised transcripts that teach the answer FORMAT only.
 
     Fresh toy items in random A/B order, each followed by a RANDOM verdict, so a model trained on
     them writes well-formed verdicts while its accuracy stays at chance: any later climb in accuracy
     comes from the GRPO reward alone.
 
+    true_verdicts=True writes the CORRECT verdict instead: plain supervised learning of the task, a
+    diagnostic of what the model can learn (benchmarks/toy_init.py), never used by the trainer.
+
     Returns tokens [B, T] int32 (prompt then answer, right-padded with pad ids) and loss_mask [B, T]
     float32, 1 where tokens[b, t] is an answer token (to be predicted from position t - 1).
     """
     rows, masks = [], []
     for pair in _draw_pairs(rng, batch_size):
-        first, second = (pair.chosen, pair.rejected) if rng.random() < 0.5 else (pair.rejected, pair.chosen)
+        chosen_first = rng.random() < 0.5
+        first, second = (pair.chosen, pair.rejected) if chosen_first else (pair.rejected, pair.chosen)
         prompt_ids = prompt.encode(tokenizer, render_toy(tokenizer, pair.query, first, second))
-        answer_ids = tokenizer(verdict_completion(tokenizer, int(rng.integers(1, 3))), add_special_tokens=False)["input_ids"]
+        coin = int(rng.integers(1, 3))  # drawn either way, so both modes see the same items
+        verdict = (1 if chosen_first else 2) if true_verdicts else coin
+        answer_ids = tokenizer(verdict_completion(tokenizer, verdict), add_special_tokens=False)["input_ids"]
         rows.append(prompt_ids + answer_ids)
         masks.append([0.0] * len(prompt_ids) + [1.0] * len(answer_ids))
     width = max(map(len, rows))

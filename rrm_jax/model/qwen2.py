@@ -67,12 +67,30 @@ def param_shapes(c: Qwen2Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _init_value(path: str, shape, dtype, key):
+# How a freshly built model draws its matrices (loaded checkpoints never use this).
+# "fan-in": std 1/sqrt(fan_in) for each projection (fan_in = the input width it contracts: D for q/k/v,
+#   gate and up, N*H for o, F for down) and 1/sqrt(D) for the embedding and the lm_head, so attention
+#   and output logits start with std ~1. A small model learns from it (BENCHMARKS.md, toy init).
+# "normal-0.02": Hugging Face's Qwen2 default, N(0, 0.02) everywhere; at D=128 attention starts uniform
+#   (logit std ~0.05) and the 2-layer toy judge does not learn its task even from true labels.
+INITIALIZERS = ("fan-in", "normal-0.02")
+
+
+def _fan_in(path: str, shape) -> int:
+    if path in ("embed", "lm_head"):
+        return shape[-1] if path == "embed" else shape[0]  # embed [V, D], lm_head [D, V]: D either way
+    if path == "layers.o_proj":
+        return shape[1] * shape[2]  # [L, N, H, D]
+    return shape[1]  # [L, in, ...]: q/k/v/gate/up contract D, down contracts F
+
+
+def _init_value(path: str, shape, dtype, key, init: str = "fan-in"):
     if path.endswith("norm"):
         return jnp.ones(shape, dtype)
     if path.endswith("bias"):
         return jnp.zeros(shape, dtype)
-    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    std = 0.02 if init == "normal-0.02" else _fan_in(path, shape) ** -0.5
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 class DecoderLayers(nnx.Module):
@@ -86,12 +104,15 @@ class DecoderLayers(nnx.Module):
 class Qwen2(nnx.Module):
     """Qwen2ForCausalLM. `logits = model(tokens, attention_mask=..., positions=...)` -> float32 [B, T, V]."""
 
-    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs, init: str = "fan-in"):
+        """init: how random weights are drawn, one of INITIALIZERS."""
+        if init not in INITIALIZERS:
+            raise ValueError(f"init={init!r}: use one of {', '.join(INITIALIZERS)}")
         self.config = config
         dtype = jnp.dtype(config.param_dtype)
         values = {}
         for path, shape in param_shapes(config).items():
-            values[path] = _init_value(path, shape, dtype, rngs.params())
+            values[path] = _init_value(path, shape, dtype, rngs.params(), init)
         self.embed = nnx.Param(values.pop("embed"), logical_axes=LOGICAL_AXES["embed"])
         self.final_norm = nnx.Param(values.pop("final_norm"), logical_axes=LOGICAL_AXES["final_norm"])
         if "lm_head" in values:

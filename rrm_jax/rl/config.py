@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from rrm_jax.errors import UserError
+from rrm_jax.model.qwen2 import INITIALIZERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,7 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     init: str | None = None  # None: random init with the shape below; else a preset name or a model path
+    initializer: str = "fan-in"  # how a random init draws its weights: rrm_jax.model.qwen2.INITIALIZERS
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -80,7 +82,7 @@ class LossConfig:
     kl_estimator: str = "k3"
     agg: str = "token-mean"
     normalize_std: bool = True
-    entropy_coef: float = 0.0  # off unless a config asks (the toy sets 0.03 on the verdict)
+    entropy_coef: float = 0.0  # off unless a config asks (the toy sets 0.1 on the verdict)
     entropy_on: str = "completion"  # or "verdict" (toy tokenizer: the 2-way verdict distribution)
     ppo_epochs: int = 1
     micro_batches: int = 1
@@ -95,6 +97,22 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 20
     grad_clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardConfig:
+    """Defences against a run that fails silently (rrm_jax/rl/guard.py)."""
+
+    format_penalty: float = 0.5  # subtracted from the advantage of each unparseable sample, after the group normalisation
+    truncation_penalty: float = 0.0  # the same for samples cut off at rollout.max_new_tokens (no end-of-sequence token)
+    truncation_warning: float = 0.5  # warn when truncated_fraction reaches this (0 = never)
+    collapse_steps: int = 10  # K: collapse when a signal stays at collapse_threshold this many steps (0 = off)
+    collapse_threshold: float = 1.0  # the fraction of unparseable samples / zero-variance groups that counts
+    on_collapse: str = "stop"  # "stop" (exit code 3) or "rollback" (to the last good checkpoint, new rollout seed)
+    max_rollbacks: int = 2  # then stop
+
+
+ON_COLLAPSE = ("stop", "rollback")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +131,7 @@ class TrainConfig:
     rollout: RolloutConfig = RolloutConfig()
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
+    guard: GuardConfig = GuardConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -254,6 +273,8 @@ def validate(c: TrainConfig) -> TrainConfig:
          f"loss.micro_batches={c.loss.micro_batches} must divide prompts_per_step*samples_per_prompt="
          f"{c.rollout.prompts_per_step * c.rollout.samples_per_prompt}"),
         (c.loss.entropy_on in ("verdict", "completion"), f"loss.entropy_on={c.loss.entropy_on!r}: use verdict or completion"),
+        (c.model.initializer in INITIALIZERS,
+         f"model.initializer={c.model.initializer!r}: use one of {', '.join(INITIALIZERS)}"),
         (c.data.orders in ("random", "both"), f"data.orders={c.data.orders!r}: use random or both"),
         (c.warmup.steps == 0 or c.data.source == "toy",
          "warmup.steps > 0 (the format warm-up) needs data.source=toy; set warmup.steps=0 for other data"),
@@ -262,6 +283,12 @@ def validate(c: TrainConfig) -> TrainConfig:
          and (c.mesh.data, c.mesh.fsdp, c.mesh.tp).count(-1) <= 1,
          f"mesh data={c.mesh.data} fsdp={c.mesh.fsdp} tp={c.mesh.tp}: sizes must be >= 1 with at most one -1 "
          f"(all remaining devices; the default is fsdp=-1, so set mesh.fsdp=1 when another axis is -1)"),
+        (c.guard.on_collapse in ON_COLLAPSE, f"guard.on_collapse={c.guard.on_collapse!r}: use {' or '.join(ON_COLLAPSE)}"),
+        (c.guard.collapse_steps >= 0 and c.guard.max_rollbacks >= 0,
+         "guard.collapse_steps and guard.max_rollbacks must be >= 0"),
+        (0 < c.guard.collapse_threshold <= 1, "guard.collapse_threshold must be in (0, 1]"),
+        (c.guard.format_penalty >= 0 and c.guard.truncation_penalty >= 0,
+         "guard.format_penalty and guard.truncation_penalty must be >= 0 (they are subtracted)"),
     ]
     for ok, message in checks:
         if not ok:

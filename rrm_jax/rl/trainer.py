@@ -11,9 +11,12 @@ One run, in OUTPUT_DIR:
     metrics.jsonl      one JSON object per step; tb/ TensorBoard events; curve.png at the end
 
 Phases: (A) an optional supervised format warm-up on toy transcripts with RANDOM verdicts (the model
-learns to answer, not what to answer), then (B) GRPO: B prompts -> G samples each -> rewards ->
-group advantages -> `ppo_epochs` clipped-policy updates -> AdamW. The sampler and the update share
-one copy of the weights: the updated arrays are put back into the model the sampler reads.
+learns to answer, not what to answer), then (B) GRPO, one step as named stages: `rollout` (B prompts
+-> G samples each), `score` (rewards, group advantages, the guard's format penalties, rollout
+statistics), `update` (`ppo_epochs` clipped-policy updates -> AdamW); then the loop logs metrics,
+lets the guard (rrm_jax/rl/guard.py) look for a collapse (stop, or roll back to the last good
+checkpoint), evaluates and checkpoints. The sampler and the update share one copy of the weights: the
+updated arrays are put back into the model the sampler reads.
 
 All randomness is a function of (seed, step) and the data iterator's position, both in the
 checkpoint, so a resumed run repeats the uninterrupted one exactly.
@@ -21,10 +24,13 @@ checkpoint, so a resumed run repeats the uninterrupted one exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
+import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -43,21 +49,24 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rrm_jax import checkpoint, distributed, generate, parallel, plan
 from rrm_jax.data import toy
 from rrm_jax.data.char_tokenizer import BOXED_OPEN, verdict_token_ids
-from rrm_jax.data.preference import PreferenceDataset, preference_batches, read_preferences, split_heldout
+from rrm_jax.data.preference import JudgeExample, PreferenceDataset, preference_batches, read_preferences, split_heldout
 from rrm_jax.errors import UserError
 from rrm_jax.model import convert
 from rrm_jax.model.config import PRESETS, Qwen2Config
 from rrm_jax.model.qwen2 import Qwen2
-from rrm_jax.rl import grpo, step
+from rrm_jax.rl import grpo, guard, step
 from rrm_jax.rl.config import TrainConfig, load_config
 from rrm_jax.rl.reward import compute_rewards
-from rrm_jax.rl.tokenizer import load_train_tokenizer
-from rrm_jax.rrm.prompt import parse_verdict, render
+from rrm_jax.rl.tokenizer import TOY_TOKENIZER, load_train_tokenizer  # noqa: F401 (part of this module's API)
+from rrm_jax.rrm.judge import Comparison, is_swapped
+from rrm_jax.rrm.prompt import encode, parse_verdict, render
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 HELDOUT = "heldout.jsonl"
+EVAL_SEED = 0  # `rrm-jax eval`'s default --seed: which pairs it shows swapped
+EXIT_COLLAPSE = 3  # the guard stopped a collapsed run
 TIMING_KEYS = ("step_time", "rollout_time", "update_time", "tokens_per_s", "elapsed")  # vary run to run
 
 
@@ -77,7 +86,7 @@ def build_model(c: TrainConfig, tokenizer, mesh) -> Qwen2:
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, param_dtype=m.param_dtype, dtype=m.dtype)
         else:
             config = PRESETS[m.init].replace(param_dtype=m.param_dtype, dtype=m.dtype)
-        model = Qwen2(config, rngs=nnx.Rngs(c.seed))
+        model = Qwen2(config, rngs=nnx.Rngs(c.seed), init=m.initializer)
         return parallel.shard_model(model, mesh) if mesh is not None else model
     if not Path(m.init).exists():
         raise UserError(f"model.init={m.init!r} is neither a preset ({', '.join(PRESETS)}) nor an existing model folder")
@@ -377,18 +386,66 @@ def resolve_config(config_path: str | None, overrides: list[str], output_dir: Pa
     return load_config(config_path, overrides)
 
 
-def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: str | None = None,
-          progress: bool = True) -> int:
-    t_start = time.perf_counter()
+# ----------------------------------------------------------------------------------------------
+# The stages of one GRPO step: rollout -> score -> update; then metrics, guard, evaluation, checkpoint
+
+
+@dataclasses.dataclass
+class Run:
+    """What stays fixed through a run, built once by `setup`."""
+
+    c: TrainConfig
+    output_dir: Path
+    mesh: object
+    tokenizer: object
+    batches: object  # grain iterator over this process's slice of each step's prompts
+    heldout: list[JudgeExample]
+    model: Qwen2
+    optimizer: optax.GradientTransformation
+    loss: step.LossSettings
+    verdict_open_id: int | None
+    main: bool
+    progress: bool
+
+    @property
+    def mcfg(self) -> Qwen2Config:
+        return self.model.config
+
+
+@dataclasses.dataclass
+class State:
+    """What a checkpoint restores (besides the weights, which live in `run.model`)."""
+
+    step: int
+    params: dict
+    opt_state: object
+    ref_params: dict | None
+    rollout_seed: int  # the sampler's seed stream; a rollback draws a new one
+    rollbacks: int = 0
+
+
+def heldout_examples(pairs, tokenizer, render_fn, max_prompt_len: int) -> list[JudgeExample]:
+    """One prompt per held-out pair, in the A/B order `rrm-jax eval --format pairs` (seed 0) shows it,
+    so the trainer's held-out accuracy and that command's read the same prompts."""
+    examples = []
+    for pair in pairs:
+        swapped = is_swapped(Comparison(pair.query, pair.chosen, pair.rejected), EVAL_SEED)
+        first, second = (pair.rejected, pair.chosen) if swapped else (pair.chosen, pair.rejected)
+        text = render_fn(tokenizer, pair.query, first, second)
+        ids = encode(tokenizer, text)
+        if len(ids) <= max_prompt_len:
+            examples.append(JudgeExample(pair.query, first, second, 2 if swapped else 1, text, ids, pair.origin))
+    return examples
+
+
+def setup(c: TrainConfig, output_dir: Path, *, resume: bool, progress: bool) -> Run:
+    """Mesh, tokenizer, data and model; every check that can fail runs before OUTPUT_DIR is touched."""
     mesh = make_mesh(c)
     tokenizer = load_train_tokenizer(c.tokenizer)
-    # Everything that can be wrong with the data is found before OUTPUT_DIR is touched.
     train_pairs, heldout_pairs, render_fn = load_pairs(c)
     dataset = PreferenceDataset(train_pairs, tokenizer=tokenizer, render=render_fn, max_prompt_len=c.data.max_prompt_len,
                                 seed=c.seed, orders=c.data.orders)
-    heldout_set = PreferenceDataset(heldout_pairs, tokenizer=tokenizer, render=render_fn,
-                                    max_prompt_len=c.data.max_prompt_len, seed=c.seed + 1, orders="random")
-    heldout = [heldout_set[i][0] for i in range(len(heldout_set))]  # every process evaluates all of it
+    heldout = heldout_examples(heldout_pairs, tokenizer, render_fn, c.data.max_prompt_len)  # every process: all of it
     batches = iter(preference_batches(dataset, batch_size=c.rollout.prompts_per_step, seed=c.seed))  # this process's slice
     model = build_model(c, tokenizer, mesh)
     mcfg = model.config
@@ -396,9 +453,6 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
     if c.data.max_prompt_len + c.rollout.max_new_tokens > mcfg.max_position_embeddings:
         raise UserError(f"data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len + c.rollout.max_new_tokens} "
                         f"exceeds the model's context of {mcfg.max_position_embeddings} tokens")
-    _prepare_output(output_dir, resume, c, heldout_pairs)
-    main = distributed.is_main_process()
-    progress = progress and main
 
     verdict_open_id, entropy_ids = None, ()
     if c.loss.entropy_coef > 0 and c.loss.entropy_on == "verdict":
@@ -413,137 +467,256 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
                              entropy_token_ids=tuple(entropy_ids), remat=c.loss.remat)
     grpo.aggregation_count(np.ones((1, 1)), c.loss.agg)  # unknown names fail now, not after the warm-up
     grpo.kl_penalty(jnp.zeros(1), jnp.zeros(1), c.loss.kl_estimator)
+    _prepare_output(output_dir, resume, c, heldout_pairs)
+    main = distributed.is_main_process()
+    return Run(c, output_dir, mesh, tokenizer, batches, heldout, model, grpo_optimizer(c), loss, verdict_open_id,
+               main, progress and main)
 
+
+def rollout(run: Run, state: State, prompts: list[list[int]]):
+    """G samples per prompt from the current weights, prompt-major."""
+    r = run.c.rollout
+    return generate.sample(run.model, prompts, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                           num_samples=r.samples_per_prompt, seed=_step_seed(state.rollout_seed, state.step),
+                           tokenizer=run.tokenizer)
+
+
+@dataclasses.dataclass
+class Scored:
+    rewards: np.ndarray  # [R]
+    advantages: np.ndarray  # [R]: group-relative, minus the guard's format penalties
+    stats: dict  # the rollout's metrics
+
+
+def score(run: Run, samples, labels: list[int]) -> Scored:
+    """Rewards, group advantages with the format signal, and the rollout's statistics."""
+    c, G = run.c, run.c.rollout.samples_per_prompt
+    preferred = np.repeat(labels, G)
+    texts = [s.text for s in samples]
+    rewards = compute_rewards(texts, preferred, reward=c.reward)
+    verdicts = [parse_verdict(t) for t in texts]
+    unparseable = np.array([v is None for v in verdicts])
+    truncated = np.array([s.finish_reason == generate.FINISH_LENGTH for s in samples])
+    advantages = guard.penalised_advantages(
+        np.asarray(grpo.group_advantages(rewards, G, normalize_std=c.loss.normalize_std)), unparseable, truncated,
+        format_penalty=c.guard.format_penalty, truncation_penalty=c.guard.truncation_penalty)
+    lengths = np.array([len(s.output_ids) for s in samples])
+    groups = rewards.reshape(-1, G)
+    stats = {
+        "reward_mean": float(rewards.mean()),
+        "accuracy": float(np.mean([v == p for v, p in zip(verdicts, preferred)])),
+        "unparseable": float(unparseable.mean()),
+        "response_len_mean": float(lengths.mean()),
+        "response_len_max": int(lengths.max()),
+        "truncated_fraction": float(truncated.mean()),
+        "zero_variance_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
+        "tokens_generated": int(lengths.sum()),
+    }
+    return Scored(rewards, advantages, stats)
+
+
+def update(run: Run, state: State, prompts, samples, advantages) -> dict:
+    """`ppo_epochs` clipped-policy updates on one rollout; the model the sampler reads gets the new weights."""
+    arrays = (*rollout_batch(prompts, samples, run.c.rollout.max_new_tokens, verdict_open_id=run.verdict_open_id),
+              advantages)
+    prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask, advantages = _device_batch(arrays, run.mesh)
+    ref_logp = (step.logprobs_fn(run.mcfg, state.ref_params, prompt_tokens, prompt_lengths, tokens)
+                if state.ref_params is not None else jnp.zeros_like(old_logp))
+    batch = step.RolloutBatch(prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, ref_logp, advantages, entropy_mask)
+    for _ in range(run.c.loss.ppo_epochs):
+        state.params, state.opt_state, metrics = step.update_fn(run.mcfg, run.loss, run.optimizer, run.c.loss.micro_batches,
+                                                                state.params, state.opt_state, batch)
+    nnx.update(run.model, state.params)  # the sampler reads the new weights; no second copy
+    return {k: float(v) for k, v in distributed.fetch(metrics).items()}
+
+
+def grpo_step(run: Run, state: State) -> dict:
+    """One GRPO step (state.step is the step being taken) -> its metrics row (without eval / elapsed)."""
+    t0 = time.perf_counter()
+    prompts, labels = global_batch(next(run.batches), run.c.data.max_prompt_len)
+    samples = rollout(run, state, prompts)
+    t_rollout = time.perf_counter() - t0
+    scored = score(run, samples, labels)
+    update_metrics = update(run, state, prompts, samples, scored.advantages)
+    step_time = time.perf_counter() - t0
+    tokens = scored.stats.pop("tokens_generated")
+    return {"step": state.step, **scored.stats, **update_metrics, "tokens_per_s": float(tokens / step_time),
+            "rollout_time": t_rollout, "update_time": step_time - t_rollout, "step_time": step_time}
+
+
+def _restore(run: Run, ckpts: Checkpoints, step_number: int, state: State) -> dict:
+    """Load checkpoint step_number into state and the model; returns its train_state."""
+    restored = ckpts.restore(step_number, state.params, state.opt_state, state.ref_params)
+    state.params, state.opt_state = restored["params"], restored["opt_state"]
+    if state.ref_params is not None:
+        state.ref_params = restored["ref_params"]
+    nnx.update(run.model, state.params)
+    saved = restored["train_state"]
+    run.batches.set_state(saved["data_iterator"])
+    state.step = step_number
+    state.rollout_seed = saved.get("rollout_seed", saved["seed"])
+    state.rollbacks = saved.get("rollbacks", 0)
+    return saved
+
+
+def _initial_state(run: Run, ckpts: Checkpoints, start: int | None, preemption: _Preemption) -> tuple[State | None, float]:
+    """(state, elapsed before this process started): the warm-up's result for a new run, the latest
+    checkpoint for a resumed one; None when SIGTERM arrived during the warm-up."""
+    c = run.c
+    params = run.model.params()
+    if start is None:
+        params = _warmup(c, run.mcfg, params, run.tokenizer, run.progress, preemption)
+        if preemption.requested:  # already agreed by every process in _warmup
+            return None, 0.0
+        nnx.update(run.model, params)
+        params = run.model.params()
+    opt_state = _on_mesh(run.optimizer.init(params), run.mesh)  # on resume, the restore target: arrays keep its layout
+    ref_params = jax.tree.map(jnp.copy, params) if c.loss.kl_coef > 0 else None  # frozen: the policy GRPO starts from
+    state = State(start or 0, params, opt_state, ref_params, rollout_seed=c.seed)
+    if start is None:
+        return state, 0.0
+    saved = _restore(run, ckpts, start, state)
+    if run.main:
+        print(f"resuming {run.output_dir} from step {start}", file=sys.stderr)
+    return state, saved["elapsed"]
+
+
+def _new_rollout_seed(seed: int, rollbacks: int) -> int:
+    return int(np.random.SeedSequence([seed, 1 << 20, rollbacks]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: str | None = None,
+          progress: bool = True) -> int:
+    """The whole run; returns the exit code (0, or EXIT_COLLAPSE when the guard stopped it)."""
+    t_start = time.perf_counter()
+    run = setup(c, output_dir, resume=resume, progress=progress)
     ckpts = Checkpoints(output_dir, c.keep_checkpoints)
     start = ckpts.latest_step() if resume else None
-    optimizer = grpo_optimizer(c)
-    params = model.params()
-    elapsed_before = 0.0
-    ref_params = None
-
     preemption = _Preemption()
-    if start is None:
-        params = _warmup(c, mcfg, params, tokenizer, progress, preemption)
-        if preemption.requested:  # already agreed by every process in _warmup
-            preemption.restore()
-            ckpts.close()
-            if main:
-                print("SIGTERM during the format warm-up: nothing to save yet; --resume starts over", file=sys.stderr)
-            return 0
-        nnx.update(model, params)
-        params = model.params()
-        opt_state = _on_mesh(optimizer.init(params), mesh)
-        if c.loss.kl_coef > 0:
-            ref_params = jax.tree.map(jnp.copy, params)  # frozen reference: the policy GRPO starts from
-    else:
-        opt_state = _on_mesh(optimizer.init(params), mesh)  # the restore target: restored arrays keep its layout
-        if c.loss.kl_coef > 0:
-            ref_params = jax.tree.map(jnp.copy, params)
-        restored = ckpts.restore(start, params, opt_state, ref_params)
-        params, opt_state = restored["params"], restored["opt_state"]
-        if ref_params is not None:
-            ref_params = restored["ref_params"]
-        nnx.update(model, params)
-        state = restored["train_state"]
-        batches.set_state(state["data_iterator"])
-        elapsed_before = state["elapsed"]
-        if main:
-            print(f"resuming {output_dir} from step {start}", file=sys.stderr)
-
+    state, elapsed_before = _initial_state(run, ckpts, start, preemption)
+    if state is None:
+        preemption.restore()
+        ckpts.close()
+        if run.main:
+            print("SIGTERM during the format warm-up: nothing to save yet; --resume starts over", file=sys.stderr)
+        return 0
+    if start is not None and start >= c.max_steps and run.main:
+        print(f"{output_dir} is already trained to step {start} (max_steps={c.max_steps}); its summary follows. "
+              f"For a new run: rm -rf {output_dir}, or --output-dir elsewhere; for more steps: --resume max_steps=N",
+              file=sys.stderr)
     metrics = MetricsLog(output_dir, start if start is not None else (-1 if resume else None))
-    first = (start or 0) + 1
     clock0 = t_start - elapsed_before  # elapsed time counts across resumes
 
     def elapsed():
         return time.perf_counter() - clock0
 
+    def save():
+        train_state = {"step": state.step, "seed": c.seed, "rollout_seed": state.rollout_seed, "rollbacks": state.rollbacks,
+                       "data_iterator": run.batches.get_state(), "elapsed": elapsed()}
+        return ckpts.save(state.step, run.model, state.opt_state, state.ref_params, train_state, c, run.tokenizer)
+
     if start is None and c.eval_every:
-        metrics.log({"step": 0, **evaluate(model, heldout, tokenizer, c.rollout.max_new_tokens), "elapsed": elapsed()})
-
-    def save(step_number):
-        state = {"step": step_number, "seed": c.seed, "data_iterator": batches.get_state(), "elapsed": elapsed()}
-        return ckpts.save(step_number, model, opt_state, ref_params, state, c, tokenizer)
-
-    G = c.rollout.samples_per_prompt
-    last_saved = start
-    bar = _progress_bar(first, c.max_steps, progress)
+        metrics.log({"step": 0, **evaluate(run.model, run.heldout, run.tokenizer, c.rollout.max_new_tokens), "elapsed": elapsed()})
+    if start is None and (c.guard.on_collapse == "rollback" or c.max_steps == 0):
+        save()  # the warm-up's model: a rollback target before the first periodic checkpoint
+    detector = guard.CollapseDetector(c.guard.collapse_steps, c.guard.collapse_threshold)
+    truncation = guard.TruncationWatch(c.guard.truncation_warning, c.rollout.max_new_tokens)
+    bar = _progress_bar(state.step + 1, c.max_steps, run.progress)
+    last_saved, save_due, exit_code = start, False, 0
     try:
-        for step_number in range(first, c.max_steps + 1):
-            t0 = time.perf_counter()
-            prompts, labels = global_batch(next(batches), c.data.max_prompt_len)
-            samples = generate.sample(
-                model, prompts, max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
-                top_p=c.rollout.top_p, num_samples=G, seed=_step_seed(c.seed, step_number), tokenizer=tokenizer)
-            t_rollout = time.perf_counter() - t0
-            preferred = np.repeat(labels, G)
-            texts = [s.text for s in samples]
-            rewards = compute_rewards(texts, preferred, reward=c.reward)
-            advantages = grpo.group_advantages(rewards, G, normalize_std=c.loss.normalize_std)
-            prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask, advantages = _device_batch(
-                (*rollout_batch(prompts, samples, c.rollout.max_new_tokens, verdict_open_id=verdict_open_id),
-                 advantages), mesh)
-            ref_logp = (step.logprobs_fn(mcfg, ref_params, prompt_tokens, prompt_lengths, tokens)
-                        if ref_params is not None else jnp.zeros_like(old_logp))
-            batch = step.RolloutBatch(prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, ref_logp,
-                                      advantages, entropy_mask)
-            for _ in range(c.loss.ppo_epochs):
-                params, opt_state, update_metrics = step.update_fn(mcfg, loss, optimizer, c.loss.micro_batches,
-                                                                   params, opt_state, batch)
-            nnx.update(model, params)  # the sampler reads the new weights; no second copy
-            update_metrics = {k: float(v) for k, v in distributed.fetch(update_metrics).items()}
-            step_time = time.perf_counter() - t0
-
-            verdicts = [parse_verdict(t) for t in texts]
-            lengths = np.array([len(s.output_ids) for s in samples])
-            groups = rewards.reshape(-1, G)
-            row = {
-                "step": step_number,
-                "reward_mean": float(rewards.mean()),
-                "accuracy": float(np.mean([v == p for v, p in zip(verdicts, preferred)])),
-                "unparseable": float(np.mean([v is None for v in verdicts])),
-                "response_len_mean": float(lengths.mean()),
-                "response_len_max": int(lengths.max()),
-                "truncated_fraction": float(np.mean([s.finish_reason == generate.FINISH_LENGTH for s in samples])),
-                "zero_variance_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
-                **update_metrics,
-                "tokens_per_s": float(lengths.sum() / step_time),
-                "rollout_time": t_rollout,
-                "update_time": step_time - t_rollout,
-                "step_time": step_time,
-            }
-            if c.eval_every and step_number % c.eval_every == 0:
-                row.update(evaluate(model, heldout, tokenizer, c.rollout.max_new_tokens))
+        while state.step < c.max_steps:
+            state.step += 1
+            row = grpo_step(run, state)
+            collapse = detector.observe(state.step, row)
+            row["collapse_streak"] = 0 if detector.streak_start is None else state.step - detector.streak_start + 1
+            if c.eval_every and state.step % c.eval_every == 0:
+                row.update(evaluate(run.model, run.heldout, run.tokenizer, c.rollout.max_new_tokens))
             row["elapsed"] = elapsed()
             metrics.log(row)
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.2f}",
                             **({"eval": f"{row['eval_accuracy']:.3f}"} if "eval_accuracy" in row else {}))
+            warning = truncation.observe(state.step, row["truncated_fraction"])
+            if warning and run.main:
+                bar.write(warning, file=sys.stderr)
             if distributed.any_process(preemption.requested):  # every process stops at the same step
-                step_dir = save(step_number)
-                if main:
-                    print(f"\nSIGTERM: saved step {step_number} to {step_dir}; resume with --resume", file=sys.stderr)
+                step_dir = save()
+                if run.main:
+                    print(f"\nSIGTERM: saved step {state.step} to {step_dir}; resume with --resume", file=sys.stderr)
                 return 0
-            if c.checkpoint_every and step_number % c.checkpoint_every == 0:
-                save(step_number)
-                last_saved = step_number
-        if last_saved != c.max_steps and c.max_steps >= first:
-            save(c.max_steps)
-        elif start is None and c.max_steps == 0:
-            save(0)
+            if collapse is not None:
+                if c.guard.on_collapse == "rollback" and state.rollbacks < c.guard.max_rollbacks and ckpts.latest_step() is not None:
+                    _roll_back(run, ckpts, state, collapse, metrics, bar)
+                    detector.reset()
+                    bar.reset(total=max(c.max_steps - state.step, 0))
+                    save_due = False
+                    continue
+                exit_code = _stop_on_collapse(run, ckpts, state, collapse, metrics)
+                break
+            # A checkpoint is only written at a step without a collapse signal, so the latest one is
+            # always good: a due save waits for the next healthy step.
+            save_due = save_due or bool(c.checkpoint_every and state.step % c.checkpoint_every == 0)
+            if save_due and detector.streak_start is None:
+                save()
+                last_saved, save_due = state.step, False
+        else:
+            if last_saved != c.max_steps and c.max_steps > (start or 0):
+                save()
     finally:
         bar.close()
         preemption.restore()
         rows = metrics.rows()
         metrics.close()
         ckpts.close()
-    step_dir = ckpts.root / str(ckpts.latest_step())
-    if main:
+    latest = ckpts.latest_step()
+    step_dir = ckpts.root / str(latest) if latest is not None else None
+    if run.main and exit_code == 0:
+        rows = current_attempt(rows)
         plot_curve(rows, output_dir / "curve.png")
         if export_hf:  # from the files just written: no process holds all the weights of a sharded model
             convert.checkpoint_to_hf(step_dir, export_hf)
-        _print_summary(output_dir, step_dir, rows, export_hf)
+        _print_summary(run, step_dir, rows, export_hf)
     distributed.barrier("run-finished")
-    return 0
+    return exit_code
+
+
+def _roll_back(run: Run, ckpts: Checkpoints, state: State, collapse: guard.Collapse, metrics: MetricsLog, bar) -> None:
+    """Restore the latest (good) checkpoint and go on from it with a new rollout seed."""
+    good = ckpts.latest_step()
+    rollbacks = state.rollbacks + 1
+    _restore(run, ckpts, good, state)
+    state.rollbacks = rollbacks
+    state.rollout_seed = _new_rollout_seed(run.c.seed, rollbacks)
+    metrics.log({"step": collapse.step, "collapse": collapse.signal, "collapse_since": collapse.since,
+                 "action": "rollback", "rolled_back_to": good, "rollbacks": rollbacks, "rollout_seed": state.rollout_seed})
+    if run.main:
+        bar.write(f"{collapse.describe()}; rolled back to checkpoint step {good} ({ckpts.root / str(good)}) with a new "
+                  f"rollout seed (rollback {rollbacks} of at most {run.c.guard.max_rollbacks})", file=sys.stderr)
+
+
+def _stop_on_collapse(run: Run, ckpts: Checkpoints, state: State, collapse: guard.Collapse, metrics: MetricsLog) -> int:
+    good = ckpts.latest_step()
+    metrics.log({"step": collapse.step, "collapse": collapse.signal, "collapse_since": collapse.since, "action": "stop",
+                 "last_good_checkpoint": good, "rollbacks": state.rollbacks})
+    if run.main:
+        where = (f"last good checkpoint: {ckpts.root / str(good)} (step {good})" if good is not None else
+                 f"no checkpoint was saved before it (checkpoint_every={run.c.checkpoint_every})")
+        after = f" after {state.rollbacks} rollback(s)" if state.rollbacks else ""
+        print(f"\nrrm-jax train: stopped{after}: {collapse.describe()}; {where}; metrics: {run.output_dir / METRICS}. "
+              f"guard.on_collapse=rollback retries from the last good checkpoint with a new rollout seed",
+              file=sys.stderr)
+    return EXIT_COLLAPSE
+
+
+def current_attempt(rows: list[dict]) -> list[dict]:
+    """The metrics rows of the run as it stands: rows a rollback abandoned, and the event rows, left out."""
+    kept: list[dict] = []
+    for row in rows:
+        if row.get("action") == "rollback":
+            kept = [r for r in kept if r["step"] <= row["rolled_back_to"]]
+        elif "collapse" not in row:
+            kept.append(row)
+    return kept
 
 
 def _step_seed(seed: int, step_number: int) -> int:
@@ -580,24 +753,51 @@ def _progress_bar(first: int, last: int, enabled: bool, desc: str = "GRPO"):
     return tqdm(total=max(last - first + 1, 0), desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
-def _print_summary(output_dir: Path, step_dir: Path, rows: list[dict], export_hf: str | None) -> None:
+def cli_prefix() -> str:
+    """How to call `rrm-jax` from where the user stands: plain `rrm-jax` when that name on PATH is this
+    installation, else the path of this installation's script (e.g. `.venv/bin/rrm-jax` after `make demo`)."""
+    script = Path(sys.executable).parent / "rrm-jax"
+    on_path = shutil.which("rrm-jax")
+    if not script.exists() or (on_path and os.path.samefile(on_path, script)):
+        return "rrm-jax"
+    relative = os.path.relpath(script)
+    return relative if not relative.startswith("..") else str(script.absolute())
+
+
+def example_item(heldout: list[JudgeExample]) -> tuple[str, str, str]:
+    """(query, response 1, response 2) of the first held-out toy item: a letter the task trains on."""
+    e = heldout[0]
+    return e.query, e.response_1, e.response_2
+
+
+def _print_summary(run: Run, step_dir: Path, rows: list[dict], export_hf: str | None) -> None:
+    output_dir, c = run.output_dir, run.c
     evals = [r for r in rows if "eval_accuracy" in r]
     out = str(output_dir)
     if evals:
         best = max(evals, key=lambda r: r["eval_accuracy"])
         reached = next((r for r in evals if r["eval_accuracy"] >= 0.9), None)
-        print(f"held-out accuracy: {evals[0]['eval_accuracy']:.3f} at step {evals[0]['step']} -> "
+        print(f"held-out accuracy (greedy, {len(run.heldout)} pairs of {output_dir / HELDOUT}, each in the A/B order "
+              f"`rrm-jax eval` shows it): {evals[0]['eval_accuracy']:.3f} at step {evals[0]['step']} -> "
               f"{evals[-1]['eval_accuracy']:.3f} at step {evals[-1]['step']} (best {best['eval_accuracy']:.3f})")
         if reached:
             print(f"first >= 0.90 at step {reached['step']}, {reached['elapsed']:.0f} s after start")
+        print(f"  `rrm-jax eval` below reads the same prompts from the latest checkpoint; it credits an unparseable "
+              f"verdict 0.5 where this counts 0 (unparseable at step {evals[-1]['step']}: "
+              f"{evals[-1]['eval_unparseable']:.1%}), so the two agree up to that and float rounding")
     print(f"checkpoint: {step_dir}  (metrics: {output_dir / METRICS}, curve: {output_dir / 'curve.png'})")
     if export_hf:
         print(f"Hugging Face export: {export_hf}")
-    print("try it:")
-    print(f"  rrm-jax judge --model {out} --query 'avoid q' --response-1 abcde --response-2 abqde --max-new-tokens 8")
-    print(f"  rrm-jax eval --model {out} --input {output_dir / HELDOUT} --format pairs --output {output_dir / 'eval.json'} "
-          f"--temperature 0 --max-new-tokens 8")
-    print(f"  rrm-jax convert orbax-to-hf --ckpt {out} --out {out}-hf")
+    exe = cli_prefix()
+    tokens = c.rollout.max_new_tokens
+    print(f"try it (--max-new-tokens {tokens}: the toy judge's answer is 5 tokens and its context {run.mcfg.max_position_embeddings}):")
+    if c.data.source == "toy":
+        query, first, second = example_item(run.heldout)
+        print(f"  {exe} judge --model {out} --query {shlex.quote(query)} --response-1 {first} --response-2 {second} "
+              f"--temperature 0 --max-new-tokens {tokens}")
+    print(f"  {exe} eval --model {out} --input {output_dir / HELDOUT} --format pairs --output {output_dir / 'eval.json'} "
+          f"--temperature 0 --max-new-tokens {tokens}")
+    print(f"  {exe} convert orbax-to-hf --ckpt {out} --out {out}-hf")
 
 
 # ----------------------------------------------------------------------------------------------
