@@ -7,6 +7,7 @@ import dataclasses
 from rrm_jax.errors import UserError
 
 DTYPES = ("float32", "bfloat16")
+INITIALIZERS = ("fan-in", "normal-0.02")  # how qwen2.Qwen2 draws random weights
 _DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "f32": "float32",
                   "bfloat16": "bfloat16", "bf16": "bfloat16"}
 

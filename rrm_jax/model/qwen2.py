@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rrm_jax.model.config import Qwen2Config
+from rrm_jax.model.config import INITIALIZERS, Qwen2Config
 
 # Additive mask value: finite, so a fully masked row (a padding query) softmaxes to uniform instead of NaN.
 _MASKED = -1e30
@@ -73,7 +73,6 @@ def param_shapes(c: Qwen2Config) -> dict[str, tuple[int, ...]]:
 #   and output logits start with std ~1. A small model learns from it (BENCHMARKS.md, toy init).
 # "normal-0.02": Hugging Face's Qwen2 default, N(0, 0.02) everywhere; at D=128 attention starts uniform
 #   (logit std ~0.05) and the 2-layer toy judge does not learn its task even from true labels.
-INITIALIZERS = ("fan-in", "normal-0.02")
 
 
 def _fan_in(path: str, shape) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from rrm_jax.errors import UserError
-from rrm_jax.model.qwen2 import INITIALIZERS
+from rrm_jax.model.config import INITIALIZERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,7 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     init: str | None = None  # None: random init with the shape below; else a preset name or a model path
-    initializer: str = "fan-in"  # how a random init draws its weights: rrm_jax.model.qwen2.INITIALIZERS
+    initializer: str = "fan-in"  # how a random init draws its weights: rrm_jax.model.config.INITIALIZERS
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
