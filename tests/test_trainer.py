@@ -100,6 +100,11 @@ def test_resume_after_kill_is_exact(tmp_path):
     # the printed follow-on commands work on the run folder
     assert checkpoint.load_tokenizer(tmp_path / "resumed") is not None
     assert f"rrm-jax eval --model {tmp_path / 'resumed'}" in resumed.stdout
+    # `make demo` a second time: --resume on a finished run says so and prints the summary again
+    again = _train_subprocess(tmp_path / "resumed", "max_steps=6", "warmup.steps=5", "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "already trained to step 6" in again.stderr and "checkpoint:" in again.stdout
+    assert _without_timing(_rows(tmp_path / "resumed")) == _without_timing(_rows(tmp_path / "straight"))
 
 
 def test_sigterm_saves_current_step_and_exits_zero(tmp_path, monkeypatch):
