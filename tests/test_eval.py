@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from judge_utils import ScriptedGenerate, boxed, build_test_tokenizer
 
-from rrm_jax import cli
+from rrm_jax import cli, load_model
 from rrm_jax.errors import UserError
 from rrm_jax.eval import pandalm_label, rewardbench_scores, three_class_metrics
 from rrm_jax.rrm import judge as judge_module
@@ -214,6 +214,18 @@ def tiny_judge_folder(tmp_path_factory):
     torch.manual_seed(0)
     transformers.Qwen2ForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+def test_default_max_new_tokens_fits_a_small_models_context(tiny_judge_folder, tmp_path):
+    rows = tmp_path / "judge.jsonl"
+    rows.write_text('{"query": "2+2?", "response_1": "4", "response_2": "5"}\n')
+    judged = tmp_path / "judged.jsonl"
+    context = load_model(tiny_judge_folder)[0].config.max_position_embeddings
+    # no --max-new-tokens: 8192 would not fit this model's context; each prompt gets what its context leaves
+    assert cli.main(["judge", "--model", str(tiny_judge_folder), "--input", str(rows), "--output", str(judged),
+                     "--temperature", "0"]) == 0
+    (record,) = [json.loads(line) for line in judged.read_text().splitlines()]
+    assert 0 < len(record["reasoning"][0]) and context < 8192
 
 
 def test_judge_and_eval_through_a_tiny_real_model(tiny_judge_folder, tmp_path):

@@ -115,7 +115,7 @@ class Judge:
         temperature: float = spec.EVAL_TEMPERATURE,
         top_p: float = spec.EVAL_TOP_P,
         top_k: int = spec.EVAL_TOP_K,
-        max_new_tokens: int = spec.EVAL_MAX_NEW_TOKENS,
+        max_new_tokens: int | None = spec.EVAL_MAX_NEW_TOKENS,  # None: as load_backend's generate decides
         max_think_tokens: int | None = None,
         batch_size: int = 64,
         prompts_per_call: int | None = None,
@@ -234,7 +234,7 @@ def _check_options(*, votes, temperature, top_p, top_k, max_new_tokens, max_thin
         (temperature < 0, f"temperature must be >= 0, got {temperature}"),
         (not 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
         (top_k < 0, f"top_k must be >= 0 (0 = off), got {top_k}"),
-        (max_new_tokens < 1, f"max_new_tokens must be >= 1, got {max_new_tokens}"),
+        (max_new_tokens is not None and max_new_tokens < 1, f"max_new_tokens must be >= 1, got {max_new_tokens}"),
         (max_think_tokens is not None and max_think_tokens < 1, f"max_think_tokens must be >= 1, got {max_think_tokens}"),
         (batch_size < 1, f"batch_size must be >= 1, got {batch_size}"),
     ]
@@ -255,7 +255,18 @@ def load_backend(model_dir: str, *, mesh_shape: tuple[int, int, int] | None = No
     if tokenizer is None:
         raise UserError(f"{model_dir}: no tokenizer files; judging needs the model's tokenizer next to its weights")
     model, _ = rrm_jax.load_model(model_dir, mesh=options.local_mesh(mesh_shape))
-    return functools.partial(rrm_jax.sample, model, tokenizer=tokenizer), tokenizer
+    return functools.partial(sample_within_context, model, tokenizer=tokenizer), tokenizer
+
+
+def sample_within_context(model, prompt_ids, *, max_new_tokens, **kw):
+    """`rrm_jax.sample`; max_new_tokens=None means the published evaluations' 8192, capped per prompt at
+    what the model's context leaves (so a small model, like the toy judge, works with the defaults)."""
+    import rrm_jax
+
+    if max_new_tokens is None:
+        context = model.config.max_position_embeddings
+        max_new_tokens = [max(1, min(spec.EVAL_MAX_NEW_TOKENS, context - len(p))) for p in prompt_ids]
+    return rrm_jax.sample(model, prompt_ids, max_new_tokens=max_new_tokens, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,7 +282,9 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=spec.EVAL_TEMPERATURE, help="sampling temperature")
     parser.add_argument("--top-p", type=float, default=spec.EVAL_TOP_P, help="nucleus sampling mass")
     parser.add_argument("--top-k", type=int, default=spec.EVAL_TOP_K, help="top-k filter, 0 = off")
-    parser.add_argument("--max-new-tokens", type=int, default=spec.EVAL_MAX_NEW_TOKENS, help="tokens generated per sample")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"tokens generated per sample; None: {spec.EVAL_MAX_NEW_TOKENS} as in the published "
+                             f"evaluations, capped per prompt at what the model's context leaves")
     parser.add_argument("--max-think-tokens", type=int, default=None, help="thinking budget: force </think> after M tokens")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="prompts decoding at once (the engine's slots hold their votes)")
