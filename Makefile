@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 DEMO_DIR ?= runs/toy
+POLICY_DIR ?= runs/toy-policy
 
-.PHONY: demo test install clean
+.PHONY: demo demo-policy test install clean
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +25,11 @@ install: $(TEST_STAMP)
 # or, once finished, prints its summary again; `rm -rf runs/toy` (or DEMO_DIR=runs/other) for a new one.
 demo: $(STAMP)
 	$(VENV)/bin/rrm-jax train --output-dir $(DEMO_DIR) --resume
+
+# A tiny policy whose only reward is the toy judge of $(DEMO_DIR) (trained first when it has no checkpoint).
+demo-policy: $(STAMP)
+	test -d $(DEMO_DIR)/checkpoints || $(VENV)/bin/rrm-jax train --output-dir $(DEMO_DIR) --resume
+	$(VENV)/bin/rrm-jax train --config rrm_jax/configs/toy_policy.yaml --output-dir $(POLICY_DIR) --resume reward.judge=$(DEMO_DIR)
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q tests

@@ -25,7 +25,7 @@ from rrm_jax.data import toy
 from rrm_jax.data.preference import PreferenceDataset
 from rrm_jax.model import qwen2
 from rrm_jax.model.config import Qwen2Config
-from rrm_jax.rl import trainer
+from rrm_jax.rl import judge_task, trainer
 from rrm_jax.rl.config import load_config
 
 
@@ -69,7 +69,7 @@ def run(initializer: str, seed: int, steps: int, eval_every: int, overrides: lis
             params = model.params()
             verdict_logp = trainer.step.token_logprobs(config, params, jnp.asarray(batch["tokens"]), jnp.asarray(attention))
             verdict_loss = float(-(verdict_logp * verdict_mask).sum() / verdict_mask.sum())
-            acc = trainer.evaluate(model, heldout, tokenizer, c.rollout.max_new_tokens)
+            acc = judge_task.evaluate(model, heldout, tokenizer, c.rollout.max_new_tokens)
             row = {"step": step_number, "loss": float(loss), "verdict_loss": verdict_loss, **acc,
                    "elapsed": time.perf_counter() - t0}
             result["curve"].append(row)

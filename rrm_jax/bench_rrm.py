@@ -16,6 +16,7 @@ time (a user pays it); the seconds spent compiling are reported beside it.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 
@@ -56,6 +57,11 @@ class _CompileClock:
         finally:
             self.active = False
         return out, time.perf_counter() - t, self.seconds
+
+
+def _progress(phase: str, wall: float, useful: int):
+    """One line per finished phase on stderr, so a long run shows its figures as it goes."""
+    print(f"[bench rrm] {phase}: {wall:.1f} s, {useful / wall:.1f} useful tokens/s", file=sys.stderr, flush=True)
 
 
 def _engine_run(model, settings, prompts, outputs, slots, seed):
@@ -112,6 +118,7 @@ def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: 
            "dtype": c.dtype}
 
     stats, wall, compile_s = clock.run(lambda: _engine_run(model, settings, prompts, outputs, slots, seed))
+    _progress("engine", wall, useful)
     kv_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * np.dtype(c.dtype).itemsize
     mean_len = float(np.mean([len(p) + m for p, m in zip(prompts, outputs)]))
     row.update({
@@ -125,6 +132,7 @@ def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: 
     })
     if static:
         steps, wall, compile_s = clock.run(lambda: _static_run(model, settings, prompts, outputs, slots, cap, seed))
+        _progress("static batching", wall, useful)
         row.update({"static_s": wall, "static_compile_s": compile_s, "static_tokens_per_s": useful / wall,
                     "static_occupancy": useful / (steps * slots), "engine_vs_static": row["engine_tokens_per_s"] / (useful / wall)})
     if compare_hf:
@@ -139,6 +147,7 @@ def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: 
         hf = hf.to("cuda" if torch.cuda.is_available() else "cpu")
         _hf_run(hf, prompts[:2], [2, 2], 2, temperature)  # warm-up
         _, wall, _ = clock.run(lambda: _hf_run(hf, prompts, outputs, slots, temperature))
+        _progress("transformers generate", wall, useful)
         row.update({"hf_s": wall, "hf_tokens_per_s": useful / wall, "engine_vs_hf": row["engine_tokens_per_s"] / (useful / wall),
                     "torch_threads": torch.get_num_threads()})
     return row

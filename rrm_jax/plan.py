@@ -22,9 +22,18 @@ N', K', F', V' = heads, kv heads, MLP width, vocabulary divided by tp where tp d
                       t*(3F' + 2N'H + 2K'H)*a
   logits              2*t*V'*4 (float32 logits and their gradient)
   rollout KV cache    2*L*ceil(R / (data*fsdp))*T*K'*H*a (keys and values for every sampled sequence)
+With a judge reward (reward.type=judge) the frozen judge stays on the same devices for the whole run:
+  judge parameters    its weights' shard (sharded by the same rules; reward.dtype, else as stored)
+  judge KV cache      2*L_j*r_j*T_j*K_j'*H_j*a_j, r_j = ceil(judge rows decoding at once / (data*fsdp)):
+                      the first round's comparisons (round_robin / elo B*G(G-1)/2, circular / reference
+                      B*G, knockout B*(G - byes)/2) times the shown orders (2 with both_orders) times
+                      reward.votes, at most reward.batch_size * votes; T_j = the judge's prompt (policy
+                      prompt + two responses + JUDGE_TEMPLATE_TOKENS for the RRM instructions) + its
+                      reward.max_new_tokens (8192 when unset), at most the judge's context.
 The update phase holds parameters, gradients, optimizer state, reference, activations and logits;
-the rollout phase parameters, optimizer state, reference and the KV cache. The peak of the two is
-compared with the device memory. XLA's temporary buffers and fragmentation come on top: leave
+the rollout phase parameters, optimizer state, reference and the KV cache; the judging phase (with a
+judge reward) parameters, optimizer state, reference and the judge's KV cache; the judge's weights
+are in every phase. The peak of the phases is compared with the device memory. XLA's temporary buffers and fragmentation come on top: leave
 ~10-15% headroom.
 """
 
@@ -40,6 +49,7 @@ from rrm_jax.model.config import PRESETS, Qwen2Config
 from rrm_jax.rl.config import TrainConfig, load_config
 
 GB = 1e9
+JUDGE_TEMPLATE_TOKENS = 640  # the RRM system prompt and user template around the query and responses (~560 tokens with the R1 tokenizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +57,7 @@ class Term:
     key: str  # stable name (tests, JSON)
     label: str
     bytes: float
-    phase: str  # "both", "update" or "rollout"
+    phase: str  # "both" (every phase), "update", "rollout" or "judging"
     remedy: str  # what to change when this term is the largest one of a config that does not fit
 
 
@@ -67,8 +77,12 @@ class MemoryPlan:
         return sum(t.bytes for t in self.terms if t.phase in ("both", phase))
 
     @property
+    def phases(self) -> tuple[str, ...]:
+        return ("update", "rollout") + (("judging",) if any(t.phase == "judging" for t in self.terms) else ())
+
+    @property
     def peak_phase(self) -> str:
-        return max(("update", "rollout"), key=self.phase_total)
+        return max(self.phases, key=self.phase_total)
 
     @property
     def peak(self) -> float:
@@ -96,20 +110,29 @@ def model_shape(c: TrainConfig) -> Qwen2Config:
     return base.replace(param_dtype=m.param_dtype, dtype=m.dtype)
 
 
-def _stored_model_config(path: Path) -> Qwen2Config:
+def judge_shape(c: TrainConfig) -> Qwen2Config | None:
+    """The judge of a judge reward (a folder, or for planning without the weights a preset name), or None."""
+    if c.reward.type != "judge":
+        return None
+    r = c.reward
+    base = PRESETS[r.judge] if r.judge in PRESETS else _stored_model_config(Path(r.judge), "reward.judge")
+    return base.replace(param_dtype=r.dtype, dtype=r.dtype) if r.dtype else base
+
+
+def _stored_model_config(path: Path, key: str = "model.init") -> Qwen2Config:
     from rrm_jax import checkpoint
     from rrm_jax.model import hf
 
     if not path.exists():
-        raise UserError(f"model.init={str(path)!r} does not exist on this machine; to plan without the weights, "
-                        f"give the preset of the same shape, e.g. model.init=r1-distill-qwen-7b "
+        raise UserError(f"{key}={str(path)!r} does not exist on this machine; to plan without the weights, "
+                        f"give the preset of the same shape, e.g. {key}=r1-distill-qwen-7b "
                         f"(presets: {', '.join(PRESETS)})")
     if hf.is_hf_folder(path):
         return hf.read_hf_config(path)
     return checkpoint.read_checkpoint_config(checkpoint.resolve_checkpoint(path))
 
 
-def plan_memory(c: TrainConfig, model: Qwen2Config) -> MemoryPlan:
+def plan_memory(c: TrainConfig, model: Qwen2Config, judge: Qwen2Config | None = None) -> MemoryPlan:
     import jax.numpy as jnp  # jax only once there is something to plan: `rrm-jax plan --help` stays instant
     from jax.sharding import AbstractMesh
 
@@ -118,13 +141,16 @@ def plan_memory(c: TrainConfig, model: Qwen2Config) -> MemoryPlan:
 
     data, fsdp, tp = c.mesh.data, c.mesh.fsdp, c.mesh.tp
     mesh = AbstractMesh((data, fsdp, tp), parallel.MESH_AXES)
-    p_bytes = jnp.dtype(model.param_dtype).itemsize
     a_bytes = jnp.dtype(model.dtype).itemsize
 
-    param_bytes = 0.0
-    for path, shape in param_shapes(model).items():
-        spec = parallel.logical_to_spec(LOGICAL_AXES[path], mesh, shape)
-        param_bytes += math.prod(shape) / _shard_count(spec, mesh) * p_bytes
+    def shard_bytes(m: Qwen2Config) -> float:
+        total = 0.0
+        for path, shape in param_shapes(m).items():
+            spec = parallel.logical_to_spec(LOGICAL_AXES[path], mesh, shape)
+            total += math.prod(shape) / _shard_count(spec, mesh) * jnp.dtype(m.param_dtype).itemsize
+        return total
+
+    param_bytes = shard_bytes(model)
 
     def split(n: int) -> int:  # a tp-sharded dimension, replicated when tp does not divide it
         return n // tp if n % tp == 0 else n
@@ -158,7 +184,34 @@ def plan_memory(c: TrainConfig, model: Qwen2Config) -> MemoryPlan:
              "rollout", "lower rollout.prompts_per_step or rollout.max_new_tokens, or use more devices "
                         "(the cache splits its sequences over mesh.data*fsdp)"),
     )
+    if judge is not None:
+        r, G = c.reward, c.rollout.samples_per_prompt
+        rows = _judge_rows(r.strategy, c.rollout.prompts_per_step, G) * (2 if r.both_orders else 1)
+        if r.batch_size is not None:
+            rows = min(rows, r.batch_size)
+        judge_rows = math.ceil(rows * r.votes / (data * fsdp))
+        new_tokens = r.max_new_tokens or 8192
+        T_j = min(c.data.max_prompt_len + 2 * c.rollout.max_new_tokens + JUDGE_TEMPLATE_TOKENS + new_tokens,
+                  judge.max_position_embeddings)
+        kv = 2 * judge.num_layers * judge_rows * T_j * split(judge.num_kv_heads) * judge.head_dim * jnp.dtype(judge.dtype).itemsize
+        terms += (
+            Term("judge_params", f"judge parameters ({judge.param_dtype}, frozen)", shard_bytes(judge), "both",
+                 "set reward.dtype=bfloat16 or " + weights_remedy),
+            Term("judge_kv_cache", f"judge KV cache ({judge_rows} x {T_j} tokens)", kv, "judging",
+                 "set reward.batch_size (judge prompts decoding at once) or lower reward.max_new_tokens, or use more "
+                 "devices (the cache splits its sequences over mesh.data*fsdp)"),
+        )
     return MemoryPlan(model, (data, fsdp, tp), terms, b, rollout_rows, T)
+
+
+def _judge_rows(strategy: str, prompts: int, G: int) -> int:
+    """Comparisons in a step's first (largest) judging round."""
+    if strategy in ("round_robin", "elo"):
+        return prompts * G * (G - 1) // 2
+    if strategy == "knockout":
+        slots = 1 << (G - 1).bit_length()
+        return prompts * (G - (slots - G)) // 2
+    return prompts * G  # circular, reference
 
 
 def _shard_count(spec, mesh) -> int:
@@ -186,7 +239,7 @@ def check_training_fits(c: TrainConfig, model: Qwen2Config, where: str) -> Memor
     backend does not report a memory limit, e.g. CPU)."""
     import jax
 
-    plan = plan_memory(c, model)
+    plan = plan_memory(c, model, judge_shape(c))
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     if limit:
         check_fits(plan, limit, where)
@@ -199,13 +252,13 @@ def format_plan(plan: MemoryPlan, device_memory: float | None, title: str) -> st
              f"model: {plan.model.num_params / 1e9:.2f}B parameters, {plan.model.num_layers} layers; "
              f"mesh data={data} fsdp={fsdp} tp={tp} ({data * fsdp * tp} devices)",
              f"{'per device':<58}{'GB':>9}"]
-    for phase in ("both", "update", "rollout"):
+    for phase in ("both",) + plan.phases:
         for t in plan.terms:
             if t.phase == phase and t.bytes:
-                tag = {"both": "", "update": "  [update]", "rollout": "  [rollout]"}[phase]
+                tag = "" if phase == "both" else f"  [{phase}]"
                 lines.append(f"  {t.label + tag:<56}{t.bytes / GB:>9.2f}")
-    lines.append(f"  {'update phase total':<56}{plan.phase_total('update') / GB:>9.2f}")
-    lines.append(f"  {'rollout phase total':<56}{plan.phase_total('rollout') / GB:>9.2f}")
+    for phase in plan.phases:
+        lines.append(f"  {phase + ' phase total':<56}{plan.phase_total(phase) / GB:>9.2f}")
     if device_memory is None:
         lines.append(f"peak {plan.peak / GB:.2f} GB ({plan.peak_phase}); pass --device-memory GB to check the fit")
     else:
@@ -237,7 +290,7 @@ def run_plan(args) -> int:
     if args.device_memory is not None and args.device_memory <= 0:
         raise UserError(f"--device-memory {args.device_memory} must be a positive number of GB")
     where = args.config or "the embedded default config"
-    plan = plan_memory(c, model_shape(c))
+    plan = plan_memory(c, model_shape(c), judge_shape(c))
     memory = args.device_memory * GB if args.device_memory is not None else None
     print(format_plan(plan, memory, f"memory plan of {where}"))
     if memory is not None:

@@ -16,7 +16,7 @@ from rrm_jax import cli
 from rrm_jax.data.preference import read_preferences
 from rrm_jax.errors import UserError
 from rrm_jax.generate_cli import read_prompt_rows
-from rrm_jax.rl import trainer
+from rrm_jax.rl import judge_task
 from rrm_jax.rl.config import load_config
 from rrm_jax.rrm import judge as judge_module
 
@@ -111,7 +111,7 @@ def test_generate_and_train_read_datasets(tmp_path):
     assert [(p.query, p.chosen, p.rejected) for p in pairs] == [(f"q{k}", f"b{k}", f"a{k}") for k in range(6)]
     assert pairs[0].origin.endswith("row 1")
     config = load_config(None, [f"data.source={folder}", "data.dataset_split=train", "data.heldout=2", "warmup.steps=0"])
-    train, heldout, _ = trainer.load_pairs(config)
+    train, heldout, _ = judge_task.load_pairs(config)
     assert (len(train), len(heldout)) == (4, 2)
     with pytest.raises(UserError, match="missing column 'label'"):
         read_preferences(str(saved(tmp_path / "bad-prefs", [{"query": "q", "response_1": "a", "response_2": "b"}])))

@@ -106,7 +106,7 @@ def _json_array_rows(path: str) -> Iterator[tuple[str, object]]:
 
     pos = skip_space(0)
     if not text.startswith("[", pos):
-        fail(pos, "a .json preference file must hold a list of objects (use .jsonl for one object per line)")
+        fail(pos, "a .json data file must hold a list of objects (use .jsonl for one object per line)")
     pos = skip_space(pos + 1)
     if text.startswith("]", pos):
         return
@@ -155,16 +155,21 @@ def read_preferences(path: str, *, dataset_config: str | None = None, dataset_sp
     an empty file or a bad row is a UserError."""
     if sources.is_dataset(path):
         return [pair_from_row(row, origin) for origin, row in _dataset_rows(path, dataset_config, dataset_split)]
+    pairs = [pair_from_row(row, origin) for origin, row in file_rows(path, "preference")]
+    if not pairs:
+        raise UserError(f"{path}: the file holds no preference rows")
+    return pairs
+
+
+def file_rows(path: str, what: str) -> Iterator[tuple[str, object]]:
+    """(origin "file:line", row) of a .jsonl, .json or .parquet file of `what` rows (for messages)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     suffix = os.path.splitext(path)[1].lower()
     readers = {".jsonl": _jsonl_rows, ".json": _json_array_rows, ".parquet": _parquet_rows}
     if suffix not in readers:
-        raise UserError(f"{path}: unknown preference file type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
-    pairs = [pair_from_row(row, origin) for origin, row in readers[suffix](path)]
-    if not pairs:
-        raise UserError(f"{path}: the file holds no preference rows")
-    return pairs
+        raise UserError(f"{path}: unknown {what} file type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
+    return readers[suffix](path)
 
 
 def split_heldout(pairs: list[PreferencePair], heldout: int | float, *, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
@@ -178,7 +183,7 @@ def split_heldout(pairs: list[PreferencePair], heldout: int | float, *, seed: in
 
 # ---------- prompts ----------
 
-def _token_counts(tokenizer, texts: list[str]) -> list[int]:
+def token_counts(tokenizer, texts: list[str]) -> list[int]:
     """Token counts of rendered prompts (no special tokens added)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # the Rust tokenizer without offsets: several times faster than tokenizer(...)
@@ -216,7 +221,7 @@ class PreferenceDataset:
                 for chosen_first in self._chosen_first[i]:
                     owners.append(i)
                     texts.append(self._render(pairs[i], chosen_first))
-            for i, length in zip(owners, _token_counts(tokenizer, texts)):
+            for i, length in zip(owners, token_counts(tokenizer, texts)):
                 fits[i] &= length <= max_prompt_len
         self.pairs = pairs
         self.kept = np.flatnonzero(fits)

@@ -169,3 +169,39 @@ def write_heldout(path: str, n: int = 500, seed: int = 0) -> str:
         os.unlink(tmp)
         raise
     return path
+
+
+# ---------- the policy task of `make demo-policy` ----------
+# A policy answers a toy query ("avoid x") with a 5-letter string; its only reward is the toy judge's
+# verdicts between the samples of a group. Prompt: BOS + the query as raw text (data.chat_template=false).
+
+
+def policy_rows(n: int, seed: int, *, split: str = "train"):
+    """n policy prompts (`PromptRow`s) from the toy items of (seed, split); the reference is the clean response."""
+    from rrm_jax.data.prompts import PromptRow
+
+    return [PromptRow(p.query, p.chosen, p.origin) for p in make_toy_pairs(n, seed, split=split)]
+
+
+def banned_letter(query: str) -> str:
+    return query[len(QUERY_PREFIX):]
+
+
+def policy_warmup_batch(tokenizer, batch_size: int, rng: np.random.Generator, *, banned_fraction: float = 0.5) -> dict[str, np.ndarray]:
+    """Supervised transcripts that teach the policy the answer FORMAT (5 letters, then </s>) but not the
+    task: a response carries the banned letter with probability `banned_fraction`, so the policy starts
+    writing it about that often and only the judge's reward can teach it to stop. Same layout as
+    `format_warmup_batch`."""
+    rows, masks = [], []
+    for pair in _draw_pairs(rng, batch_size):
+        response = pair.rejected if rng.random() < banned_fraction else pair.chosen
+        prompt_ids = prompt.encode(tokenizer, tokenizer.bos_token + pair.query)
+        answer_ids = tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        rows.append(prompt_ids + answer_ids)
+        masks.append([0.0] * len(prompt_ids) + [1.0] * len(answer_ids))
+    tokens = np.full((batch_size, max(map(len, rows))), tokenizer.pad_token_id, np.int32)
+    loss_mask = np.zeros(tokens.shape, np.float32)
+    for b, (row, mask) in enumerate(zip(rows, masks)):
+        tokens[b, :len(row)] = row
+        loss_mask[b, :len(mask)] = mask
+    return {"tokens": tokens, "loss_mask": loss_mask}

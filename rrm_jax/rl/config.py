@@ -54,6 +54,7 @@ class DataConfig:
     heldout: float = 500  # pairs held out for evaluation (a fraction when < 1)
     max_prompt_len: int = 32
     orders: str = "both"  # "random" or "both"
+    chat_template: bool = True  # policy prompts (reward.type=judge): through the policy tokenizer's chat template; false: raw text after BOS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +114,27 @@ class GuardConfig:
 
 
 ON_COLLAPSE = ("stop", "rollback")
+REWARD_TYPES = ("rrm", "judge")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """How rollouts are scored. type "rrm" (judge training): the sample's verdict against the pair's label,
+    a name in rrm_jax.rl.reward.REWARDS. type "judge" (policy training): a frozen RRM compares the
+    policy's samples within each group (rrm_jax/rl/judge_reward.py); the other keys configure it."""
+
+    type: str = "rrm"
+    judge: str | None = None  # the RRM: an HF folder, an rrm-jax checkpoint or a run folder of `rrm-jax train`
+    strategy: str = "round_robin"  # round_robin, elo, knockout, circular or reference (rrm_jax/rl/strategies.py)
+    votes: int = 1  # judge samples per shown order of a comparison; the majority decides, a tie counts 0.5
+    both_orders: bool = False  # every comparison in both A/B orders; otherwise a seeded coin per comparison
+    temperature: float = 0.6  # the judge's decoding (the published evaluations' values)
+    top_p: float = 1.0
+    max_new_tokens: int | None = None  # None: 8192, capped per prompt at the judge's context
+    max_think_tokens: int | None = None
+    strip_think: bool = True  # remove the policy's own <think> block before the judge sees its response
+    batch_size: int | None = None  # judge prompts decoding at once (None: all of a round's)
+    dtype: str | None = None  # the judge's weights and compute (None: as stored), e.g. bfloat16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +145,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # 0 = only at the end
     keep_checkpoints: int = 3
     tokenizer: str = "toy-char"  # the built-in character tokenizer, or a tokenizer / model folder
-    reward: str = "rrm"
+    reward: RewardConfig = RewardConfig()
     mesh: MeshConfig = MeshConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -150,6 +172,7 @@ ALIASES = {
     "samples_per_prompt": "rollout.samples_per_prompt",
     "temperature": "rollout.temperature",
     "warmup_steps": "warmup.steps",
+    "reward": "reward.type",  # `reward=rrm`, as when reward was a plain name
 }
 
 
@@ -254,6 +277,8 @@ def load_config(path: str | None = None, overrides: list[str] = (), *, base: dic
             raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         where = path
     tree = dict(tree or {})
+    if isinstance(tree.get("reward"), str):  # `reward: rrm`, so that reward.judge=... can be set on top
+        tree["reward"] = {"type": tree["reward"]}
     parsed = parse_overrides(list(overrides))
     for key, value in parsed:
         _set_dotted(tree, key, value, "the command line")
@@ -287,6 +312,17 @@ def validate(c: TrainConfig) -> TrainConfig:
         (c.guard.collapse_steps >= 0 and c.guard.max_rollbacks >= 0,
          "guard.collapse_steps and guard.max_rollbacks must be >= 0"),
         (0 < c.guard.collapse_threshold <= 1, "guard.collapse_threshold must be in (0, 1]"),
+        (c.reward.type in REWARD_TYPES, f"reward.type={c.reward.type!r}: use one of {', '.join(REWARD_TYPES)}"),
+        (c.reward.type != "judge" or bool(c.reward.judge),
+         "reward.type=judge needs reward.judge=PATH (an RRM: HF folder, rrm-jax checkpoint or run folder)"),
+        (c.reward.votes >= 1, f"reward.votes must be >= 1, got {c.reward.votes}"),
+        (c.reward.temperature >= 0 and 0 < c.reward.top_p <= 1,
+         "reward.temperature must be >= 0 and reward.top_p in (0, 1]"),
+        (c.reward.max_new_tokens is None or c.reward.max_new_tokens >= 1, "reward.max_new_tokens must be >= 1"),
+        (c.reward.max_think_tokens is None or c.reward.max_think_tokens >= 1, "reward.max_think_tokens must be >= 1"),
+        (c.reward.batch_size is None or c.reward.batch_size >= 1, "reward.batch_size must be >= 1"),
+        (c.reward.dtype in (None, "float32", "bfloat16", "float16"),
+         f"reward.dtype={c.reward.dtype!r}: use float32, bfloat16 or float16 (or leave it unset: as stored)"),
         (c.guard.format_penalty >= 0 and c.guard.truncation_penalty >= 0,
          "guard.format_penalty and guard.truncation_penalty must be >= 0 (they are subtracted)"),
     ]

@@ -20,6 +20,7 @@ import numpy as np
 
 SIGNALS = {
     "unparseable": "every sample's verdict was unparseable",
+    "judge_unparseable": "every verdict of the reward judge was unparseable",
     "zero_variance_groups": "every group's rewards were equal (no advantage, no gradient)",
 }
 
@@ -33,11 +34,10 @@ def penalised_advantages(advantages, unparseable, truncated, *, format_penalty: 
 
 def collapse_signals(row: dict, threshold: float) -> list[str]:
     """The collapse signals a step's metrics row shows (names of SIGNALS)."""
-    shown = []
-    if row["unparseable"] >= threshold:
-        shown.append("unparseable")
-    # equal rewards in every group, unless every sample was right (a solved batch is not a stuck one)
-    if row["zero_variance_groups"] >= threshold and row["accuracy"] < 1.0:
+    shown = [key for key in ("unparseable", "judge_unparseable") if row.get(key, 0.0) >= threshold]
+    # equal rewards in every group, unless every sample was right (a solved batch is not a stuck one;
+    # a policy's row has no accuracy: equal rewards everywhere is a stuck run)
+    if row["zero_variance_groups"] >= threshold and row.get("accuracy", 0.0) < 1.0:
         shown.append("zero_variance_groups")
     return shown
 

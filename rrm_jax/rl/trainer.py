@@ -29,7 +29,6 @@ import functools
 import json
 import math
 import os
-import shlex
 import shutil
 import signal
 import sys
@@ -47,19 +46,15 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rrm_jax import checkpoint, distributed, generate, parallel, plan
-from rrm_jax.data import toy
 from rrm_jax.data.char_tokenizer import BOXED_OPEN, verdict_token_ids
-from rrm_jax.data.preference import JudgeExample, PreferenceDataset, preference_batches, read_preferences, split_heldout
 from rrm_jax.errors import UserError
 from rrm_jax.model import convert
 from rrm_jax.model.config import PRESETS, Qwen2Config
 from rrm_jax.model.qwen2 import Qwen2
-from rrm_jax.rl import grpo, guard, step
+from rrm_jax.rl import grpo, guard, policy, step
 from rrm_jax.rl.config import TrainConfig, load_config
-from rrm_jax.rl.reward import compute_rewards
+from rrm_jax.rl.judge_task import JudgeTask
 from rrm_jax.rl.tokenizer import TOY_TOKENIZER, load_train_tokenizer  # noqa: F401 (part of this module's API)
-from rrm_jax.rrm.judge import Comparison, is_swapped
-from rrm_jax.rrm.prompt import encode, parse_verdict, render
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "config.yaml"
@@ -100,31 +95,6 @@ def make_mesh(c: TrainConfig):
     if m.data * m.fsdp * m.tp == 1 and jax.process_count() == 1:
         return None
     return parallel.make_mesh(m.data, m.fsdp, m.tp)
-
-
-def load_pairs(c: TrainConfig):
-    """(train pairs, held-out pairs, render function)."""
-    if c.data.source == "toy":
-        heldout = int(c.data.heldout)
-        return (toy.make_toy_pairs(c.data.train_size, c.seed), toy.make_toy_pairs(heldout, c.seed, split="heldout"),
-                toy.render_toy)
-    pairs = read_preferences(c.data.source, dataset_config=c.data.dataset_config, dataset_split=c.data.dataset_split)
-    # the config stores heldout as a float: 500 (a count) arrives as 500.0, which split_heldout reads as a fraction
-    count_or_fraction = int(c.data.heldout) if c.data.heldout >= 1 else c.data.heldout
-    train, heldout = split_heldout(pairs, count_or_fraction, seed=c.seed)
-    if not train or not heldout:
-        raise UserError(f"{c.data.source}: {len(pairs)} pairs leave {len(train)} for training and {len(heldout)} "
-                        f"held out (data.heldout={c.data.heldout}); both need at least one")
-    return train, heldout, render
-
-
-def write_pairs(path: Path, pairs) -> None:
-    """`{prompt, chosen, rejected}` JSONL, written to a temp file and renamed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        for p in pairs:
-            f.write(json.dumps({"prompt": p.query, "chosen": p.chosen, "rejected": p.rejected}) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,15 +154,6 @@ def rollout_batch(prompts: list[list[int]], samples, width: int, *, verdict_open
         after_open[:, 1:] = tokens[:, :-1] == verdict_open_id
         entropy_mask = loss_mask * after_open
     return prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask
-
-
-def evaluate(model, examples, tokenizer, max_new_tokens: int) -> dict:
-    """Held-out accuracy of greedy verdicts parsed by the RRM parser."""
-    outs = generate.sample(model, [e.prompt_ids for e in examples], max_new_tokens=max_new_tokens, temperature=0.0,
-                           tokenizer=tokenizer)
-    verdicts = [parse_verdict(o.text) for o in outs]
-    return {"eval_accuracy": float(np.mean([v == e.label for v, e in zip(verdicts, examples)])),
-            "eval_unparseable": float(np.mean([v is None for v in verdicts]))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,23 +247,14 @@ class MetricsLog:
             self.writer.close()
 
 
-def plot_curve(rows: list[dict], path: Path) -> None:
+def plot_curve(rows: list[dict], path: Path, task) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    train = [r for r in rows if "reward_mean" in r]
-    evals = [r for r in rows if "eval_accuracy" in r]
-    ax.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train accuracy (sampled)", alpha=0.6)
-    ax.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out accuracy (greedy)")
-    ax.axhline(0.9, color="gray", ls="--", lw=0.8)
-    ax.axhline(0.5, color="gray", ls=":", lw=0.8)
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("pairwise accuracy")
-    ax.set_ylim(0, 1)
-    ax.legend(loc="lower right")
+    task.plot(rows, ax)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -350,7 +302,7 @@ def _on_mesh(tree, mesh):
     return jax.tree.map(place, tree)
 
 
-def _prepare_output(output_dir: Path, resume: bool, c: TrainConfig, heldout_pairs) -> None:
+def _prepare_output(output_dir: Path, resume: bool, c: TrainConfig, task) -> None:
     """Check OUTPUT_DIR on every process, then let process 0 create it and write the run config and
     the held-out pairs."""
     previous = (output_dir / METRICS).exists() or (output_dir / CHECKPOINTS).exists()
@@ -361,22 +313,8 @@ def _prepare_output(output_dir: Path, resume: bool, c: TrainConfig, heldout_pair
     if distributed.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_CONFIG).write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
-        write_pairs(output_dir / HELDOUT, heldout_pairs)
+        task.write_heldout(output_dir / HELDOUT)
     distributed.barrier("output-dir-ready")
-
-
-def global_batch(examples, width: int) -> tuple[list[list[int]], list[int]]:
-    """(prompt ids, labels) of the whole step: every process's slice of the batch, in process order.
-    Only token ids and labels travel; each process rendered and tokenized its own slice."""
-    if jax.process_count() == 1:
-        return [e.prompt_ids for e in examples], [e.label for e in examples]
-    ids = np.zeros((len(examples), width), np.int32)
-    lengths = np.array([len(e.prompt_ids) for e in examples], np.int32)
-    for i, e in enumerate(examples):
-        ids[i, :len(e.prompt_ids)] = e.prompt_ids
-    labels = np.array([e.label for e in examples], np.int32)
-    ids, lengths, labels = (distributed.gather_processes(a).reshape(-1, *a.shape[1:]) for a in (ids, lengths, labels))
-    return [row[:n].tolist() for row, n in zip(ids, lengths)], labels.tolist()
 
 
 def resolve_config(config_path: str | None, overrides: list[str], output_dir: Path, resume: bool) -> TrainConfig:
@@ -398,8 +336,7 @@ class Run:
     output_dir: Path
     mesh: object
     tokenizer: object
-    batches: object  # grain iterator over this process's slice of each step's prompts
-    heldout: list[JudgeExample]
+    task: "JudgeTask | policy.PolicyTask"  # what differs between judge and policy training: prompts, rewards, evaluation
     model: Qwen2
     optimizer: optax.GradientTransformation
     loss: step.LossSettings
@@ -424,30 +361,15 @@ class State:
     rollbacks: int = 0
 
 
-def heldout_examples(pairs, tokenizer, render_fn, max_prompt_len: int) -> list[JudgeExample]:
-    """One prompt per held-out pair, in the A/B order `rrm-jax eval --format pairs` (seed 0) shows it,
-    so the trainer's held-out accuracy and that command's read the same prompts."""
-    examples = []
-    for pair in pairs:
-        swapped = is_swapped(Comparison(pair.query, pair.chosen, pair.rejected), EVAL_SEED)
-        first, second = (pair.rejected, pair.chosen) if swapped else (pair.chosen, pair.rejected)
-        text = render_fn(tokenizer, pair.query, first, second)
-        ids = encode(tokenizer, text)
-        if len(ids) <= max_prompt_len:
-            examples.append(JudgeExample(pair.query, first, second, 2 if swapped else 1, text, ids, pair.origin))
-    return examples
-
-
 def setup(c: TrainConfig, output_dir: Path, *, resume: bool, progress: bool) -> Run:
     """Mesh, tokenizer, data and model; every check that can fail runs before OUTPUT_DIR is touched."""
     mesh = make_mesh(c)
     tokenizer = load_train_tokenizer(c.tokenizer)
-    train_pairs, heldout_pairs, render_fn = load_pairs(c)
-    dataset = PreferenceDataset(train_pairs, tokenizer=tokenizer, render=render_fn, max_prompt_len=c.data.max_prompt_len,
-                                seed=c.seed, orders=c.data.orders)
-    heldout = heldout_examples(heldout_pairs, tokenizer, render_fn, c.data.max_prompt_len)  # every process: all of it
-    batches = iter(preference_batches(dataset, batch_size=c.rollout.prompts_per_step, seed=c.seed))  # this process's slice
     model = build_model(c, tokenizer, mesh)
+    if c.reward.type == "judge":
+        task = policy.PolicyTask(c, tokenizer, mesh, model.config)  # loads the frozen judge onto the same mesh
+    else:
+        task = JudgeTask(c, tokenizer)
     mcfg = model.config
     plan.check_training_fits(c.with_mesh_for(jax.device_count()), mcfg, "this training config")  # the `rrm-jax plan` check, on these devices
     if c.data.max_prompt_len + c.rollout.max_new_tokens > mcfg.max_position_embeddings:
@@ -467,10 +389,9 @@ def setup(c: TrainConfig, output_dir: Path, *, resume: bool, progress: bool) -> 
                              entropy_token_ids=tuple(entropy_ids), remat=c.loss.remat)
     grpo.aggregation_count(np.ones((1, 1)), c.loss.agg)  # unknown names fail now, not after the warm-up
     grpo.kl_penalty(jnp.zeros(1), jnp.zeros(1), c.loss.kl_estimator)
-    _prepare_output(output_dir, resume, c, heldout_pairs)
+    _prepare_output(output_dir, resume, c, task)
     main = distributed.is_main_process()
-    return Run(c, output_dir, mesh, tokenizer, batches, heldout, model, grpo_optimizer(c), loss, verdict_open_id,
-               main, progress and main)
+    return Run(c, output_dir, mesh, tokenizer, task, model, grpo_optimizer(c), loss, verdict_open_id, main, progress and main)
 
 
 def rollout(run: Run, state: State, prompts: list[list[int]]):
@@ -479,40 +400,6 @@ def rollout(run: Run, state: State, prompts: list[list[int]]):
     return generate.sample(run.model, prompts, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                            num_samples=r.samples_per_prompt, seed=_step_seed(state.rollout_seed, state.step),
                            tokenizer=run.tokenizer)
-
-
-@dataclasses.dataclass
-class Scored:
-    rewards: np.ndarray  # [R]
-    advantages: np.ndarray  # [R]: group-relative, minus the guard's format penalties
-    stats: dict  # the rollout's metrics
-
-
-def score(run: Run, samples, labels: list[int]) -> Scored:
-    """Rewards, group advantages with the format signal, and the rollout's statistics."""
-    c, G = run.c, run.c.rollout.samples_per_prompt
-    preferred = np.repeat(labels, G)
-    texts = [s.text for s in samples]
-    rewards = compute_rewards(texts, preferred, reward=c.reward)
-    verdicts = [parse_verdict(t) for t in texts]
-    unparseable = np.array([v is None for v in verdicts])
-    truncated = np.array([s.finish_reason == generate.FINISH_LENGTH for s in samples])
-    advantages = guard.penalised_advantages(
-        np.asarray(grpo.group_advantages(rewards, G, normalize_std=c.loss.normalize_std)), unparseable, truncated,
-        format_penalty=c.guard.format_penalty, truncation_penalty=c.guard.truncation_penalty)
-    lengths = np.array([len(s.output_ids) for s in samples])
-    groups = rewards.reshape(-1, G)
-    stats = {
-        "reward_mean": float(rewards.mean()),
-        "accuracy": float(np.mean([v == p for v, p in zip(verdicts, preferred)])),
-        "unparseable": float(unparseable.mean()),
-        "response_len_mean": float(lengths.mean()),
-        "response_len_max": int(lengths.max()),
-        "truncated_fraction": float(truncated.mean()),
-        "zero_variance_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
-        "tokens_generated": int(lengths.sum()),
-    }
-    return Scored(rewards, advantages, stats)
 
 
 def update(run: Run, state: State, prompts, samples, advantages) -> dict:
@@ -533,15 +420,16 @@ def update(run: Run, state: State, prompts, samples, advantages) -> dict:
 def grpo_step(run: Run, state: State) -> dict:
     """One GRPO step (state.step is the step being taken) -> its metrics row (without eval / elapsed)."""
     t0 = time.perf_counter()
-    prompts, labels = global_batch(next(run.batches), run.c.data.max_prompt_len)
+    prompts, context = run.task.next_batch()
     samples = rollout(run, state, prompts)
     t_rollout = time.perf_counter() - t0
-    scored = score(run, samples, labels)
-    update_metrics = update(run, state, prompts, samples, scored.advantages)
+    advantages, stats = run.task.score(samples, context, seed=_step_seed(state.rollout_seed, state.step))
+    t_update = time.perf_counter()
+    update_metrics = update(run, state, prompts, samples, advantages)
     step_time = time.perf_counter() - t0
-    tokens = scored.stats.pop("tokens_generated")
-    return {"step": state.step, **scored.stats, **update_metrics, "tokens_per_s": float(tokens / step_time),
-            "rollout_time": t_rollout, "update_time": step_time - t_rollout, "step_time": step_time}
+    tokens = stats.pop("tokens_generated")
+    return {"step": state.step, **stats, **update_metrics, "tokens_per_s": float(tokens / step_time),
+            "rollout_time": t_rollout, "update_time": time.perf_counter() - t_update, "step_time": step_time}
 
 
 def _restore(run: Run, ckpts: Checkpoints, step_number: int, state: State) -> dict:
@@ -552,7 +440,7 @@ def _restore(run: Run, ckpts: Checkpoints, step_number: int, state: State) -> di
         state.ref_params = restored["ref_params"]
     nnx.update(run.model, state.params)
     saved = restored["train_state"]
-    run.batches.set_state(saved["data_iterator"])
+    run.task.batches.set_state(saved["data_iterator"])
     state.step = step_number
     state.rollout_seed = saved.get("rollout_seed", saved["seed"])
     state.rollbacks = saved.get("rollbacks", 0)
@@ -565,7 +453,7 @@ def _initial_state(run: Run, ckpts: Checkpoints, start: int | None, preemption: 
     c = run.c
     params = run.model.params()
     if start is None:
-        params = _warmup(c, run.mcfg, params, run.tokenizer, run.progress, preemption)
+        params = _warmup(c, run.mcfg, params, run.task, run.tokenizer, run.progress, preemption)
         if preemption.requested:  # already agreed by every process in _warmup
             return None, 0.0
         nnx.update(run.model, params)
@@ -612,11 +500,11 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
 
     def save():
         train_state = {"step": state.step, "seed": c.seed, "rollout_seed": state.rollout_seed, "rollbacks": state.rollbacks,
-                       "data_iterator": run.batches.get_state(), "elapsed": elapsed()}
+                       "data_iterator": run.task.batches.get_state(), "elapsed": elapsed()}
         return ckpts.save(state.step, run.model, state.opt_state, state.ref_params, train_state, c, run.tokenizer)
 
     if start is None and c.eval_every:
-        metrics.log({"step": 0, **evaluate(run.model, run.heldout, run.tokenizer, c.rollout.max_new_tokens), "elapsed": elapsed()})
+        metrics.log({"step": 0, **run.task.evaluate(run.model), "elapsed": elapsed()})
     if start is None and (c.guard.on_collapse == "rollback" or c.max_steps == 0):
         save()  # the warm-up's model: a rollback target before the first periodic checkpoint
     detector = guard.CollapseDetector(c.guard.collapse_steps, c.guard.collapse_threshold)
@@ -630,7 +518,7 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
             collapse = detector.observe(state.step, row)
             row["collapse_streak"] = 0 if detector.streak_start is None else state.step - detector.streak_start + 1
             if c.eval_every and state.step % c.eval_every == 0:
-                row.update(evaluate(run.model, run.heldout, run.tokenizer, c.rollout.max_new_tokens))
+                row.update(run.task.evaluate(run.model))
             row["elapsed"] = elapsed()
             metrics.log(row)
             bar.update(1)
@@ -672,10 +560,14 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
     step_dir = ckpts.root / str(latest) if latest is not None else None
     if run.main and exit_code == 0:
         rows = current_attempt(rows)
-        plot_curve(rows, output_dir / "curve.png")
+        plot_curve(rows, output_dir / "curve.png", run.task)
         if export_hf:  # from the files just written: no process holds all the weights of a sharded model
             convert.checkpoint_to_hf(step_dir, export_hf)
-        _print_summary(run, step_dir, rows, export_hf)
+        for line in run.task.summary(rows, output_dir, step_dir, cli_prefix(), run.mcfg.max_position_embeddings):
+            print(line)
+        if export_hf:
+            print(f"Hugging Face export: {export_hf}")
+        print(f"  {cli_prefix()} convert orbax-to-hf --ckpt {output_dir} --out {output_dir}-hf")
     distributed.barrier("run-finished")
     return exit_code
 
@@ -723,8 +615,9 @@ def _step_seed(seed: int, step_number: int) -> int:
     return int(np.random.SeedSequence([seed, step_number]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, tokenizer, progress: bool, preemption: _Preemption):
-    """Phase A: supervised format warm-up on transcripts with random verdicts."""
+def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, task, tokenizer, progress: bool, preemption: _Preemption):
+    """Phase A: supervised format warm-up on the task's transcripts (judge: random verdicts; policy: a
+    letter string that carries the banned letter half the time)."""
     w = c.warmup
     if not w.steps:
         return params
@@ -737,7 +630,7 @@ def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, tokenizer, progress: bool
         if distributed.any_process(preemption.requested):
             preemption.requested = True
             break
-        batch = toy.format_warmup_batch(tokenizer, w.batch_size, rng)
+        batch = task.warmup_batch(w.batch_size, rng)
         attention = (batch["tokens"] != tokenizer.pad_token_id).astype(np.int32)
         params, opt_state, loss_value = supervised_step(mcfg, optimizer, params, opt_state, batch["tokens"], attention,
                                                         batch["loss_mask"])
@@ -762,42 +655,6 @@ def cli_prefix() -> str:
         return "rrm-jax"
     relative = os.path.relpath(script)
     return relative if not relative.startswith("..") else str(script.absolute())
-
-
-def example_item(heldout: list[JudgeExample]) -> tuple[str, str, str]:
-    """(query, response 1, response 2) of the first held-out toy item: a letter the task trains on."""
-    e = heldout[0]
-    return e.query, e.response_1, e.response_2
-
-
-def _print_summary(run: Run, step_dir: Path, rows: list[dict], export_hf: str | None) -> None:
-    output_dir, c = run.output_dir, run.c
-    evals = [r for r in rows if "eval_accuracy" in r]
-    out = str(output_dir)
-    if evals:
-        best = max(evals, key=lambda r: r["eval_accuracy"])
-        reached = next((r for r in evals if r["eval_accuracy"] >= 0.9), None)
-        print(f"held-out accuracy (greedy, {len(run.heldout)} pairs of {output_dir / HELDOUT}, each in the A/B order "
-              f"`rrm-jax eval` shows it): {evals[0]['eval_accuracy']:.3f} at step {evals[0]['step']} -> "
-              f"{evals[-1]['eval_accuracy']:.3f} at step {evals[-1]['step']} (best {best['eval_accuracy']:.3f})")
-        if reached:
-            print(f"first >= 0.90 at step {reached['step']}, {reached['elapsed']:.0f} s after start")
-        print(f"  `rrm-jax eval` below reads the same prompts from the latest checkpoint; it credits an unparseable "
-              f"verdict 0.5 where this counts 0 (unparseable at step {evals[-1]['step']}: "
-              f"{evals[-1]['eval_unparseable']:.1%}), so the two agree up to that and float rounding")
-    print(f"checkpoint: {step_dir}  (metrics: {output_dir / METRICS}, curve: {output_dir / 'curve.png'})")
-    if export_hf:
-        print(f"Hugging Face export: {export_hf}")
-    exe = cli_prefix()
-    tokens = c.rollout.max_new_tokens
-    print(f"try it (--max-new-tokens {tokens}: the toy judge's answer is 5 tokens and its context {run.mcfg.max_position_embeddings}):")
-    if c.data.source == "toy":
-        query, first, second = example_item(run.heldout)
-        print(f"  {exe} judge --model {out} --query {shlex.quote(query)} --response-1 {first} --response-2 {second} "
-              f"--temperature 0 --max-new-tokens {tokens}")
-    print(f"  {exe} eval --model {out} --input {output_dir / HELDOUT} --format pairs --output {output_dir / 'eval.json'} "
-          f"--temperature 0 --max-new-tokens {tokens}")
-    print(f"  {exe} convert orbax-to-hf --ckpt {out} --out {out}-hf")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ class Judge:
                         self.samples_drawn += len(item_texts)
                         bar.update(len(prompts[i]))
                         if judgments[i] is None:  # (a batch re-run after a cut-short partial file keeps what it had)
-                            judgments[i] = _judgment(item_texts, orders[i], self.votes)
+                            judgments[i] = judgment_from_texts(item_texts, orders[i], self.votes)
                             new.append((i, judgments[i]))
                 if self.journal is not None:
                     self.journal.record(call, new)
@@ -193,7 +193,7 @@ class Judge:
         return encode(self.tokenizer, render(self.tokenizer, c.query, first, second, chat_template=self.chat_template))
 
 
-def _judgment(texts: list[str], orders: tuple[bool, ...], votes: int) -> Judgment:
+def judgment_from_texts(texts: list[str], orders: tuple[bool, ...], votes: int) -> Judgment:
     """The judgment of one comparison from its texts (`votes` per shown order, in order)."""
     j = Judgment(verdicts=[], texts=[], swapped=[])
     for k, text in enumerate(texts):
