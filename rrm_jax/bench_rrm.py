@@ -125,6 +125,7 @@ def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: 
         "engine_s": wall, "engine_compile_s": compile_s, "engine_tokens_per_s": useful / wall,
         "engine_occupancy": stats.occupancy, "engine_decode_steps": stats.decode_steps,
         "engine_decode_calls": stats.decode_calls, "engine_prefill_calls": stats.prefill_calls,
+        "engine_compactions": stats.compactions,
         "concurrent_sequences": stats.slots, "kv_capacity_per_slot": stats.capacity,
         "kv_budget_GB": stats.slots * stats.capacity * kv_token / 1e9,
         # what a paged cache would hold in the same budget, from this workload's mean length (computed)

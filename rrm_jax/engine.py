@@ -131,11 +131,20 @@ def _decode_chunk(config: Qwen2Config, settings: SamplingSettings, chunk: int, b
     return state, emitted
 
 
+def _compact(mesh, state: SlotState, keep) -> SlotState:
+    """The slot state of the rows in `keep` [n] (slot indices) only: every per-slot array gathered along
+    its batch axis, so the decode steps that follow compute n rows instead of all the slots."""
+    cache = qwen2.KVCache(state.cache.keys[:, keep], state.cache.values[:, keep], state.cache.lengths[keep])
+    return SlotState(_constrain_cache(cache, mesh), state.logits[keep], state.num_generated[keep], state.limit[keep],
+                     state.done[keep], state.forced[keep], state.think_closed[keep], state.keys[keep])
+
+
 # Compiled once per (config, shapes, static settings); parameters and the slot state are arguments, and
 # the state is donated so the cache is updated in place.
 empty_state_fn = jax.jit(_empty_state, static_argnums=(0, 1, 2, 3))
 prefill_fn = jax.jit(_prefill_insert, static_argnums=(0, 1, 2), donate_argnums=(4,))
 decode_fn = jax.jit(_decode_chunk, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
+compact_fn = jax.jit(_compact, static_argnums=(0,), donate_argnums=(1,))
 
 
 @dataclasses.dataclass
@@ -152,17 +161,20 @@ class Request:
 class EngineStats:
     """Counters of one `generate` call (the benchmark and tests read them)."""
 
-    slots: int = 0
+    slots: int = 0  # at the start; the running batch shrinks once no prompt waits (compactions)
     capacity: int = 0  # KV positions per slot
     prefills: int = 0  # prompts prefilled (each exactly once)
     prefill_calls: int = 0
     decode_calls: int = 0
     decode_steps: int = 0
-    live_row_steps: int = 0  # sum over steps of the rows generating: slot occupancy = this / (steps * slots)
+    live_row_steps: int = 0  # sum over steps of the rows generating
+    computed_row_steps: int = 0  # sum over steps of the rows the step computed (the running batch's size)
+    compactions: int = 0
 
     @property
     def occupancy(self) -> float:
-        return self.live_row_steps / max(1, self.decode_steps * self.slots)
+        """The fraction of the computed rows that generated a token."""
+        return self.live_row_steps / max(1, self.computed_row_steps)
 
 
 def _group_size(n: int) -> int:
@@ -196,6 +208,15 @@ def capacity_and_block(requests: Sequence[Request], buckets=None, block_size: in
     return -(-need // block) * block, block
 
 
+def compacted_size(live: int, slots: int, mesh) -> int | None:
+    """The smaller running batch for `live` rows once no prompt waits: the power of two that holds them
+    (a multiple of the mesh's batch shards), when that is at most half of `slots`; else None."""
+    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    size = max(1 << max(0, (live - 1).bit_length()), shards)
+    size = -(-size // shards) * shards
+    return size if size * 2 <= slots else None
+
+
 def _place(x, mesh):
     """Host array -> device, replicated over the mesh (the same value on every process)."""
     if mesh is None:
@@ -220,8 +241,10 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
 
     max_rows: rows decoding at once, i.e. slots (default: all requests' rows, rounded up to a power of
     two). refill_rows: a decode call returns early once this many slots are free while prompts wait
-    (default: a sixteenth of the slots, at least one prompt's samples). progress(k) is called as k more
-    requests complete."""
+    (default: a sixteenth of the slots, at least one prompt's samples). Once no prompt waits, the
+    running batch is compacted to the next power of two holding its live rows whenever that halves it,
+    so a tail of a few long rows does not pay for every slot (at most log2(slots) more decode programs).
+    progress(k) is called as k more requests complete."""
     n_rows = len(requests) * num_samples
     slots = slot_count(n_rows, max_rows, num_samples, mesh)
     capacity, block = capacity_and_block(requests, buckets, block_size)
@@ -258,6 +281,16 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
             stats.prefills += len(group)
             stats.prefill_calls += 1
 
+        if not waiting:
+            live = [slot for slot, o in enumerate(owner) if o is not None]
+            size = compacted_size(len(live), len(owner), mesh)
+            if size is not None:
+                keep = live + free[:size - len(live)]  # free slots pad it: done, limit 0
+                state = compact_fn(mesh, state, _place(np.asarray(keep, np.int32), mesh))
+                owner = [owner[slot] for slot in keep]
+                free = list(range(len(live), size))
+                stats.compactions += 1
+        slots = len(owner)
         stop_at_done = len(free) + refill_rows if waiting else slots
         before = np.asarray([0 if o is None else len(o.tokens) for o in owner])
         state, emitted = decode_fn(config, settings, chunk, block, mesh, params, state,
@@ -267,6 +300,7 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
         stats.decode_calls += 1
         new = np.where([o is not None for o in owner], generated - before, 0)
         stats.decode_steps += int(new.max(initial=0))
+        stats.computed_row_steps += int(new.max(initial=0)) * slots
         stats.live_row_steps += int(new.sum())
         completed = 0
         for slot, row in enumerate(owner):

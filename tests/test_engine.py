@@ -119,7 +119,8 @@ def test_compilations_stay_flat_over_varied_lengths_and_counts(model):
         stats = engine.EngineStats()
         engine.generate(model.config, settings, model.params(), reqs, max_rows=4, block_size=16, stats=stats)
         assert stats.prefills == count
-    assert engine.decode_fn._cache_size() - decode_before <= 1  # one decode program for the whole stream
+    # one decode program for the whole stream, plus one per compacted batch size of the tail (2, 1 slots)
+    assert engine.decode_fn._cache_size() - decode_before <= 1 + 2
     assert engine.prefill_fn._cache_size() - prefill_before <= 2  # prefill groups of 1 and 4 prompts
 
 

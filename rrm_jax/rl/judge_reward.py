@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from rrm_jax import checkpoint, worksplit
+from rrm_jax import checkpoint, generate, worksplit
 from rrm_jax.errors import UserError
 from rrm_jax.rl import strategies
 from rrm_jax.rl.config import RewardConfig
@@ -132,19 +132,25 @@ class JudgeReward:
         def compare(batch):
             comparisons = [Comparison(queries[g], responses[g][i], references[g] if j == strategies.REFERENCE
                                       else responses[g][j]) for g, i, j in batch]
-            verdicts = self.judge(comparisons, seed=worksplit.batch_seed(seed, log.calls, 0), log=log)
+            verdicts = self.judge(comparisons, coin_seed=seed, sample_seed=worksplit.batch_seed(seed, log.calls, 0), log=log)
             return [None if v is None else (i if v == 1 else j) for (_, i, j), v in zip(batch, verdicts)]
 
         rewards = strategies.group_rewards(strategy, len(queries), group_size, compare, seed=seed)
         log.seconds = time.perf_counter() - t0
         return rewards.reshape(-1), log.metrics(self.settings.both_orders)
 
-    def judge(self, comparisons: list[Comparison], *, seed: int, log: RoundLog) -> list[int | None]:
-        """The majority verdict (1, 2 or None for a tie) of each comparison: one sampler call for all of them."""
-        from rrm_jax import generate
-
+    def sample(self, prompts: list[list[int]], max_new_tokens: list[int], seed: int):
+        """The judge's `votes` samples per prompt, prompt-major: the one sampler call of a round."""
         s = self.settings
-        orders = [(False, True) if s.both_orders else (is_swapped(c, seed),) for c in comparisons]
+        return generate.sample(self.model, prompts, max_new_tokens=max_new_tokens, temperature=s.temperature,
+                               top_p=s.top_p, num_samples=s.votes, seed=seed, max_think_tokens=s.max_think_tokens,
+                               tokenizer=self.tokenizer, batch_size=s.batch_size)
+
+    def judge(self, comparisons: list[Comparison], *, coin_seed: int, sample_seed: int, log: RoundLog) -> list[int | None]:
+        """The majority verdict (1, 2 or None for a tie) of each comparison: one sampler call for all of them.
+        coin_seed: the A/B coin's (`is_swapped`); sample_seed: the judge's sampling."""
+        s = self.settings
+        orders = [(False, True) if s.both_orders else (is_swapped(c, coin_seed),) for c in comparisons]
         shown_pairs, texts_in = [], []
         for k, (c, shown) in enumerate(zip(comparisons, orders)):
             for swapped in shown:
@@ -158,10 +164,7 @@ class JudgeReward:
                 prompts.append(list(ids))
                 owners.append(owner)
         limit = spec.EVAL_MAX_NEW_TOKENS if s.max_new_tokens is None else s.max_new_tokens
-        results = generate.sample(
-            self.model, prompts, max_new_tokens=[min(limit, self.context - len(p)) for p in prompts],
-            temperature=s.temperature, top_p=s.top_p, num_samples=s.votes, seed=seed,
-            max_think_tokens=s.max_think_tokens, tokenizer=self.tokenizer, batch_size=s.batch_size) if prompts else []
+        results = self.sample(prompts, [min(limit, self.context - len(p)) for p in prompts], sample_seed) if prompts else []
         texts: list[list[str]] = [[] for _ in comparisons]
         shown_orders: list[list[bool]] = [[] for _ in comparisons]
         for p, (k, swapped) in enumerate(owners):

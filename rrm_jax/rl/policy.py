@@ -112,8 +112,8 @@ class PolicyTask:
             "tokens_generated": int(lengths.sum()),
         }
         if self.toy:
-            stats["banned_rate"] = float(np.mean([toy.banned_letter(p.query) in r
-                                                  for p, r in zip(np.repeat(prompts, G), responses)]))
+            stats["banned_rate"] = float(np.mean([toy.banned_letter(prompts[k // G].query) in r
+                                                  for k, r in enumerate(responses)]))
         return advantages, stats
 
     def evaluate(self, model) -> dict:
@@ -150,11 +150,12 @@ class PolicyTask:
             if reached:
                 lines.append(f"first <= 0.02 at step {reached['step']}, {reached['elapsed']:.0f} s after start")
         lines.append(f"checkpoint: {step_dir}  (metrics: {output_dir / 'metrics.jsonl'}, curve: {output_dir / 'curve.png'})")
-        query = self.heldout[0].query
-        lines.append("try it:")
-        lines.append(f"  echo {shlex.quote(json.dumps({'prompt': query}))} > /tmp/prompt.jsonl && {exe} generate --model "
-                     f"{output_dir} --input /tmp/prompt.jsonl --output /tmp/out.jsonl --temperature 1 --num-samples 8 "
-                     f"--max-new-tokens {self.c.rollout.max_new_tokens}")
+        first = self.heldout[0]
+        row = json.dumps({"input_ids": first.prompt_ids, "query": first.query})
+        lines.append(f"try it (8 answers to the held-out prompt {first.query!r}, its token ids as the policy saw them):")
+        lines.append(f"  echo {shlex.quote(row)} > {output_dir / 'try.jsonl'} && {exe} generate --model {output_dir} "
+                     f"--input {output_dir / 'try.jsonl'} --output {output_dir / 'try-out.jsonl'} --temperature 1 "
+                     f"--num-samples 8 --max-new-tokens {self.c.rollout.max_new_tokens}")
         return lines
 
     def plot(self, rows: list[dict], ax) -> None:

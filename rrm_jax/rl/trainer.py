@@ -1,22 +1,31 @@
-"""`rrm-jax train`: GRPO training of a judge, from a laptop CPU to a pod, exactly resumable.
+"""`rrm-jax train`: GRPO training, from a laptop CPU to a pod, exactly resumable.
+
+Two kinds of run share this loop; their task says what differs (prompts, rewards, evaluation,
+warm-up data, summary):
+  - judge training (`reward: rrm`, rrm_jax/rl/judge_task.py): an RRM on preference pairs, rewarded
+    for verdicts that pick the preferred response;
+  - policy training (`reward: {type: judge}`, rrm_jax/rl/policy.py): a policy on prompts, rewarded by
+    a frozen RRM comparing each group's samples on the same mesh.
 
 One run, in OUTPUT_DIR:
 
     config.yaml        the resolved config (the base of `--resume`)
-    heldout.jsonl      the held-out pairs, `{prompt, chosen, rejected}` (`rrm-jax eval --format pairs`)
+    heldout.jsonl      the held-out items: pairs `{prompt, chosen, rejected}` (`rrm-jax eval --format
+                       pairs`), or a policy's held-out prompts `{prompt, reference?}`
     checkpoints/<step>/  Orbax CheckpointManager steps: params + model_config (an rrm-jax checkpoint, so
                        `rrm_jax.load_model(OUTPUT_DIR)` and every command accept OUTPUT_DIR), assets/
                        (tokenizer), opt_state, ref_params (only with a KL term), train_state (step,
                        seed, data-iterator position, elapsed time), config
     metrics.jsonl      one JSON object per step; tb/ TensorBoard events; curve.png at the end
 
-Phases: (A) an optional supervised format warm-up on toy transcripts with RANDOM verdicts (the model
-learns to answer, not what to answer), then (B) GRPO, one step as named stages: `rollout` (B prompts
--> G samples each), `score` (rewards, group advantages, the guard's format penalties, rollout
-statistics), `update` (`ppo_epochs` clipped-policy updates -> AdamW); then the loop logs metrics,
-lets the guard (rrm_jax/rl/guard.py) look for a collapse (stop, or roll back to the last good
-checkpoint), evaluates and checkpoints. The sampler and the update share one copy of the weights: the
-updated arrays are put back into the model the sampler reads.
+Phases: (A) an optional supervised format warm-up on toy transcripts (the judge: RANDOM verdicts, so
+it learns to answer, not what to answer; the policy: letter strings that carry the banned letter half
+the time), then (B) GRPO, one step as named stages: `rollout` (B prompts -> G samples each), `score`
+(the task's rewards, group advantages, the guard's penalties, rollout statistics), `update`
+(`ppo_epochs` clipped-policy updates -> AdamW); then the loop logs metrics, lets the guard
+(rrm_jax/rl/guard.py) look for a collapse (stop, or roll back to the last good checkpoint), evaluates
+and checkpoints. The sampler and the update share one copy of the weights: the updated arrays are put
+back into the model the sampler reads.
 
 All randomness is a function of (seed, step) and the data iterator's position, both in the
 checkpoint, so a resumed run repeats the uninterrupted one exactly.
@@ -62,7 +71,7 @@ METRICS = "metrics.jsonl"
 HELDOUT = "heldout.jsonl"
 EVAL_SEED = 0  # `rrm-jax eval`'s default --seed: which pairs it shows swapped
 EXIT_COLLAPSE = 3  # the guard stopped a collapsed run
-TIMING_KEYS = ("step_time", "rollout_time", "update_time", "tokens_per_s", "elapsed")  # vary run to run
+TIMING_KEYS = ("step_time", "rollout_time", "judge_time", "update_time", "tokens_per_s", "elapsed")  # vary run to run
 
 
 # ----------------------------------------------------------------------------------------------
