@@ -6,24 +6,14 @@ same filled lengths. One process, both timed back to back; CPU by default.
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rrm_jax.bench import best_time
 from rrm_jax.model import qwen2
 from rrm_jax.model.config import preset
-
-
-def best_of(fn, *args, repeats=5):
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main():
@@ -70,7 +60,7 @@ def main():
             return None, qwen2._attend_cached(q, k_new, v_new, view, 0, live * a.page, 1, jnp.float32)
         return jax.lax.scan(layer, None, jnp.arange(L))[1]
 
-    t_c, t_p = best_of(contiguous, cache, q), best_of(paged, pool, q)
+    t_c, t_p = best_time(contiguous, cache, q, repeats=5), best_time(paged, pool, q, repeats=5)
     np.testing.assert_allclose(np.asarray(contiguous(cache, q)).shape, np.asarray(paged(pool, q)).shape)
     print(f"{a.preset} batch={B} filled={a.filled} capacity={a.capacity} page/block={a.page} "
           f"device={jax.devices()[0].device_kind}: attention over all layers, contiguous blocks "

@@ -26,7 +26,8 @@ from rrm_jax.model.config import preset
 from rrm_jax.sampling import SamplingSettings
 
 
-def _timed(fn, *args, repeats=3):
+def best_time(fn, *args, repeats=3):
+    """The fastest of `repeats` runs of fn(*args) after one warm-up run (compilation), in seconds."""
     jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(repeats):
@@ -52,12 +53,12 @@ def measure_ceilings(dtype) -> dict:
     x = jnp.ones((n,), jnp.float32)
     copy = jax.jit(lambda a: a * 1.0001 + 1.0)
     _busy(copy, x, seconds=warm_s)
-    bandwidth = 2 * x.nbytes / _timed(copy, x, repeats=repeats)
+    bandwidth = 2 * x.nbytes / best_time(copy, x, repeats=repeats)
     m = 1024 if on_cpu else 8192
     a = jnp.ones((m, m), dtype)
     matmul = jax.jit(lambda p, q: p @ q)
     _busy(matmul, a, a, seconds=warm_s)
-    t = _timed(matmul, a, a, repeats=repeats)
+    t = best_time(matmul, a, a, repeats=repeats)
     return {"memory_bandwidth_GBps": bandwidth / 1e9, "peak_TFLOPs": 2 * m**3 / t / 1e12,
             "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform}
 
@@ -96,7 +97,7 @@ def bench_sample(model, *, batch: int, prompt_len: int, gen_len: int, ceilings: 
     jax.block_until_ready(decode(_engine_batch(model, tokens, gen_len, capacity, block)))
     compile_s = time.perf_counter() - t
 
-    prefill_s = _timed(lambda: _engine_batch(model, tokens, gen_len, capacity, block))
+    prefill_s = best_time(lambda: _engine_batch(model, tokens, gen_len, capacity, block))
     decode_s = float("inf")
     for _ in range(2):
         state = jax.block_until_ready(_engine_batch(model, tokens, gen_len, capacity, block))
@@ -238,7 +239,7 @@ def bench_train_step(model, *, prompts: int, samples: int, prompt_len: int, gen_
     tokens = jnp.asarray([r.output_ids for r in results], jnp.int32)
     loss_mask = jnp.ones((rows, gen_len), jnp.float32)
     params = model.params()
-    logprob_s = _timed(lambda p, *x: step.logprobs_fn(c, p, *x), params, prompt_tokens, prompt_lengths, tokens, repeats=2)
+    logprob_s = best_time(lambda p, *x: step.logprobs_fn(c, p, *x), params, prompt_tokens, prompt_lengths, tokens, repeats=2)
     old = step.logprobs_fn(c, params, prompt_tokens, prompt_lengths, tokens)
     batch = step.RolloutBatch(prompt_tokens, prompt_lengths, tokens, loss_mask, old, jnp.zeros_like(old),
                               jnp.asarray(rng.normal(size=rows), jnp.float32), loss_mask)

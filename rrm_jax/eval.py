@@ -20,24 +20,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import Counter
 from dataclasses import dataclass
 
-from rrm_jax import distributed, options, resumable
+from rrm_jax import distributed, options
 from rrm_jax.errors import UserError
 from rrm_jax.rrm import spec
 from rrm_jax.rrm.judge import (
     Comparison,
     Judgment,
     add_judge_arguments,
-    interrupted_message,
-    judge_from_args,
     judge_settings,
-    open_journal,
     read_rows,
     require_text,
     rows_from_args,
+    run_journaled,
 )
 
 FORMATS = ("rewardbench", "pandalm", "llmbar", "pairs")
@@ -214,17 +211,11 @@ def run_eval(args: argparse.Namespace) -> int:
     _check_format(args.format)
     rows = rows_from_args(args, _COLUMNS[args.format], _FIELDS[args.format])
     items = items_from_rows(rows, args.format)  # bad input fails before the model loads
-    with resumable.sigterm_requests() as stop_requested:
-        journal = open_journal(args, "eval", judge_settings(args, rows, format=args.format))
-        try:
-            judge = judge_from_args(args, progress=True, journal=journal, stop_requested=stop_requested)
-            results = {"model": args.model, "input": args.input, **evaluate(judge, items, args.format)}
-        except resumable.Interrupted:
-            if distributed.is_main_process():
-                print(interrupted_message(journal, "items"), file=sys.stderr)
-            return 0
-        finally:
-            journal.partial.close()
+    done = run_journaled(args, "eval", judge_settings(args, rows, format=args.format), "items",
+                         lambda judge: {"model": args.model, "input": args.input, **evaluate(judge, items, args.format)})
+    if done is None:
+        return 0
+    journal, _, results = done
     journal.partial.finish(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     if distributed.is_main_process():
         print(format_table(results))

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from rrm_jax.errors import UserError
 from rrm_jax.model.config import PRESETS, Qwen2Config
-from rrm_jax.rl.config import TrainConfig, load_config
+from rrm_jax.rl.config import JUDGE_REWARD, TrainConfig, load_config
 
 GB = 1e9
 JUDGE_TEMPLATE_TOKENS = 640  # the RRM system prompt and user template around the query and responses (~560 tokens with the R1 tokenizer)
@@ -112,7 +112,7 @@ def model_shape(c: TrainConfig) -> Qwen2Config:
 
 def judge_shape(c: TrainConfig) -> Qwen2Config | None:
     """The judge of a judge reward (a folder, or for planning without the weights a preset name), or None."""
-    if c.reward.type != "judge":
+    if c.reward.type != JUDGE_REWARD:
         return None
     r = c.reward
     base = PRESETS[r.judge] if r.judge in PRESETS else _stored_model_config(Path(r.judge), "reward.judge")

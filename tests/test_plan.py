@@ -75,7 +75,7 @@ def test_shipped_configs_fit(name, devices, memory, capsys):
     assert rc == 0 and " fits (" in out
     c = load_config(str(path))  # the recipe
     assert (c.rollout.samples_per_prompt, c.rollout.temperature, c.rollout.max_new_tokens, c.optimizer.lr,
-            c.reward) == (16, 0.8, 8192, 1e-6, "rrm")
+            c.reward.type) == (16, 0.8, 8192, 1e-6, "rrm")
     assert c.loss.remat and c.model.dtype == "bfloat16"
 
 
@@ -94,6 +94,42 @@ def test_config_that_cannot_fit_is_refused(overrides, memory, largest, remedy, c
     assert rc == 2
     assert err.count("\n") == 0 and err.startswith("rrm-jax: error: ") and "does not fit" in err
     assert f"largest term: {largest}" in err and remedy in err
+
+
+POLICY_8XH100 = str(ROOT / "configs" / "policy_7b_8xh100.yaml")
+WITHOUT_POLICY_WEIGHTS = ["model.init=r1-distill-qwen-7b", "reward.judge=r1-distill-qwen-7b"]
+
+
+@pytest.mark.parametrize("name, devices, memory", [("policy_7b_8xh100", 8, 80), ("policy_7b_v5p", 64, 95)])
+def test_shipped_policy_configs_fit(name, devices, memory, capsys):
+    rc = main(["plan", "--config", str(ROOT / "configs" / f"{name}.yaml"), "--devices", str(devices), "--device-memory",
+               str(memory), *WITHOUT_POLICY_WEIGHTS])
+    out = capsys.readouterr().out
+    assert rc == 0 and " fits (" in out and "judge KV cache" in out and "judging phase total" in out
+
+
+def test_judge_terms_match_hand_computation():
+    c = load_config(POLICY_8XH100, WITHOUT_POLICY_WEIGHTS)
+    p = plan.plan_memory(c, plan.model_shape(c), plan.judge_shape(c))
+    # the judge: RRM-7B's shape in bfloat16 on the policy's fsdp=4 x tp=2 mesh (as the policy's weights shard)
+    matrices = 2 * 152064 * 3584 + 28 * (2 * 3584 * 28 * 128 + 2 * 3584 * 4 * 128 + 3 * 3584 * 18944)
+    biases = 28 * (28 * 128 + 2 * 4 * 128)
+    norms = 28 * 2 * 3584 + 3584
+    assert p.term("judge_params") == (matrices / 8 + biases / 2 + norms) * 2
+    # elo: 16 prompts x 28 pairs = 448 comparisons, one order, at most batch_size 128 decoding, 1 vote, over
+    # data*fsdp = 4 shards: 32 rows of 1024 + 2 x 4096 + 640 + 4096 tokens, 2 of the 4 kv heads each
+    assert p.term("judge_kv_cache") == 2 * 28 * 32 * 13952 * 2 * 128 * 2
+    assert p.phase_total("judging") == (p.term("params") + p.term("optimizer") + p.term("judge_params")
+                                        + p.term("judge_kv_cache"))
+    assert p.phase_total("update") >= p.term("judge_params") + p.term("grads")  # the judge stays on the devices
+
+
+def test_judge_cache_that_cannot_fit_is_refused(capsys):
+    rc = main(["plan", "--config", POLICY_8XH100, "--device-memory", "80", *WITHOUT_POLICY_WEIGHTS,
+               "reward.batch_size=2048", "reward.both_orders=true", "reward.max_new_tokens=8192"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "judging phase" in err
+    assert "largest term: judge KV cache" in err and "reward.batch_size" in err
 
 
 def test_device_count_must_match_mesh(capsys):

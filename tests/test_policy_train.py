@@ -114,7 +114,8 @@ def test_scripted_judge_rewards_follow_the_formula_and_the_policy_learns(judge_d
     monkeypatch.setattr(judge_reward.JudgeReward, "rewards", keep_responses)
     config = policy_config(judge_dir, "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
                            "model.num_kv_heads=2", "model.intermediate_size=128", "rollout.prompts_per_step=32",
-                           "max_steps=24", "eval_every=12", "checkpoint_every=0", "optimizer.lr=3e-3")
+                           "max_steps=24", "eval_every=12", "checkpoint_every=0", "optimizer.lr=3e-3",
+                           "reward.both_orders=false")  # one seeded coin per comparison
     assert trainer.train(config, tmp_path / "run", progress=False) == 0
 
     # the first step's rewards by hand: each pair's coin, the stand-in's verdict, win rates over 3 comparisons

@@ -187,7 +187,7 @@ def banned_letter(query: str) -> str:
     return query[len(QUERY_PREFIX):]
 
 
-def policy_warmup_batch(tokenizer, batch_size: int, rng: np.random.Generator, *, banned_fraction: float = 0.5) -> dict[str, np.ndarray]:
+def policy_warmup_batch(tokenizer, batch_size: int, rng: np.random.Generator, *, banned_fraction: float = 0.75) -> dict[str, np.ndarray]:
     """Supervised transcripts that teach the policy the answer FORMAT (5 letters, then </s>) but not the
     task: a response carries the banned letter with probability `banned_fraction`, so the policy starts
     writing it about that often and only the judge's reward can teach it to stop. Same layout as

@@ -17,6 +17,7 @@ import yaml
 
 from rrm_jax.errors import UserError
 from rrm_jax.model.config import INITIALIZERS
+from rrm_jax.rl.reward import REWARDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 8
+    stop_at_eos: bool = True  # false: every sample is exactly max_new_tokens long (the toy policy's fixed-length answers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +116,7 @@ class GuardConfig:
 
 
 ON_COLLAPSE = ("stop", "rollback")
-REWARD_TYPES = ("rrm", "judge")
+JUDGE_REWARD = "judge"  # reward.type of policy training; any other type names a verdict reward of judge training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,8 +314,10 @@ def validate(c: TrainConfig) -> TrainConfig:
         (c.guard.collapse_steps >= 0 and c.guard.max_rollbacks >= 0,
          "guard.collapse_steps and guard.max_rollbacks must be >= 0"),
         (0 < c.guard.collapse_threshold <= 1, "guard.collapse_threshold must be in (0, 1]"),
-        (c.reward.type in REWARD_TYPES, f"reward.type={c.reward.type!r}: use one of {', '.join(REWARD_TYPES)}"),
-        (c.reward.type != "judge" or bool(c.reward.judge),
+        (c.reward.type == JUDGE_REWARD or c.reward.type in REWARDS,
+         f"reward.type={c.reward.type!r}: use {JUDGE_REWARD} (a judge compares the samples) or a reward of "
+         f"rrm_jax.rl.reward.REWARDS ({', '.join(sorted(REWARDS))})"),
+        (c.reward.type != JUDGE_REWARD or bool(c.reward.judge),
          "reward.type=judge needs reward.judge=PATH (an RRM: HF folder, rrm-jax checkpoint or run folder)"),
         (c.reward.votes >= 1, f"reward.votes must be >= 1, got {c.reward.votes}"),
         (c.reward.temperature >= 0 and 0 < c.reward.top_p <= 1,

@@ -119,7 +119,8 @@ class PolicyTask:
     def evaluate(self, model) -> dict:
         c = self.c
         outs = generate.sample(model, [p.prompt_ids for p in self.heldout], max_new_tokens=c.rollout.max_new_tokens,
-                               temperature=EVAL_TEMPERATURE, top_p=1.0, seed=EVAL_SEED, tokenizer=self.tokenizer)
+                               temperature=EVAL_TEMPERATURE, top_p=1.0, seed=EVAL_SEED,
+                               eos_ids=None if c.rollout.stop_at_eos else [], tokenizer=self.tokenizer)
         responses = [response_text(o.text, strip_think=c.reward.strip_think) for o in outs]
         row = {"heldout_response_len": float(np.mean([len(o.output_ids) for o in outs]))}
         if self.toy:

@@ -61,7 +61,7 @@ from rrm_jax.model import convert
 from rrm_jax.model.config import PRESETS, Qwen2Config
 from rrm_jax.model.qwen2 import Qwen2
 from rrm_jax.rl import grpo, guard, policy, step
-from rrm_jax.rl.config import TrainConfig, load_config
+from rrm_jax.rl.config import JUDGE_REWARD, TrainConfig, load_config
 from rrm_jax.rl.judge_task import JudgeTask
 from rrm_jax.rl.tokenizer import TOY_TOKENIZER, load_train_tokenizer  # noqa: F401 (part of this module's API)
 
@@ -375,7 +375,7 @@ def setup(c: TrainConfig, output_dir: Path, *, resume: bool, progress: bool) -> 
     mesh = make_mesh(c)
     tokenizer = load_train_tokenizer(c.tokenizer)
     model = build_model(c, tokenizer, mesh)
-    if c.reward.type == "judge":
+    if c.reward.type == JUDGE_REWARD:
         task = policy.PolicyTask(c, tokenizer, mesh, model.config)  # loads the frozen judge onto the same mesh
     else:
         task = JudgeTask(c, tokenizer)
@@ -408,7 +408,7 @@ def rollout(run: Run, state: State, prompts: list[list[int]]):
     r = run.c.rollout
     return generate.sample(run.model, prompts, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                            num_samples=r.samples_per_prompt, seed=_step_seed(state.rollout_seed, state.step),
-                           tokenizer=run.tokenizer)
+                           eos_ids=None if r.stop_at_eos else [], tokenizer=run.tokenizer)
 
 
 def update(run: Run, state: State, prompts, samples, advantages) -> dict:

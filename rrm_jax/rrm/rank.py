@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from rrm_jax import distributed, options, resumable
+from rrm_jax import distributed, options
 from rrm_jax.errors import UserError
 from rrm_jax.rrm import spec
 from rrm_jax.rrm.judge import (
     Comparison,
     add_judge_arguments,
-    interrupted_message,
-    judge_from_args,
     judge_settings,
-    open_journal,
     require_text,
     rows_from_args,
+    run_journaled,
 )
 
 Pair = tuple[int, int]
@@ -293,17 +290,11 @@ def run_rank(args) -> int:
         raise UserError("--bracket is for --strategy knockout")
     bracket = _read_bracket(args.bracket, questions) if args.bracket else None
     settings = judge_settings(args, rows, strategy=args.strategy, bracket=bracket)
-    with resumable.sigterm_requests() as stop_requested:
-        journal = open_journal(args, "rank", settings)
-        try:
-            judge = judge_from_args(args, progress=True, journal=journal, stop_requested=stop_requested)
-            results = _tournaments(args, questions, judge, bracket)
-        except resumable.Interrupted:
-            if distributed.is_main_process():
-                print(interrupted_message(journal, "comparisons"), file=sys.stderr)
-            return 0
-        finally:
-            journal.partial.close()
+    done = run_journaled(args, "rank", settings, "comparisons",
+                         lambda judge: _tournaments(args, questions, judge, bracket))
+    if done is None:
+        return 0
+    journal, judge, results = done
 
     lines = []
     for q, result in zip(questions, results):
