@@ -144,7 +144,7 @@ def _compact(mesh, state: SlotState, keep) -> SlotState:
 empty_state_fn = jax.jit(_empty_state, static_argnums=(0, 1, 2, 3))
 prefill_fn = jax.jit(_prefill_insert, static_argnums=(0, 1, 2), donate_argnums=(4,))
 decode_fn = jax.jit(_decode_chunk, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
-compact_fn = jax.jit(_compact, static_argnums=(0,), donate_argnums=(1,))
+compact_fn = jax.jit(_compact, static_argnums=(0,))  # no donation: the output is smaller than the input
 
 
 @dataclasses.dataclass

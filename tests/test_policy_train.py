@@ -142,7 +142,8 @@ def test_scripted_judge_rewards_follow_the_formula_and_the_policy_learns(judge_d
     assert all(r["judge_unparseable"] == 0 for r in train)
 
 
-@pytest.mark.parametrize("strategy, G", [("knockout", 4), ("knockout", 3), ("circular", 3), ("reference", 2)])
+# (every strategy's calls against its rounds, without a model: tests/test_strategies.py)
+@pytest.mark.parametrize("strategy, G", [("knockout", 3), ("reference", 2)])
 def test_judge_sampler_calls_per_step_equal_the_rounds(judge_dir, tmp_path, strategy, G, monkeypatch):
     calls = []
     sample = judge_reward.JudgeReward.sample
