@@ -114,7 +114,8 @@ def test_scripted_judge_rewards_follow_the_formula_and_the_policy_learns(judge_d
     monkeypatch.setattr(judge_reward.JudgeReward, "rewards", keep_responses)
     config = policy_config(judge_dir, "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
                            "model.num_kv_heads=2", "model.intermediate_size=128", "rollout.prompts_per_step=32",
-                           "max_steps=24", "eval_every=12", "checkpoint_every=0", "optimizer.lr=3e-3",
+                           "max_steps=40", "eval_every=20", "checkpoint_every=0", "optimizer.lr=3e-3",
+                           "data.heldout=128", "loss.entropy_coef=0", "warmup.steps=40",
                            "reward.both_orders=false")  # one seeded coin per comparison
     assert trainer.train(config, tmp_path / "run", progress=False) == 0
 
@@ -212,7 +213,7 @@ def test_resume_after_kill_is_exact(judge_dir, tmp_path):
     assert straight.returncode == 0, straight.stderr
     crashed = _train_subprocess(tmp_path / "resumed", judge_dir, crash_after=3)
     assert crashed.returncode == -signal.SIGKILL
-    resumed = _train_subprocess(tmp_path / "resumed", judge_dir, "--resume", "--export-hf", str(tmp_path / "hf"))
+    resumed = _train_subprocess(tmp_path / "resumed", judge_dir, "--resume", f"--export-hf={tmp_path / 'hf'}")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr and "heldout_banned_rate" not in resumed.stderr
     assert without_timing(rows(tmp_path / "resumed")) == without_timing(rows(tmp_path / "straight"))
