@@ -52,10 +52,12 @@ class PolicyTask:
             if missing is not None:
                 raise UserError(f"{missing.origin}: reward.strategy=reference needs a 'reference' response in every "
                                 f"prompt row; this one has none")
-        make = lambda rows: PromptDataset(rows, tokenizer=tokenizer, max_prompt_len=c.data.max_prompt_len,  # noqa: E731
-                                          chat_template=c.data.chat_template)
-        self.dataset = make(train_rows)
-        heldout = make(heldout_rows)
+        def dataset(rows):
+            return PromptDataset(rows, tokenizer=tokenizer, max_prompt_len=c.data.max_prompt_len,
+                                 chat_template=c.data.chat_template)
+
+        self.dataset = dataset(train_rows)
+        heldout = dataset(heldout_rows)
         self.heldout = [heldout.prompt(i) for i in range(len(heldout))]
         self.heldout_rows = [{"prompt": p.query, **({"reference": p.reference} if p.reference is not None else {})}
                              for p in self.heldout]

@@ -19,8 +19,8 @@ One run, in OUTPUT_DIR:
     metrics.jsonl      one JSON object per step; tb/ TensorBoard events; curve.png at the end
 
 Phases: (A) an optional supervised format warm-up on toy transcripts (the judge: RANDOM verdicts, so
-it learns to answer, not what to answer; the policy: letter strings that carry the banned letter half
-the time), then (B) GRPO, one step as named stages: `rollout` (B prompts -> G samples each), `score`
+it learns to answer, not what to answer; the policy: letter strings, 3 in 4 of them with the banned
+letter), then (B) GRPO, one step as named stages: `rollout` (B prompts -> G samples each), `score`
 (the task's rewards, group advantages, the guard's penalties, rollout statistics), `update`
 (`ppo_epochs` clipped-policy updates -> AdamW); then the loop logs metrics, lets the guard
 (rrm_jax/rl/guard.py) look for a collapse (stop, or roll back to the last good checkpoint), evaluates
@@ -69,7 +69,6 @@ CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 HELDOUT = "heldout.jsonl"
-EVAL_SEED = 0  # `rrm-jax eval`'s default --seed: which pairs it shows swapped
 EXIT_COLLAPSE = 3  # the guard stopped a collapsed run
 TIMING_KEYS = ("step_time", "rollout_time", "judge_time", "update_time", "tokens_per_s", "elapsed")  # vary run to run
 
@@ -313,7 +312,7 @@ def _on_mesh(tree, mesh):
 
 def _prepare_output(output_dir: Path, resume: bool, c: TrainConfig, task) -> None:
     """Check OUTPUT_DIR on every process, then let process 0 create it and write the run config and
-    the held-out pairs."""
+    the task's held-out items."""
     previous = (output_dir / METRICS).exists() or (output_dir / CHECKPOINTS).exists()
     if previous and not resume:
         raise UserError(f"{output_dir} already holds a training run; pass --resume to continue it or choose "
@@ -574,9 +573,9 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
             convert.checkpoint_to_hf(step_dir, export_hf)
         for line in run.task.summary(rows, output_dir, step_dir, cli_prefix(), run.mcfg.max_position_embeddings):
             print(line)
+        print(f"  {cli_prefix()} convert orbax-to-hf --ckpt {output_dir} --out {output_dir}-hf")
         if export_hf:
             print(f"Hugging Face export: {export_hf}")
-        print(f"  {cli_prefix()} convert orbax-to-hf --ckpt {output_dir} --out {output_dir}-hf")
     distributed.barrier("run-finished")
     return exit_code
 
@@ -625,8 +624,8 @@ def _step_seed(seed: int, step_number: int) -> int:
 
 
 def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, task, tokenizer, progress: bool, preemption: _Preemption):
-    """Phase A: supervised format warm-up on the task's transcripts (judge: random verdicts; policy: a
-    letter string that carries the banned letter half the time)."""
+    """Phase A: supervised format warm-up on the task's transcripts (judge: random verdicts; policy:
+    letter strings, 3 in 4 of them carrying the banned letter)."""
     w = c.warmup
     if not w.steps:
         return params
