@@ -127,6 +127,8 @@ class PolicyTask:
         row = {"heldout_response_len": float(np.mean([len(o.output_ids) for o in outs]))}
         if self.toy:
             row[CURVE_KEY] = float(np.mean([toy.banned_letter(p.query) in r for p, r in zip(self.heldout, responses)]))
+            # the answers the task asks for: lowercase letters only (the judge never saw anything else)
+            row["heldout_letter_answers"] = float(np.mean([r.isascii() and r.isalpha() and r.islower() for r in responses]))
         if all(p.reference is not None for p in self.heldout):
             wins, _ = self.judge.rewards([p.query for p in self.heldout], [[r] for r in responses],
                                          [p.reference for p in self.heldout], seed=EVAL_SEED, strategy="reference")
