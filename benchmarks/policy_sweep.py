@@ -5,7 +5,8 @@ config's max_steps, judged by the same toy judge (--judge, the run folder of `ma
 per seed from metrics.jsonl: heldout_banned_rate at step 0 (after the format warm-up) and at the end,
 the first evaluation at or below --target (its step; the trainer's `elapsed` at it, from the start of
 `train`, warm-up and compilation included; and the GRPO time, from the step-0 row to it), the largest
-rate at or after that point, the median step and judge times, and the load averages around the run.
+rate at or after that point, the fewest answers made of lowercase letters only (heldout_letter_answers) at any
+evaluation, the median step and judge times, and the load averages around the run.
 
     .venv/bin/python benchmarks/policy_sweep.py --judge runs/toy --seeds 0 1 2 --out benchmarks/results/policy_sweep
 """
@@ -21,12 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+from toy_sweep import loadavg  # benchmarks/ is on the path when this script runs
+
 CONFIG = Path(__file__).resolve().parents[1] / "rrm_jax" / "configs" / "toy_policy.yaml"
 KEY = "heldout_banned_rate"
-
-
-def loadavg() -> list[float]:
-    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+LETTERS = "heldout_letter_answers"
 
 
 def run_seed(seed: int, judge: str, run_dir: Path, target: float, overrides: list[str]) -> dict:
@@ -51,6 +51,7 @@ def run_seed(seed: int, judge: str, run_dir: Path, target: float, overrides: lis
         "elapsed_s": reached["elapsed"] if reached else None,
         "grpo_s": reached["elapsed"] - evals[0]["elapsed"] if reached else None,
         "max_rate_after": max(r[KEY] for r in evals if r["step"] >= reached["step"]) if reached else None,
+        "final_letter_answers": evals[-1][LETTERS], "min_letter_answers": min(r[LETTERS] for r in evals),
         "median_step_time_s": statistics.median(r["step_time"] for r in steps),
         "median_judge_time_s": statistics.median(r["judge_time"] for r in steps),
         "wall_s": wall, "load_before": load_before, "load_after": loadavg(),
@@ -76,7 +77,8 @@ def main() -> int:
     summary = {"seeds": args.seeds, "reached": len(reached), "target": args.target,
                "worst_elapsed_s": max((r["elapsed_s"] for r in reached), default=None),
                "worst_grpo_s": max((r["grpo_s"] for r in reached), default=None),
-               "worst_final_rate": max(r["final_rate"] for r in results)}
+               "worst_final_rate": max(r["final_rate"] for r in results),
+               "worst_letter_answers": min(r["min_letter_answers"] for r in results)}
     print(json.dumps(summary))
     (out / "summary.json").write_text(json.dumps({"runs": results, "summary": summary}, indent=1))
     return 0

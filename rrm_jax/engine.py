@@ -11,7 +11,8 @@ The host loop is plain Python over three jitted programs:
 
 A decode step attends only over the smallest window of the cache (128, 256, 512, ... positions) that
 holds the longest live row (`qwen2.decode_step` with a block size), so its cost follows the tokens
-present, not the capacity allocated for the longest request. Rows keep their own random streams (see `rrm_jax.sampling`), so results do not depend on the
+present, not the capacity allocated for the longest request; on a CPU each row reads its own window
+(`reads_row_windows`), so a long row no longer makes every short one read its length. Rows keep their own random streams (see `rrm_jax.sampling`), so results do not depend on the
 slot, the slot count, the other requests or their order.
 """
 
@@ -105,6 +106,7 @@ def _decode_chunk(config: Qwen2Config, settings: SamplingSettings, chunk: int, b
                   state: SlotState, stop_at_done):
     """Up to `chunk` decode steps; stops early when every row is done or stop_at_done rows are."""
     B = state.done.shape[0]
+    row_windows = reads_row_windows(mesh)
     emitted = Emitted(jnp.zeros((B, chunk), jnp.int32), jnp.zeros((B, chunk), jnp.float32),
                       jnp.zeros((B, chunk), jnp.float32))
 
@@ -122,13 +124,22 @@ def _decode_chunk(config: Qwen2Config, settings: SamplingSettings, chunk: int, b
                     e.sampling_logprobs.at[:, t].set(nxt.sampling_logprobs))
         num_generated = s.num_generated + active.astype(jnp.int32)
         done = s.done | (active & is_eos(settings, nxt.tokens)) | (num_generated >= s.limit)
-        logits, cache = qwen2.decode_step(config, params, nxt.tokens, s.cache, active=active, block_size=block)
+        logits, cache = qwen2.decode_step(config, params, nxt.tokens, s.cache, active=active, block_size=block,
+                                          row_windows=row_windows)
         s = SlotState(_constrain_cache(cache, mesh), logits, num_generated, s.limit, done, nxt.forced,
                       nxt.think_closed, s.keys)
         return s, e, t + 1
 
     state, emitted, _ = jax.lax.while_loop(go_on, step, (state, emitted, jnp.zeros((), jnp.int32)))
     return state, emitted
+
+
+def reads_row_windows(mesh) -> bool:
+    """Whether each row's attention reads its own window (qwen2.decode_step's row_windows) rather than the
+    batch's longest: on one CPU device, where a loop over the rows is cheap and the cache reads are most
+    of a step. Not on an accelerator, where the loop would serialise work the device does in parallel,
+    nor over a mesh, where slicing one row out of the sharded batch would gather it."""
+    return mesh is None and jax.default_backend() == "cpu"
 
 
 def _compact(mesh, state: SlotState, keep) -> SlotState:

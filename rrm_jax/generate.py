@@ -36,7 +36,7 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int | 
            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, num_samples: int = 1, seed: int = 0,
            eos_ids=None, max_think_tokens: int | None = None, tokenizer=None, think_end_ids_override=None,
            batch_size: int | None = None, buckets: Sequence[int] | None = None, progress=None,
-           stats: engine.EngineStats | None = None) -> list[Sample]:
+           stats: engine.EngineStats | None = None, allowed_token_ids: Sequence[int] | None = None) -> list[Sample]:
     """Generate from a list of token-id prompts. Returns num_samples results per prompt, prompt-major.
 
     max_new_tokens: one limit for every prompt, or a list with one per prompt.
@@ -45,6 +45,8 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int | 
     to a power of two, so a stream of varied requests reuses a few compilations.
     progress: optional callable, called with the number of prompts finished as they finish.
     stats: optional `engine.EngineStats`, filled with the engine's counters.
+    allowed_token_ids: a constrained vocabulary: the greedy choice, sampling and `logprobs` use the
+    model's distribution renormalised over these tokens (the thinking budget's tokens are still forced).
     With a model sharded over the devices of several processes, every process calls this with the
     same prompts and gets every result back (the trainer gathers each step's prompts first)."""
     config: Qwen2Config = model.config
@@ -55,7 +57,7 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int | 
     limits = request_limits(max_new_tokens, len(prompt_ids))
     settings = make_settings(config, temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids,
                              max_think_tokens=max_think_tokens, tokenizer=tokenizer,
-                             think_end_ids_override=think_end_ids_override)
+                             think_end_ids_override=think_end_ids_override, allowed_token_ids=allowed_token_ids)
     check_prompts(config, prompt_ids, limits)
     requests = [engine.Request([int(t) for t in p], m, i) for i, (p, m) in enumerate(zip(prompt_ids, limits))]
     params = model.params()

@@ -49,7 +49,10 @@ from rrm_jax.model.config import PRESETS, Qwen2Config
 from rrm_jax.rl.config import JUDGE_REWARD, TrainConfig, load_config
 
 GB = 1e9
-JUDGE_TEMPLATE_TOKENS = 640  # the RRM system prompt and user template around the query and responses (~560 tokens with the R1 tokenizer)
+# The RRM system prompt, user template and suffix around the query and responses: 1,808 characters, 283
+# words, so about 450 tokens at ~4 characters a token (an estimate: no R1 tokenizer here to count with),
+# plus the chat template's markers; 640 leaves a margin.
+JUDGE_TEMPLATE_TOKENS = 640
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,8 @@ MIN_BUCKET = 16
 @dataclasses.dataclass
 class Sample:
     """One generated continuation. `logprobs` are under the unmodified model (temperature 1, no
-    filtering); `sampling_logprobs` under the distribution actually sampled from (None for greedy)."""
+    filtering; restricted to the allowed tokens when the settings name some); `sampling_logprobs` under
+    the distribution actually sampled from (None for greedy)."""
 
     output_ids: list[int]
     logprobs: list[float]
@@ -45,6 +46,9 @@ class SamplingSettings(NamedTuple):
     eos_ids: tuple[int, ...]
     max_think_tokens: int | None  # None = no budget
     think_end_ids: tuple[int, ...]  # forced at the budget; the last one closes the thinking block
+    # A constrained vocabulary: the model's distribution renormalised over these tokens (every other
+    # token at -inf before anything else); () = the whole vocabulary.
+    allowed_ids: tuple[int, ...] = ()
 
 
 class NextTokens(NamedTuple):
@@ -83,6 +87,16 @@ def filter_logits(logits, temperature: float, top_k: int, top_p: float):
     return logits
 
 
+def restrict_logits(logits, allowed_ids: Sequence[int]):
+    """logits [..., V] with every token outside allowed_ids at -inf (unchanged when allowed_ids is empty):
+    the model restricted to a vocabulary, shared by the sampler and the GRPO loss so both see the same
+    distribution."""
+    if not allowed_ids:
+        return logits
+    allowed = jnp.zeros(logits.shape[-1], bool).at[jnp.asarray(allowed_ids, jnp.int32)].set(True)
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def row_keys(seed, row_ids):
     """[B] PRNG keys, one stream per (prompt, sample) row."""
     return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids)
@@ -103,6 +117,7 @@ def _choose(settings: SamplingSettings, logits, keys, steps):
 def next_tokens(settings: SamplingSettings, logits, keys, num_generated, forced, think_closed) -> NextTokens:
     """The token each row takes next: sampled (or greedy), unless the row is at its thinking budget, where
     the tokens of "\\n</think>\\n\\n" are forced one per step."""
+    logits = restrict_logits(logits, settings.allowed_ids)
     token, sampling_logp = _choose(settings, logits, keys, num_generated)
     if settings.max_think_tokens is not None:
         forced_ids = jnp.asarray(settings.think_end_ids, jnp.int32)
@@ -139,8 +154,11 @@ def think_end_ids(tokenizer) -> tuple[int, ...]:
 
 
 def make_settings(config: Qwen2Config, *, temperature, top_p, top_k, eos_ids, max_think_tokens, tokenizer,
-                  think_end_ids_override) -> SamplingSettings:
+                  think_end_ids_override, allowed_token_ids=None) -> SamplingSettings:
     """Validated settings; raises UserError naming the bad value."""
+    allowed = tuple(sorted({int(i) for i in allowed_token_ids or ()}))
+    if allowed and not (0 <= allowed[0] and allowed[-1] < config.vocab_size):
+        raise UserError(f"allowed_token_ids must be token ids in [0, {config.vocab_size}), got {allowed[0]}..{allowed[-1]}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise UserError(f"invalid sampling settings temperature={temperature} top_p={top_p} top_k={top_k}: "
                         f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
@@ -150,7 +168,8 @@ def make_settings(config: Qwen2Config, *, temperature, top_p, top_k, eos_ids, ma
     return SamplingSettings(
         temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
         eos_ids=resolve_eos_ids(config, tokenizer, eos_ids),
-        max_think_tokens=None if max_think_tokens is None else int(max_think_tokens), think_end_ids=forced)
+        max_think_tokens=None if max_think_tokens is None else int(max_think_tokens), think_end_ids=forced,
+        allowed_ids=allowed)
 
 
 def request_limits(max_new_tokens, n_prompts: int) -> list[int]:

@@ -14,6 +14,7 @@ from scipy import stats
 
 from model_utils import make_hf_model
 from rrm_jax import generate, load_model, parallel
+from rrm_jax.errors import UserError
 from rrm_jax.model import qwen2
 from rrm_jax.model.config import preset
 
@@ -125,6 +126,47 @@ def test_sampling_distribution_matches_exact_filtered_distribution(temperature, 
     np.testing.assert_allclose(r.sampling_logprobs[0], np.log(want[r.output_ids[0]]), atol=1e-4)
     plain = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
     np.testing.assert_allclose(r.logprobs[0], plain[r.output_ids[0]], atol=1e-4)
+
+
+def test_allowed_tokens_greedy_equals_transformers_with_the_rest_suppressed(hf_pair):
+    _, ref, model = hf_pair
+    allowed = list(range(30, 60, 3))  # tokens the unconstrained greedy run mostly does not pick
+    suppressed = [t for t in range(ref.config.vocab_size) if t not in allowed]
+    results = generate.sample(model, PROMPTS, max_new_tokens=12, eos_ids=[], allowed_token_ids=allowed)
+    for prompt, r in zip(PROMPTS, results):
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                               suppress_tokens=suppressed, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        assert r.output_ids == out[0, len(prompt):].tolist()
+        with torch.no_grad():  # logprobs: the model renormalised over the allowed tokens
+            logits = ref(torch.tensor([prompt + r.output_ids])).logits[0].double()[:, allowed]
+        lp = torch.log_softmax(logits, -1)
+        want = [lp[len(prompt) - 1 + i, allowed.index(t)].item() for i, t in enumerate(r.output_ids)]
+        np.testing.assert_allclose(r.logprobs, want, atol=1e-4)
+
+
+def test_allowed_tokens_sampling_follows_the_renormalised_distribution():
+    config = preset("tiny").replace(vocab_size=24)
+    model = qwen2.Qwen2(config, rngs=nnx.Rngs(0))
+    prompt, allowed = [3, 1, 4], [2, 5, 7, 13, 17, 19]  # without 11, the unconstrained model's favourite
+    logits = np.asarray(qwen2.forward(config, model.params(), jnp.asarray([prompt]))[0, -1]).astype(np.float64)
+    z = np.exp(logits[allowed] - logits[allowed].max())
+    want = np.zeros(config.vocab_size)
+    want[allowed] = z / z.sum()
+    n = 4000
+    results = generate.sample(model, [prompt], max_new_tokens=1, temperature=1.0, num_samples=n, seed=5,
+                              eos_ids=[], allowed_token_ids=allowed)
+    counts = np.bincount([r.output_ids[0] for r in results], minlength=config.vocab_size)
+    assert counts[want == 0].sum() == 0, "sampled a token outside the allowed set"
+    support = want > 1e-6
+    assert stats.chisquare(counts[support], n * want[support] / want[support].sum()).pvalue > 1e-3
+    np.testing.assert_allclose(results[0].logprobs[0], np.log(want[results[0].output_ids[0]]), atol=1e-4)
+
+
+def test_allowed_tokens_out_of_the_vocabulary_are_refused(hf_pair):
+    _, ref, model = hf_pair
+    with pytest.raises(UserError, match="allowed_token_ids"):
+        generate.sample(model, PROMPTS, max_new_tokens=2, allowed_token_ids=[1, ref.config.vocab_size])
 
 
 def test_same_seed_same_samples_regardless_of_batching(hf_pair):

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import jax
@@ -26,6 +25,7 @@ from rrm_jax.rl import judge_reward, strategies, trainer
 from rrm_jax.rl.config import load_config
 from rrm_jax.rrm.judge import Comparison, is_swapped
 from rrm_jax.sampling import FINISH_EOS, Sample
+from train_utils import split_flags, train_subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY_CONFIG = str(REPO / "rrm_jax" / "configs" / "toy_policy.yaml")
@@ -134,6 +134,9 @@ def test_scripted_judge_rewards_follow_the_formula_and_the_policy_learns(judge_d
         expected[g, i] += i_won / 3
         expected[g, j] += (not i_won) / 3
     np.testing.assert_allclose(got, expected, atol=1e-6)
+    # rollout.allowed_tokens (the toy config's lowercase letters): every training answer is a letter string
+    answers = [a for _, gs in responses for group in gs for a in group]
+    assert answers and all(len(a) == 5 and a.isascii() and a.isalpha() and a.islower() for a in answers)
 
     metrics = [r for r in rows(tmp_path / "run") if "heldout_banned_rate" in r]
     assert metrics[0]["step"] == 0 and metrics[0]["heldout_banned_rate"] > 0.1  # the warm-up's mix
@@ -189,23 +192,9 @@ def test_sharded_policy_and_judge_equal_one_device(judge_dir, tmp_path):
 
 
 def _train_subprocess(out: Path, judge: Path, *extra: str, crash_after: int | None = None):
-    hook = ""
-    if crash_after is not None:  # kill -9 right after step N is logged
-        hook = textwrap.dedent(f"""
-            import os, signal
-            from rrm_jax.rl import trainer
-            log = trainer.MetricsLog.log
-            def log_then_crash(self, row):
-                log(self, row)
-                if row["step"] == {crash_after}:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            trainer.MetricsLog.log = log_then_crash
-        """)
-    code = hook + "\nimport sys\nfrom rrm_jax.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    flags = [e for e in extra if e.startswith("--")]
-    argv = ["train", "--config", POLICY_CONFIG, "--output-dir", str(out), "--no-progress", *flags, *TINY_POLICY,
-            f"reward.judge={judge}", *[e for e in extra if e not in flags]]
-    return subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True, timeout=300)
+    flags, overrides = split_flags(extra)
+    return train_subprocess(["train", "--config", POLICY_CONFIG, "--output-dir", str(out), "--no-progress", *flags,
+                             *TINY_POLICY, f"reward.judge={judge}", *overrides], crash_after)
 
 
 def test_resume_after_kill_is_exact(judge_dir, tmp_path):
@@ -289,4 +278,6 @@ def test_bad_input_is_one_line_exit_2(judge_dir, tmp_path, capsys):
     err = _cli_error(capsys, run("g", "mesh.fsdp=1", "mesh.tp=2", "mesh.data=4"))
     assert "mesh.tp=2" in err and "judge" in err
     assert "reward.judge" in _cli_error(capsys, run("h", f"reward.judge={tmp_path / 'nothing'}"))
-    assert not any((tmp_path / name).exists() for name in "abcdefgh")
+    err = _cli_error(capsys, run("i", "rollout.allowed_tokens=a b ??"))
+    assert "rollout.allowed_tokens" in err and "'??'" in err
+    assert not any((tmp_path / name).exists() for name in "abcdefghi")

@@ -6,6 +6,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from rrm_jax import generate
+from rrm_jax.model import qwen2
 from rrm_jax.model.config import preset
 from rrm_jax.model.qwen2 import Qwen2
 from rrm_jax.rl import step
@@ -58,3 +60,37 @@ def test_one_or_four_micro_batches_give_the_same_update():
     assert ma["clip_fraction"] > 0
     for key in ma:
         np.testing.assert_allclose(ma[key], mb[key], atol=1e-6, rtol=1e-6, err_msg=key)
+
+
+def test_allowed_tokens_loss_sees_the_distribution_the_sampler_drew_from():
+    """With a constrained vocabulary, the loss's log-probs equal the rollout's (so the first PPO ratio is
+    1), its entropy is the renormalised distribution's, and the update stays finite despite the -inf."""
+    config = preset("tiny")
+    model = Qwen2(config, rngs=nnx.Rngs(2))
+    params = model.params()
+    allowed = (4, 9, 16, 25, 36, 49)
+    prompts, G, Tc = [[5, 6, 7], [11, 12, 13, 14, 15]], 3, 6
+    samples = generate.sample(model, prompts, max_new_tokens=Tc, temperature=1.0, num_samples=G, seed=1,
+                              eos_ids=[], allowed_token_ids=allowed)
+    prompt_tokens = np.zeros((len(prompts), 5), np.int32)
+    for i, p in enumerate(prompts):
+        prompt_tokens[i, :len(p)] = p
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens = np.array([s.output_ids for s in samples], np.int32)
+    assert set(tokens.ravel()) <= set(allowed)
+    logp, entropy = step.logprobs_fn(config, params, prompt_tokens, lengths, tokens, allowed_token_ids=allowed,
+                                     with_entropy=True)
+    np.testing.assert_allclose(np.asarray(logp), [s.logprobs for s in samples], atol=1e-5)
+    for r, s in enumerate(samples):  # entropy by hand from a full forward, renormalised over `allowed`
+        seq = prompts[r // G] + s.output_ids
+        z = np.asarray(qwen2.forward(config, params, jnp.asarray([seq]))[0], np.float64)[len(prompts[r // G]) - 1:-1]
+        p = np.exp(z[:, allowed] - z[:, allowed].max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        np.testing.assert_allclose(np.asarray(entropy)[r], -(p * np.log(p)).sum(-1), atol=1e-4)
+    mask = np.ones(tokens.shape, np.float32)
+    batch = step.RolloutBatch(jnp.asarray(prompt_tokens), jnp.asarray(lengths), jnp.asarray(tokens), mask, logp, logp,
+                              jnp.asarray([1.0, -1.0, 0.5, -0.5, 0.2, -0.2]), mask)
+    loss = step.LossSettings(kl_coef=0.05, entropy_coef=0.1, allowed_token_ids=allowed)
+    new, _, metrics = step.update_fn(config, loss, optax.sgd(0.1), 1, params, optax.sgd(0.1).init(params), batch)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(new))
+    assert np.isfinite(float(metrics["loss"]))

@@ -6,8 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import jax
@@ -24,6 +22,7 @@ from rrm_jax.rl import step, trainer
 from rrm_jax.rl.config import load_config
 from rrm_jax.rl.reward import register_reward
 from rrm_jax.rrm.prompt import parse_verdict
+from train_utils import split_flags, train_subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,23 +62,8 @@ def test_grpo_steps_raise_reward_on_trivial_rule(tmp_path):
 
 
 def _train_subprocess(out: Path, *extra: str, crash_after: int | None = None) -> subprocess.CompletedProcess:
-    """`rrm-jax train` in a fresh process; crash_after=N kills it with SIGKILL right after step N is logged."""
-    hook = ""
-    if crash_after is not None:  # an injected crash: no chance to clean up, exactly like kill -9
-        hook = textwrap.dedent(f"""
-            import os, signal
-            from rrm_jax.rl import trainer
-            log = trainer.MetricsLog.log
-            def log_then_crash(self, row):
-                log(self, row)
-                if row["step"] == {crash_after}:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            trainer.MetricsLog.log = log_then_crash
-        """)
-    code = hook + "\nimport sys\nfrom rrm_jax.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    flags = [e for e in extra if e.startswith("--")]
-    argv = ["train", "--output-dir", str(out), "--no-progress", *flags, *TINY, *[e for e in extra if e not in flags]]
-    return subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True, timeout=300)
+    flags, overrides = split_flags(extra)
+    return train_subprocess(["train", "--output-dir", str(out), "--no-progress", *flags, *TINY, *overrides], crash_after)
 
 
 def test_resume_after_kill_is_exact(tmp_path):

@@ -176,11 +176,12 @@ def _weighted_values(probs, v, dtype):
     return out.reshape(B, T, K * G, v.shape[-1])
 
 
-def _prefix_attention(q, cache_k, cache_v, layer, lengths, window: int):
+def _prefix_attention(q, cache_k, cache_v, layer, lengths, window: int, row=0):
     """Attention of one query per row over the first `window` positions of its cached prefix.
 
-    q [B, 1, N, H]; cache_k / cache_v: the whole cache [L, B, S, K, H], of which layer `layer` is read
-    (sliced straight out of the stacked cache: slicing the layer first would copy all S positions);
+    q [n, 1, N, H]: the rows row .. row + n - 1 of the batch; cache_k / cache_v: the whole cache
+    [L, B, S, K, H], of which layer `layer` is read (sliced straight out of the stacked cache: slicing
+    the layer first would copy all S positions);
     lengths [B] (positions < lengths are real, and must be <= window). Returns the softmax's pieces
     (max [B, K, G], normaliser [B, K, G], unnormalised output [B, K, G, H]), float32, so the new
     token's own score joins them exactly.
@@ -190,7 +191,7 @@ def _prefix_attention(q, cache_k, cache_v, layer, lengths, window: int):
     B, _, N, H = q.shape
     _, _, _, K, _ = cache_k.shape
     qf = q.reshape(B, 1, K, N // K, H).astype(jnp.float32) * (H ** -0.5)
-    at, size = (layer, 0, 0, 0, 0), (1, B, window, K, H)
+    at, size = (layer, row, 0, 0, 0), (1, B, window, K, H)
     k = jax.lax.dynamic_slice(cache_k, at, size)[0].astype(jnp.float32)
     v = jax.lax.dynamic_slice(cache_v, at, size)[0].astype(jnp.float32)
     s = jnp.sum(qf * k[:, :, :, None, :], axis=-1)  # [B, window, K, G]
@@ -203,11 +204,23 @@ def _prefix_attention(q, cache_k, cache_v, layer, lengths, window: int):
 
 def _attend_cached(q, k_new, v_new, cache: "KVCache", layer, windows: tuple[int, ...], window_index, dtype):
     """The new token's attention over its cached prefix (the first windows[window_index] positions) plus
-    itself -> [B, 1, N, H]."""
+    itself -> [B, 1, N, H]. window_index: one index for the whole batch, or [B], one per row (a loop over
+    the rows, each reading its own window)."""
     B, _, N, H = q.shape
     K = k_new.shape[2]
-    branches = [lambda q, w=w: _prefix_attention(q, cache.keys, cache.values, layer, cache.lengths, w) for w in windows]
-    m, l, acc = branches[0](q) if len(windows) == 1 else jax.lax.switch(window_index, branches, q)
+
+    def prefix(q, index, row=0):
+        lengths = jax.lax.dynamic_slice_in_dim(cache.lengths, row, q.shape[0])
+        if len(windows) == 1:
+            return _prefix_attention(q, cache.keys, cache.values, layer, lengths, windows[0], row)
+        branches = [lambda q, w=w: _prefix_attention(q, cache.keys, cache.values, layer, lengths, w, row) for w in windows]
+        return jax.lax.switch(index, branches, q)
+
+    if jnp.ndim(window_index) == 0:
+        m, l, acc = prefix(q, window_index)
+    else:  # one row at a time: [1, ...] in, the row's pieces out
+        m, l, acc = jax.lax.map(lambda xs: jax.tree.map(lambda a: a[0], prefix(xs[0][None], xs[1], xs[2])),
+                                (q, window_index, jnp.arange(B)))
     qf = q.reshape(B, K, N // K, H).astype(jnp.float32) * (H ** -0.5)
     s_self = jnp.sum(qf * k_new[:, 0, :, None, :].astype(jnp.float32), axis=-1)  # [B, K, G]
     m_all = jnp.maximum(m, s_self)
@@ -230,8 +243,17 @@ def attention_windows(cache_len: int, smallest: int | None) -> tuple[int, ...]:
 
 def attention_window(lengths, active, windows: tuple[int, ...]):
     """Index of the smallest window that holds the longest active row's cached prefix."""
-    longest = jnp.max(jnp.where(active, lengths, 0))
-    return sum((longest > w).astype(jnp.int32) for w in windows[:-1]) if len(windows) > 1 else jnp.int32(0)
+    return _window_index(jnp.max(jnp.where(active, lengths, 0)), windows)
+
+
+def row_attention_windows(lengths, active, windows: tuple[int, ...]):
+    """[B]: for each row the index of the smallest window that holds its own cached prefix (an inactive
+    row: the smallest window)."""
+    return _window_index(jnp.where(active, lengths, 0), windows)
+
+
+def _window_index(n, windows: tuple[int, ...]):
+    return sum((n > w).astype(jnp.int32) for w in windows[:-1]) if len(windows) > 1 else jnp.zeros_like(n)
 
 
 def _mlp_block(c: Qwen2Config, p, x):
@@ -354,7 +376,8 @@ def prefill(c: Qwen2Config, params, tokens, lengths, cache_len: int):
     return logits_from_hidden(c, params, last)[:, 0], cache
 
 
-def decode_step(c: Qwen2Config, params, tokens, cache: KVCache, *, active=None, block_size: int | None = None):
+def decode_step(c: Qwen2Config, params, tokens, cache: KVCache, *, active=None, block_size: int | None = None,
+                row_windows: bool = False):
     """One new token per row, tokens [B], written at cache.lengths -> (logits [B, V], updated cache).
 
     Each layer attends over the cached prefix (read-only inside the scan, sliced out of the stacked
@@ -363,13 +386,16 @@ def decode_step(c: Qwen2Config, params, tokens, cache: KVCache, *, active=None, 
     that take the token; inactive rows neither write nor advance. block_size: the step reads only the
     smallest of the windows block_size, 2 x block_size, 4 x ..., the whole cache, that holds the longest
     active row (one compiled step, a `lax.switch` over the windows), so its cost follows the filled
-    length, within 2x, not the allocated length; None reads the whole cache every step."""
+    length, within 2x, not the allocated length; None reads the whole cache every step. row_windows:
+    each row reads the smallest window that holds its own prefix instead (a `lax.map` over the rows),
+    so a batch of ragged rows reads about the sum of their lengths, not B x the longest: the choice
+    for a CPU, where the loop costs little and the reads are most of the step."""
     B = tokens.shape[0]
     S = cache.keys.shape[2]
     if active is None:
         active = jnp.ones(B, bool)
     windows = attention_windows(S, block_size)
-    window_index = attention_window(cache.lengths, active, windows)
+    window_index = (row_attention_windows if row_windows else attention_window)(cache.lengths, active, windows)
     positions = cache.lengths[:, None]  # [B, 1]
 
     def layer(x, xs):

@@ -75,6 +75,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 8
     stop_at_eos: bool = True  # false: every sample is exactly max_new_tokens long (the toy policy's fixed-length answers)
+    # A constrained vocabulary (space-separated token strings): the policy samples only these tokens and
+    # the loss sees the same renormalised distribution; "" = the whole vocabulary.
+    allowed_tokens: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +303,8 @@ def validate(c: TrainConfig) -> TrainConfig:
          f"loss.micro_batches={c.loss.micro_batches} must divide prompts_per_step*samples_per_prompt="
          f"{c.rollout.prompts_per_step * c.rollout.samples_per_prompt}"),
         (c.loss.entropy_on in ("verdict", "completion"), f"loss.entropy_on={c.loss.entropy_on!r}: use verdict or completion"),
+        (not (c.rollout.allowed_tokens.strip() and c.loss.entropy_on == "verdict" and c.loss.entropy_coef > 0),
+         "rollout.allowed_tokens goes with loss.entropy_on=completion (the verdict bonus reads the verdict tokens)"),
         (c.model.initializer in INITIALIZERS,
          f"model.initializer={c.model.initializer!r}: use one of {', '.join(INITIALIZERS)}"),
         (c.data.orders in ("random", "both"), f"data.orders={c.data.orders!r}: use random or both"),

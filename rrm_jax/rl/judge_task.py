@@ -24,6 +24,7 @@ from rrm_jax.errors import UserError
 from rrm_jax.rl import grpo, guard
 from rrm_jax.rl.config import TrainConfig
 from rrm_jax.rl.reward import compute_rewards
+from rrm_jax.rl.rollout_stats import rollout_stats, truncated
 from rrm_jax.rrm.judge import Comparison, is_swapped
 from rrm_jax.rrm.prompt import encode, parse_verdict, render
 
@@ -114,21 +115,14 @@ class JudgeTask:
         rewards = compute_rewards(texts, preferred, reward=c.reward.type)
         verdicts = [parse_verdict(t) for t in texts]
         unparseable = np.array([v is None for v in verdicts])
-        truncated = np.array([s.finish_reason == generate.FINISH_LENGTH for s in samples])
         advantages = guard.penalised_advantages(
-            np.asarray(grpo.group_advantages(rewards, G, normalize_std=c.loss.normalize_std)), unparseable, truncated,
-            format_penalty=c.guard.format_penalty, truncation_penalty=c.guard.truncation_penalty)
-        lengths = np.array([len(s.output_ids) for s in samples])
-        groups = rewards.reshape(-1, G)
+            np.asarray(grpo.group_advantages(rewards, G, normalize_std=c.loss.normalize_std)), unparseable,
+            truncated(samples), format_penalty=c.guard.format_penalty, truncation_penalty=c.guard.truncation_penalty)
         stats = {
             "reward_mean": float(rewards.mean()),
             "accuracy": float(np.mean([v == p for v, p in zip(verdicts, preferred)])),
             "unparseable": float(unparseable.mean()),
-            "response_len_mean": float(lengths.mean()),
-            "response_len_max": int(lengths.max()),
-            "truncated_fraction": float(truncated.mean()),
-            "zero_variance_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
-            "tokens_generated": int(lengths.sum()),
+            **rollout_stats(samples, rewards, G),
         }
         return advantages, stats
 

@@ -33,6 +33,8 @@ from rrm_jax.errors import UserError
 from rrm_jax.rl import grpo, guard, strategies
 from rrm_jax.rl.config import TrainConfig
 from rrm_jax.rl.judge_reward import JudgeReward, check_judge_mesh, load_judge, response_text
+from rrm_jax.rl.rollout_stats import rollout_stats, truncated
+from rrm_jax.rl.tokenizer import token_ids_of
 
 EVAL_TEMPERATURE = 1.0
 EVAL_SEED = 1  # the held-out samples' seed, the same at every evaluation
@@ -44,6 +46,7 @@ class PolicyTask:
 
     def __init__(self, c: TrainConfig, tokenizer, mesh, policy_shape):
         self.c, self.tokenizer = c, tokenizer
+        self.allowed_ids = token_ids_of(tokenizer, c.rollout.allowed_tokens, "rollout.allowed_tokens")  # as the rollout samples
         G = c.rollout.samples_per_prompt
         strategies.check_strategy(c.reward.strategy, G)  # before the judge's weights load
         train_rows, heldout_rows = self._rows(c)
@@ -97,22 +100,11 @@ class PolicyTask:
         responses = [response_text(s.text, strip_think=c.reward.strip_think) for s in samples]
         groups = [responses[g * G:(g + 1) * G] for g in range(len(prompts))]
         rewards, judging = self.judge.rewards([p.query for p in prompts], groups, [p.reference for p in prompts], seed=seed)
-        truncated = np.array([s.finish_reason == generate.FINISH_LENGTH for s in samples])
         advantages = guard.penalised_advantages(
             np.asarray(grpo.group_advantages(rewards, G, normalize_std=c.loss.normalize_std)), np.zeros(len(samples)),
-            truncated, format_penalty=0.0, truncation_penalty=c.guard.truncation_penalty)
-        lengths = np.array([len(s.output_ids) for s in samples])
-        by_group = rewards.reshape(-1, G)
-        stats = {
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()),
-            **judging,
-            "response_len_mean": float(lengths.mean()),
-            "response_len_max": int(lengths.max()),
-            "truncated_fraction": float(truncated.mean()),
-            "zero_variance_groups": float(np.mean(by_group.max(axis=1) == by_group.min(axis=1))),
-            "tokens_generated": int(lengths.sum()),
-        }
+            truncated(samples), format_penalty=0.0, truncation_penalty=c.guard.truncation_penalty)
+        stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()), **judging,
+                 **rollout_stats(samples, rewards, G)}
         if self.toy:
             stats["banned_rate"] = float(np.mean([toy.banned_letter(prompts[k // G].query) in r
                                                   for k, r in enumerate(responses)]))
@@ -122,7 +114,8 @@ class PolicyTask:
         c = self.c
         outs = generate.sample(model, [p.prompt_ids for p in self.heldout], max_new_tokens=c.rollout.max_new_tokens,
                                temperature=EVAL_TEMPERATURE, top_p=1.0, seed=EVAL_SEED,
-                               eos_ids=None if c.rollout.stop_at_eos else [], tokenizer=self.tokenizer)
+                               eos_ids=None if c.rollout.stop_at_eos else [], tokenizer=self.tokenizer,
+                               allowed_token_ids=self.allowed_ids)
         responses = [response_text(o.text, strip_think=c.reward.strip_think) for o in outs]
         row = {"heldout_response_len": float(np.mean([len(o.output_ids) for o in outs]))}
         if self.toy:

@@ -22,6 +22,7 @@ import optax
 from rrm_jax.model import qwen2
 from rrm_jax.model.config import Qwen2Config
 from rrm_jax.rl import grpo
+from rrm_jax.sampling import restrict_logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,7 @@ class LossSettings:
     agg: str = "token-mean"
     entropy_coef: float = 0.0
     entropy_token_ids: tuple[int, ...] = ()  # entropy over these tokens only (empty: whole vocabulary)
+    allowed_token_ids: tuple[int, ...] = ()  # the policy's constrained vocabulary, as its rollout samples it
     remat: bool = False
 
 
@@ -64,11 +66,16 @@ def token_logprobs(config: Qwen2Config, params, tokens, attention_mask, *, remat
 
 
 def continuation_logprobs(config: Qwen2Config, params, prompt_tokens, prompt_lengths, tokens, *,
-                          entropy_token_ids=(), remat=False, with_entropy=False):
+                          entropy_token_ids=(), allowed_token_ids=(), remat=False, with_entropy=False):
     """logp [R, Tc] of each continuation token (see the module docstring); with_entropy also returns the
-    entropy [R, Tc] of each predicted distribution (over entropy_token_ids only, when given)."""
+    entropy [R, Tc] of each predicted distribution (over entropy_token_ids only, when given).
+    allowed_token_ids: the model restricted to that vocabulary, as the sampler restricts it (its
+    entropy is then the restricted distribution's)."""
     hidden = qwen2.grouped_hidden_states(config, params, prompt_tokens, prompt_lengths, tokens, remat=remat)
     logits = qwen2.logits_from_hidden(config, params, hidden)
+    if allowed_token_ids:
+        logits = restrict_logits(logits, allowed_token_ids)
+        entropy_token_ids = entropy_token_ids or allowed_token_ids  # the -inf entries would make p log p NaN
     logp = _take_logprobs(logits, tokens)
     return (logp, _entropy(logits, entropy_token_ids)) if with_entropy else logp
 
@@ -76,7 +83,8 @@ def continuation_logprobs(config: Qwen2Config, params, prompt_tokens, prompt_len
 def _terms(config: Qwen2Config, loss: LossSettings, params, mb: RolloutBatch) -> grpo.LossTerms:
     use_entropy = loss.entropy_coef > 0
     out = continuation_logprobs(config, params, mb.prompt_tokens, mb.prompt_lengths, mb.tokens,
-                                entropy_token_ids=loss.entropy_token_ids, remat=loss.remat, with_entropy=use_entropy)
+                                entropy_token_ids=loss.entropy_token_ids, allowed_token_ids=loss.allowed_token_ids,
+                                remat=loss.remat, with_entropy=use_entropy)
     logp, entropy = out if use_entropy else (out, None)
     return grpo.policy_loss_terms(
         logp, mb.old_logp, mb.ref_logp if loss.kl_coef else None, mb.advantages, mb.loss_mask,
@@ -116,4 +124,4 @@ def update(config: Qwen2Config, loss: LossSettings, optimizer: optax.GradientTra
 
 update_fn = jax.jit(update, static_argnums=(0, 1, 2, 3), donate_argnums=(4, 5))
 logprobs_fn = jax.jit(continuation_logprobs, static_argnums=(0,),
-                      static_argnames=("entropy_token_ids", "remat", "with_entropy"))
+                      static_argnames=("entropy_token_ids", "allowed_token_ids", "remat", "with_entropy"))

@@ -63,7 +63,7 @@ from rrm_jax.model.qwen2 import Qwen2
 from rrm_jax.rl import grpo, guard, policy, step
 from rrm_jax.rl.config import JUDGE_REWARD, TrainConfig, load_config
 from rrm_jax.rl.judge_task import JudgeTask
-from rrm_jax.rl.tokenizer import TOY_TOKENIZER, load_train_tokenizer  # noqa: F401 (part of this module's API)
+from rrm_jax.rl.tokenizer import TOY_TOKENIZER, load_train_tokenizer, token_ids_of  # noqa: F401 (part of this module's API)
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "config.yaml"
@@ -394,7 +394,8 @@ def setup(c: TrainConfig, output_dir: Path, *, resume: bool, progress: bool) -> 
         verdict_open_id = tokenizer.convert_tokens_to_ids(BOXED_OPEN)
     loss = step.LossSettings(clip_low=c.loss.clip_low, clip_high=c.loss.clip_high, kl_coef=c.loss.kl_coef,
                              kl_estimator=c.loss.kl_estimator, agg=c.loss.agg, entropy_coef=c.loss.entropy_coef,
-                             entropy_token_ids=tuple(entropy_ids), remat=c.loss.remat)
+                             entropy_token_ids=tuple(entropy_ids), remat=c.loss.remat,
+                             allowed_token_ids=token_ids_of(tokenizer, c.rollout.allowed_tokens, "rollout.allowed_tokens"))
     grpo.aggregation_count(np.ones((1, 1)), c.loss.agg)  # unknown names fail now, not after the warm-up
     grpo.kl_penalty(jnp.zeros(1), jnp.zeros(1), c.loss.kl_estimator)
     _prepare_output(output_dir, resume, c, task)
@@ -407,7 +408,8 @@ def rollout(run: Run, state: State, prompts: list[list[int]]):
     r = run.c.rollout
     return generate.sample(run.model, prompts, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                            num_samples=r.samples_per_prompt, seed=_step_seed(state.rollout_seed, state.step),
-                           eos_ids=None if r.stop_at_eos else [], tokenizer=run.tokenizer)
+                           eos_ids=None if r.stop_at_eos else [], tokenizer=run.tokenizer,
+                           allowed_token_ids=run.loss.allowed_token_ids)
 
 
 def update(run: Run, state: State, prompts, samples, advantages) -> dict:
@@ -415,7 +417,8 @@ def update(run: Run, state: State, prompts, samples, advantages) -> dict:
     arrays = (*rollout_batch(prompts, samples, run.c.rollout.max_new_tokens, verdict_open_id=run.verdict_open_id),
               advantages)
     prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask, advantages = _device_batch(arrays, run.mesh)
-    ref_logp = (step.logprobs_fn(run.mcfg, state.ref_params, prompt_tokens, prompt_lengths, tokens)
+    ref_logp = (step.logprobs_fn(run.mcfg, state.ref_params, prompt_tokens, prompt_lengths, tokens,
+                                 allowed_token_ids=run.loss.allowed_token_ids)
                 if state.ref_params is not None else jnp.zeros_like(old_logp))
     batch = step.RolloutBatch(prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, ref_logp, advantages, entropy_mask)
     for _ in range(run.c.loss.ppo_epochs):
