@@ -184,3 +184,43 @@ def test_decode_step_reads_only_the_window_the_longest_active_row_fills():
     assert np.asarray(new.lengths).tolist() == [6, 70, 34]
     np.testing.assert_array_equal(new.keys[:, 1, 60], cache.keys[:, 1, 60])
     assert not np.allclose(new.keys[:, 0, 5], cache.keys[:, 0, 5])
+
+
+def test_row_windows_read_each_rows_own_prefix_only():
+    """The CPU step (row_windows): each row reads the smallest fine window holding its own prefix; NaN
+    beyond that window in its own row never reaches its logits, which equal the batch-window step's."""
+    config = preset("tiny")
+    params = qwen2.Qwen2(config, rngs=nnx.Rngs(1)).params()
+    B, S, block = 3, 256, 32
+    assert qwen2.fine_attention_windows(S, block) == (32, 64, 96, 128, 160, 192, 224, 256)
+    big = qwen2.fine_attention_windows(9216, 128)
+    assert big[:8] == tuple(range(128, 1025, 128)) and big[-1] == 9216 and len(big) == 30
+    assert all(b - a <= max(128, a // 8) for a, b in zip(big, big[1:]))  # at most a block or 12.5% over
+
+    windows = qwen2.fine_attention_windows(S, block)
+    lengths = jnp.asarray([5, 70, 33], jnp.int32)
+    active = jnp.asarray([True, True, True])
+    idx = qwen2.row_attention_windows(lengths, active, windows)
+    assert [windows[int(i)] for i in idx] == [32, 96, 64]
+    idx = qwen2.row_attention_windows(lengths, jnp.asarray([True, False, True]), windows)
+    assert [windows[int(i)] for i in idx] == [32, 32, 64]
+
+    shape = (config.num_layers, B, S, config.num_kv_heads, config.head_dim)
+    own = jnp.asarray([32, 96, 64])[None, :, None, None, None]
+    filled = jnp.arange(S)[None, None, :, None, None] < own
+    keys = jnp.where(filled, jax.random.normal(jax.random.key(0), shape), jnp.nan)
+    values = jnp.where(filled, jax.random.normal(jax.random.key(1), shape), jnp.nan)
+    tokens = jnp.asarray([3, 4, 5], jnp.int32)
+    step = jax.jit(lambda c: qwen2.decode_step(config, params, tokens, c, active=active, block_size=block,
+                                               row_windows=True))
+    logits, new = step(qwen2.KVCache(keys, values, lengths))
+    assert np.isfinite(np.asarray(logits)).all()
+    assert np.asarray(new.lengths).tolist() == [6, 71, 34]
+    clean = jnp.nan_to_num(keys), jnp.nan_to_num(values)
+    reference, _ = qwen2.decode_step(config, params, tokens, qwen2.KVCache(*clean, lengths), block_size=block)
+    np.testing.assert_allclose(logits, reference, atol=1e-5)
+    # the batch window (96 for every row) would read row 0's NaN
+    batch, _ = qwen2.decode_step(config, params, tokens, qwen2.KVCache(keys, values, lengths), block_size=block)
+    assert np.isnan(np.asarray(batch)[0]).all()
+    # the engine takes this step on one CPU device, the batch window over a mesh
+    assert engine.reads_row_windows(None) and not engine.reads_row_windows(parallel.make_mesh(2, 2, 2))

@@ -241,6 +241,20 @@ def attention_windows(cache_len: int, smallest: int | None) -> tuple[int, ...]:
     return (*windows, cache_len)
 
 
+def fine_attention_windows(cache_len: int, block: int | None) -> tuple[int, ...]:
+    """The prefix lengths a row may read with per-row windows: multiples of `block`, growing by one block
+    or, once an eighth of the window is more than a block, by an eighth (rounded down to blocks), then the
+    whole cache. A row reads at most one block or 12.5% beyond its prefix; a 9,216-position cache has
+    30 windows, so the step's `lax.switch` stays small."""
+    if block is None or block >= cache_len:
+        return (cache_len,)
+    windows, w = [], block
+    while w < cache_len:
+        windows.append(w)
+        w = max(w + block, (w + w // 8) // block * block)
+    return (*windows, cache_len)
+
+
 def attention_window(lengths, active, windows: tuple[int, ...]):
     """Index of the smallest window that holds the longest active row's cached prefix."""
     return _window_index(jnp.max(jnp.where(active, lengths, 0)), windows)
@@ -387,14 +401,15 @@ def decode_step(c: Qwen2Config, params, tokens, cache: KVCache, *, active=None, 
     smallest of the windows block_size, 2 x block_size, 4 x ..., the whole cache, that holds the longest
     active row (one compiled step, a `lax.switch` over the windows), so its cost follows the filled
     length, within 2x, not the allocated length; None reads the whole cache every step. row_windows:
-    each row reads the smallest window that holds its own prefix instead (a `lax.map` over the rows),
-    so a batch of ragged rows reads about the sum of their lengths, not B x the longest: the choice
-    for a CPU, where the loop costs little and the reads are most of the step."""
+    each row reads the smallest of the finer windows of `fine_attention_windows` that holds its own
+    prefix instead (a `lax.map` over the rows), so a batch of ragged rows reads about the sum of their
+    lengths, not B x the longest: the choice for a CPU, where the loop costs little and the reads are
+    most of the step."""
     B = tokens.shape[0]
     S = cache.keys.shape[2]
     if active is None:
         active = jnp.ones(B, bool)
-    windows = attention_windows(S, block_size)
+    windows = (fine_attention_windows if row_windows else attention_windows)(S, block_size)
     window_index = (row_attention_windows if row_windows else attention_window)(cache.lengths, active, windows)
     positions = cache.lengths[:, None]  # [B, 1]
 
