@@ -12,8 +12,9 @@ The host loop is plain Python over three jitted programs:
 A decode step attends only over the smallest window of the cache (128, 256, 512, ... positions) that
 holds the longest live row (`qwen2.decode_step` with a block size), so its cost follows the tokens
 present, not the capacity allocated for the longest request; on a CPU each row reads its own window
-(`reads_row_windows`), so a long row no longer makes every short one read its length. Rows keep their own random streams (see `rrm_jax.sampling`), so results do not depend on the
-slot, the slot count, the other requests or their order.
+(`reads_row_windows`), so a long row no longer makes every short one read its length. Rows keep their
+own random streams (see `rrm_jax.sampling`), so results do not depend on the slot, the slot count, the
+other requests or their order.
 """
 
 from __future__ import annotations
