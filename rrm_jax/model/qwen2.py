@@ -182,8 +182,8 @@ def _prefix_attention(q, cache_k, cache_v, layer, lengths, window: int, row=0):
     q [n, 1, N, H]: the rows row .. row + n - 1 of the batch; cache_k / cache_v: the whole cache
     [L, B, S, K, H], of which layer `layer` is read (sliced straight out of the stacked cache: slicing
     the layer first would copy all S positions);
-    lengths [B] (positions < lengths are real, and must be <= window). Returns the softmax's pieces
-    (max [B, K, G], normaliser [B, K, G], unnormalised output [B, K, G, H]), float32, so the new
+    lengths [n] of those rows (positions < lengths are real, and must be <= window). Returns the
+    softmax's pieces (max [n, K, G], normaliser [n, K, G], unnormalised output [n, K, G, H]), float32, so the new
     token's own score joins them exactly.
 
     An elementwise product summed over H, streaming the cache in its own layout: a decode step is

@@ -34,7 +34,6 @@ from rrm_jax.rl import grpo, guard, strategies
 from rrm_jax.rl.config import TrainConfig
 from rrm_jax.rl.judge_reward import JudgeReward, check_judge_mesh, load_judge, response_text
 from rrm_jax.rl.rollout_stats import rollout_stats, truncated
-from rrm_jax.rl.tokenizer import token_ids_of
 
 EVAL_TEMPERATURE = 1.0
 EVAL_SEED = 1  # the held-out samples' seed, the same at every evaluation
@@ -44,9 +43,9 @@ CURVE_KEY = "heldout_banned_rate"
 class PolicyTask:
     kind = "policy"
 
-    def __init__(self, c: TrainConfig, tokenizer, mesh, policy_shape):
+    def __init__(self, c: TrainConfig, tokenizer, mesh, policy_shape, allowed_ids: tuple[int, ...] = ()):
         self.c, self.tokenizer = c, tokenizer
-        self.allowed_ids = token_ids_of(tokenizer, c.rollout.allowed_tokens, "rollout.allowed_tokens")  # as the rollout samples
+        self.allowed_ids = allowed_ids  # rollout.allowed_tokens' ids: the evaluation samples as the rollout does
         G = c.rollout.samples_per_prompt
         strategies.check_strategy(c.reward.strategy, G)  # before the judge's weights load
         train_rows, heldout_rows = self._rows(c)

@@ -374,8 +374,9 @@ def setup(c: TrainConfig, output_dir: Path, *, resume: bool, progress: bool) -> 
     mesh = make_mesh(c)
     tokenizer = load_train_tokenizer(c.tokenizer)
     model = build_model(c, tokenizer, mesh)
+    allowed_ids = token_ids_of(tokenizer, c.rollout.allowed_tokens, "rollout.allowed_tokens")
     if c.reward.type == JUDGE_REWARD:
-        task = policy.PolicyTask(c, tokenizer, mesh, model.config)  # loads the frozen judge onto the same mesh
+        task = policy.PolicyTask(c, tokenizer, mesh, model.config, allowed_ids)  # loads the frozen judge onto the same mesh
     else:
         task = JudgeTask(c, tokenizer)
     mcfg = model.config
@@ -395,7 +396,7 @@ def setup(c: TrainConfig, output_dir: Path, *, resume: bool, progress: bool) -> 
     loss = step.LossSettings(clip_low=c.loss.clip_low, clip_high=c.loss.clip_high, kl_coef=c.loss.kl_coef,
                              kl_estimator=c.loss.kl_estimator, agg=c.loss.agg, entropy_coef=c.loss.entropy_coef,
                              entropy_token_ids=tuple(entropy_ids), remat=c.loss.remat,
-                             allowed_token_ids=token_ids_of(tokenizer, c.rollout.allowed_tokens, "rollout.allowed_tokens"))
+                             allowed_token_ids=allowed_ids)
     grpo.aggregation_count(np.ones((1, 1)), c.loss.agg)  # unknown names fail now, not after the warm-up
     grpo.kl_penalty(jnp.zeros(1), jnp.zeros(1), c.loss.kl_estimator)
     _prepare_output(output_dir, resume, c, task)
