@@ -3,24 +3,33 @@ refilled with waiting prompts as rows finish, decoding in chunks of steps betwee
 
 The host loop is plain Python over three jitted programs:
 
-    prefill_fn  prefill a group of waiting prompts once and insert their caches (one copy per sample)
-                into free slots of the running batch;
-    decode_fn   run up to `chunk` decode steps for every slot (finished slots idle), stopping early once
-                enough slots have finished that a refill is worth it; returns the tokens it emitted;
+    prefill_fn  prefill a pack of waiting prompts (several prompts in one token budget, each attending
+                only to itself) once and insert their caches (one copy per sample) into free slots;
+    decode_fn   run a chunk of decode steps for every slot (finished slots idle) and return the tokens;
     empty_state allocate the slots.
 
-A decode step attends only over the smallest window of the cache (128, 256, 512, ... positions) that
-holds the longest live row (`qwen2.decode_step` with a block size), so its cost follows the tokens
-present, not the capacity allocated for the longest request; on a CPU each row reads its own window
-(`reads_row_windows`), so a long row no longer makes every short one read its length. Rows keep their
-own random streams (see `rrm_jax.sampling`), so results do not depend on the slot, the slot count, the
-other requests or their order.
+Two decode paths, chosen by `decode_path`:
+
+    "rows"    one CPU device: the stacked cache [L, B, S, K, H], layers scanned, each row reading the
+              smallest window that holds its own prefix (a loop over the rows, cheap on a CPU), and the
+              chunk a while loop that returns early once enough slots are free for a refill;
+    "layers"  accelerators and meshes: one cache array per layer [K, B, S, H] and the layers unrolled,
+              the chunk a scan of a fixed number of steps (finished rows masked), so a step holds no
+              conditional and no loop of unknown trip count (each costs a host round trip on XLA:GPU),
+              and the attention is `decode_attention.attend`: a Pallas kernel reading each row's own
+              length on GPU and TPU, or a window chosen on the host between chunks (XLA).
+
+Rows keep their own random streams (see `rrm_jax.sampling`), so results do not depend on the slot, the
+slot count, the other requests, their order or the path.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import os
+import warnings
 from typing import NamedTuple, Sequence
 
 import jax
@@ -29,18 +38,25 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rrm_jax import distributed, parallel
-from rrm_jax.model import qwen2
+from rrm_jax.errors import UserError
+from rrm_jax.model import decode_attention, qwen2
 from rrm_jax.model.config import Qwen2Config
-from rrm_jax.sampling import Sample, SamplingSettings, bucket_length, is_eos, make_sample, next_tokens, row_keys
+from rrm_jax.sampling import MIN_BUCKET, Sample, SamplingSettings, bucket_length, is_eos, make_sample, next_tokens, row_keys
 
-ATTENTION_BLOCK = 128  # the smallest attention window; windows double up to the whole cache
+ATTENTION_BLOCK = 128  # window granularity: the "rows" path's finest window, the "layers" XLA path's smallest
 CHUNK_STEPS = 32  # decode steps per device call between host checks
+# Prompt tokens per prefill call: waiting prompts are packed into this budget (a longer prompt gets a
+# power-of-two pack of its own), so one program serves every prompt length and a 520-token prompt does
+# not pay for 1,024. A CPU prefers smaller packs (the attention inside a pack grows with its square).
+PREFILL_TOKENS = {"cpu": 512}
+DEFAULT_PREFILL_TOKENS = 2048
+ATTENTION_ENV = "RRM_JAX_DECODE_ATTENTION"  # xla | pallas-gpu | pallas-tpu: overrides the backend's default
 
 
 class SlotState(NamedTuple):
     """The running batch, one row per slot. A free slot is `done` with limit 0."""
 
-    cache: qwen2.KVCache  # keys / values [L, B, S, K, H]; lengths [B]
+    cache: qwen2.KVCache | qwen2.LayerCache  # lengths [B]
     logits: jax.Array  # [B, V] float32: the distribution of each row's next token
     num_generated: jax.Array  # [B] int32
     limit: jax.Array  # [B] int32: the row's max_new_tokens
@@ -58,56 +74,119 @@ class Emitted(NamedTuple):
     sampling_logprobs: jax.Array  # [B, chunk] float32
 
 
-def _constrain_cache(cache: qwen2.KVCache, mesh) -> qwen2.KVCache:
+class Pack(NamedTuple):
+    """Prompts packed for one prefill call (host arrays). R rows of T tokens, M prompt entries, each
+    prompt's rows taking num_samples slots; padding entries point at slot B (out of range: dropped)."""
+
+    tokens: np.ndarray  # [R, T] int32
+    segments: np.ndarray  # [R, T] int32: the prompt entry of each token (padding: its own segment)
+    positions: np.ndarray  # [R, T] int32: position of each token in its prompt
+    token_slots: np.ndarray  # [R * T * num_samples] int32: where each token's key / value goes (per sample)
+    token_positions: np.ndarray  # [R * T * num_samples] int32
+    last: np.ndarray  # [M] int32: flat index of each prompt's last token
+    lengths: np.ndarray  # [M] int32
+    limits: np.ndarray  # [M] int32
+    slots: np.ndarray  # [M * num_samples] int32, prompt-major
+    row_ids: np.ndarray  # [M * num_samples] uint32: each row's stream
+
+
+def decode_path(mesh) -> str:
+    """"rows" on one CPU device (a loop over the rows is cheap there and the cache reads are most of a
+    step), else "layers" (an accelerator, where a row loop would serialise the device, or a mesh, where
+    slicing one row out of the sharded batch would gather it)."""
+    return "rows" if mesh is None and jax.default_backend() == "cpu" else "layers"
+
+
+def attention_impl(mesh) -> str:
+    """The decode attention of the "layers" path: RRM_JAX_DECODE_ATTENTION if set, else the backend's
+    kernel (`decode_attention.default_impl`)."""
+    impl = os.environ.get(ATTENTION_ENV) or decode_attention.default_impl()
+    if impl not in decode_attention.IMPLS:
+        raise UserError(f"{ATTENTION_ENV}={impl!r}: use one of {', '.join(decode_attention.IMPLS)}")
+    return impl
+
+
+def _constrain_cache(cache, mesh):
     if mesh is None:  # batch over (data, fsdp), kv heads over tp
         return cache
+    if isinstance(cache, qwen2.LayerCache):
+        kv = parallel.logical_sharding(("kv_heads", "batch", "length", "head_dim"), mesh, cache.keys[0].shape)
+        c = lambda a: jax.lax.with_sharding_constraint(a, kv)
+        return qwen2.LayerCache(tuple(map(c, cache.keys)), tuple(map(c, cache.values)), cache.lengths)
     kv = parallel.logical_sharding(("layers", "batch", "length", "kv_heads", "head_dim"), mesh, cache.keys.shape)
     return qwen2.KVCache(jax.lax.with_sharding_constraint(cache.keys, kv),
                          jax.lax.with_sharding_constraint(cache.values, kv), cache.lengths)
 
 
-def _empty_state(config: Qwen2Config, slots: int, capacity: int, mesh) -> SlotState:
-    dt = jnp.dtype(config.dtype)
-    shape = (config.num_layers, slots, capacity, config.num_kv_heads, config.head_dim)
-    cache = _constrain_cache(qwen2.KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros(slots, jnp.int32)), mesh)
-    return SlotState(cache=cache, logits=jnp.zeros((slots, config.vocab_size), jnp.float32),
+def _empty_state(config: Qwen2Config, slots: int, capacity: int, mesh, path: str) -> SlotState:
+    if path == "layers":
+        cache = qwen2.empty_layer_cache(config, slots, capacity)
+    else:
+        dt = jnp.dtype(config.dtype)
+        shape = (config.num_layers, slots, capacity, config.num_kv_heads, config.head_dim)
+        cache = qwen2.KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros(slots, jnp.int32))
+    return SlotState(cache=_constrain_cache(cache, mesh), logits=jnp.zeros((slots, config.vocab_size), jnp.float32),
                      num_generated=jnp.zeros(slots, jnp.int32), limit=jnp.zeros(slots, jnp.int32),
                      done=jnp.ones(slots, bool), forced=jnp.full(slots, -1, jnp.int32),
                      think_closed=jnp.zeros(slots, bool), keys=jnp.zeros_like(jax.random.key_data(row_keys(0, jnp.zeros(slots, jnp.uint32)))))
 
 
-def _prefill_insert(config: Qwen2Config, num_samples: int, mesh, params, state: SlotState, tokens, lengths,
-                    limits, slots, seed, row_ids) -> SlotState:
-    """Prefill right-padded prompts tokens [n, P] (lengths [n], limits [n]) once each and insert each
-    prompt's cache into num_samples slots (slots [n * num_samples], prompt-major); row r of the group
-    samples from the stream of row_ids[r]."""
-    P = tokens.shape[1]
-    logits, new = qwen2.prefill(config, params, tokens, lengths, P)
-    keys, values = new.keys, new.values
-    if num_samples > 1:
+def _prefill_insert(config: Qwen2Config, num_samples: int, mesh, params, state: SlotState, pack: Pack, seed) -> SlotState:
+    """Prefill the prompts of `pack` once each and insert each prompt's cache into its num_samples slots;
+    row r of the pack samples from the stream of pack.row_ids[r]."""
+    logits, keys, values = qwen2.prefill_packed(config, params, pack.tokens, pack.segments, pack.positions,
+                                                pack.last)
+    if num_samples > 1:  # token-major, then sample: as the host laid out token_slots
         keys, values = jnp.repeat(keys, num_samples, axis=1), jnp.repeat(values, num_samples, axis=1)
         logits = jnp.repeat(logits, num_samples, axis=0)
-        lengths, limits = jnp.repeat(lengths, num_samples), jnp.repeat(limits, num_samples)
-    cache = qwen2.KVCache(state.cache.keys.at[:, slots, :P].set(keys.astype(state.cache.keys.dtype)),
-                          state.cache.values.at[:, slots, :P].set(values.astype(state.cache.values.dtype)),
-                          state.cache.lengths.at[slots].set(lengths))
+    lengths, limits = jnp.repeat(pack.lengths, num_samples), jnp.repeat(pack.limits, num_samples)
+    cache = qwen2.insert_tokens(state.cache, pack.token_slots, pack.token_positions, keys, values)
+    slots = pack.slots
+    put = lambda dst, src: dst.at[slots].set(src, mode="drop")
+    cache = cache._replace(lengths=put(cache.lengths, lengths))
     return SlotState(
         cache=_constrain_cache(cache, mesh),
-        logits=state.logits.at[slots].set(logits),
-        num_generated=state.num_generated.at[slots].set(0),
-        limit=state.limit.at[slots].set(limits),
-        done=state.done.at[slots].set(False),
-        forced=state.forced.at[slots].set(-1),
-        think_closed=state.think_closed.at[slots].set(False),
-        keys=state.keys.at[slots].set(jax.random.key_data(row_keys(seed, row_ids))),
+        logits=put(state.logits, logits),
+        num_generated=put(state.num_generated, jnp.zeros_like(lengths)),
+        limit=put(state.limit, limits),
+        done=put(state.done, jnp.zeros(lengths.shape, bool)),
+        forced=put(state.forced, jnp.full(lengths.shape, -1, jnp.int32)),
+        think_closed=put(state.think_closed, jnp.zeros(lengths.shape, bool)),
+        keys=put(state.keys, jax.random.key_data(row_keys(seed, pack.row_ids))),
     )
 
 
-def _decode_chunk(config: Qwen2Config, settings: SamplingSettings, chunk: int, block: int, mesh, params,
-                  state: SlotState, stop_at_done):
-    """Up to `chunk` decode steps; stops early when every row is done or stop_at_done rows are."""
+def _sample_step(settings: SamplingSettings, s: SlotState):
+    """The next token of every row from its logits -> (NextTokens, active, num_generated, done)."""
+    nxt = next_tokens(settings, s.logits, jax.random.wrap_key_data(s.keys), s.num_generated, s.forced,
+                      s.think_closed)
+    active = ~s.done
+    num_generated = s.num_generated + active.astype(jnp.int32)
+    done = s.done | (active & is_eos(settings, nxt.tokens)) | (num_generated >= s.limit)
+    return nxt, active, num_generated, done
+
+
+def _decode_chunk(config: Qwen2Config, settings: SamplingSettings, chunk: int, block: int, attention: str | None,
+                  mesh, params, state: SlotState, stop_at_done):
+    """`chunk` decode steps. attention None: the "rows" path (params stacked, a while loop that stops
+    early when every row is done or stop_at_done rows are); else the "layers" path (params unstacked, a
+    fixed-length scan) with that `decode_attention` implementation, the XLA one reading the first
+    `block` positions (chosen on the host to hold every row through the chunk)."""
+    if attention is not None:
+        attend = functools.partial(decode_attention.attend, impl=attention, window=block, mesh=mesh)
+
+        def layers_step(s: SlotState, _):
+            nxt, active, num_generated, done = _sample_step(settings, s)
+            logits, cache = qwen2.decode_step_layers(config, params, nxt.tokens, s.cache, active=active,
+                                                     attend=attend)
+            s = SlotState(_constrain_cache(cache, mesh), logits, num_generated, s.limit, done, nxt.forced,
+                          nxt.think_closed, s.keys)
+            return s, (nxt.tokens, nxt.logprobs, nxt.sampling_logprobs)
+
+        state, out = jax.lax.scan(layers_step, state, None, length=chunk)
+        return state, Emitted(*(a.T for a in out))
+
     B = state.done.shape[0]
-    row_windows = reads_row_windows(mesh)
     emitted = Emitted(jnp.zeros((B, chunk), jnp.int32), jnp.zeros((B, chunk), jnp.float32),
                       jnp.zeros((B, chunk), jnp.float32))
 
@@ -118,45 +197,33 @@ def _decode_chunk(config: Qwen2Config, settings: SamplingSettings, chunk: int, b
 
     def step(carry):
         s, e, t = carry
-        nxt = next_tokens(settings, s.logits, jax.random.wrap_key_data(s.keys), s.num_generated, s.forced,
-                          s.think_closed)
-        active = ~s.done
+        nxt, active, num_generated, done = _sample_step(settings, s)
         e = Emitted(e.tokens.at[:, t].set(nxt.tokens), e.logprobs.at[:, t].set(nxt.logprobs),
                     e.sampling_logprobs.at[:, t].set(nxt.sampling_logprobs))
-        num_generated = s.num_generated + active.astype(jnp.int32)
-        done = s.done | (active & is_eos(settings, nxt.tokens)) | (num_generated >= s.limit)
         logits, cache = qwen2.decode_step(config, params, nxt.tokens, s.cache, active=active, block_size=block,
-                                          row_windows=row_windows)
-        s = SlotState(_constrain_cache(cache, mesh), logits, num_generated, s.limit, done, nxt.forced,
-                      nxt.think_closed, s.keys)
+                                          row_windows=True)
+        s = SlotState(cache, logits, num_generated, s.limit, done, nxt.forced, nxt.think_closed, s.keys)
         return s, e, t + 1
 
     state, emitted, _ = jax.lax.while_loop(go_on, step, (state, emitted, jnp.zeros((), jnp.int32)))
     return state, emitted
 
 
-def reads_row_windows(mesh) -> bool:
-    """Whether each row's attention reads its own window (qwen2.decode_step's row_windows) rather than the
-    batch's longest: on one CPU device, where a loop over the rows is cheap and the cache reads are most
-    of a step. Not on an accelerator, where the loop would serialise work the device does in parallel,
-    nor over a mesh, where slicing one row out of the sharded batch would gather it."""
-    return mesh is None and jax.default_backend() == "cpu"
-
-
 def _compact(mesh, state: SlotState, keep) -> SlotState:
     """The slot state of the rows in `keep` [n] (slot indices) only: every per-slot array gathered along
     its batch axis, so the decode steps that follow compute n rows instead of all the slots."""
-    cache = qwen2.KVCache(state.cache.keys[:, keep], state.cache.values[:, keep], state.cache.lengths[keep])
-    return SlotState(_constrain_cache(cache, mesh), state.logits[keep], state.num_generated[keep], state.limit[keep],
-                     state.done[keep], state.forced[keep], state.think_closed[keep], state.keys[keep])
+    return SlotState(_constrain_cache(qwen2.take_rows(state.cache, keep), mesh), state.logits[keep],
+                     state.num_generated[keep], state.limit[keep], state.done[keep], state.forced[keep],
+                     state.think_closed[keep], state.keys[keep])
 
 
 # Compiled once per (config, shapes, static settings); parameters and the slot state are arguments, and
 # the state is donated so the cache is updated in place.
-empty_state_fn = jax.jit(_empty_state, static_argnums=(0, 1, 2, 3))
+empty_state_fn = jax.jit(_empty_state, static_argnums=(0, 1, 2, 3, 4))
 prefill_fn = jax.jit(_prefill_insert, static_argnums=(0, 1, 2), donate_argnums=(4,))
-decode_fn = jax.jit(_decode_chunk, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
+decode_fn = jax.jit(_decode_chunk, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(7,))
 compact_fn = jax.jit(_compact, static_argnums=(0,))  # no donation: the output is smaller than the input
+unstack_fn = jax.jit(qwen2.unstack_layers)
 
 
 @dataclasses.dataclass
@@ -175,27 +242,22 @@ class EngineStats:
 
     slots: int = 0  # at the start; the running batch shrinks once no prompt waits (compactions)
     capacity: int = 0  # KV positions per slot
+    path: str = ""  # decode_path: "rows" or "layers"
+    attention: str = ""  # the "layers" path's decode attention
     prefills: int = 0  # prompts prefilled (each exactly once)
     prefill_calls: int = 0
+    prefill_tokens: int = 0  # token positions the prefill calls computed (prompts + padding)
     decode_calls: int = 0
     decode_steps: int = 0
     live_row_steps: int = 0  # sum over steps of the rows generating
     computed_row_steps: int = 0  # sum over steps of the rows the step computed (the running batch's size)
+    live_kv_positions: int = 0  # sum over steps of the positions the live rows hold (the KV a step must read)
     compactions: int = 0
 
     @property
     def occupancy(self) -> float:
         """The fraction of the computed rows that generated a token."""
         return self.live_row_steps / max(1, self.computed_row_steps)
-
-
-def _group_size(n: int) -> int:
-    """Prompts per prefill call: the largest power of four <= n, so a run compiles at most
-    log4(slots) + 1 prefill programs per prompt bucket and never prefills a padding prompt."""
-    size = 1
-    while size * 4 <= n:
-        size *= 4
-    return size
 
 
 def slot_count(n_rows: int, max_rows: int | None, num_samples: int, mesh) -> int:
@@ -220,6 +282,16 @@ def capacity_and_block(requests: Sequence[Request], buckets=None, block_size: in
     return -(-need // block) * block, block
 
 
+def host_window(longest: int, chunk: int, block: int, capacity: int) -> int:
+    """The positions the "layers" XLA attention reads in a chunk: the smallest of block, 2 x block, ...,
+    capacity that holds the longest live row after `chunk` more tokens (a row grows by at most one token
+    a step), so the choice is made once per chunk on the host and never on the device."""
+    window = block
+    while window < min(capacity, longest + chunk):
+        window *= 2
+    return min(window, capacity)
+
+
 def compacted_size(live: int, slots: int, mesh) -> int | None:
     """The smaller running batch for `live` rows once no prompt waits: the power of two that holds them
     (a multiple of the mesh's batch shards), when that is at most half of `slots`; else None."""
@@ -227,6 +299,53 @@ def compacted_size(live: int, slots: int, mesh) -> int | None:
     size = max(1 << max(0, (live - 1).bit_length()), shards)
     size = -(-size // shards) * shards
     return size if size * 2 <= slots else None
+
+
+def pack_prompts(requests: Sequence[Request], waiting: collections.deque, free: list[int], *, num_samples: int,
+                 budget: int, rows: int, max_prompts: int, slots: int, buckets=None) -> tuple[Pack, list[int], list[int]]:
+    """Take waiting prompts in order into one pack of `rows` rows of `budget` tokens (at most max_prompts
+    prompts, and as many as the free slots hold; a prompt never straddles two rows); a prompt longer
+    than the budget gets a one-row pack of its own, its power-of-two bucket long. Returns (pack, the
+    requests taken, the slots their rows took). Pops from `waiting` and `free`."""
+    taken: list[int] = []
+    starts: list[int] = []  # flat index of each taken prompt's first token
+    row, used = 0, 0
+    while waiting and len(taken) < max_prompts and (len(taken) + 1) * num_samples <= len(free):
+        n = len(requests[waiting[0]].prompt_ids)
+        if used + n > budget:
+            row, used = row + 1, 0
+            if row == rows or n > budget:
+                break
+        starts.append(row * budget + used)
+        taken.append(waiting.popleft())
+        used += n
+    R, T = rows, budget
+    if not taken:  # the first waiting prompt is longer than the budget
+        taken.append(waiting.popleft())
+        starts.append(0)
+        R, T = 1, bucket_length(len(requests[taken[0]].prompt_ids), buckets)
+    taken_slots = [free.pop(0) for _ in range(len(taken) * num_samples)]
+    tokens = np.zeros(R * T, np.int32)
+    segments = np.full(R * T, max_prompts, np.int32)  # padding: a segment no prompt has
+    positions = np.zeros(R * T, np.int32)
+    token_prompt = np.full(R * T, -1)
+    last, lengths, limits = (np.zeros(max_prompts, np.int32) for _ in range(3))
+    for j, (i, at) in enumerate(zip(taken, starts)):
+        ids = requests[i].prompt_ids
+        n = len(ids)
+        tokens[at:at + n], segments[at:at + n], positions[at:at + n] = ids, j, np.arange(n)
+        token_prompt[at:at + n] = j
+        last[j], lengths[j], limits[j] = at + n - 1, n, requests[i].max_new_tokens
+    row_slots = np.full(max_prompts * num_samples, slots, np.int32)  # padding entries: out of range
+    row_slots[:len(taken_slots)] = taken_slots
+    row_ids = np.zeros(max_prompts * num_samples, np.uint32)
+    row_ids[:len(taken_slots)] = [requests[i].index * num_samples + s for i in taken for s in range(num_samples)]
+    token_slots = np.where((token_prompt >= 0)[:, None],
+                           row_slots[np.maximum(token_prompt, 0)[:, None] * num_samples + np.arange(num_samples)], slots)
+    pack = Pack(tokens.reshape(R, T), segments.reshape(R, T), positions.reshape(R, T),
+                token_slots.reshape(-1).astype(np.int32), np.repeat(positions, num_samples).astype(np.int32),
+                last, lengths, limits, row_slots, row_ids)
+    return pack, taken, taken_slots
 
 
 def _place(x, mesh):
@@ -237,36 +356,45 @@ def _place(x, mesh):
 
 
 class _Row:
-    __slots__ = ("request", "sample", "tokens", "logprobs", "sampling_logprobs")
+    __slots__ = ("request", "sample", "prompt_len", "tokens", "logprobs", "sampling_logprobs")
 
-    def __init__(self, request: int, sample: int):
-        self.request, self.sample = request, sample
+    def __init__(self, request: int, sample: int, prompt_len: int):
+        self.request, self.sample, self.prompt_len = request, sample, prompt_len
         self.tokens, self.logprobs, self.sampling_logprobs = [], [], []
 
 
 def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: Sequence[Request], *,
              num_samples: int = 1, seed: int = 0, max_rows: int | None = None, mesh=None, buckets=None,
              tokenizer=None, progress=None, block_size: int = ATTENTION_BLOCK, chunk: int = CHUNK_STEPS,
-             refill_rows: int | None = None, stats: EngineStats | None = None) -> list[Sample]:
+             refill_rows: int | None = None, prefill_tokens: int | None = None, path: str | None = None,
+             stats: EngineStats | None = None) -> list[Sample]:
     """Generate num_samples continuations of every request with continuous batching. Returns them
     request-major (request i's samples at [i * num_samples, (i + 1) * num_samples)).
 
     max_rows: rows decoding at once, i.e. slots (default: all requests' rows, rounded up to a power of
-    two). refill_rows: a decode call returns early once this many slots are free while prompts wait
-    (default: a sixteenth of the slots, at least one prompt's samples). Once no prompt waits, the
-    running batch is compacted to the next power of two holding its live rows whenever that halves it,
-    so a tail of a few long rows does not pay for every slot (at most log2(slots) more decode programs).
-    progress(k) is called as k more requests complete."""
+    two). refill_rows: a "rows"-path decode call returns early once this many slots are free while
+    prompts wait (default: a sixteenth of the slots, at least one prompt's samples). Once no prompt
+    waits, the running batch is compacted to the next power of two holding its live rows whenever that
+    halves it, so a tail of a few long rows does not pay for every slot (at most log2(slots) more decode
+    programs). prefill_tokens: the prefill pack's token budget (default per backend, PREFILL_TOKENS).
+    path: "rows" or "layers" (default `decode_path(mesh)`). progress(k) is called as k more requests
+    complete."""
     n_rows = len(requests) * num_samples
     slots = slot_count(n_rows, max_rows, num_samples, mesh)
     capacity, block = capacity_and_block(requests, buckets, block_size)
     refill_rows = max(num_samples, refill_rows or slots // 16, 1)
+    budget = prefill_tokens or PREFILL_TOKENS.get(jax.default_backend(), DEFAULT_PREFILL_TOKENS)
+    pack_rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]  # a row per batch shard
+    max_prompts = max(1, min(slots // num_samples, pack_rows * budget // MIN_BUCKET))
+    path = path or decode_path(mesh)
+    attention = attention_impl(mesh) if path == "layers" else None
     stats = stats if stats is not None else EngineStats()
-    stats.slots, stats.capacity = slots, capacity
+    stats.slots, stats.capacity, stats.path, stats.attention = slots, capacity, path, attention or ""
 
-    state = empty_state_fn(config, slots, capacity, mesh)
+    state = empty_state_fn(config, slots, capacity, mesh, path)
     if mesh is None:  # committed like every later state, so the first refill reuses the same compilation
         state = jax.device_put(state, next(iter(jax.tree.leaves(params)[0].devices())))
+    decode_params = unstack_fn(params) if path == "layers" else params
     waiting = collections.deque(range(len(requests)))
     free = list(range(slots))
     owner: list[_Row | None] = [None] * slots
@@ -276,22 +404,16 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
 
     while waiting or len(free) < slots:
         while waiting and len(free) >= num_samples:  # refill
-            group = [waiting.popleft() for _ in range(_group_size(min(len(waiting), len(free) // num_samples)))]
-            P = bucket_length(max(len(requests[i].prompt_ids) for i in group), buckets)
-            tokens = np.zeros((len(group), P), np.int32)
-            for g, i in enumerate(group):
-                tokens[g, :len(requests[i].prompt_ids)] = requests[i].prompt_ids
-            lengths = np.asarray([len(requests[i].prompt_ids) for i in group], np.int32)
-            limits = np.asarray([requests[i].max_new_tokens for i in group], np.int32)
-            taken, free = free[:len(group) * num_samples], free[len(group) * num_samples:]
-            row_ids = np.asarray([requests[i].index * num_samples + j for i in group for j in range(num_samples)],
-                                 np.uint32)
-            state = prefill_fn(config, num_samples, mesh, params, state, *(_place(a, mesh) for a in (
-                tokens, lengths, limits, np.asarray(taken, np.int32), seed32, row_ids)))
-            for r, slot in enumerate(taken):
-                owner[slot] = _Row(group[r // num_samples], r % num_samples)
-            stats.prefills += len(group)
+            pack, taken, rows = pack_prompts(requests, waiting, free, num_samples=num_samples, budget=budget,
+                                             rows=pack_rows, max_prompts=max_prompts, slots=len(owner), buckets=buckets)
+            pack = Pack(*(_place(a, mesh) for a in pack))
+            state = prefill_fn(config, num_samples, mesh, params, state, pack, _place(seed32, mesh))
+            for r, slot in enumerate(rows):
+                i = taken[r // num_samples]
+                owner[slot] = _Row(i, r % num_samples, len(requests[i].prompt_ids))
+            stats.prefills += len(taken)
             stats.prefill_calls += 1
+            stats.prefill_tokens += pack.tokens.size
 
         if not waiting:
             live = [slot for slot, o in enumerate(owner) if o is not None]
@@ -305,20 +427,27 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
         slots = len(owner)
         stop_at_done = len(free) + refill_rows if waiting else slots
         before = np.asarray([0 if o is None else len(o.tokens) for o in owner])
-        state, emitted = decode_fn(config, settings, chunk, block, mesh, params, state,
-                                   _place(np.int32(stop_at_done), mesh))
+        window = block
+        if attention == "xla":
+            longest = max((o.prompt_len + len(o.tokens) for o in owner if o is not None), default=0)
+            window = host_window(longest, chunk, block, capacity)
+        state, emitted, attention = _decode(config, settings, chunk, window, attention, mesh, decode_params,
+                                            state, _place(np.int32(stop_at_done), mesh), stats)
         tokens, logp, slogp, generated, done = distributed.fetch(
             (emitted.tokens, emitted.logprobs, emitted.sampling_logprobs, state.num_generated, state.done))
         stats.decode_calls += 1
         new = np.where([o is not None for o in owner], generated - before, 0)
-        stats.decode_steps += int(new.max(initial=0))
-        stats.computed_row_steps += int(new.max(initial=0)) * slots
+        steps = chunk if path == "layers" else int(new.max(initial=0))  # a "layers" chunk runs every step
+        stats.decode_steps += steps
+        stats.computed_row_steps += steps * slots
         stats.live_row_steps += int(new.sum())
         completed = 0
         for slot, row in enumerate(owner):
             if row is None:
                 continue
             k = int(new[slot])
+            held = row.prompt_len + len(row.tokens)
+            stats.live_kv_positions += k * held + k * (k - 1) // 2
             row.tokens.extend(tokens[slot, :k].tolist())
             row.logprobs.extend(logp[slot, :k].tolist())
             row.sampling_logprobs.extend(slogp[slot, :k].tolist())
@@ -332,3 +461,19 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
         if progress is not None and completed:
             progress(completed)
     return results
+
+
+def _decode(config, settings, chunk, window, attention, mesh, params, state, stop_at_done, stats):
+    """decode_fn, falling back from a Pallas attention kernel to XLA (with a warning) when the kernel
+    does not compile on this device; the failure comes from compilation, before the donated state is
+    consumed. Returns (state, emitted, the attention used)."""
+    try:
+        return (*decode_fn(config, settings, chunk, window, attention, mesh, params, state, stop_at_done), attention)
+    except Exception as e:  # noqa: BLE001 - any lowering error of the kernel
+        if attention in (None, "xla"):
+            raise
+        warnings.warn(f"decode attention {attention!r} failed to compile ({type(e).__name__}: {str(e)[:200]}); "
+                      f"using the XLA attention (set {ATTENTION_ENV}=xla to skip the attempt)")
+        stats.attention = "xla"
+        window = state.cache.keys[0].shape[2]
+        return (*decode_fn(config, settings, chunk, window, "xla", mesh, params, state, stop_at_done), "xla")

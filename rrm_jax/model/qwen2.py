@@ -204,14 +204,14 @@ def _prefix_attention(q, cache_k, cache_v, layer, lengths, window: int, row=0):
 
 def _attend_cached(q, k_new, v_new, cache: "KVCache", layer, windows: tuple[int, ...], window_index, dtype):
     """The new token's attention over its cached prefix (the first windows[window_index] positions) plus
-    itself -> [B, 1, N, H]. window_index: one index for the whole batch, or [B], one per row (a loop over
-    the rows, each reading its own window)."""
+    itself -> [B, 1, N, H]. window_index: a scalar with a single window (every row reads it), or [B], one
+    per row (a loop over the rows, each reading its own window)."""
     B, _, N, H = q.shape
     K = k_new.shape[2]
 
     def prefix(q, index, row=0):
         lengths = jax.lax.dynamic_slice_in_dim(cache.lengths, row, q.shape[0])
-        if len(windows) == 1:
+        if len(windows) == 1:  # no switch: the whole batch reads the one window
             return _prefix_attention(q, cache.keys, cache.values, layer, lengths, windows[0], row)
         branches = [lambda q, w=w: _prefix_attention(q, cache.keys, cache.values, layer, lengths, w, row) for w in windows]
         return jax.lax.switch(index, branches, q)
@@ -230,17 +230,6 @@ def _attend_cached(q, k_new, v_new, cache: "KVCache", layer, windows: tuple[int,
     return out.reshape(B, 1, N, H).astype(dtype)
 
 
-def attention_windows(cache_len: int, smallest: int | None) -> tuple[int, ...]:
-    """The prefix lengths a decode step may read: smallest, doubling, then the whole cache."""
-    if smallest is None or smallest >= cache_len:
-        return (cache_len,)
-    windows = []
-    while smallest < cache_len:
-        windows.append(smallest)
-        smallest *= 2
-    return (*windows, cache_len)
-
-
 def fine_attention_windows(cache_len: int, block: int | None) -> tuple[int, ...]:
     """The prefix lengths a row may read with per-row windows: multiples of `block`, growing by one block
     or, once an eighth of the window is more than a block, by an eighth (rounded down to blocks), then the
@@ -253,11 +242,6 @@ def fine_attention_windows(cache_len: int, block: int | None) -> tuple[int, ...]
         windows.append(w)
         w = max(w + block, (w + w // 8) // block * block)
     return (*windows, cache_len)
-
-
-def attention_window(lengths, active, windows: tuple[int, ...]):
-    """Index of the smallest window that holds the longest active row's cached prefix."""
-    return _window_index(jnp.max(jnp.where(active, lengths, 0)), windows)
 
 
 def row_attention_windows(lengths, active, windows: tuple[int, ...]):
@@ -303,9 +287,11 @@ def _self_attention_layer(c: Qwen2Config, p, x, positions, mask):
     return _mlp_block(c, p, x), k, v
 
 
-def hidden_states(c: Qwen2Config, params, tokens, *, attention_mask=None, positions=None, remat=False):
+def hidden_states(c: Qwen2Config, params, tokens, *, attention_mask=None, positions=None, segment_ids=None,
+                  remat=False):
     """Full-sequence pass (training, scoring, prefill). Returns (final hidden [B,T,D], keys, values),
-    where keys / values [L, B, T, K, H] are what a KV cache stores for these tokens."""
+    where keys / values [L, B, T, K, H] are what a KV cache stores for these tokens. segment_ids [B, T]:
+    several sequences packed in a row, a token attending only to earlier tokens of its own segment."""
     B, T = tokens.shape
     if attention_mask is None:
         attention_mask = jnp.ones((B, T), jnp.int32)
@@ -314,6 +300,8 @@ def hidden_states(c: Qwen2Config, params, tokens, *, attention_mask=None, positi
     valid = attention_mask.astype(bool)
     causal = jnp.tril(jnp.ones((T, T), bool))
     mask = causal[None, :, :] & valid[:, None, :]  # [B, T(query), S(key)]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
     def layer(x, p):
         x, k, v = _self_attention_layer(c, p, x, positions, mask)
@@ -390,6 +378,18 @@ def prefill(c: Qwen2Config, params, tokens, lengths, cache_len: int):
     return logits_from_hidden(c, params, last)[:, 0], cache
 
 
+def prefill_packed(c: Qwen2Config, params, tokens, segment_ids, positions, last):
+    """Prompts packed into rows, tokens [R, T] (segment_ids [R, T]: which prompt of its row a token
+    belongs to; positions [R, T]: its position in that prompt) -> (logits [M, V] at the flat token
+    indices last [M] (each prompt's last token), keys, values [L, R * T, K, H], one entry per token).
+    Padding tokens form segments of their own and are never read."""
+    R, T = tokens.shape
+    x, keys, values = hidden_states(c, params, tokens, positions=positions, segment_ids=segment_ids)
+    flat = lambda a: a.reshape(a.shape[0], R * T, *a.shape[3:])
+    logits = logits_from_hidden(c, params, x.reshape(1, R * T, -1)[:, last])[0]
+    return logits, flat(keys), flat(values)
+
+
 def decode_step(c: Qwen2Config, params, tokens, cache: KVCache, *, active=None, block_size: int | None = None,
                 row_windows: bool = False):
     """One new token per row, tokens [B], written at cache.lengths -> (logits [B, V], updated cache).
@@ -397,20 +397,18 @@ def decode_step(c: Qwen2Config, params, tokens, cache: KVCache, *, active=None, 
     Each layer attends over the cached prefix (read-only inside the scan, sliced out of the stacked
     cache) plus the new token itself; the new keys / values are written into the cache once, after the
     scan, with a per-row scatter, so the cache is never copied per layer. active [B] (default all): rows
-    that take the token; inactive rows neither write nor advance. block_size: the step reads only the
-    smallest of the windows block_size, 2 x block_size, 4 x ..., the whole cache, that holds the longest
-    active row (one compiled step, a `lax.switch` over the windows), so its cost follows the filled
-    length, within 2x, not the allocated length; None reads the whole cache every step. row_windows:
-    each row reads the smallest of the finer windows of `fine_attention_windows` that holds its own
-    prefix instead (a `lax.map` over the rows), so a batch of ragged rows reads about the sum of their
-    lengths, not B x the longest: the choice for a CPU, where the loop costs little and the reads are
-    most of the step."""
+    that take the token; inactive rows neither write nor advance. row_windows: each row reads only the
+    smallest window of `fine_attention_windows(S, block_size)` that holds its own prefix (a `lax.map`
+    over the rows with a `lax.switch` per row), so a batch of ragged rows reads about the sum of their
+    lengths, not B x the longest: the choice for one CPU device, where the loop costs little and the
+    reads are most of the step. Otherwise every row reads the whole cache (the reference; accelerators
+    use `decode_step_layers`)."""
     B = tokens.shape[0]
     S = cache.keys.shape[2]
     if active is None:
         active = jnp.ones(B, bool)
-    windows = (fine_attention_windows if row_windows else attention_windows)(S, block_size)
-    window_index = (row_attention_windows if row_windows else attention_window)(cache.lengths, active, windows)
+    windows = fine_attention_windows(S, block_size) if row_windows else (S,)
+    window_index = row_attention_windows(cache.lengths, active, windows) if row_windows else jnp.zeros((), jnp.int32)
     positions = cache.lengths[:, None]  # [B, 1]
 
     def layer(x, xs):
@@ -429,3 +427,81 @@ def decode_step(c: Qwen2Config, params, tokens, cache: KVCache, *, active=None, 
     values = cache.values.at[:, rows, write_at].set(new_v, mode="drop")
     lengths = cache.lengths + active.astype(jnp.int32)
     return logits_from_hidden(c, params, x)[:, 0], KVCache(keys, values, lengths)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding on accelerators: one cache array per layer and the layers unrolled, so that a step has no
+# loop and no conditional inside it (on XLA:GPU each `cond` and each loop of unknown trip count blocks
+# the host) and the attention kernel reads each layer's cache in place (a layer sliced out of a stacked
+# cache would be copied before a kernel could read it).
+
+
+class LayerCache(NamedTuple):
+    """keys / values: one [K, B, S, H] array per layer (kv-head-major, the layout the decode kernels of
+    `decode_attention` read); lengths [B]: filled positions per row, where each row writes next."""
+
+    keys: tuple
+    values: tuple
+    lengths: jax.Array
+
+
+def empty_layer_cache(c: Qwen2Config, batch: int, capacity: int) -> LayerCache:
+    shape = (c.num_kv_heads, batch, capacity, c.head_dim)
+    dt = jnp.dtype(c.dtype)
+    return LayerCache(tuple(jnp.zeros(shape, dt) for _ in range(c.num_layers)),
+                      tuple(jnp.zeros(shape, dt) for _ in range(c.num_layers)), jnp.zeros(batch, jnp.int32))
+
+
+def unstack_layers(params) -> dict:
+    """params with params["layers"] as a tuple of one dict per layer (separate arrays), the form
+    `decode_step_layers` takes: each layer's weights then feed its matmuls without a slice copy."""
+    layers = params["layers"]
+    L = next(iter(jax.tree.leaves(layers))).shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a, l=l: a[l], layers) for l in range(L))}
+
+
+def decode_step_layers(c: Qwen2Config, params, tokens, cache: LayerCache, *, active, attend):
+    """decode_step for a LayerCache and unstacked params (`unstack_layers`): tokens [B] -> (logits [B, V],
+    updated cache). Each layer writes the new token's key / value at its row's length first, then
+    attends over length + 1 positions with attend(q [B, N, H], keys, values, lengths) -> [B, N, H] (one
+    of `decode_attention`'s implementations). Inactive rows neither write nor advance (their output is
+    computed over at least one position and ignored)."""
+    B = tokens.shape[0]
+    S = cache.keys[0].shape[2]
+    positions = cache.lengths[:, None]
+    rows = jnp.arange(B)
+    write_at = jnp.where(active, cache.lengths, S)  # out of range -> dropped
+    lengths = cache.lengths + active.astype(jnp.int32)
+    read = jnp.maximum(lengths, 1)
+    x = _embed(c, params, tokens[:, None])
+    keys, values = [], []
+    for p, layer_k, layer_v in zip(params["layers"], cache.keys, cache.values):
+        h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+        q, k, v = _qkv(c, p, h, positions)
+        layer_k = layer_k.at[:, rows, write_at].set(k[:, 0].swapaxes(0, 1).astype(layer_k.dtype), mode="drop")
+        layer_v = layer_v.at[:, rows, write_at].set(v[:, 0].swapaxes(0, 1).astype(layer_v.dtype), mode="drop")
+        attn = attend(q[:, 0], layer_k, layer_v, read)
+        x = _mlp_block(c, p, _attn_out(p, x, attn[:, None].astype(x.dtype)))
+        keys.append(layer_k)
+        values.append(layer_v)
+    return logits_from_hidden(c, params, x)[:, 0], LayerCache(tuple(keys), tuple(values), lengths)
+
+
+def insert_tokens(cache, slots, positions, keys, values):
+    """Write prefilled keys / values [L, M, K, H] (one entry per token) at (slots [M], positions [M]) of a
+    KVCache or a LayerCache; an entry whose slot is out of range (padding) is dropped. Lengths are
+    the caller's to set."""
+    if isinstance(cache, LayerCache):
+        put = lambda dst, src: dst.at[:, slots, positions].set(src.swapaxes(0, 1).astype(dst.dtype), mode="drop")
+        return cache._replace(keys=tuple(put(d, keys[l]) for l, d in enumerate(cache.keys)),
+                              values=tuple(put(d, values[l]) for l, d in enumerate(cache.values)))
+    put = lambda dst, src: dst.at[:, slots, positions].set(src.astype(dst.dtype), mode="drop")
+    return cache._replace(keys=put(cache.keys, keys), values=put(cache.values, values))
+
+
+def take_rows(cache, rows):
+    """The cache of the rows `rows` [n] only (their batch entries gathered)."""
+    if isinstance(cache, LayerCache):
+        return LayerCache(tuple(k[:, rows] for k in cache.keys), tuple(v[:, rows] for v in cache.values),
+                          cache.lengths[rows])
+    return KVCache(cache.keys[:, rows], cache.values[:, rows], cache.lengths[rows])
