@@ -87,6 +87,23 @@ def gpu_splits(S: int) -> tuple[int, int]:
     raise ValueError(f"cache length {S} is not a multiple of 16")
 
 
+def tpu_blocks(S: int) -> tuple[int, int]:
+    """(page, pages_per_compute_block) of the TPU kernel's view of an S-position cache."""
+    page = math.gcd(S, TPU_PAGE)
+    return page, next(n for n in (8, 4, 2, 1) if (S // page) % n == 0)
+
+
+def read_granularity(impl: str, S: int) -> int:
+    """A kernel reads a row's positions in whole blocks of this many, up to the block holding its
+    length (positions past that are never read)."""
+    if impl == "pallas-gpu":
+        return gpu_splits(S)[1]
+    if impl == "pallas-tpu":
+        page, per_block = tpu_blocks(S)
+        return page * per_block
+    raise ValueError(f"{impl!r} reads the window it is given, not each row's length")
+
+
 def _gpu_mqa():
     with warnings.catch_warnings():  # deprecated from JAX 0.11 in favour of tokamax (module docstring)
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -103,7 +120,7 @@ def _gpu(q, keys, values, lengths, *, interpret: bool):
     out = _gpu_mqa()(qk, keys.reshape(K * B, S, H), values.reshape(K * B, S, H),
                      kv_seq_len=jnp.tile(lengths, K), sm_scale=H ** -0.5, k_splits=k_splits, block_k=block_k,
                      block_h=max(16, 1 << (G - 1).bit_length()), interpret=interpret)
-    return out.reshape(K, B, G, H).transpose(1, 0, 2, 3).reshape(B, N, H)
+    return out.reshape(K, B, G, H).transpose(1, 0, 2, 3).reshape(B, N, H).astype(q.dtype)
 
 
 def _tpu(q, keys, values, lengths, *, interpret: bool):
@@ -112,11 +129,10 @@ def _tpu(q, keys, values, lengths, *, interpret: bool):
 
     B, N, H = q.shape
     K, _, S, _ = keys.shape
-    page = math.gcd(S, TPU_PAGE)
+    page, per_block = tpu_blocks(S)
     per_row = S // page
     pages = [K, B * per_row, page, H]
     table = jnp.arange(B * per_row, dtype=jnp.int32).reshape(B, per_row)  # row b owns its own contiguous pages
-    per_block = next(n for n in (8, 4, 2, 1) if per_row % n == 0)
     run = functools.partial(paged_attention, pages_per_compute_block=per_block)
     qs = (q.astype(jnp.float32) * H ** -0.5).astype(q.dtype)  # the kernel does not scale its queries
     args = (qs, keys.reshape(pages), values.reshape(pages), lengths.astype(jnp.int32), table)
