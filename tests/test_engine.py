@@ -2,6 +2,8 @@
 its own invariants: refilled slots, per-request limits, seeded streams, thinking budget, compilations,
 sharding and the attention's block reads."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,14 +116,37 @@ def test_compilations_stay_flat_over_varied_lengths_and_counts(model):
     prefill_before, decode_before = engine.prefill_fn._cache_size(), engine.decode_fn._cache_size()
     rng = np.random.default_rng(0)
     for count in (9, 5, 13, 7, 11):
-        prompts = [list(rng.integers(3, 100, rng.integers(1, 17))) for _ in range(count)]  # one bucket
+        prompts = [list(rng.integers(3, 100, rng.integers(1, 60))) for _ in range(count)]  # 1-59 tokens
         reqs = [engine.Request(p, 6, i) for i, p in enumerate(prompts)]
         stats = engine.EngineStats()
-        engine.generate(model.config, settings, model.params(), reqs, max_rows=4, block_size=16, stats=stats)
-        assert stats.prefills == count
+        engine.generate(model.config, settings, model.params(), reqs, max_rows=4, block_size=16, stats=stats,
+                        prefill_tokens=64)
+        assert stats.prefills == count and stats.prefill_calls < count  # packs of several prompts
     # one decode program for the whole stream, plus one per compacted batch size of the tail (2, 1 slots)
     assert engine.decode_fn._cache_size() - decode_before <= 1 + 2
-    assert engine.prefill_fn._cache_size() - prefill_before <= 2  # prefill groups of 1 and 4 prompts
+    assert engine.prefill_fn._cache_size() - prefill_before == 1  # one token budget for every prompt length
+
+
+def test_prefill_packs_prompts_into_the_token_budget(model):
+    """Prompts are taken in order into packs of the budget, never straddling a row; a prompt longer
+    than the budget gets its own power-of-two pack; a pack's prompts attend only to themselves, so the
+    result equals the static sampler's whatever the budget."""
+    reqs = requests_for()
+    waiting, free = collections.deque(range(len(reqs))), list(range(8))
+    take = lambda: engine.pack_prompts(reqs, waiting, free, num_samples=2, budget=32, rows=1, max_prompts=4, slots=8)
+    pack, taken, rows = take()
+    assert taken == [0, 1, 2] and rows == [0, 1, 2, 3, 4, 5]  # 5 + 23 + 1 tokens; the next (40) does not fit
+    assert pack.tokens.shape == (1, 32) and pack.lengths.tolist() == [5, 23, 1, 0]
+    assert pack.last.tolist()[:3] == [4, 27, 28] and pack.slots.tolist() == [0, 1, 2, 3, 4, 5, 8, 8]
+    assert pack.token_slots.tolist()[:2] == [0, 1] and pack.token_slots.tolist()[-2:] == [8, 8]  # padding dropped
+    pack, taken, rows = take()
+    assert taken == [3] and rows == [6, 7] and pack.tokens.shape == (1, 64)  # 40 tokens: a pack of its own
+    settings = settings_for(model)
+    want = static_reference(model, settings, PROMPTS, LIMITS)
+    for budget in (16, 64, 256):
+        got = engine.generate(model.config, settings, model.params(), reqs, max_rows=4, block_size=16, chunk=8,
+                              prefill_tokens=budget)
+        assert [g.output_ids for g in got] == [w.output_ids for w in want], budget
 
 
 def test_per_request_limits_through_sample(model):
@@ -145,50 +170,9 @@ def test_sharded_engine_equals_one_device():
     assert [r.output_ids for r in sharded] == [r.output_ids for r in single]
 
 
-def test_decode_step_reads_only_the_window_the_longest_active_row_fills():
-    """Cache positions past the window hold NaN: a step that read them would return NaN logits
-    (0 * NaN = NaN in the weighted values), as the whole-cache step does."""
-    config = preset("tiny")
-    params = qwen2.Qwen2(config, rngs=nnx.Rngs(1)).params()
-    B, S, block = 3, 256, 32
-    lengths = jnp.asarray([5, 70, 33], jnp.int32)  # longest 70 -> window 128 of (32, 64, 128, 256)
-    shape = (config.num_layers, B, S, config.num_kv_heads, config.head_dim)
-    filled = jnp.arange(S)[None, None, :, None, None] < 128
-    keys = jnp.where(filled, jax.random.normal(jax.random.key(0), shape), jnp.nan)
-    values = jnp.where(filled, jax.random.normal(jax.random.key(1), shape), jnp.nan)
-    cache = qwen2.KVCache(keys, values, lengths)
-    tokens = jnp.asarray([3, 4, 5], jnp.int32)
-    active = jnp.asarray([True, True, True])
-
-    windows = qwen2.attention_windows(S, block)
-    assert windows == (32, 64, 128, 256)
-    assert windows[int(qwen2.attention_window(lengths, active, windows))] == 128
-    assert windows[int(qwen2.attention_window(lengths, jnp.asarray([True, False, True]), windows))] == 64
-    assert windows[int(qwen2.attention_window(jnp.asarray([1, 32, 0]), active, windows))] == 32
-    step = jax.jit(lambda c, a: qwen2.decode_step(config, params, tokens, c, active=a, block_size=block))
-    logits, new = step(cache, active)
-    assert np.isfinite(np.asarray(logits)).all()
-    assert np.asarray(new.lengths).tolist() == [6, 71, 34]
-    whole, _ = qwen2.decode_step(config, params, tokens, cache)  # reads every allocated position
-    assert np.isnan(np.asarray(whole)).all()
-
-    # the windowed result equals attention over exactly the filled prefix
-    clean = qwen2.KVCache(keys[:, :, :128], values[:, :, :128], lengths)
-    reference, _ = qwen2.decode_step(config, params, tokens, clean)
-    np.testing.assert_allclose(logits, reference, atol=1e-5)
-
-    # an inactive row neither writes nor advances, and its length no longer sets the window read
-    cache = qwen2.KVCache(jnp.where(jnp.arange(S)[None, None, :, None, None] < 64, keys, jnp.nan), values, lengths)
-    logits, new = step(cache, jnp.asarray([True, False, True]))
-    assert np.isfinite(np.asarray(logits)[[0, 2]]).all()
-    assert np.asarray(new.lengths).tolist() == [6, 70, 34]
-    np.testing.assert_array_equal(new.keys[:, 1, 60], cache.keys[:, 1, 60])
-    assert not np.allclose(new.keys[:, 0, 5], cache.keys[:, 0, 5])
-
-
 def test_row_windows_read_each_rows_own_prefix_only():
     """The CPU step (row_windows): each row reads the smallest fine window holding its own prefix; NaN
-    beyond that window in its own row never reaches its logits, which equal the batch-window step's."""
+    beyond that window in its own row never reaches its logits, which equal the whole-cache step's."""
     config = preset("tiny")
     params = qwen2.Qwen2(config, rngs=nnx.Rngs(1)).params()
     B, S, block = 3, 256, 32
@@ -217,10 +201,8 @@ def test_row_windows_read_each_rows_own_prefix_only():
     assert np.isfinite(np.asarray(logits)).all()
     assert np.asarray(new.lengths).tolist() == [6, 71, 34]
     clean = jnp.nan_to_num(keys), jnp.nan_to_num(values)
-    reference, _ = qwen2.decode_step(config, params, tokens, qwen2.KVCache(*clean, lengths), block_size=block)
+    reference, _ = qwen2.decode_step(config, params, tokens, qwen2.KVCache(*clean, lengths))
     np.testing.assert_allclose(logits, reference, atol=1e-5)
-    # the batch window (96 for every row) would read row 0's NaN
-    batch, _ = qwen2.decode_step(config, params, tokens, qwen2.KVCache(keys, values, lengths), block_size=block)
-    assert np.isnan(np.asarray(batch)[0]).all()
-    # the engine takes this step on one CPU device, the batch window over a mesh
-    assert engine.reads_row_windows(None) and not engine.reads_row_windows(parallel.make_mesh(2, 2, 2))
+    # the whole cache would read row 0's NaN
+    whole, _ = qwen2.decode_step(config, params, tokens, qwen2.KVCache(keys, values, lengths))
+    assert np.isnan(np.asarray(whole)[0]).all()
