@@ -70,16 +70,6 @@ def _peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # host RSS (KiB on Linux)
 
 
-def _engine_batch(model, tokens, gen_len: int, capacity: int, block: int):
-    """A fresh engine slot state holding prompts tokens [B, P] (all of length P) with limit gen_len."""
-    c = model.config
-    B, P = tokens.shape
-    state = engine.empty_state_fn(c, B, capacity, None)
-    return engine.prefill_fn(c, 1, None, model.params(), state, tokens, np.full(B, P, np.int32),
-                             np.full(B, gen_len, np.int32), np.arange(B, dtype=np.int32), np.uint32(0),
-                             np.arange(B, dtype=np.uint32))
-
-
 def bench_sample(model, *, batch: int, prompt_len: int, gen_len: int, ceilings: dict, seed: int = 0) -> dict:
     """Greedy prefill + decode of batch x prompt_len random tokens for exactly gen_len new tokens, on the
     engine's compiled programs (one prefill-insert, one decode call of gen_len steps)."""
@@ -89,20 +79,18 @@ def bench_sample(model, *, batch: int, prompt_len: int, gen_len: int, ceilings: 
     tokens = np.asarray(rng.integers(0, c.vocab_size, (batch, prompt_len)), np.int32)
     settings = SamplingSettings(0.0, 0, 1.0, (), None, ())  # greedy, no EOS: every row runs gen_len
     capacity, block = engine.capacity_and_block([engine.Request(tokens[0], gen_len, 0)])
-
-    def decode(state):
-        return engine.decode_fn(c, settings, gen_len, block, None, params, state, np.int32(batch))
+    run = engine.fixed_batch(c, settings, params, tokens, gen_len, capacity, block)
 
     t = time.perf_counter()
-    jax.block_until_ready(decode(_engine_batch(model, tokens, gen_len, capacity, block)))
+    jax.block_until_ready(run.decode(run.state()))
     compile_s = time.perf_counter() - t
 
-    prefill_s = best_time(lambda: _engine_batch(model, tokens, gen_len, capacity, block))
+    prefill_s = best_time(run.state)
     decode_s = float("inf")
     for _ in range(2):
-        state = jax.block_until_ready(_engine_batch(model, tokens, gen_len, capacity, block))
+        state = jax.block_until_ready(run.state())
         t = time.perf_counter()
-        out, _ = jax.block_until_ready(decode(state))
+        out, _ = jax.block_until_ready(run.decode(state))
         decode_s = min(decode_s, time.perf_counter() - t)
     assert int(out.num_generated.min()) == gen_len
 
@@ -150,8 +138,7 @@ def bench_decode_step(model, *, batch: int, prompt_len: int, steps: int, capacit
         block = min(engine.ATTENTION_BLOCK, capacity)
         capacity_rounded = -(-capacity // block) * block
 
-        def engine_decode(state):
-            return engine.decode_fn(c, settings, steps, block, None, params, state, np.int32(batch))
+        engine_run = engine.fixed_batch(c, settings, params, tokens, steps, capacity_rounded, block)
 
         def whole_cache(state):  # the static sampler's step: every allocated position, every step
             return static_sampler.decode_fn(c, settings, steps, params, state)
@@ -163,8 +150,7 @@ def bench_decode_step(model, *, batch: int, prompt_len: int, steps: int, capacit
                                              np.arange(batch, dtype=np.uint32))
 
         timings = {}
-        for name, make, run in (("engine", lambda: _engine_batch(model, tokens, steps, capacity_rounded, block),
-                                 engine_decode),
+        for name, make, run in (("engine", engine_run.state, engine_run.decode),
                                 ("static", static_state, whole_cache)):
             jax.block_until_ready(run(make()))  # compile
             best = float("inf")

@@ -463,6 +463,37 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
     return results
 
 
+class FixedBatch(NamedTuple):
+    """The engine's programs on one batch of equal prompts, for benchmarks: `state()` prefills a fresh
+    slot state, `decode(state)` runs `steps` decode steps in one call."""
+
+    state: callable
+    decode: callable
+
+
+def fixed_batch(config: Qwen2Config, settings: SamplingSettings, params, tokens, steps: int, capacity: int,
+                block: int, path: str | None = None) -> FixedBatch:
+    """Prompts tokens [B, P] (all of length P), each limited to `steps` new tokens, on the decode path
+    this device takes (or `path`)."""
+    B, P = tokens.shape
+    path = path or decode_path(None)
+    attention = attention_impl(None) if path == "layers" else None
+    decode_params = unstack_fn(params) if path == "layers" else params
+    reqs = [Request(list(t), steps, i) for i, t in enumerate(np.asarray(tokens))]
+
+    def state():
+        s = empty_state_fn(config, B, capacity, None, path)
+        pack, _, _ = pack_prompts(reqs, collections.deque(range(B)), list(range(B)), num_samples=1, budget=P,
+                                  rows=B, max_prompts=B, slots=B)
+        return prefill_fn(config, 1, None, params, s, pack, np.uint32(0))
+
+    def decode(s):
+        return decode_fn(config, settings, steps, capacity if attention == "xla" else block, attention, None,
+                         decode_params, s, np.int32(B))
+
+    return FixedBatch(state, decode)
+
+
 def _decode(config, settings, chunk, window, attention, mesh, params, state, stop_at_done, stats):
     """decode_fn, falling back from a Pallas attention kernel to XLA (with a warning) when the kernel
     does not compile on this device; the failure comes from compilation, before the donated state is
