@@ -317,7 +317,21 @@ def _write_json(path, payload) -> None:
             json.dump(payload, f, indent=1)
 
 
+def _hf_methods(args) -> tuple[str, ...]:
+    """The transformers methods --compare-hf asks for (none without the flag, all that apply with no value)."""
+    if args.compare_hf is None:
+        return ()
+    if args.workload == "cache":
+        raise UserError("--compare-hf: --workload cache has no transformers baseline")
+    applicable = ("generate", "generate_batch") if args.workload == "rrm" else ("generate",)
+    if not set(args.compare_hf) <= set(applicable):
+        raise UserError(f"--compare-hf {' '.join(args.compare_hf)}: --workload {args.workload} takes "
+                        f"{' and '.join(applicable)}")
+    return tuple(args.compare_hf) or applicable
+
+
 def run_sample(args) -> int:
+    hf_methods = _hf_methods(args)
     model = _bench_model(args)
     if args.workload == "rrm":
         from rrm_jax import bench_rrm
@@ -333,7 +347,7 @@ def run_sample(args) -> int:
         _print_ceilings(ceilings, model.config.dtype)
         row = bench_rrm.bench_rrm(model, n=args.requests, prompt_range=(lo, hi), cap=args.max_new_tokens,
                                   slots=args.slots, temperature=args.temperature, seed=args.seed,
-                                  compare_hf=args.compare_hf, static=not args.no_static, ceilings=ceilings)
+                                  hf_methods=hf_methods, static=not args.no_static, ceilings=ceilings)
         _report(row)
         _write_json(args.json, {"ceilings": ceilings, "results": [row]})
         return 0
@@ -350,7 +364,7 @@ def run_sample(args) -> int:
     for batch in args.batch:
         r = bench_sample(model, batch=batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
                          ceilings=ceilings, seed=args.seed)
-        if args.compare_hf:
+        if hf_methods:
             r.update(bench_hf_generate(model, batch=batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
                                        seed=args.seed))
             r["speedup_vs_hf"] = r["hf_total_s"] / r["total_s"]  # same work: prefill + gen_len decode steps

@@ -25,7 +25,7 @@ sys.exit(code)
 
 def test_rrm_bench_prints_achieved_bandwidth_and_both_transformers_methods_without_grain():
     args = ["bench", "sample", "--workload", "rrm", "--preset", "tiny", "--requests", "3", "--slots", "2",
-            "--prompt-range", "8", "8", "--max-new-tokens", "4", "--no-static", "--compare-hf"]
+            "--prompt-range", "8", "8", "--max-new-tokens", "4", "--no-static", "--compare-hf"]  # both methods
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run([sys.executable, "-c", RUN_WITHOUT_GRAIN, *args], capture_output=True, text=True, env=env,
                           timeout=300, cwd=ROOT)
@@ -54,3 +54,34 @@ def test_decode_bytes_counts_the_weights_per_step_and_the_kv_each_live_row_holds
     held = sum(P + t for P, n in zip(prompts, outputs) for t in range(n))  # 5 + 6 + 7 + 9
     assert held == 27
     assert kv == held * 2 * c.num_layers * c.num_kv_heads * c.head_dim * np.dtype(c.dtype).itemsize
+
+
+def test_compare_hf_methods_that_do_not_apply_are_one_line_and_exit_2(capsys):
+    from rrm_jax import cli
+
+    for extra, message in ((["--compare-hf", "generate_batch"], "--workload fixed takes generate"),
+                           (["--workload", "cache", "--compare-hf"], "no transformers baseline"),
+                           (["--compare-hf", "vllm"], "invalid choice")):
+        try:
+            code = cli.main(["bench", "sample", "--preset", "tiny", *extra])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err and message in err, err
+
+
+def test_device_check_fits_a_15_minute_lease():
+    """benchmarks/device_check.sh: every command under `timeout`, the timeouts summing to at most 460 s (the
+    machine's start and a rerun's margin take the rest of the lease), the budget in its header kept true."""
+    import re
+
+    text = (ROOT / "benchmarks" / "device_check.sh").read_text()
+    code = [l for l in text.splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    steps = [int(m.group(1)) for l in code if (m := re.search(r"\bstep \w+ (\d+) ", l))]
+    direct = [int(m.group(1)) for l in code if (m := re.match(r"timeout -k \d+ (\d+) ", l))]
+    assert len(steps) >= 6 and sum(steps) + sum(direct) <= 460
+    header = [int(m.group(1)) for l in text.splitlines() if (m := re.match(r"#\s+(\d+)(?:\s{2}\S.*)?$", l))]
+    assert sorted(header[:-1]) == sorted(steps + direct) and header[-1] == sum(steps + direct)
+    for l in code:  # python and nvidia-smi only ever run under a timeout
+        if re.search(r"\$PY\b|nvidia-smi", l):
+            assert re.search(r"\bstep \w+ \d+ |^timeout ", l), l
