@@ -2,6 +2,8 @@
 
 Every command module exposes `configure(parser)`, which adds its flags and sets `parser.set_defaults(run=fn)`.
 Modules are imported lazily so `rrm-jax --help` stays fast and one command's imports never slow another.
+The device commands keep JAX's persistent compilation cache on (`rrm_jax.compile_cache`: `--compile-cache
+DIR|off`, $RRM_JAX_COMPILE_CACHE), set up before anything compiles.
 """
 
 from __future__ import annotations
