@@ -95,8 +95,7 @@ def bench_sample(model, *, batch: int, prompt_len: int, gen_len: int, ceilings: 
     assert int(out.num_generated.min()) == gen_len
 
     step_s = decode_s / gen_len
-    itemsize = jnp.dtype(c.param_dtype).itemsize
-    weight_bytes = c.num_params * itemsize - (c.vocab_size * c.hidden_size * itemsize if not c.tie_word_embeddings else 0)
+    weight_bytes = decode_weight_bytes(c)
     kv_bytes = batch * (prompt_len + gen_len / 2) * kv_bytes_per_token(c)  # mean cache read per step
     matmul_params = c.num_params - c.vocab_size * c.hidden_size * (0 if c.tie_word_embeddings else 1)
     attn_flops = 4 * batch * c.num_layers * c.num_heads * c.head_dim * (prompt_len + gen_len / 2)
@@ -118,6 +117,13 @@ def bench_sample(model, *, batch: int, prompt_len: int, gen_len: int, ceilings: 
         "roofline_fraction": roofline_step_s / step_s,
         "peak_memory_GB": _peak_memory_bytes() / 1e9,
     }
+
+
+def decode_weight_bytes(c) -> int:
+    """Bytes of weights one decode step reads: every parameter but the untied embedding table (of which a
+    step reads one row per token)."""
+    itemsize = jnp.dtype(c.param_dtype).itemsize
+    return c.num_params * itemsize - (c.vocab_size * c.hidden_size * itemsize if not c.tie_word_embeddings else 0)
 
 
 def kv_bytes_per_token(c) -> int:
@@ -297,7 +303,21 @@ def _write_json(path, payload) -> None:
             json.dump(payload, f, indent=1)
 
 
+def _hf_methods(args) -> tuple[str, ...]:
+    """The transformers methods --compare-hf asks for (none without the flag, all that apply with no value)."""
+    if args.compare_hf is None:
+        return ()
+    if args.workload == "cache":
+        raise UserError("--compare-hf: --workload cache has no transformers baseline")
+    applicable = ("generate", "generate_batch") if args.workload == "rrm" else ("generate",)
+    if not set(args.compare_hf) <= set(applicable):
+        raise UserError(f"--compare-hf {' '.join(args.compare_hf)}: --workload {args.workload} takes "
+                        f"{' and '.join(applicable)}")
+    return tuple(args.compare_hf) or applicable
+
+
 def run_sample(args) -> int:
+    hf_methods = _hf_methods(args)
     model = _bench_model(args)
     if args.workload == "rrm":
         from rrm_jax import bench_rrm
@@ -309,11 +329,13 @@ def run_sample(args) -> int:
         if hi + args.max_new_tokens > model.config.max_position_embeddings:
             raise UserError(f"--prompt-range up to {hi} + --max-new-tokens {args.max_new_tokens} exceeds the "
                             f"model's context of {model.config.max_position_embeddings} tokens")
+        ceilings = measure_ceilings(jnp.dtype(model.config.dtype))  # the achieved bandwidth's reference
+        _print_ceilings(ceilings, model.config.dtype)
         row = bench_rrm.bench_rrm(model, n=args.requests, prompt_range=(lo, hi), cap=args.max_new_tokens,
                                   slots=args.slots, temperature=args.temperature, seed=args.seed,
-                                  compare_hf=args.compare_hf, static=not args.no_static)
+                                  hf_methods=hf_methods, static=not args.no_static, ceilings=ceilings)
         _report(row)
-        _write_json(args.json, {"results": [row]})
+        _write_json(args.json, {"ceilings": ceilings, "results": [row]})
         return 0
     if args.workload == "cache":
         rows = bench_decode_step(model, batch=args.batch[0], prompt_len=args.prompt_len, steps=args.gen_len,
@@ -328,7 +350,7 @@ def run_sample(args) -> int:
     for batch in args.batch:
         r = bench_sample(model, batch=batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
                          ceilings=ceilings, seed=args.seed)
-        if args.compare_hf:
+        if hf_methods:
             r.update(bench_hf_generate(model, batch=batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
                                        seed=args.seed))
             r["speedup_vs_hf"] = r["hf_total_s"] / r["total_s"]  # same work: prefill + gen_len decode steps

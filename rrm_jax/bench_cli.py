@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rrm_jax.model.config import dtype_arg
 
+HF_METHODS = ("generate", "generate_batch")
+
 
 def _run(name: str):
     def run(args):
@@ -37,7 +39,9 @@ def configure(parser):
     p.add_argument("--temperature", type=float, default=0.6, help="rrm: sampling temperature")
     p.add_argument("--no-static", action="store_true", help="rrm: skip the static-batching baseline")
     p.add_argument("--dtype", type=dtype_arg, default=None, help="float32 or bfloat16 (bf16, jnp.bfloat16 ... alike); None: the stored dtype, float32 for a preset")
-    p.add_argument("--compare-hf", action="store_true", help="also time transformers generate on the same weights")
+    p.add_argument("--compare-hf", nargs="*", choices=HF_METHODS, default=None, metavar="METHOD",
+                   help="also time transformers on the same weights: `generate` (static batches) and, with --workload "
+                        "rrm, `generate_batch` (its continuous batching); no METHOD: every one that applies")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and weights")
     p.set_defaults(run=_run("run_sample"))

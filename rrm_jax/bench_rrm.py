@@ -8,10 +8,18 @@ drawn length (EOS ignored), so the work is fixed and the methods compare on the 
 2. static batching (`rrm_jax.static_sampler`, the sampler before the engine): batches of `slots`
    requests in input order, the cache sized for the cap, each batch decoding until its longest row;
 3. transformers `generate` (torch) in static batches of the same size, each batch run to its longest
-   request (left-padded, min_new_tokens = max_new_tokens = that length).
+   request (left-padded, min_new_tokens = max_new_tokens = that length);
+4. transformers' continuous batching (paged attention), every request submitted at once with its own
+   max_new_tokens to the manager `generate_batch` runs, sized by the same workload hints.
 
 Useful tokens/s = the sum of the drawn lengths / wall time. Compilation is part of a JAX method's wall
-time (a user pays it); the seconds spent compiling are reported beside it.
+time (a user pays it); the seconds spent compiling are reported beside it. transformers' warm-up runs (two
+short requests) are outside its timings.
+
+The engine's achieved bandwidth: the bytes its decode steps must read (the weights once a step, plus at each
+step the KV positions every live row holds) over its wall time less compilation (tracing, lowering and
+XLA compiling). Prefill and host work stay in that time, so the figure is a lower bound on the decode
+steps' own rate; it is printed against the bandwidth the bench measured.
 """
 
 from __future__ import annotations
@@ -38,19 +46,25 @@ def rrm_workload(n: int, prompt_range: tuple[int, int], cap: int, vocab_size: in
     return prompts, outputs.tolist()
 
 
+_TRACE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
+
+
 class _CompileClock:
-    """Seconds JAX spends compiling while active (from jax.monitoring's backend-compile events)."""
+    """Seconds JAX spends compiling while active (from jax.monitoring's backend-compile events), and apart
+    from them the seconds spent tracing and lowering to XLA."""
 
     def __init__(self):
-        self.seconds, self.active = 0.0, False
+        self.seconds, self.trace_seconds, self.active = 0.0, 0.0, False
         jax.monitoring.register_event_duration_secs_listener(self._record)
 
     def _record(self, event, duration, **_):
         if self.active and event == "/jax/core/compile/backend_compile_duration":
             self.seconds += duration
+        elif self.active and event in _TRACE_EVENTS:
+            self.trace_seconds += duration
 
     def run(self, fn):
-        self.seconds, self.active = 0.0, True
+        self.seconds, self.trace_seconds, self.active = 0.0, 0.0, True
         t = time.perf_counter()
         try:
             out = fn()
@@ -59,9 +73,22 @@ class _CompileClock:
         return out, time.perf_counter() - t, self.seconds
 
 
-def _progress(phase: str, wall: float, useful: int):
+def decode_bytes(config, prompt_lens, outputs, decode_steps: int) -> tuple[float, float]:
+    """-> (weight bytes, KV bytes) the engine's decode steps must read for this work: the weights once a
+    step, and at each step the positions every live row holds: a request of prompt length P generating n
+    tokens holds P + t positions at its t-th step, sum over t < n = n P + n (n - 1) / 2."""
+    from rrm_jax.bench import decode_weight_bytes, kv_bytes_per_token
+
+    P, n = np.asarray(prompt_lens, np.float64), np.asarray(outputs, np.float64)
+    positions = float(np.sum(n * P + n * (n - 1) / 2))
+    return float(decode_weight_bytes(config)) * decode_steps, positions * kv_bytes_per_token(config)
+
+
+def _progress(phase: str, wall: float, useful: int, compile_s: float | None = None):
     """One line per finished phase on stderr, so a long run shows its figures as it goes."""
-    print(f"[bench rrm] {phase}: {wall:.1f} s, {useful / wall:.1f} useful tokens/s", file=sys.stderr, flush=True)
+    compiling = f" ({compile_s:.1f} s of it compiling)" if compile_s is not None else ""
+    print(f"[bench rrm] {phase}: {wall:.1f} s{compiling}, {useful / wall:.1f} useful tokens/s", file=sys.stderr,
+          flush=True)
 
 
 def _engine_run(model, settings, prompts, outputs, slots, seed):
@@ -103,8 +130,53 @@ def _hf_run(hf, prompts, outputs, slots, temperature):
         torch.cuda.synchronize()
 
 
+def _hf_batch_run(hf, prompts, outputs, temperature, seed: int = 0) -> float:
+    """transformers' continuous batching on every request at once, each with its own max_new_tokens and EOS
+    off: the manager `generate_batch` runs (generate_batch itself takes one max_new_tokens for all), sized
+    by the same workload hints it passes. -> the seconds spent setting the manager up (cache allocation,
+    warm-up), part of the caller's timing. Runs under no_grad: under inference_mode transformers 5.17 fails.
+
+    On a GPU the paged cache takes transformers' default share of the free memory; on a CPU that default is
+    90% of the machine's RAM, so there the cache holds exactly every request at once."""
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    gen = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max(outputs),
+                           eos_token_id=-1, pad_token_id=0)
+    hints = WorkloadHints(max_prompt_length=max(len(p) for p in prompts), max_generated_length=max(outputs),
+                          num_requests=len(prompts))
+    cb = ContinuousBatchingConfig(seed=seed)
+    if next(hf.parameters()).device.type != "cuda":
+        page = getattr(cb, "page_size", None) or cb.block_size  # transformers 5.17 calls it block_size
+        cb.num_blocks = sum(-(-(len(p) + m) // page) for p, m in zip(prompts, outputs))
+    results = {}
+    with torch.no_grad():
+        t = time.perf_counter()
+        with hf.continuous_batching_context_manager(generation_config=gen, block=True, timeout=60,
+                                                    continuous_batching_config=cb, workload_hints=hints) as manager:
+            setup_s = time.perf_counter() - t
+            for i, (p, m) in enumerate(zip(prompts, outputs)):
+                manager.add_request(list(p), request_id=f"r{i}", max_new_tokens=int(m), eos_token_id=-1)
+            while len(results) < len(prompts):
+                r = manager.get_result(timeout=1)
+                if r is not None and r.is_finished():
+                    results[r.request_id] = r
+                elif r is None and not manager.is_running():
+                    raise RuntimeError("transformers' continuous batching thread stopped before the requests finished")
+        if next(hf.parameters()).device.type == "cuda":
+            torch.cuda.synchronize()
+    errors = [r.error for r in results.values() if r.error is not None]
+    if errors:
+        raise RuntimeError(f"transformers generate_batch failed: {errors[0]}")
+    assert [len(results[f"r{i}"].generated_tokens) for i in range(len(prompts))] == list(outputs)
+    return setup_s
+
+
 def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: int, temperature: float = 0.6,
-              seed: int = 0, compare_hf: bool = True, static: bool = True) -> dict:
+              seed: int = 0, hf_methods=("generate", "generate_batch"), static: bool = True,
+              ceilings: dict | None = None) -> dict:
     c = model.config
     prompts, outputs = rrm_workload(n, prompt_range, cap, c.vocab_size, seed)
     if max(len(p) for p in prompts) + cap > c.max_position_embeddings:
@@ -118,7 +190,21 @@ def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: 
            "dtype": c.dtype}
 
     stats, wall, compile_s = clock.run(lambda: _engine_run(model, settings, prompts, outputs, slots, seed))
-    _progress("engine", wall, useful)
+    trace_s = clock.trace_seconds
+    _progress("engine", wall, useful, compile_s)
+    weight_b, kv_b = decode_bytes(c, [len(p) for p in prompts], outputs, stats.decode_steps)
+    run_s = max(wall - compile_s - trace_s, 1e-9)  # prefill and host work included: a lower bound on decode's rate
+    row.update({"engine_trace_s": trace_s, "engine_run_s": run_s, "engine_tokens_per_s_run": useful / run_s,
+                "decode_weight_GB": weight_b / 1e9,
+                "decode_kv_GB": kv_b / 1e9, "engine_achieved_GBps": (weight_b + kv_b) / run_s / 1e9})
+    achieved = (f"[bench rrm] engine achieved {(weight_b + kv_b) / run_s / 1e9:.4g} GB/s: {weight_b / 1e9:.4g} GB of "
+                f"weights ({stats.decode_steps} decode steps) + {kv_b / 1e9:.4g} GB of the KV its live rows held, "
+                f"over its {run_s:.3g} s without compiling (prefill included)")
+    if ceilings:
+        row["engine_bandwidth_fraction"] = row["engine_achieved_GBps"] / ceilings["memory_bandwidth_GBps"]
+        achieved += (f" = {100 * row['engine_bandwidth_fraction']:.3g}% of the measured "
+                     f"{ceilings['memory_bandwidth_GBps']:.4g} GB/s")
+    print(achieved, file=sys.stderr, flush=True)
     kv_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * np.dtype(c.dtype).itemsize
     mean_len = float(np.mean([len(p) + m for p, m in zip(prompts, outputs)]))
     row.update({
@@ -133,10 +219,10 @@ def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: 
     })
     if static:
         steps, wall, compile_s = clock.run(lambda: _static_run(model, settings, prompts, outputs, slots, cap, seed))
-        _progress("static batching", wall, useful)
+        _progress("static batching", wall, useful, compile_s)
         row.update({"static_s": wall, "static_compile_s": compile_s, "static_tokens_per_s": useful / wall,
                     "static_occupancy": useful / (steps * slots), "engine_vs_static": row["engine_tokens_per_s"] / (useful / wall)})
-    if compare_hf:
+    if hf_methods:
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -146,9 +232,17 @@ def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: 
             save_hf(model, c, d)
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, c.dtype)).eval()
         hf = hf.to("cuda" if torch.cuda.is_available() else "cpu")
+        row["torch_threads"] = torch.get_num_threads()
+    if "generate" in hf_methods:
         _hf_run(hf, prompts[:2], [2, 2], 2, temperature)  # warm-up
         _, wall, _ = clock.run(lambda: _hf_run(hf, prompts, outputs, slots, temperature))
-        _progress("transformers generate", wall, useful)
-        row.update({"hf_s": wall, "hf_tokens_per_s": useful / wall, "engine_vs_hf": row["engine_tokens_per_s"] / (useful / wall),
-                    "torch_threads": torch.get_num_threads()})
+        _progress(f"transformers generate (static batches of {slots})", wall, useful)
+        row.update({"hf_s": wall, "hf_tokens_per_s": useful / wall, "engine_vs_hf": row["engine_tokens_per_s"] / (useful / wall)})
+    if "generate_batch" in hf_methods:
+        _hf_batch_run(hf, prompts[:2], [2, 2], temperature, seed)  # warm-up
+        setup_s, wall, _ = clock.run(lambda: _hf_batch_run(hf, prompts, outputs, temperature, seed))
+        _progress("transformers generate_batch (continuous batching)", wall, useful)
+        row.update({"hf_batch_s": wall, "hf_batch_setup_s": setup_s, "hf_batch_tokens_per_s": useful / wall,
+                    "engine_vs_hf_batch": row["engine_tokens_per_s"] / (useful / wall),
+                    "hf_attn": getattr(hf.config, "_attn_implementation", None)})
     return row

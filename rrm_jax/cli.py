@@ -2,6 +2,8 @@
 
 Every command module exposes `configure(parser)`, which adds its flags and sets `parser.set_defaults(run=fn)`.
 Modules are imported lazily so `rrm-jax --help` stays fast and one command's imports never slow another.
+The device commands keep JAX's persistent compilation cache on (`rrm_jax.compile_cache`: `--compile-cache
+DIR|off`, $RRM_JAX_COMPILE_CACHE), set up before anything compiles.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"rrm-jax: error: {message}\n")
 
 
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers that end a command line: `parser` itself, or those of its sub-commands (`bench sample`)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    return [leaf for a in subs for p in dict.fromkeys(a.choices.values()) for leaf in _leaf_parsers(p)]
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = _Parser(prog="rrm-jax", description="JAX toolkit for Reward Reasoning Models")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -62,24 +72,31 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         if name == wanted:  # only the chosen command's module is imported
             importlib.import_module(module).configure(p)
             if name in DEVICE_COMMANDS:
-                from rrm_jax import distributed
+                from rrm_jax import compile_cache, distributed
 
-                distributed.add_cli_flags(p)
+                for leaf in _leaf_parsers(p):  # `bench sample --compile-cache DIR`, not `bench --compile-cache DIR sample`
+                    compile_cache.add_cli_flags(leaf)
+                    distributed.add_cli_flags(leaf)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
+    device = args.command in DEVICE_COMMANDS
     try:
-        if args.command in DEVICE_COMMANDS:  # one of several processes: join them before touching a device
-            from rrm_jax import distributed
+        if device:
+            from rrm_jax import compile_cache, distributed
 
-            distributed.initialize_from_args(args)
+            compile_cache.setup(args.compile_cache)  # before the first compilation
+            distributed.initialize_from_args(args)  # one of several processes: join them before touching a device
         result = args.run(args)
     except UserError as e:
         print(f"rrm-jax: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if device:
+            compile_cache.print_report()
     return int(result or 0)
 
 
