@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+
 from rrm_jax.model.config import dtype_arg
+
+
+class _CompareHF(argparse.Action):
+    """--compare-hf: refused while parsing, before any JAX work, when torch (transformers' backend) is missing."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if importlib.util.find_spec("torch") is None:
+            parser.error("--compare-hf times transformers on torch, which is not installed: pip install -e '.[hf]'")
+        setattr(namespace, self.dest, True)
 
 
 def _run(name: str):
@@ -37,7 +52,7 @@ def configure(parser):
     p.add_argument("--temperature", type=float, default=0.6, help="rrm: sampling temperature")
     p.add_argument("--no-static", action="store_true", help="rrm: skip the static-batching baseline")
     p.add_argument("--dtype", type=dtype_arg, default=None, help="float32 or bfloat16 (bf16, jnp.bfloat16 ... alike); None: the stored dtype, float32 for a preset")
-    p.add_argument("--compare-hf", action="store_true", help="also time transformers generate on the same weights")
+    p.add_argument("--compare-hf", action=_CompareHF, help="also time transformers generate on the same weights")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and weights")
     p.set_defaults(run=_run("run_sample"))

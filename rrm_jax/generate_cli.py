@@ -35,9 +35,9 @@ def read_prompt_rows(path: str, *, dataset_config: str | None = None, dataset_sp
                 if not line.strip():
                     continue
                 try:
-                    located.append((f"{path}:{n}", json.loads(line)))
+                    located.append((f"{path} line {n}", json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                    raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
     for where, row in located:
         if not isinstance(row, dict):
             raise UserError(f"{where}: each line must be a JSON object with 'prompt' or 'input_ids'")

@@ -245,10 +245,10 @@ def test_generate_cli_writes_rows(hf_pair, tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    ('{"prompt": "ok"}\n{not json\n', "in.jsonl:2: not valid JSON"),
+    ('{"prompt": "ok"}\n{not json\n', "in.jsonl line 2: not valid JSON"),
     ('{"prompt": ""}\n', "empty prompt"),
     ('{"input_ids": [' + ",".join(["1"] * 300) + ']}\n', "exceeds the model's context"),
-    ('{"text": "no prompt"}\n', "in.jsonl:1: needs a string 'prompt'"),
+    ('{"text": "no prompt"}\n', "in.jsonl line 1: needs a string 'prompt'"),
 ])
 def test_generate_cli_bad_input(hf_pair, tmp_path, content, message):
     folder, _, _ = hf_pair

@@ -130,7 +130,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
     err = _cli_error(capsys, base("c") + [f"data.source={bad}", "data.heldout=0.5",
                                      "loss.entropy_on=completion"])
-    assert f"{bad}:2" in err
+    assert f"{bad} line 2:" in err
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
