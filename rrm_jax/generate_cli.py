@@ -201,7 +201,7 @@ def configure(parser):
     parser.add_argument("--batch-size", type=int, default=64,
                         help="prompts decoding at once (the engine's slots hold their samples)")
     options.add_prompts_per_call_argument(parser)
-    parser.add_argument("--max-think-tokens", type=int, default=None, help="force </think> after this many tokens")
+    parser.add_argument("--max-think-tokens", type=int, default=None, help="force </think> after this many tokens (default: no budget)")
     options.add_mesh_argument(parser)
     options.add_resume_argument(parser)
     parser.set_defaults(run=run)
