@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 
+from rrm_jax.errors import UserError
 from rrm_jax.model.config import dtype_arg
 
 
@@ -22,6 +24,8 @@ class _CompareHF(argparse.Action):
 
 def _run(name: str):
     def run(args):
+        if args.json and os.path.exists(args.json):  # no command replaces an output
+            raise UserError(f"output {args.json} already exists; choose a new path or remove it")
         from rrm_jax import bench
 
         return getattr(bench, name)(args)

@@ -17,15 +17,13 @@ format warm-up batches and the end-of-run summary. This module is the policy's t
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from rrm_jax import distributed, generate, plan
+from rrm_jax import distributed, generate, plan, resumable
 from rrm_jax.data import toy
 from rrm_jax.data.preference import preference_batches, split_heldout
 from rrm_jax.data.prompts import PolicyPrompt, PromptDataset, read_prompts
@@ -131,10 +129,7 @@ class PolicyTask:
         return toy.policy_warmup_batch(self.tokenizer, batch_size, rng)
 
     def write_heldout(self, path: Path) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.heldout_rows)
-        os.replace(tmp, path)
+        resumable.write_output(str(path), "".join(json.dumps(r) + "\n" for r in self.heldout_rows))
 
     def summary(self, rows: list[dict], output_dir: Path, step_dir: Path, exe: str, context: int) -> list[str]:
         evals = [r for r in rows if CURVE_KEY in r or "heldout_response_len" in r]

@@ -54,7 +54,7 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rrm_jax import checkpoint, distributed, generate, parallel, plan
+from rrm_jax import checkpoint, distributed, generate, parallel, plan, resumable
 from rrm_jax.data.char_tokenizer import BOXED_OPEN, verdict_token_ids
 from rrm_jax.errors import UserError
 from rrm_jax.model import convert
@@ -225,10 +225,7 @@ class MetricsLog:
         if resume_step is not None and self.path.exists():
             # rows written after the restored checkpoint are repeated by this run: drop them
             rows = [r for r in self.rows() if r["step"] <= resume_step]
-            fd, tmp = tempfile.mkstemp(dir=output_dir, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-            os.replace(tmp, self.path)
+            resumable.write_output(str(self.path), "".join(json.dumps(r) + "\n" for r in rows))
         self.file = open(self.path, "a")
         from tensorboardX import SummaryWriter
 
