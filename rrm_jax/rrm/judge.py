@@ -454,9 +454,11 @@ def run_judge(args: argparse.Namespace) -> int:
         judge = judge_from_args(args, progress=False)
         (j,) = judge([Comparison(*single)])
         if distributed.is_main_process():
-            for number, (text, swapped) in enumerate(zip(j.texts, j.swapped), start=1):
-                shown = "response 2 shown first" if swapped else "response 1 shown first"
-                print(f"--- judgment {number}/{len(j.texts)} ({shown}) ---\n{text}\n")
+            for number, (text, swapped, verdict) in enumerate(zip(j.texts, j.swapped, j.verdicts), start=1):
+                first, second = (2, 1) if swapped else (1, 2)
+                print(f"--- judgment {number}/{len(j.texts)} (Assistant 1 = response {first}, Assistant 2 = "
+                      f"response {second}) ---\n{text}\n")
+                print(f"=> vote {number}: " + (f"response {verdict}" if verdict else "unparseable") + "\n")
             verdict = "tie" if j.winner is None else f"response {j.winner}"
             print(f"verdict: {verdict} (votes: response 1 {j.votes_1}, response 2 {j.votes_2}, unparseable {j.unparseable})")
         return 0
