@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -179,3 +180,12 @@ def test_sharded_update_equals_single_device(shape):
         np.testing.assert_allclose(checkpoint.flatten(got)[path], x, atol=1e-5, err_msg=path)
     for key, value in expected_metrics.items():
         np.testing.assert_allclose(got_metrics[key], value, atol=1e-5, rtol=1e-5, err_msg=key)
+
+
+def test_progress_bar_keeps_the_latest_eval_on_every_frame(tmp_path, capsys):
+    config = load_config(None, TINY + ["max_steps=4", "warmup.steps=5", "eval_every=2", "checkpoint_every=0"])
+    assert trainer.train(config, tmp_path / "run", progress=True) == 0
+    frames = [f for f in re.split(r"[\r\n]", capsys.readouterr().err) if re.search(r" [1-4]/4 ", f)]
+    assert {int(re.search(r" (\d)/4 ", f).group(1)) for f in frames} >= {1, 4}
+    for f in frames:  # the step-0 evaluation's figure from the first frame on, then the latest one
+        assert re.search(r"reward=-?\d\.\d\d, acc=\d\.\d\d, eval=\d\.\d{3}", f), f

@@ -124,6 +124,16 @@ class JudgeTask:
     def evaluate(self, model) -> dict:
         return evaluate(model, self.heldout, self.tokenizer, self.c.rollout.max_new_tokens)
 
+    @staticmethod
+    def step_progress(row: dict) -> dict:
+        """The progress bar's figures of a training step: reward and the verdicts' accuracy."""
+        return {"reward": f"{row['reward_mean']:.2f}", "acc": f"{row['accuracy']:.2f}"}
+
+    @staticmethod
+    def eval_progress(row: dict) -> dict:
+        """The progress bar's figures of an evaluation row ({} for a row without one)."""
+        return {"eval": f"{row['eval_accuracy']:.3f}"} if "eval_accuracy" in row else {}
+
     def warmup_batch(self, batch_size: int, rng: np.random.Generator) -> dict:
         return toy.format_warmup_batch(self.tokenizer, batch_size, rng)
 

@@ -125,6 +125,23 @@ class PolicyTask:
             row["heldout_reference_win_rate"] = float(np.mean((wins + 1) / 2))
         return row
 
+    @staticmethod
+    def step_progress(row: dict) -> dict:
+        """The progress bar's figures of a training step. Not reward_mean: a round robin's or knockout's
+        win rates average 0.5 by construction; their spread says how clearly the judge tells the samples apart."""
+        figures = {"spread": f"{row['reward_std']:.2f}"}
+        if "banned_rate" in row:
+            figures["banned"] = f"{row['banned_rate']:.2f}"
+        return figures
+
+    @staticmethod
+    def eval_progress(row: dict) -> dict:
+        """The progress bar's figures of an evaluation row ({} for a row without one)."""
+        for key, name in ((CURVE_KEY, "heldout_banned"), ("heldout_reference_win_rate", "heldout_win")):
+            if key in row:
+                return {name: f"{row[key]:.3f}"}
+        return {}
+
     def warmup_batch(self, batch_size: int, rng: np.random.Generator) -> dict:
         return toy.policy_warmup_batch(self.tokenizer, batch_size, rng)
 
