@@ -198,3 +198,34 @@ def test_accelerator_extras_pin_the_same_jax_and_resolve(tmp_path, extra, jax_ex
     assert done.returncode == 0, done.stderr
     resolved = {i["metadata"]["name"]: i["metadata"]["version"] for i in done.report["install"]}
     assert set(resolved) == {Requirement(p).name for p in plugins}, resolved
+
+
+# ------------------------------------------------------------------ the README's contents
+
+
+def _anchor(title: str) -> str:
+    """GitHub's anchor of a heading."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
+
+def readme_contents(text: str) -> str:
+    """The contents list of the README's ## and ### headings (code blocks skipped)."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        fenced ^= line.startswith("```")
+        match = None if fenced else re.match(r"^(##+) (.*)$", line)
+        if match and len(match.group(1)) <= 3 and match.group(2) != "Contents":
+            indent = "  " * (len(match.group(1)) - 2)
+            lines.append(f"{indent}- [{match.group(2).replace('`', '')}](#{_anchor(match.group(2))})")
+    return "\n".join(lines)
+
+
+def test_readme_contents_list_every_section():
+    text = (ROOT / "README.md").read_text()
+    listed = text.split("## Contents\n\n", 1)[1].split("\n\n## ", 1)[0]
+    assert listed == readme_contents(text), "regenerate it with readme_contents(README text)"
+    for link in re.findall(r"\]\(#([^)]+)\)", text):  # every in-page link has its heading
+        assert f"(#{link})" in readme_contents(text), link
+    assert "source .venv/bin/activate" in text.split("## Judge with RRM-7B")[0]
+    for path in ("/models/", "/ckpt/", "/export/", "runs/"):
+        assert path in (ROOT / ".gitignore").read_text().split()
