@@ -122,7 +122,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
         return ["train", "--no-progress", "--output-dir", str(tmp_path / name), "warmup.steps=0", *TINY[:5]]
 
     err = _cli_error(capsys, base("a") + ["max_stepz=3"])
-    assert "'max_stepz'" in err and "max_steps" in err and "rollout.temperature" in err
+    assert err.endswith("unknown config key 'max_stepz' in the command line; did you mean max_steps?")
 
     err = _cli_error(capsys, base("b") + ["mesh.data=3"])
     assert "data=3" in err and f"{jax.device_count()} devices" in err
