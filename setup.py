@@ -1,5 +1,8 @@
 from setuptools import find_packages, setup
 
+JAX = "0.10.2"  # one pin for jax, jaxlib and the accelerator extras below
+TORCH = "torch==2.13.0"
+
 setup(
     name="rrm-jax",
     version="0.1.0",
@@ -8,8 +11,8 @@ setup(
     packages=find_packages(include=["rrm_jax", "rrm_jax.*"]),
     package_data={"rrm_jax": ["configs/*.yaml", "data/*.json"]},
     install_requires=[
-        "jax==0.10.2",
-        "jaxlib==0.10.2",
+        f"jax=={JAX}",
+        f"jaxlib=={JAX}",
         "flax==0.12.8",
         "optax==0.2.8",
         "orbax-checkpoint==0.12.8",
@@ -26,6 +29,14 @@ setup(
         "tensorboardX==2.6.5",
         "psutil==7.2.2",
     ],
-    extras_require={"test": ["pytest==9.2.0", "torch==2.13.0"]},
+    extras_require={
+        # torch is only the reference implementation: HF parity tests and `bench sample --compare-hf`
+        "hf": [TORCH],
+        "test": ["pytest==9.2.0", TORCH],
+        # accelerators: the same jax with its plugin; cuda12 runs on more drivers than cuda13 (driver >= 580)
+        "cuda": [f"jax[cuda12]=={JAX}"],
+        "cuda13": [f"jax[cuda13]=={JAX}"],
+        "tpu": [f"jax[tpu]=={JAX}"],
+    },
     entry_points={"console_scripts": ["rrm-jax=rrm_jax.cli:main"]},
 )

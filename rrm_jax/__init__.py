@@ -3,6 +3,19 @@
 Top-level names are imported lazily so `import rrm_jax` (and `rrm-jax --help`) stays fast."""
 
 import importlib
+import logging
+
+
+class _NoTorchNotice(logging.Filter):
+    """Drops transformers' "PyTorch was not found. Models won't be available..." notice: rrm-jax uses
+    transformers only for tokenizers and configs, so without torch (the default install) nothing is missing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found")
+
+
+# transformers logs it on its package logger when first imported; the logger exists before that import
+logging.getLogger("transformers").addFilter(_NoTorchNotice())
 
 _LAZY = {
     "sample": "rrm_jax.generate",

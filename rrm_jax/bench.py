@@ -8,6 +8,7 @@ second / peak. Roofline fraction = the step time the ceilings allow / the measur
 
 from __future__ import annotations
 
+import glob
 import json
 import resource
 import sys
@@ -112,6 +113,7 @@ def bench_sample(model, *, batch: int, prompt_len: int, gen_len: int, ceilings: 
         "total_s": prefill_s + decode_s,  # the whole request, what transformers `generate` is timed on
         "tokens_per_s": batch * gen_len / (prefill_s + decode_s),
         "decode_step_ms": step_s * 1e3,
+        "step_read_MB": (weight_bytes + kv_bytes) / 1e6,  # what MBU counts as read from memory per decode step
         "MBU": (weight_bytes + kv_bytes) / step_s / bw,
         "MFU": step_flops / step_s / peak,
         "roofline_fraction": roofline_step_s / step_s,
@@ -124,6 +126,29 @@ def decode_weight_bytes(c) -> int:
     step reads one row per token)."""
     itemsize = jnp.dtype(c.param_dtype).itemsize
     return c.num_params * itemsize - (c.vocab_size * c.hidden_size * itemsize if not c.tie_word_embeddings else 0)
+
+
+def last_level_cache_bytes() -> int:
+    """The CPU's largest cache (Linux sysfs); 0 elsewhere or when unknown (accelerator caches are not read)."""
+    if jax.devices()[0].platform != "cpu":
+        return 0
+    sizes = [0]
+    for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(f).read().strip().upper()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG") or 0) * scale)
+    return max(sizes)
+
+
+def cache_note(row: dict, cache_bytes: int) -> str | None:
+    """A warning when a decode step's reads fit in a cache (or MBU exceeds 100%): then MBU is not a
+    memory-bandwidth figure, since the bandwidth it is divided by was measured on an array far larger."""
+    fits = row["step_read_MB"] * 1e6 <= cache_bytes
+    if not fits and row["MBU"] <= 1:
+        return None
+    where = f"fit in the {cache_bytes / 2**20:.0f} MiB last-level cache" if fits else "come partly from caches"
+    return (f"note: batch {row['batch']}: the {row['step_read_MB']:.1f} MB a decode step reads {where}, so MBU "
+            f"{row['MBU']:.0%} is not a memory-bandwidth figure; use a larger model to measure bandwidth")
 
 
 def kv_bytes_per_token(c) -> int:
@@ -356,5 +381,8 @@ def run_sample(args) -> int:
             r["speedup_vs_hf"] = r["hf_total_s"] / r["total_s"]  # same work: prefill + gen_len decode steps
         rows.append(r)
         _report(r)
+        note = cache_note(r, last_level_cache_bytes())
+        if note:
+            print(note, file=sys.stderr)
     _write_json(args.json, {"ceilings": ceilings, "results": rows})
     return 0

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import os
+
+from rrm_jax.errors import UserError
 from rrm_jax.model.config import dtype_arg
 
 HF_METHODS = ("generate", "generate_batch")
 
 
+class _CompareHF(argparse.Action):
+    """--compare-hf: refused while parsing, before any JAX work, when torch (transformers' backend) is missing."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if importlib.util.find_spec("torch") is None:
+            parser.error("--compare-hf times transformers on torch, which is not installed: pip install -e '.[hf]'")
+        setattr(namespace, self.dest, values)
+
+
 def _run(name: str):
     def run(args):
+        if args.json and os.path.exists(args.json):  # no command replaces an output
+            raise UserError(f"output {args.json} already exists; choose a new path or remove it")
         from rrm_jax import bench
 
         return getattr(bench, name)(args)
@@ -38,8 +54,8 @@ def configure(parser):
     p.add_argument("--slots", type=int, default=16, help="rrm: the engine's slots = static batch size")
     p.add_argument("--temperature", type=float, default=0.6, help="rrm: sampling temperature")
     p.add_argument("--no-static", action="store_true", help="rrm: skip the static-batching baseline")
-    p.add_argument("--dtype", type=dtype_arg, default=None, help="float32 or bfloat16 (bf16, jnp.bfloat16 ... alike); None: the stored dtype, float32 for a preset")
-    p.add_argument("--compare-hf", nargs="*", choices=HF_METHODS, default=None, metavar="METHOD",
+    p.add_argument("--dtype", type=dtype_arg, default=None, help="float32 or bfloat16 (bf16, jnp.bfloat16 ... alike) (default: the stored dtype; float32 for a preset)")
+    p.add_argument("--compare-hf", nargs="*", choices=HF_METHODS, default=None, metavar="METHOD", action=_CompareHF,
                    help="also time transformers on the same weights: `generate` (static batches) and, with --workload "
                         "rrm, `generate_batch` (its continuous batching); no METHOD: every one that applies")
     p.add_argument("--json", help="write the results here")
@@ -55,7 +71,7 @@ def configure(parser):
     t.add_argument("--gen-len", type=int, default=64, help="tokens generated per row")
     t.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation steps")
     t.add_argument("--no-remat", action="store_true", help="keep activations instead of recomputing them")
-    t.add_argument("--dtype", type=dtype_arg, default=None, help="float32 or bfloat16 (bf16, jnp.bfloat16 ... alike); None: the stored dtype, float32 for a preset")
+    t.add_argument("--dtype", type=dtype_arg, default=None, help="float32 or bfloat16 (bf16, jnp.bfloat16 ... alike) (default: the stored dtype; float32 for a preset)")
     t.add_argument("--json", help="write the results here")
     t.add_argument("--seed", type=int, default=0, help="seed of the random prompts and weights")
     t.set_defaults(run=_run("run_train"))

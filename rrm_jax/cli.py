@@ -33,10 +33,11 @@ DEVICE_COMMANDS = ("generate", "bench", "judge", "rank", "train", "eval")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to a flag's help unless X is None or False (nothing to tell)."""
+    """Appends "(default: X)" to a flag's help unless X is None or False (a flag whose default is None
+    says in its help what it does then), or the help already tells."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -47,6 +48,7 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # `--vote 3` is a mistake, not `--votes 3`
         super().__init__(*args, **kwargs)
         # "-1,1,4" (--mesh) is a value, not a flag: argparse only knows plain negative numbers
         self._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+(,-?\d+)+$")

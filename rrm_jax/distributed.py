@@ -41,11 +41,14 @@ def add_cli_flags(parser: argparse.ArgumentParser) -> None:
     """Flags for starting one process of several by hand (GPU clusters, local testing)."""
     group = parser.add_argument_group("multi-process (not needed on Cloud TPU VMs or under launch/local_pod.sh)")
     group.add_argument("--coordinator", metavar="HOST:PORT", default=None,
-                       help="address of process 0; every process passes the same one")
-    group.add_argument("--num-processes", type=int, metavar="N", default=None, help="number of processes")
-    group.add_argument("--process-id", type=int, metavar="I", default=None, help="this process, 0..N-1")
+                       help=f"address of process 0; every process passes the same one (default: ${COORDINATOR_ENV}; "
+                            f"none: a single process, or a Cloud TPU VM's workers)")
+    group.add_argument("--num-processes", type=int, metavar="N", default=None,
+                       help=f"number of processes (default: ${NUM_PROCESSES_ENV})")
+    group.add_argument("--process-id", type=int, metavar="I", default=None,
+                       help=f"this process, 0..N-1 (default: ${PROCESS_ID_ENV})")
     group.add_argument("--distributed-timeout", type=float, metavar="SECONDS", default=None,
-                       help=f"how long to wait for all processes to arrive (default {DEFAULT_TIMEOUT_S:.0f})")
+                       help=f"how long to wait for all processes to arrive (default: {DEFAULT_TIMEOUT_S:.0f})")
 
 
 def initialize_from_args(args: argparse.Namespace) -> bool:

@@ -17,6 +17,9 @@ from rrm_jax import distributed, options, resumable, worksplit
 from rrm_jax.data import sources
 from rrm_jax.errors import UserError
 
+DEFAULT_MAX_NEW_TOKENS = 256  # capped per prompt at what the model's context leaves
+SHOWN = 3  # generations printed at the end, as `judge` prints its judgments
+
 
 def read_prompt_rows(path: str, *, dataset_config: str | None = None, dataset_split: str | None = None) -> list[dict]:
     """Rows `{"prompt": str, "chat": bool?}` or `{"input_ids": [int, ...]}`; other fields pass through.
@@ -35,9 +38,9 @@ def read_prompt_rows(path: str, *, dataset_config: str | None = None, dataset_sp
                 if not line.strip():
                     continue
                 try:
-                    located.append((f"{path}:{n}", json.loads(line)))
+                    located.append((f"{path} line {n}", json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                    raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
     for where, row in located:
         if not isinstance(row, dict):
             raise UserError(f"{where}: each line must be a JSON object with 'prompt' or 'input_ids'")
@@ -53,6 +56,8 @@ def read_prompt_rows(path: str, *, dataset_config: str | None = None, dataset_sp
 
 
 def encode_rows(rows: list[dict], tokenizer, path: str) -> list[list[int]]:
+    from rrm_jax.data.prompts import policy_prompt_text
+
     prompts = []
     for n, row in enumerate(rows, 1):
         if row.get("input_ids") is not None:
@@ -60,16 +65,17 @@ def encode_rows(rows: list[dict], tokenizer, path: str) -> list[list[int]]:
             continue
         if tokenizer is None:
             raise UserError(f"{path}: row {n} has a text 'prompt' but the model has no tokenizer; give 'input_ids'")
+        if not row["prompt"]:
+            raise UserError(f"{path}: row {n} has an empty prompt")
         if row.get("chat"):
             if not tokenizer.chat_template:
                 raise UserError(f"{path}: row {n} asks for 'chat' but the tokenizer has no chat template")
             text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
                                                  add_generation_prompt=True, tokenize=False)
             ids = tokenizer.encode(text, add_special_tokens=False)  # the template already placed them
-        else:
-            ids = tokenizer.encode(row["prompt"])
-        if not ids:
-            raise UserError(f"{path}: row {n} has an empty prompt")
+        else:  # BOS + text, as the toy policy trainer prompts (rrm_jax.data.prompts)
+            ids = tokenizer.encode(policy_prompt_text(tokenizer, row["prompt"], chat_template=False),
+                                   add_special_tokens=False)
         prompts.append(ids)
     return prompts
 
@@ -95,8 +101,9 @@ def run(args) -> int:
         generated = {r["index"]: r["samples"] for r in partial.records}
         try:
             model, config = load_model(args.model, mesh=options.local_mesh(args.mesh))
-            check_prompts(config, prompts, args.max_new_tokens)
-            _generate_all(args, model, tokenizer, prompts, generated, partial, stop_requested)
+            limits = max_new_tokens(args.max_new_tokens, prompts, config.max_position_embeddings)
+            check_prompts(config, prompts, limits)
+            _generate_all(args, model, tokenizer, prompts, limits, generated, partial, stop_requested)
         except resumable.Interrupted:
             if distributed.is_main_process():
                 print(f"SIGTERM: stopped with {len(generated)} prompts finished in {partial.path}; run the same "
@@ -107,11 +114,30 @@ def run(args) -> int:
     lines = _output_lines(rows, generated, args.num_samples)
     partial.finish("".join(line + "\n" for line in lines))
     if distributed.is_main_process():
+        _show(rows, generated, args.num_samples)
         print(f"wrote {len(lines)} generations to {args.output}", file=sys.stderr)
     return 0
 
 
-def _generate_all(args, model, tokenizer, prompts: list[list[int]], generated: dict, partial, stop_requested) -> None:
+def max_new_tokens(flag: int | None, prompts: list[list[int]], context: int) -> int | list[int]:
+    """--max-new-tokens as given, or by default 256 per prompt capped at what the model's context leaves."""
+    if flag is not None:
+        return flag
+    return [max(1, min(DEFAULT_MAX_NEW_TOKENS, context - len(p))) for p in prompts]
+
+
+def _show(rows: list[dict], generated: dict, num_samples: int) -> None:
+    """The first few generations on stdout, each under its prompt."""
+    for i in range(min(SHOWN, len(rows))):
+        prompt = rows[i]["prompt"] if rows[i].get("prompt") is not None else f"input_ids ({len(rows[i]['input_ids'])} tokens)"
+        for k, sample_row in enumerate(generated[i]):
+            which = f", sample {k + 1}/{num_samples}" if num_samples > 1 else ""
+            answer = sample_row["text"] if sample_row["text"] is not None else sample_row["output_ids"]
+            print(f"--- prompt {i + 1}/{len(rows)}{which} ({sample_row['finish_reason']}): {prompt!r} ---\n{answer}\n")
+
+
+def _generate_all(args, model, tokenizer, prompts: list[list[int]], limits, generated: dict, partial,
+                  stop_requested) -> None:
     """Sample every prompt not in `generated` yet (planned batches split over the processes), adding
     each finished batch to `generated` and to the partial file."""
     from tqdm import tqdm
@@ -122,7 +148,8 @@ def _generate_all(args, model, tokenizer, prompts: list[list[int]], generated: d
     todo = [b for b, items in enumerate(plan) if any(i not in generated for i in items)]
 
     def run_batch(b: int) -> list[list[dict]]:
-        results = sample(model, [prompts[i] for i in plan[b]], max_new_tokens=args.max_new_tokens,
+        batch_limits = limits if isinstance(limits, int) else [limits[i] for i in plan[b]]
+        results = sample(model, [prompts[i] for i in plan[b]], max_new_tokens=batch_limits,
                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, num_samples=args.num_samples,
                          seed=worksplit.batch_seed(args.seed, 0, b), max_think_tokens=args.max_think_tokens,
                          tokenizer=tokenizer, batch_size=args.batch_size)
@@ -163,7 +190,9 @@ def configure(parser):
     parser.add_argument("--model", required=True, help="HF folder, rrm-jax checkpoint or training output dir")
     options.add_input_arguments(parser, 'rows {"prompt": ...} or {"input_ids": [...]}')
     parser.add_argument("--output", required=True, help="JSONL file for the generations")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per sample")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"tokens generated per sample (default: {DEFAULT_MAX_NEW_TOKENS}, capped per prompt at "
+                             f"what the model's context leaves)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     parser.add_argument("--top-k", type=int, default=0, help="top-k filter, 0 = off")
@@ -172,7 +201,7 @@ def configure(parser):
     parser.add_argument("--batch-size", type=int, default=64,
                         help="prompts decoding at once (the engine's slots hold their samples)")
     options.add_prompts_per_call_argument(parser)
-    parser.add_argument("--max-think-tokens", type=int, default=None, help="force </think> after this many tokens")
+    parser.add_argument("--max-think-tokens", type=int, default=None, help="force </think> after this many tokens (default: no budget)")
     options.add_mesh_argument(parser)
     options.add_resume_argument(parser)
     parser.set_defaults(run=run)

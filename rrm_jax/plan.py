@@ -277,7 +277,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="number of devices (default: the mesh's data*fsdp*tp, which must equal it; with a -1 "
                              "mesh size, this machine's device count)")
     parser.add_argument("--device-memory", type=float, default=None, metavar="GB",
-                        help="memory per device in GB (1e9 bytes), e.g. 95 for TPU v5p, 80 for H100")
+                        help="memory per device in GB (1e9 bytes), e.g. 95 for TPU v5p, 80 for H100 (default: none, the plan is printed without a fit check)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for rrm-jax train")
     parser.set_defaults(run=run_plan)
 

@@ -120,6 +120,8 @@ class PartialFile:
     def _open(self, command: str, settings: dict, resume: bool) -> dict:
         try:
             check_output_folder(self.output)
+            if os.path.exists(self.output):  # no command replaces an output (README: "Existing outputs")
+                raise UserError(f"output {self.output} already exists; choose a new path or remove it")
             exists = os.path.exists(self.path)
             if exists and not resume:
                 raise UserError(f"{self.path} holds the finished items of an interrupted run; pass --resume to "

@@ -93,7 +93,7 @@ for command in cli.COMMANDS:
             pass
     texts[command] = out.getvalue()
 heavy = sorted(m for m in ("jax", "flax", "orbax", "transformers", "torch", "datasets") if m in sys.modules)
-print(heavy, "8192" in texts["judge"] and "(default: 256)" in texts["generate"] and "runs/toy" in texts["train"])
+print(heavy, "8192" in texts["judge"] and "default: 256" in texts["generate"] and "runs/toy" in texts["train"])
 """
 
 

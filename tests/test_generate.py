@@ -244,11 +244,36 @@ def test_generate_cli_writes_rows(hf_pair, tmp_path):
     assert {"finish_reason", "logprobs"} <= rows[1].keys()
 
 
+def test_generate_cli_default_length_fits_the_context_and_shows_answers(hf_pair, tmp_path):
+    folder, _, _ = hf_pair
+    src = tmp_path / "in.jsonl"
+    long_prompt = list(range(3, 253))  # 250 of the model's 256 positions: 6 left to generate
+    src.write_text(json.dumps({"input_ids": long_prompt}) + "\n" + json.dumps({"prompt": "the judge"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = run_cli("generate", "--model", str(folder), "--input", str(src), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows[0]["output_ids"]) <= 6 and (rows[0]["finish_reason"] == "eos" or len(rows[0]["output_ids"]) == 6)
+    assert "--- prompt 1/2 (" in proc.stdout and "--- prompt 2/2 (" in proc.stdout and "'the judge'" in proc.stdout
+    assert rows[1]["text"] in proc.stdout
+
+
+def test_generate_text_prompts_start_with_bos_as_the_toy_policy_trains():
+    from rrm_jax.data.char_tokenizer import build_char_tokenizer
+    from rrm_jax.generate_cli import encode_rows
+    from rrm_jax.rrm import prompt
+
+    tokenizer = build_char_tokenizer()
+    (ids,) = encode_rows([{"prompt": "Q: 3+4?"}], tokenizer, "in.jsonl")
+    assert ids[0] == tokenizer.bos_token_id
+    assert ids == prompt.encode(tokenizer, tokenizer.bos_token + "Q: 3+4?")  # rrm_jax.data.toy's policy prompts
+
+
 @pytest.mark.parametrize("content,message", [
-    ('{"prompt": "ok"}\n{not json\n', "in.jsonl:2: not valid JSON"),
+    ('{"prompt": "ok"}\n{not json\n', "in.jsonl line 2: not valid JSON"),
     ('{"prompt": ""}\n', "empty prompt"),
     ('{"input_ids": [' + ",".join(["1"] * 300) + ']}\n', "exceeds the model's context"),
-    ('{"text": "no prompt"}\n', "in.jsonl:1: needs a string 'prompt'"),
+    ('{"text": "no prompt"}\n', "in.jsonl line 1: needs a string 'prompt'"),
 ])
 def test_generate_cli_bad_input(hf_pair, tmp_path, content, message):
     folder, _, _ = hf_pair

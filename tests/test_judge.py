@@ -1,6 +1,7 @@
 """Batched pairwise judging: A/B order, voting and ties, decoding settings, and the `rrm-jax judge` command."""
 
 import json
+import re
 
 import pytest
 from judge_utils import ScriptedGenerate, boxed, build_test_tokenizer
@@ -160,6 +161,17 @@ def test_judge_command_single_pair_prints_reasoning_and_verdict(scripted_backend
     assert code == 0 and scripted_backend == ["M"]
     assert out.count("Let me compare them.") == 3
     assert out.strip().endswith("verdict: response 2 (votes: response 1 0, response 2 3, unparseable 0)")
+
+
+def test_judge_command_labels_each_vote_with_the_response_it_means(scripted_backend, capsys):
+    assert cli.main(["judge", "--model", "M", "--query", "Which?", "--response-1", "poor", "--response-2", "good",
+                     "--both-orders"]) == 0
+    out = capsys.readouterr().out
+    blocks = re.findall(r"\(Assistant 1 = response (\d), Assistant 2 = response (\d)\) ---\n.*?\\boxed\{Assistant (\d)\}.*?"
+                        r"=> vote \d: response (\d)", out, flags=re.S)
+    assert sorted(b[:2] for b in blocks) == [("1", "2"), ("2", "1")]  # one judgment in each A/B order
+    for first, second, boxed, vote in blocks:
+        assert vote == (first, second)[int(boxed) - 1] == "2"  # "good" is response 2 whatever its position
 
 
 def test_judge_command_jsonl(scripted_backend, tmp_path, capsys):

@@ -33,7 +33,7 @@ def test_jsonl_both_row_shapes(tmp_path):
     ])
     pairs = preference.read_preferences(path)
     assert [(p.query, p.chosen, p.rejected) for p in pairs] == [("q1", "good", "bad"), ("q2", "better", "worse"), ("q3", "better", "worse")]
-    assert [p.origin for p in pairs] == [f"{path}:1", f"{path}:3", f"{path}:4"]
+    assert [p.origin for p in pairs] == [f"{path} line 1", f"{path} line 3", f"{path} line 4"]
 
 
 def test_json_list_and_parquet(tmp_path):
@@ -49,7 +49,7 @@ def test_json_list_and_parquet(tmp_path):
     pq.write_table(table, tmp_path / "d.parquet")
     pairs = preference.read_preferences(str(tmp_path / "d.parquet"))
     assert [(p.chosen, p.rejected) for p in pairs] == [("y", "x")] * 2
-    assert pairs[1].origin.endswith("d.parquet: row 2")
+    assert pairs[1].origin.endswith("d.parquet row 2")
 
 
 @pytest.mark.parametrize("bad_line, message", [
@@ -65,20 +65,20 @@ def test_bad_jsonl_row_names_file_and_line(tmp_path, bad_line, message):
     path = write_lines(tmp_path / "bad.jsonl", [good, good, bad_line, good])
     with pytest.raises(UserError) as e:
         preference.read_preferences(path)
-    assert str(e.value).startswith(f"{path}:3: ") and message in str(e.value)
+    assert str(e.value).startswith(f"{path} line 3: ") and message in str(e.value)
     assert "\n" not in str(e.value)
 
 
 def test_bad_json_list_item_names_its_line(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('[\n  {"prompt": "q", "chosen": "a", "rejected": "b"},\n  {"prompt": "q",\n   "chosen": "a"}\n]\n')
-    with pytest.raises(UserError, match=r"bad\.json:3: a row needs the fields"):
+    with pytest.raises(UserError, match=r"bad\.json line 3: a row needs the fields"):
         preference.read_preferences(str(path))
     path.write_text('[\n  {"prompt": "q", "chosen": "a", "rejected": "b"}\n  {"prompt": "q"}\n]')
-    with pytest.raises(UserError, match=r"bad\.json:3: not valid JSON"):
+    with pytest.raises(UserError, match=r"bad\.json line 3: not valid JSON"):
         preference.read_preferences(str(path))
     path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}')
-    with pytest.raises(UserError, match=r"bad\.json:1: .*list of objects"):
+    with pytest.raises(UserError, match=r"bad\.json line 1: .*list of objects"):
         preference.read_preferences(str(path))
 
 

@@ -195,3 +195,14 @@ def test_outputs_get_the_umask_mode(run, files, tmp_path, command):
         os.umask(previous)
     assert stat.S_IMODE(out.stat().st_mode) == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *(p.name for p in files.values())])
+
+
+@pytest.mark.parametrize("command", ["judge", "eval", "rank"])
+def test_an_existing_output_is_never_replaced(run, files, tmp_path, command):
+    out = tmp_path / "out"
+    assert run(argv(command, files, out))[0] == 0
+    before = out.read_bytes()
+    for extra in ([], ["--resume"]):
+        code, err, generate = run(argv(command, files, out, *extra))
+        assert code == 2 and err == f"rrm-jax: error: output {out} already exists; choose a new path or remove it\n"
+        assert generate.calls == [] and out.read_bytes() == before and not Path(f"{out}.partial").exists()

@@ -37,7 +37,7 @@ class PreferencePair:
     query: str
     chosen: str  # the preferred response
     rejected: str
-    origin: str = ""  # "file:line", for messages about this row
+    origin: str = ""  # "FILE line N" (or "FILE row N" of Parquet), for messages about this row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ class JudgeExample:
 # ---------- reading ----------
 
 def pair_from_row(row, origin: str) -> PreferencePair:
-    """Validate one row of either shape; a bad row is a UserError naming `origin` (file:line)."""
+    """Validate one row of either shape; a bad row is a UserError naming `origin` (FILE line N)."""
     if not isinstance(row, dict):
         raise UserError(f"{origin}: expected an object with fields {', '.join(PAIR_FIELDS)} or {', '.join(LABELLED_FIELDS)}; got {type(row).__name__}")
     if all(k in row for k in PAIR_FIELDS):
@@ -85,9 +85,9 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, object]]:
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{number}", json.loads(line)
+                yield f"{path} line {number}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+                raise UserError(f"{path} line {number}: not valid JSON ({e.msg})") from None
 
 
 def _json_array_rows(path: str) -> Iterator[tuple[str, object]]:
@@ -102,7 +102,7 @@ def _json_array_rows(path: str) -> Iterator[tuple[str, object]]:
         return pos
 
     def fail(pos, what):
-        raise UserError(f"{path}:{text.count(chr(10), 0, pos) + 1}: {what}")
+        raise UserError(f"{path} line {text.count(chr(10), 0, pos) + 1}: {what}")
 
     pos = skip_space(0)
     if not text.startswith("[", pos):
@@ -115,7 +115,7 @@ def _json_array_rows(path: str) -> Iterator[tuple[str, object]]:
             row, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             fail(e.pos, f"not valid JSON ({e.msg})")
-        yield f"{path}:{text.count(chr(10), 0, pos) + 1}", row
+        yield f"{path} line {text.count(chr(10), 0, pos) + 1}", row
         pos = skip_space(end)
         if text.startswith("]", pos):
             return
@@ -135,7 +135,7 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, object]]:
     for batch in table.iter_batches():
         for row in batch.to_pylist():
             number += 1
-            yield f"{path}: row {number}", row
+            yield f"{path} row {number}", row
 
 
 def _dataset_rows(source: str, config: str | None, split: str | None) -> list[tuple[str, dict]]:
@@ -162,7 +162,7 @@ def read_preferences(path: str, *, dataset_config: str | None = None, dataset_sp
 
 
 def file_rows(path: str, what: str) -> Iterator[tuple[str, object]]:
-    """(origin "file:line", row) of a .jsonl, .json or .parquet file of `what` rows (for messages)."""
+    """(origin "FILE line N", row) of a .jsonl, .json or .parquet file of `what` rows (for messages)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     suffix = os.path.splitext(path)[1].lower()

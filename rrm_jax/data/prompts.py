@@ -1,7 +1,7 @@
 """Prompt-only data for policy training with a judge reward: rows `{prompt}` or `{prompt, reference}`.
 
 Files as for preference data (.jsonl, .json, .parquet, or a Hugging Face dataset); a bad row is one
-line naming `file:line`. A `PromptDataset` turns each row into the policy's prompt: the text through
+line naming `FILE line N`. A `PromptDataset` turns each row into the policy's prompt: the text through
 the policy tokenizer's chat template as one user message (with the generation prompt), or the raw
 text after BOS; rows whose prompt is longer than `max_prompt_len` tokens are dropped and counted.
 Item i is a one-element list, so `rrm_jax.data.preference.preference_batches` streams it unchanged.

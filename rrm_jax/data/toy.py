@@ -21,7 +21,6 @@ import json
 import os
 import re
 import string
-import tempfile
 
 import numpy as np
 from tokenizers import AddedToken
@@ -157,17 +156,11 @@ def format_warmup_batch(tokenizer, batch_size: int, rng: np.random.Generator, *,
 
 def write_heldout(path: str, n: int = 500, seed: int = 0) -> str:
     """Write n held-out toy items as `{prompt, chosen, rejected}` JSONL rows (`rrm-jax eval --format pairs`)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            for pair in make_toy_pairs(n, seed, split="heldout"):
-                f.write(json.dumps({"prompt": pair.query, "chosen": pair.chosen, "rejected": pair.rejected}) + "\n")
-        os.replace(tmp, path)  # never leave a half-written file behind
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    from rrm_jax import resumable
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    resumable.write_output(path, "".join(json.dumps({"prompt": p.query, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+                                         for p in make_toy_pairs(n, seed, split="heldout")))
     return path
 
 

@@ -9,6 +9,7 @@ value of the wrong type, is a UserError naming the key and listing what is valid
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.resources
 import typing
 from typing import Any
@@ -196,8 +197,22 @@ def valid_keys(cls=TrainConfig, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str, where: str) -> UserError:
-    return UserError(f"unknown config key {key!r} in {where}; valid keys: {', '.join(valid_keys())} "
-                     f"(aliases: {', '.join(ALIASES)})")
+    """The closest valid key (`did you mean rollout.temperature?`), else the keys of the section named."""
+    keys = valid_keys()
+    section, _, name = key.rpartition(".")
+    inside = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == section}
+    by_name = {}  # last part -> the keys ending in it (aliases: themselves)
+    for k in keys + list(ALIASES):
+        by_name.setdefault(k.rpartition(".")[2], []).append(k)
+    close = ([inside[m] for m in difflib.get_close_matches(name, inside, n=1)]  # a typo within its section
+             or by_name.get(name)  # the right name in the wrong section
+             or [k for m in difflib.get_close_matches(name, by_name, n=1) for k in by_name[m]])
+    if close:
+        return UserError(f"unknown config key {key!r} in {where}; did you mean {' or '.join(close)}?")
+    if section and inside:
+        return UserError(f"unknown config key {key!r} in {where}; {section} has {', '.join(inside)}")
+    top = sorted({k.split(".", 1)[0] for k in keys})
+    return UserError(f"unknown config key {key!r} in {where}; keys start with one of {', '.join(top)}")
 
 
 def _coerce(key: str, value: Any, hint, where: str):

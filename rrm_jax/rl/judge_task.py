@@ -9,15 +9,13 @@ pair's label with the guard's format penalty, and greedy held-out accuracy (`eva
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from rrm_jax import distributed, generate
+from rrm_jax import distributed, generate, resumable
 from rrm_jax.data import toy
 from rrm_jax.data.preference import JudgeExample, PreferenceDataset, preference_batches, read_preferences, split_heldout
 from rrm_jax.errors import UserError
@@ -48,12 +46,9 @@ def load_pairs(c: TrainConfig):
 
 
 def write_pairs(path: Path, pairs) -> None:
-    """`{prompt, chosen, rejected}` JSONL, written to a temp file and renamed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        for p in pairs:
-            f.write(json.dumps({"prompt": p.query, "chosen": p.chosen, "rejected": p.rejected}) + "\n")
-    os.replace(tmp, path)
+    """`{prompt, chosen, rejected}` JSONL, written to a temp file and renamed (the mode of config.yaml)."""
+    resumable.write_output(str(path), "".join(json.dumps({"prompt": p.query, "chosen": p.chosen, "rejected": p.rejected})
+                                              + "\n" for p in pairs))
 
 
 def heldout_examples(pairs, tokenizer, render_fn, max_prompt_len: int) -> list[JudgeExample]:
@@ -128,6 +123,16 @@ class JudgeTask:
 
     def evaluate(self, model) -> dict:
         return evaluate(model, self.heldout, self.tokenizer, self.c.rollout.max_new_tokens)
+
+    @staticmethod
+    def step_progress(row: dict) -> dict:
+        """The progress bar's figures of a training step: reward and the verdicts' accuracy."""
+        return {"reward": f"{row['reward_mean']:.2f}", "acc": f"{row['accuracy']:.2f}"}
+
+    @staticmethod
+    def eval_progress(row: dict) -> dict:
+        """The progress bar's figures of an evaluation row ({} for a row without one)."""
+        return {"eval": f"{row['eval_accuracy']:.3f}"} if "eval_accuracy" in row else {}
 
     def warmup_batch(self, batch_size: int, rng: np.random.Generator) -> dict:
         return toy.format_warmup_batch(self.tokenizer, batch_size, rng)

@@ -17,15 +17,13 @@ format warm-up batches and the end-of-run summary. This module is the policy's t
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from rrm_jax import distributed, generate, plan
+from rrm_jax import distributed, generate, plan, resumable
 from rrm_jax.data import toy
 from rrm_jax.data.preference import preference_batches, split_heldout
 from rrm_jax.data.prompts import PolicyPrompt, PromptDataset, read_prompts
@@ -127,14 +125,28 @@ class PolicyTask:
             row["heldout_reference_win_rate"] = float(np.mean((wins + 1) / 2))
         return row
 
+    @staticmethod
+    def step_progress(row: dict) -> dict:
+        """The progress bar's figures of a training step. Not reward_mean: a round robin's or knockout's
+        win rates average 0.5 by construction; their spread says how clearly the judge tells the samples apart."""
+        figures = {"spread": f"{row['reward_std']:.2f}"}
+        if "banned_rate" in row:
+            figures["banned"] = f"{row['banned_rate']:.2f}"
+        return figures
+
+    @staticmethod
+    def eval_progress(row: dict) -> dict:
+        """The progress bar's figures of an evaluation row ({} for a row without one)."""
+        for key, name in ((CURVE_KEY, "heldout_banned"), ("heldout_reference_win_rate", "heldout_win")):
+            if key in row:
+                return {name: f"{row[key]:.3f}"}
+        return {}
+
     def warmup_batch(self, batch_size: int, rng: np.random.Generator) -> dict:
         return toy.policy_warmup_batch(self.tokenizer, batch_size, rng)
 
     def write_heldout(self, path: Path) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.heldout_rows)
-        os.replace(tmp, path)
+        resumable.write_output(str(path), "".join(json.dumps(r) + "\n" for r in self.heldout_rows))
 
     def summary(self, rows: list[dict], output_dir: Path, step_dir: Path, exe: str, context: int) -> list[str]:
         evals = [r for r in rows if CURVE_KEY in r or "heldout_response_len" in r]

@@ -54,7 +54,7 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rrm_jax import checkpoint, distributed, generate, parallel, plan
+from rrm_jax import checkpoint, distributed, generate, parallel, plan, resumable
 from rrm_jax.data.char_tokenizer import BOXED_OPEN, verdict_token_ids
 from rrm_jax.errors import UserError
 from rrm_jax.model import convert
@@ -225,10 +225,7 @@ class MetricsLog:
         if resume_step is not None and self.path.exists():
             # rows written after the restored checkpoint are repeated by this run: drop them
             rows = [r for r in self.rows() if r["step"] <= resume_step]
-            fd, tmp = tempfile.mkstemp(dir=output_dir, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-            os.replace(tmp, self.path)
+            resumable.write_output(str(self.path), "".join(json.dumps(r) + "\n" for r in rows))
         self.file = open(self.path, "a")
         from tensorboardX import SummaryWriter
 
@@ -517,6 +514,8 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
 
     if start is None and c.eval_every:
         metrics.log({"step": 0, **run.task.evaluate(run.model), "elapsed": elapsed()})
+    # the latest evaluation's figures stay on every frame of the bar until the next one
+    shown_eval = next((e for e in map(run.task.eval_progress, reversed(metrics.rows())) if e), {})
     if start is None and (c.guard.on_collapse == "rollback" or c.max_steps == 0):
         save()  # the warm-up's model: a rollback target before the first periodic checkpoint
     detector = guard.CollapseDetector(c.guard.collapse_steps, c.guard.collapse_threshold)
@@ -533,9 +532,9 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
                 row.update(run.task.evaluate(run.model))
             row["elapsed"] = elapsed()
             metrics.log(row)
+            shown_eval.update(run.task.eval_progress(row))
+            bar.set_postfix({**run.task.step_progress(row), **shown_eval}, refresh=False)  # drawn by the update
             bar.update(1)
-            bar.set_postfix(reward=f"{row['reward_mean']:.2f}",
-                            **({"eval": f"{row['eval_accuracy']:.3f}"} if "eval_accuracy" in row else {}))
             warning = truncation.observe(state.step, row["truncated_fraction"])
             if warning and run.main:
                 bar.write(warning, file=sys.stderr)

@@ -283,14 +283,14 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=spec.EVAL_TOP_P, help="nucleus sampling mass")
     parser.add_argument("--top-k", type=int, default=spec.EVAL_TOP_K, help="top-k filter, 0 = off")
     parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help=f"tokens generated per sample; None: {spec.EVAL_MAX_NEW_TOKENS} as in the published "
-                             f"evaluations, capped per prompt at what the model's context leaves")
-    parser.add_argument("--max-think-tokens", type=int, default=None, help="thinking budget: force </think> after M tokens")
+                        help=f"tokens generated per sample (default: {spec.EVAL_MAX_NEW_TOKENS} as in the published "
+                             f"evaluations, capped per prompt at what the model's context leaves)")
+    parser.add_argument("--max-think-tokens", type=int, default=None, help="thinking budget: force </think> after M tokens (default: no budget)")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="prompts decoding at once (the engine's slots hold their votes)")
     options.add_prompts_per_call_argument(parser)
     parser.add_argument("--chat-template", default=None, help="use this named chat template (deepseek-r1-distill) "
-                        "instead of the tokenizer's; needed when the tokenizer has none")
+                        "instead of the tokenizer's; needed when the tokenizer has none (default: the tokenizer's)")
     options.add_mesh_argument(parser)
 
 
@@ -454,9 +454,11 @@ def run_judge(args: argparse.Namespace) -> int:
         judge = judge_from_args(args, progress=False)
         (j,) = judge([Comparison(*single)])
         if distributed.is_main_process():
-            for number, (text, swapped) in enumerate(zip(j.texts, j.swapped), start=1):
-                shown = "response 2 shown first" if swapped else "response 1 shown first"
-                print(f"--- judgment {number}/{len(j.texts)} ({shown}) ---\n{text}\n")
+            for number, (text, swapped, verdict) in enumerate(zip(j.texts, j.swapped, j.verdicts), start=1):
+                first, second = (2, 1) if swapped else (1, 2)
+                print(f"--- judgment {number}/{len(j.texts)} (Assistant 1 = response {first}, Assistant 2 = "
+                      f"response {second}) ---\n{text}\n")
+                print(f"=> vote {number}: " + (f"response {verdict}" if verdict else "unparseable") + "\n")
             verdict = "tie" if j.winner is None else f"response {j.winner}"
             print(f"verdict: {verdict} (votes: response 1 {j.votes_1}, response 2 {j.votes_2}, unparseable {j.unparseable})")
         return 0
