@@ -191,7 +191,7 @@ def is_checkpoint(path: Path) -> bool:
     return (path / PARAMS_ITEM).is_dir() and (path / CONFIG_ITEM / _CONFIG_FILE).is_file()
 
 
-def _latest_step(root: Path) -> Path | None:
+def latest_step(root: Path) -> Path | None:
     """Latest finalized step of a CheckpointManager folder (Orbax renames a step to its bare number
     only once it is complete)."""
     steps = [p for p in root.iterdir() if re.fullmatch(r"\d+", p.name) and is_checkpoint(p)] if root.is_dir() else []
@@ -207,7 +207,7 @@ def resolve_checkpoint(path: Path | str) -> Path:
     if is_checkpoint(path):
         return path
     for root in (path, path / "checkpoints"):
-        step = _latest_step(root)
+        step = latest_step(root)
         if step is not None:
             return step
     raise UserError(f"{path} is neither a Hugging Face folder (config.json + safetensors) nor an rrm-jax "

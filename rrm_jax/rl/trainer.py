@@ -61,7 +61,7 @@ from rrm_jax.model import convert
 from rrm_jax.model.config import PRESETS, Qwen2Config
 from rrm_jax.model.qwen2 import Qwen2
 from rrm_jax.rl import grpo, guard, policy, step
-from rrm_jax.rl.config import JUDGE_REWARD, TrainConfig, load_config
+from rrm_jax.rl.config import JUDGE_REWARD, RESUME_MAY_CHANGE, TrainConfig, load_config, resume_conflicts
 from rrm_jax.rl.judge_task import JudgeTask
 from rrm_jax.rl.tokenizer import TOY_TOKENIZER, load_train_tokenizer, token_ids_of  # noqa: F401 (part of this module's API)
 
@@ -310,18 +310,42 @@ def _on_mesh(tree, mesh):
     return jax.tree.map(place, tree)
 
 
+def _continues_a_run(output_dir: Path, resume: bool) -> bool:
+    """--resume of a run that has a checkpoint to continue from (without one, --resume starts over)."""
+    return resume and checkpoint.latest_step(output_dir / CHECKPOINTS) is not None
+
+
+def check_resume(output_dir: Path, c: TrainConfig, resume: bool) -> None:
+    """Refuse a --resume whose config changes what the saved run is (the keys outside RESUME_MAY_CHANGE),
+    naming each changed key with its saved and given values."""
+    saved_path = output_dir / RUN_CONFIG
+    if not _continues_a_run(output_dir, resume) or not saved_path.exists():
+        return
+    conflicts = resume_conflicts(load_config(base=yaml.safe_load(saved_path.read_text())), c)
+    if not conflicts:
+        return
+    shown = 4
+    changes = "; ".join(f"{key}: {saved!r} saved, {given!r} given" for key, saved, given in conflicts[:shown])
+    if len(conflicts) > shown:
+        changes += f"; and {len(conflicts) - shown} more ({', '.join(key for key, _, _ in conflicts[shown:])})"
+    raise UserError(f"--resume of {output_dir} would change what the run is ({changes}); --resume may change only "
+                    f"{', '.join(RESUME_MAY_CHANGE)}; for another run choose another --output-dir")
+
+
 def _prepare_output(output_dir: Path, resume: bool, c: TrainConfig, task) -> None:
     """Check OUTPUT_DIR on every process, then let process 0 create it and write the run config and
-    the task's held-out items."""
+    the task's held-out items (kept as they are when a resume continues the run: its evaluations used them)."""
     previous = (output_dir / METRICS).exists() or (output_dir / CHECKPOINTS).exists()
     if previous and not resume:
         raise UserError(f"{output_dir} already holds a training run; pass --resume to continue it or choose "
                         f"another --output-dir")
+    keep_heldout = _continues_a_run(output_dir, resume) and (output_dir / HELDOUT).exists()
     distributed.barrier("output-dir-checked")  # before process 0 writes anything the others would see
     if distributed.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_CONFIG).write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
-        task.write_heldout(output_dir / HELDOUT)
+        if not keep_heldout:
+            task.write_heldout(output_dir / HELDOUT)
     distributed.barrier("output-dir-ready")
 
 
@@ -371,6 +395,7 @@ class State:
 
 def setup(c: TrainConfig, output_dir: Path, *, resume: bool, progress: bool) -> Run:
     """Mesh, tokenizer, data and model; every check that can fail runs before OUTPUT_DIR is touched."""
+    check_resume(output_dir, c, resume)  # first: a refused resume builds nothing
     mesh = make_mesh(c)
     tokenizer = load_train_tokenizer(c.tokenizer)
     model = build_model(c, tokenizer, mesh)
