@@ -190,6 +190,18 @@ def test_resume_may_change_the_cadence_and_keeps_the_heldout_set(finished_run, t
     assert (saved.checkpoint_every, saved.guard.on_collapse, saved.keep_checkpoints) == (7, "rollback", 2)
 
 
+def test_relative_output_and_export_folders(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--output-dir", "runs/rel", "--export-hf", "export/rel", "--no-progress", *TINY,
+            "max_steps=0", "warmup.steps=0", "eval_every=0"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    model, config = checkpoint.load_model("runs/rel")
+    exported, exported_config = checkpoint.load_model("export/rel")
+    assert exported_config.hidden_size == config.hidden_size == 32
+    for x, y in zip(jax.tree.leaves(model.params()), jax.tree.leaves(exported.params())):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def _sharded_step(mesh, config, params, batch, optimizer, loss):
     if mesh is not None:
         model = Qwen2(config, rngs=nnx.Rngs(0))

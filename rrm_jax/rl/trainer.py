@@ -175,7 +175,7 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
                                                cleanup_tmp_directories=True)
         self.root = output_dir / CHECKPOINTS
-        self.manager = ocp.CheckpointManager(self.root.absolute(), options=options)
+        self.manager = ocp.CheckpointManager(checkpoint.orbax_path(self.root), options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
