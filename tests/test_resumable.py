@@ -1,4 +1,4 @@
-"""Resumable outputs of `judge`, `eval` and `rank`: SIGTERM, kill -9, a cut-short partial file, a partial file
+"""Resumable outputs of `judge`, `eval`, `rank` and `generate`: SIGTERM, Ctrl-C, kill -9, a cut-short partial file, a partial file
 from other settings, and the mode of the files written. The model is the seeded stand-in of judge_utils, whose
 outputs change with the seed and the batch of every prompt, so a resumed run equals an uninterrupted one only
 if every batch is replayed exactly."""
@@ -65,21 +65,29 @@ def records(partial: Path) -> list[dict]:
     return [json.loads(line) for line in partial.read_text().splitlines()]
 
 
-def sigterm_on_call(n):
+def sigterm_on_call(n, signum=signal.SIGTERM):
     def on_call(call):
         if call == n:
-            os.kill(os.getpid(), signal.SIGTERM)  # a preemption arriving while batch n is being sampled
+            os.kill(os.getpid(), signum)  # a preemption (or Ctrl-C) arriving while batch n is being sampled
     return on_call
 
 
+# SIGTERM (a preemption) exits 0; Ctrl-C exits 130, as the shell reports a command it interrupted
+STOPS = [pytest.param(signal.SIGTERM, 0, id="SIGTERM"), pytest.param(signal.SIGINT, 130, id="SIGINT")]
+
+
+@pytest.mark.parametrize("signum, exit_code", STOPS)
 @pytest.mark.parametrize("command", ["judge", "eval", "rank"])
-def test_sigterm_stops_after_the_batch_in_flight_and_resume_completes(run, files, tmp_path, command):
+def test_a_stop_signal_ends_after_the_batch_in_flight_and_resume_completes(run, files, tmp_path, command, signum,
+                                                                           exit_code):
     reference, out = tmp_path / "reference", tmp_path / "out"
     code, _, uninterrupted = run(argv(command, files, reference))
     assert code == 0
 
-    code, err, first = run(argv(command, files, out), on_call=sigterm_on_call(2))
-    assert code == 0 and "SIGTERM: stopped" in err and "--resume" in err
+    code, err, first = run(argv(command, files, out), on_call=sigterm_on_call(2, signum))
+    last = err.splitlines()[-1]  # after the progress bar
+    assert code == exit_code and last.startswith(f"{signal.Signals(signum).name}: stopped with 4 ")
+    assert "--resume" in last and "Traceback" not in err
     assert not out.exists() and len(first.calls) == 2  # the batch in flight was finished, no later one started
     header, *done = records(Path(f"{out}.partial"))
     assert header["command"] == command and header["settings"]["votes"] == 2

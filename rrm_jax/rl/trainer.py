@@ -39,7 +39,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -54,7 +53,7 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rrm_jax import checkpoint, distributed, generate, parallel, plan
+from rrm_jax import checkpoint, distributed, generate, parallel, plan, resumable
 from rrm_jax.data.char_tokenizer import BOXED_OPEN, verdict_token_ids
 from rrm_jax.errors import UserError
 from rrm_jax.model import convert
@@ -274,20 +273,6 @@ def plot_curve(rows: list[dict], path: Path, task) -> None:
 # The run
 
 
-class _Preemption:
-    """SIGTERM (a TPU preemption) sets a flag; the loop saves the current step and exits 0."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self.previous)
-
-
 def _device_batch(arrays, mesh):
     """Batch-shard each array over (data, fsdp) on its leading axis."""
     if mesh is None:
@@ -484,14 +469,15 @@ def _restore(run: Run, ckpts: Checkpoints, step_number: int, state: State) -> di
     return saved
 
 
-def _initial_state(run: Run, ckpts: Checkpoints, start: int | None, preemption: _Preemption) -> tuple[State | None, float]:
+def _initial_state(run: Run, ckpts: Checkpoints, start: int | None,
+                   stop: resumable.StopSignals) -> tuple[State | None, float]:
     """(state, elapsed before this process started): the warm-up's result for a new run, the latest
-    checkpoint for a resumed one; None when SIGTERM arrived during the warm-up."""
+    checkpoint for a resumed one; None when a stop signal arrived during the warm-up."""
     c = run.c
     params = run.model.params()
     if start is None:
-        params = _warmup(c, run.mcfg, params, run.task, run.tokenizer, run.progress, preemption)
-        if preemption.requested:  # already agreed by every process in _warmup
+        params = _warmup(c, run.mcfg, params, run.task, run.tokenizer, run.progress, stop)
+        if params is None:  # every process agreed to stop
             return None, 0.0
         nnx.update(run.model, params)
         params = run.model.params()
@@ -512,19 +498,20 @@ def _new_rollout_seed(seed: int, rollbacks: int) -> int:
 
 def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: str | None = None,
           progress: bool = True) -> int:
-    """The whole run; returns the exit code (0, or EXIT_COLLAPSE when the guard stopped it)."""
+    """The whole run; returns the exit code (0; EXIT_COLLAPSE when the guard stopped it; after SIGTERM or
+    Ctrl-C, which save the step in flight, 0 or EXIT_CTRL_C: resumable.StopSignals)."""
     t_start = time.perf_counter()
     run = setup(c, output_dir, resume=resume, progress=progress)
     ckpts = Checkpoints(output_dir, c.keep_checkpoints)
     start = ckpts.latest_step() if resume else None
-    preemption = _Preemption()
-    state, elapsed_before = _initial_state(run, ckpts, start, preemption)
+    stop = resumable.StopSignals()  # SIGTERM (a preemption) and Ctrl-C: save the step in flight, then exit
+    state, elapsed_before = _initial_state(run, ckpts, start, stop)
     if state is None:
-        preemption.restore()
+        stop.restore()
         ckpts.close()
         if run.main:
-            print("SIGTERM during the format warm-up: nothing to save yet; --resume starts over", file=sys.stderr)
-        return 0
+            print(f"\n{stop.name} during the format warm-up: nothing to save yet; --resume starts over", file=sys.stderr)
+        return stop.exit_code
     if start is not None and start >= c.max_steps and run.main:
         print(f"{output_dir} is already trained to step {start} (max_steps={c.max_steps}); its summary follows. "
               f"For a new run: rm -rf {output_dir}, or --output-dir elsewhere; for more steps: --resume max_steps=N",
@@ -564,11 +551,11 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
             warning = truncation.observe(state.step, row["truncated_fraction"])
             if warning and run.main:
                 bar.write(warning, file=sys.stderr)
-            if distributed.any_process(preemption.requested):  # every process stops at the same step
+            if distributed.any_process(stop.requested()):  # every process stops at the same step
                 step_dir = save()
                 if run.main:
-                    print(f"\nSIGTERM: saved step {state.step} to {step_dir}; resume with --resume", file=sys.stderr)
-                return 0
+                    print(f"\n{stop.name}: saved step {state.step} to {step_dir}; resume with --resume", file=sys.stderr)
+                return stop.exit_code
             if collapse is not None:
                 if c.guard.on_collapse == "rollback" and state.rollbacks < c.guard.max_rollbacks and ckpts.latest_step() is not None:
                     _roll_back(run, ckpts, state, collapse, metrics, bar)
@@ -589,7 +576,7 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
                 save()
     finally:
         bar.close()
-        preemption.restore()
+        stop.restore()
         rows = metrics.rows()
         metrics.close()
         ckpts.close()
@@ -652,9 +639,9 @@ def _step_seed(seed: int, step_number: int) -> int:
     return int(np.random.SeedSequence([seed, step_number]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, task, tokenizer, progress: bool, preemption: _Preemption):
+def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, task, tokenizer, progress: bool, stop: resumable.StopSignals):
     """Phase A: supervised format warm-up on the task's transcripts (judge: random verdicts; policy:
-    letter strings, 3 in 4 of them carrying the banned letter)."""
+    letter strings, 3 in 4 of them carrying the banned letter). None when a stop signal ended it."""
     w = c.warmup
     if not w.steps:
         return params
@@ -664,9 +651,9 @@ def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, task, tokenizer, progress
     params = jax.tree.map(jnp.copy, params)  # the step donates its inputs; keep the model's arrays intact
     bar = _progress_bar(1, w.steps, progress, desc="format warm-up")
     for _ in range(w.steps):
-        if distributed.any_process(preemption.requested):
-            preemption.requested = True
-            break
+        if distributed.any_process(stop.requested()):
+            bar.close()
+            return None
         batch = task.warmup_batch(w.batch_size, rng)
         attention = (batch["tokens"] != tokenizer.pad_token_id).astype(np.int32)
         params, opt_state, loss_value = supervised_step(mcfg, optimizer, params, opt_state, batch["tokens"], attention,
