@@ -113,7 +113,7 @@ tokenizer = AutoTokenizer.from_pretrained({tokenizer!r})
 
 def kill(call):
     if call == {kill_at}:
-        os.kill(os.getpid(), signal.SIGKILL)  # no chance to clean up: exactly like kill -9
+        os.kill(os.getpid(), {signum})  # SIGKILL: no chance to clean up, exactly like kill -9
 
 generate = SeededGenerate(tokenizer, kill)
 judge.load_backend = lambda path, **options: (generate, tokenizer)
@@ -121,24 +121,32 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_kill_9_mid_judge_then_resume_equals_an_uninterrupted_run(run, files, tmp_path, tokenizer):
+# kill -9 loses the batch in flight; Ctrl-C lets it finish, exits 130 with one line and no traceback
+@pytest.mark.parametrize("signum, returncode, finished_batches", [
+    pytest.param(signal.SIGKILL, -signal.SIGKILL, 1, id="SIGKILL"), pytest.param(signal.SIGINT, 130, 2, id="SIGINT")])
+def test_a_judge_process_killed_or_interrupted_then_resumed_equals_an_uninterrupted_run(run, files, tmp_path, tokenizer,
+                                                                                       signum, returncode,
+                                                                                       finished_batches):
     reference, out = tmp_path / "reference.jsonl", tmp_path / "out.jsonl"
     assert run(argv("judge", files, reference))[0] == 0
     tokenizer.save_pretrained(tmp_path / "tok")
     script = tmp_path / "kill.py"
-    script.write_text(KILL_AT_CALL.format(tests=str(TESTS), tokenizer=str(tmp_path / "tok"), kill_at=2))
+    script.write_text(KILL_AT_CALL.format(tests=str(TESTS), tokenizer=str(tmp_path / "tok"), kill_at=2,
+                                          signum=int(signum)))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, str(script), *argv("judge", files, out)], env=env, capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert done.returncode == returncode, done.stderr
+    if signum == signal.SIGINT:
+        assert done.stderr.splitlines()[-1].startswith("SIGINT: stopped with 4 pairs") and "Traceback" not in done.stderr
     assert not out.exists()
     header, *finished = records(Path(f"{out}.partial"))
-    assert len(finished) == 2  # batch 0 was written; batch 1 died in flight
+    assert len(finished) == 2 * finished_batches  # SIGKILL: batch 0 was written, batch 1 died in flight
 
     code, err, resumed = run(argv("judge", files, out, "--resume"))
     assert code == 0 and out.read_bytes() == reference.read_bytes()
-    # the 4 comparisons not finished were sampled (2 prompts per batch), the 2 finished ones were not
-    assert len(resumed.prompts_sampled) == 4
+    # the comparisons not finished were sampled (2 prompts per batch), the finished ones were not
+    assert len(resumed.prompts_sampled) == 6 - len(finished)
     done_queries = {PAIRS[r["index"]]["query"] for r in finished}
     sampled = [tokenizer.decode(p) for p in resumed.prompts_sampled]
     assert not any(q in text for q in done_queries for text in sampled)

@@ -63,9 +63,11 @@ def test_grpo_steps_raise_reward_on_trivial_rule(tmp_path):
     assert last > first + 0.4, (first, last)
 
 
-def _train_subprocess(out: Path, *extra: str, crash_after: int | None = None) -> subprocess.CompletedProcess:
+def _train_subprocess(out: Path, *extra: str, crash_after: int | None = None,
+                      signum: int = signal.SIGKILL) -> subprocess.CompletedProcess:
     flags, overrides = split_flags(extra)
-    return train_subprocess(["train", "--output-dir", str(out), "--no-progress", *flags, *TINY, *overrides], crash_after)
+    return train_subprocess(["train", "--output-dir", str(out), "--no-progress", *flags, *TINY, *overrides], crash_after,
+                            signum)
 
 
 def test_resume_after_kill_is_exact(tmp_path):
@@ -109,6 +111,19 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path, monkeypatch):
     assert max(r["step"] for r in _rows(out)) == 2
     model, _ = checkpoint.load_model(out)  # the saved step is a loadable model checkpoint
     assert model.config.hidden_size == 32
+
+
+def test_ctrl_c_saves_the_step_in_flight_exits_130_and_resume_continues(tmp_path, capsys):
+    out = tmp_path / "run"
+    short = ["max_steps=4", "checkpoint_every=0", "eval_every=0", "warmup.steps=0", "guard.truncation_warning=0"]
+    stopped = _train_subprocess(out, *short, crash_after=2, signum=signal.SIGINT)
+    assert stopped.returncode == 130, stopped.stderr
+    assert stopped.stderr.strip() == f"SIGINT: saved step 2 to {out / trainer.CHECKPOINTS / '2'}; resume with --resume"
+    assert max(r["step"] for r in _rows(out)) == 2
+    argv = ["train", "--output-dir", str(out), "--resume", "--no-progress", *TINY, *short]
+    assert cli.main(argv) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
 
 
 def _cli_error(capsys, argv) -> str:
