@@ -9,7 +9,8 @@ warm-up data, summary):
 
 One run, in OUTPUT_DIR:
 
-    config.yaml        the resolved config (the base of `--resume`)
+    config.yaml        the resolved config (the base of `--resume`, which may change only the keys of
+                       rrm_jax.rl.config.RESUME_MAY_CHANGE)
     heldout.jsonl      the held-out items: pairs `{prompt, chosen, rejected}` (`rrm-jax eval --format
                        pairs`), or a policy's held-out prompts `{prompt, reference?}`
     checkpoints/<step>/  Orbax CheckpointManager steps: params + model_config (an rrm-jax checkpoint, so
