@@ -101,6 +101,22 @@ def test_a_stop_signal_ends_after_the_batch_in_flight_and_resume_completes(run, 
     assert not any(p in finished for p in resumed.prompts_sampled)  # nothing finished was sampled again
 
 
+def test_a_second_ctrl_c_quits_at_once_in_one_line(run, files, tmp_path):
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert run(argv("judge", files, reference))[0] == 0
+
+    def ctrl_c_twice(call):
+        if call == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # an impatient user: no waiting for the batch in flight
+
+    code, err, _ = run(argv("judge", files, out), on_call=ctrl_c_twice)
+    assert code == 130 and err.splitlines()[-1] == "rrm-jax: interrupted (Ctrl-C)" and "Traceback" not in err
+    header, *done = records(Path(f"{out}.partial"))
+    assert len(done) == 2  # batch 0; the batch in flight was lost
+    assert run(argv("judge", files, out, "--resume"))[0] == 0 and out.read_bytes() == reference.read_bytes()
+
+
 KILL_AT_CALL = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
