@@ -94,11 +94,16 @@ def check_output_free(out: Path | str) -> None:
         raise UserError(f"output {out} already exists; choose a new path or remove it")
 
 
+def orbax_path(path: Path | str) -> epath.Path:
+    """`path` as Orbax takes it: absolute (it refuses relative paths)."""
+    return epath.Path(Path(path).absolute())
+
+
 @contextlib.contextmanager
 def staged_output_dir(out: Path | str) -> Iterator[Path]:
     """Yields a not-yet-existing path in a temp folder beside `out`; on success it is renamed to `out`,
     on any error (or Ctrl-C) the temp folder is removed, so no half-written output is ever left."""
-    out = Path(out)
+    out = Path(out).absolute()  # the stage inside is handed to Orbax, which refuses relative paths
     check_output_free(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -153,7 +158,7 @@ def _save(path: Path, params: dict, config: Qwen2Config, *, streamed: bool) -> N
             (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)), (StreamedArray, _StreamedArrayHandler()))
         registry.add(PARAMS_ITEM, ocp.args.PyTreeSave, ocp.PyTreeCheckpointHandler(type_handler_registry=types))
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry)) as ckpt:
-        ckpt.save(epath.Path(path), ocp.args.Composite(**model_items_for(params, config)))
+        ckpt.save(orbax_path(path), ocp.args.Composite(**model_items_for(params, config)))
 
 
 def model_items_for(params: dict, config: Qwen2Config) -> dict[str, ocp.args.CheckpointArgs]:
@@ -191,7 +196,7 @@ def is_checkpoint(path: Path) -> bool:
     return (path / PARAMS_ITEM).is_dir() and (path / CONFIG_ITEM / _CONFIG_FILE).is_file()
 
 
-def _latest_step(root: Path) -> Path | None:
+def latest_step(root: Path) -> Path | None:
     """Latest finalized step of a CheckpointManager folder (Orbax renames a step to its bare number
     only once it is complete)."""
     steps = [p for p in root.iterdir() if re.fullmatch(r"\d+", p.name) and is_checkpoint(p)] if root.is_dir() else []
@@ -207,7 +212,7 @@ def resolve_checkpoint(path: Path | str) -> Path:
     if is_checkpoint(path):
         return path
     for root in (path, path / "checkpoints"):
-        step = _latest_step(root)
+        step = latest_step(root)
         if step is not None:
             return step
     raise UserError(f"{path} is neither a Hugging Face folder (config.json + safetensors) nor an rrm-jax "
@@ -222,7 +227,7 @@ def _check_params_metadata(ckpt: Path, config: Qwen2Config) -> dict[str, Any]:
     """The stored parameters' Orbax metadata by state path, checked against the config."""
     params_dir = ckpt / PARAMS_ITEM
     try:
-        metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(params_dir))
+        metadata = ocp.PyTreeCheckpointHandler().metadata(orbax_path(params_dir))
     except (FileNotFoundError, ValueError, OSError) as e:
         raise UserError(f"cannot read the Orbax parameters in {params_dir}: {e}") from None
     stored = flatten(dict(metadata.tree))
@@ -239,7 +244,7 @@ def _check_params_metadata(ckpt: Path, config: Qwen2Config) -> dict[str, Any]:
 def open_param_arrays(ckpt: Path, config: Qwen2Config) -> dict[str, ts.TensorStore]:
     """TensorStore handles on every stored parameter, for reading back region by region."""
     stored = _check_params_metadata(ckpt, config)
-    params_dir = epath.Path(ckpt / PARAMS_ITEM)
+    params_dir = orbax_path(ckpt / PARAMS_ITEM)
     use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(params_dir)
     use_zarr3 = ocp.PyTreeCheckpointHandler().metadata(params_dir).use_zarr3
     context = ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt)
@@ -316,7 +321,7 @@ def _load_checkpoint(ckpt: Path, dtype: str | None, mesh) -> tuple[Qwen2, Qwen2C
         restore_args[path] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=shape, dtype=config.param_dtype)
     args = ocp.args.PyTreeRestore(item=nest(target), restore_args=nest(restore_args))
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        params = checkpointer.restore(epath.Path(ckpt / PARAMS_ITEM), args=args)
+        params = checkpointer.restore(orbax_path(ckpt / PARAMS_ITEM), args=args)
     return model_from_params(config, params), config
 
 

@@ -13,7 +13,7 @@ import importlib
 import re
 import sys
 
-from rrm_jax.errors import UserError
+from rrm_jax.errors import EXIT_CTRL_C, Stopped, UserError
 
 # command name -> (module, one-line help)
 COMMANDS = {
@@ -96,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"rrm-jax: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # stopped on a signal, its finished work saved and reported
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the command could stop cleanly (while starting, or a second one)
+        print("\nrrm-jax: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_CTRL_C
     finally:
         if device:
             compile_cache.print_report()

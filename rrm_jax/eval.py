@@ -211,11 +211,9 @@ def run_eval(args: argparse.Namespace) -> int:
     _check_format(args.format)
     rows = rows_from_args(args, _COLUMNS[args.format], _FIELDS[args.format])
     items = items_from_rows(rows, args.format)  # bad input fails before the model loads
-    done = run_journaled(args, "eval", judge_settings(args, rows, format=args.format), "items",
-                         lambda judge: {"model": args.model, "input": args.input, **evaluate(judge, items, args.format)})
-    if done is None:
-        return 0
-    journal, _, results = done
+    journal, _, results = run_journaled(args, "eval", judge_settings(args, rows, format=args.format), "items",
+                                        lambda judge: {"model": args.model, "input": args.input,
+                                                       **evaluate(judge, items, args.format)})
     journal.partial.finish(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     if distributed.is_main_process():
         print(format_table(results))

@@ -96,19 +96,19 @@ def run(args) -> int:
     rows = read_prompt_rows(args.input, dataset_config=args.dataset_config, dataset_split=args.dataset_split)
     tokenizer = load_tokenizer(args.model)
     prompts = encode_rows(rows, tokenizer, args.input)
-    with resumable.sigterm_requests() as stop_requested:
+    with resumable.StopSignals() as stop:
         partial = resumable.PartialFile(args.output, "generate", generate_settings(args, rows), resume=args.resume)
         generated = {r["index"]: r["samples"] for r in partial.records}
         try:
             model, config = load_model(args.model, mesh=options.local_mesh(args.mesh))
             limits = max_new_tokens(args.max_new_tokens, prompts, config.max_position_embeddings)
             check_prompts(config, prompts, limits)
-            _generate_all(args, model, tokenizer, prompts, limits, generated, partial, stop_requested)
+            _generate_all(args, model, tokenizer, prompts, limits, generated, partial, stop.requested)
         except resumable.Interrupted:
             if distributed.is_main_process():
-                print(f"SIGTERM: stopped with {len(generated)} prompts finished in {partial.path}; run the same "
+                print(f"{stop.name}: stopped with {len(generated)} prompts finished in {partial.path}; run the same "
                       f"command with --resume to continue", file=sys.stderr)
-            return 0
+            return stop.exit_code
         finally:
             partial.close()
     lines = _output_lines(rows, generated, args.num_samples)

@@ -1,4 +1,4 @@
-"""Resumable outputs: a partial file beside the output, the final file by rename, stopping on SIGTERM.
+"""Resumable outputs: a partial file beside the output, the final file by rename, stopping on SIGTERM / Ctrl-C.
 
 `rrm-jax judge / eval / rank / generate --output OUT` write every finished item into OUT.partial as it
 finishes, and OUT itself only when the whole job is done (written beside it and renamed, in input
@@ -18,32 +18,57 @@ same disk) and hands what it read to the others (`distributed.broadcast_object`)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-from typing import Callable, Iterator
 
 from rrm_jax import distributed
-from rrm_jax.errors import UserError
+from rrm_jax.errors import EXIT_CTRL_C, UserError
 
 PARTIAL_SUFFIX = ".partial"
 FORMAT_VERSION = 1
 
 
 class Interrupted(Exception):
-    """Every process agreed to stop (SIGTERM on at least one): finished items are in the partial file."""
+    """Every process agreed to stop (a signal on at least one): finished items are in the partial file."""
 
 
-@contextlib.contextmanager
-def sigterm_requests() -> Iterator[Callable[[], bool]]:
-    """Within the block SIGTERM only raises a flag; yields `requested()`, polled between batches."""
-    raised = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: raised.append(signum))
-    try:
-        yield lambda: bool(raised)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+class StopSignals:
+    """While installed (from construction, or as a `with` block, until `restore()`), SIGTERM (a
+    preemption) and SIGINT (Ctrl-C) only raise a flag: the work polls `requested()` between steps or
+    batches, saves what it finished and exits with `exit_code` (0 after SIGTERM, so a preempted job
+    counts as done; 130 after Ctrl-C). A second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def requested(self) -> bool:
+        return self.received is not None
+
+    @property
+    def name(self) -> str:
+        """The signal this process received; SIGTERM when another process was the one preempted."""
+        return signal.Signals(self.received or signal.SIGTERM).name
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CTRL_C if self.received == signal.SIGINT else 0
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def __enter__(self) -> "StopSignals":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
 
 def check_output_folder(path: str) -> None:

@@ -340,3 +340,24 @@ def test_cli_converts_both_ways(tmp_path, capsys, good_hf):
     original, exported = read_hf_tensors(good_hf), read_hf_tensors(tmp_path / "out")
     for name, value in original.items():  # float32 -> bfloat16 rounds like torch does
         assert torch.equal(exported[name], value.to(torch.bfloat16)), name
+
+
+def test_relative_paths_everywhere(tmp_path, capsys, monkeypatch, good_hf):
+    """Orbax refuses relative paths: every command and function that writes or reads a folder takes them."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(good_hf, "hf")
+    rc, err = run_cli(capsys, "convert", "hf-to-orbax", "--hf", "hf", "--out", "ckpt/toy")
+    assert rc == 0, err
+    rc, err = run_cli(capsys, "convert", "orbax-to-hf", "--ckpt", "ckpt/toy", "--out", "export/toy")
+    assert rc == 0, err
+    assert_same_tensors(good_hf, tmp_path / "export/toy")
+
+    model, config = checkpoint.load_model("ckpt/toy")
+    assert checkpoint.save_checkpoint(model, config, "ckpt/rel") == Path("ckpt/rel")
+    again, again_config = checkpoint.load_model("ckpt/rel")
+    assert again_config == config and all(np.array_equal(a, b) for a, b in zip(params_of(model).values(),
+                                                                                params_of(again).values()))
+    assert checkpoint.read_checkpoint_config(Path("ckpt/rel")) == config
+    checkpoint.save_hf(again, config, "export/rel")
+    assert_same_tensors(good_hf, tmp_path / "export/rel")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["rel", "toy"]  # no staging folder left

@@ -1,6 +1,8 @@
 """The sampler against transformers `generate` and against exact distributions."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ from flax import nnx
 from scipy import stats
 
 from model_utils import make_hf_model
-from rrm_jax import generate, load_model, parallel
+from rrm_jax import cli, generate, load_model, parallel
 from rrm_jax.errors import UserError
 from rrm_jax.model import qwen2
 from rrm_jax.model.config import preset
@@ -290,3 +292,30 @@ def test_generate_cli_bad_input(hf_pair, tmp_path, content, message):
 def test_generate_cli_unknown_flag(tmp_path):
     proc = run_cli("generate", "--model", "x", "--input", "y", "--output", "z", "--beam-size", "4")
     assert proc.returncode == 2 and "--beam-size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("signum, exit_code", [pytest.param(signal.SIGTERM, 0, id="SIGTERM"),
+                                               pytest.param(signal.SIGINT, 130, id="SIGINT")])
+def test_generate_cli_stops_on_a_signal_and_resumes(hf_pair, tmp_path, monkeypatch, capsys, signum, exit_code):
+    folder, _, _ = hf_pair
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS))
+    common = ["generate", "--model", str(folder), "--input", str(src), "--max-new-tokens", "4", "--prompts-per-call", "2"]
+    reference, out = tmp_path / "reference.jsonl", tmp_path / "out.jsonl"
+    assert cli.main([*common, "--output", str(reference)]) == 0
+    capsys.readouterr()
+
+    sample = generate.sample
+
+    def sample_then_signal(*args, **kwargs):  # the signal arrives while the first batch is being sampled
+        os.kill(os.getpid(), signum)
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "sample", sample_then_signal)
+    assert cli.main([*common, "--output", str(out)]) == exit_code
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"{signal.Signals(signum).name}: stopped with 2 prompts finished in {out}.partial")
+    assert not out.exists()
+    monkeypatch.setattr(generate, "sample", sample)
+    assert cli.main([*common, "--output", str(out), "--resume"]) == 0
+    assert out.read_text() == reference.read_text()

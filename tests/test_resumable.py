@@ -1,4 +1,4 @@
-"""Resumable outputs of `judge`, `eval` and `rank`: SIGTERM, kill -9, a cut-short partial file, a partial file
+"""Resumable outputs of `judge`, `eval`, `rank` and `generate`: SIGTERM, Ctrl-C, kill -9, a cut-short partial file, a partial file
 from other settings, and the mode of the files written. The model is the seeded stand-in of judge_utils, whose
 outputs change with the seed and the batch of every prompt, so a resumed run equals an uninterrupted one only
 if every batch is replayed exactly."""
@@ -65,21 +65,29 @@ def records(partial: Path) -> list[dict]:
     return [json.loads(line) for line in partial.read_text().splitlines()]
 
 
-def sigterm_on_call(n):
+def sigterm_on_call(n, signum=signal.SIGTERM):
     def on_call(call):
         if call == n:
-            os.kill(os.getpid(), signal.SIGTERM)  # a preemption arriving while batch n is being sampled
+            os.kill(os.getpid(), signum)  # a preemption (or Ctrl-C) arriving while batch n is being sampled
     return on_call
 
 
+# SIGTERM (a preemption) exits 0; Ctrl-C exits 130, as the shell reports a command it interrupted
+STOPS = [pytest.param(signal.SIGTERM, 0, id="SIGTERM"), pytest.param(signal.SIGINT, 130, id="SIGINT")]
+
+
+@pytest.mark.parametrize("signum, exit_code", STOPS)
 @pytest.mark.parametrize("command", ["judge", "eval", "rank"])
-def test_sigterm_stops_after_the_batch_in_flight_and_resume_completes(run, files, tmp_path, command):
+def test_a_stop_signal_ends_after_the_batch_in_flight_and_resume_completes(run, files, tmp_path, command, signum,
+                                                                           exit_code):
     reference, out = tmp_path / "reference", tmp_path / "out"
     code, _, uninterrupted = run(argv(command, files, reference))
     assert code == 0
 
-    code, err, first = run(argv(command, files, out), on_call=sigterm_on_call(2))
-    assert code == 0 and "SIGTERM: stopped" in err and "--resume" in err
+    code, err, first = run(argv(command, files, out), on_call=sigterm_on_call(2, signum))
+    last = err.splitlines()[-1]  # after the progress bar
+    assert code == exit_code and last.startswith(f"{signal.Signals(signum).name}: stopped with 4 ")
+    assert "--resume" in last and "Traceback" not in err
     assert not out.exists() and len(first.calls) == 2  # the batch in flight was finished, no later one started
     header, *done = records(Path(f"{out}.partial"))
     assert header["command"] == command and header["settings"]["votes"] == 2
@@ -91,6 +99,22 @@ def test_sigterm_stops_after_the_batch_in_flight_and_resume_completes(run, files
     finished = [p for call in first.calls for p in call["prompt_ids"]]
     assert len(resumed.prompts_sampled) == len(uninterrupted.prompts_sampled) - len(finished)
     assert not any(p in finished for p in resumed.prompts_sampled)  # nothing finished was sampled again
+
+
+def test_a_second_ctrl_c_quits_at_once_in_one_line(run, files, tmp_path):
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert run(argv("judge", files, reference))[0] == 0
+
+    def ctrl_c_twice(call):
+        if call == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # an impatient user: no waiting for the batch in flight
+
+    code, err, _ = run(argv("judge", files, out), on_call=ctrl_c_twice)
+    assert code == 130 and err.splitlines()[-1] == "rrm-jax: interrupted (Ctrl-C)" and "Traceback" not in err
+    header, *done = records(Path(f"{out}.partial"))
+    assert len(done) == 2  # batch 0; the batch in flight was lost
+    assert run(argv("judge", files, out, "--resume"))[0] == 0 and out.read_bytes() == reference.read_bytes()
 
 
 KILL_AT_CALL = """
@@ -105,7 +129,7 @@ tokenizer = AutoTokenizer.from_pretrained({tokenizer!r})
 
 def kill(call):
     if call == {kill_at}:
-        os.kill(os.getpid(), signal.SIGKILL)  # no chance to clean up: exactly like kill -9
+        os.kill(os.getpid(), {signum})  # SIGKILL: no chance to clean up, exactly like kill -9
 
 generate = SeededGenerate(tokenizer, kill)
 judge.load_backend = lambda path, **options: (generate, tokenizer)
@@ -113,24 +137,32 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_kill_9_mid_judge_then_resume_equals_an_uninterrupted_run(run, files, tmp_path, tokenizer):
+# kill -9 loses the batch in flight; Ctrl-C lets it finish, exits 130 with one line and no traceback
+@pytest.mark.parametrize("signum, returncode, finished_batches", [
+    pytest.param(signal.SIGKILL, -signal.SIGKILL, 1, id="SIGKILL"), pytest.param(signal.SIGINT, 130, 2, id="SIGINT")])
+def test_a_judge_process_killed_or_interrupted_then_resumed_equals_an_uninterrupted_run(run, files, tmp_path, tokenizer,
+                                                                                       signum, returncode,
+                                                                                       finished_batches):
     reference, out = tmp_path / "reference.jsonl", tmp_path / "out.jsonl"
     assert run(argv("judge", files, reference))[0] == 0
     tokenizer.save_pretrained(tmp_path / "tok")
     script = tmp_path / "kill.py"
-    script.write_text(KILL_AT_CALL.format(tests=str(TESTS), tokenizer=str(tmp_path / "tok"), kill_at=2))
+    script.write_text(KILL_AT_CALL.format(tests=str(TESTS), tokenizer=str(tmp_path / "tok"), kill_at=2,
+                                          signum=int(signum)))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, str(script), *argv("judge", files, out)], env=env, capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert done.returncode == returncode, done.stderr
+    if signum == signal.SIGINT:
+        assert done.stderr.splitlines()[-1].startswith("SIGINT: stopped with 4 pairs") and "Traceback" not in done.stderr
     assert not out.exists()
     header, *finished = records(Path(f"{out}.partial"))
-    assert len(finished) == 2  # batch 0 was written; batch 1 died in flight
+    assert len(finished) == 2 * finished_batches  # SIGKILL: batch 0 was written, batch 1 died in flight
 
     code, err, resumed = run(argv("judge", files, out, "--resume"))
     assert code == 0 and out.read_bytes() == reference.read_bytes()
-    # the 4 comparisons not finished were sampled (2 prompts per batch), the 2 finished ones were not
-    assert len(resumed.prompts_sampled) == 4
+    # the comparisons not finished were sampled (2 prompts per batch), the finished ones were not
+    assert len(resumed.prompts_sampled) == 6 - len(finished)
     done_queries = {PAIRS[r["index"]]["query"] for r in finished}
     sampled = [tokenizer.decode(p) for p in resumed.prompts_sampled]
     assert not any(q in text for q in done_queries for text in sampled)

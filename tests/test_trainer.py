@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import yaml
 from flax import nnx
 
 from rrm_jax import checkpoint, cli, parallel
@@ -62,9 +64,11 @@ def test_grpo_steps_raise_reward_on_trivial_rule(tmp_path):
     assert last > first + 0.4, (first, last)
 
 
-def _train_subprocess(out: Path, *extra: str, crash_after: int | None = None) -> subprocess.CompletedProcess:
+def _train_subprocess(out: Path, *extra: str, crash_after: int | None = None,
+                      signum: int = signal.SIGKILL) -> subprocess.CompletedProcess:
     flags, overrides = split_flags(extra)
-    return train_subprocess(["train", "--output-dir", str(out), "--no-progress", *flags, *TINY, *overrides], crash_after)
+    return train_subprocess(["train", "--output-dir", str(out), "--no-progress", *flags, *TINY, *overrides], crash_after,
+                            signum)
 
 
 def test_resume_after_kill_is_exact(tmp_path):
@@ -72,7 +76,7 @@ def test_resume_after_kill_is_exact(tmp_path):
     assert straight.returncode == 0, straight.stderr
     crashed = _train_subprocess(tmp_path / "resumed", "max_steps=6", "warmup.steps=5", crash_after=4)
     assert crashed.returncode == -signal.SIGKILL
-    assert checkpoint._latest_step(tmp_path / "resumed" / trainer.CHECKPOINTS).name == "3"
+    assert checkpoint.latest_step(tmp_path / "resumed" / trainer.CHECKPOINTS).name == "3"
     resumed = _train_subprocess(tmp_path / "resumed", "max_steps=6", "warmup.steps=5", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
@@ -110,6 +114,19 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path, monkeypatch):
     assert model.config.hidden_size == 32
 
 
+def test_ctrl_c_saves_the_step_in_flight_exits_130_and_resume_continues(tmp_path, capsys):
+    out = tmp_path / "run"
+    short = ["max_steps=4", "checkpoint_every=0", "eval_every=0", "warmup.steps=0", "guard.truncation_warning=0"]
+    stopped = _train_subprocess(out, *short, crash_after=2, signum=signal.SIGINT)
+    assert stopped.returncode == 130, stopped.stderr
+    assert stopped.stderr.strip() == f"SIGINT: saved step 2 to {out / trainer.CHECKPOINTS / '2'}; resume with --resume"
+    assert max(r["step"] for r in _rows(out)) == 2
+    argv = ["train", "--output-dir", str(out), "--resume", "--no-progress", *TINY, *short]
+    assert cli.main(argv) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
+
+
 def _cli_error(capsys, argv) -> str:
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -142,6 +159,63 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     err = _cli_error(capsys, ["train", "--config", str(tmp_path / "missing.yaml"), "--output-dir", str(tmp_path / "e")])
     assert "missing.yaml" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished run with one checkpoint (max_steps=0: the initial model), built once; tests that may
+    write to it take a copy."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    config = load_config(None, TINY + ["max_steps=0", "warmup.steps=0", "eval_every=0"])
+    assert trainer.train(config, out, progress=False) == 0
+    return out
+
+
+def _run_files(out: Path) -> dict:
+    return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("extra, named", [
+    # the issue's cases: a policy config on a judge run, a model shape, a seed (which would redraw heldout.jsonl)
+    ([f"--config={REPO / 'rrm_jax/configs/toy_policy.yaml'}", "reward.judge={run}"],
+     "reward.type: 'rrm' saved, 'judge' given"),
+    (["model.hidden_size=64", "max_steps=410"], "model.hidden_size: 32 saved, 64 given"),
+    (["seed=5"], "seed: 0 saved, 5 given"),
+])
+def test_resume_that_changes_the_run_is_refused_and_writes_nothing(finished_run, capsys, extra, named):
+    before = _run_files(finished_run)
+    extra = [e.format(run=finished_run) for e in extra]
+    err = _cli_error(capsys, ["train", "--output-dir", str(finished_run), "--resume", "--no-progress", *extra])
+    assert named in err and "--resume may change only max_steps" in err
+    assert "max_steps:" not in err  # an allowed change is not reported
+    assert _run_files(finished_run) == before
+
+
+def test_resume_may_change_the_cadence_and_keeps_the_heldout_set(finished_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    kept = (out / trainer.HELDOUT).read_text().splitlines(keepends=True)[0]
+    (out / trainer.HELDOUT).write_text(kept)  # regenerating it would bring the other rows back
+    # the same config again, from a --config file plus overrides as `make demo-policy` passes it, with allowed changes
+    same = [f"--config={REPO / 'rrm_jax/configs/toy.yaml'}", *TINY, "max_steps=0", "warmup.steps=0", "eval_every=0"]
+    argv = ["train", "--output-dir", str(out), "--resume", "--no-progress", *same,
+            "checkpoint_every=7", "guard.on_collapse=rollback", "keep_checkpoints=2"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert (out / trainer.HELDOUT).read_text() == kept
+    saved = load_config(base=yaml.safe_load((out / trainer.RUN_CONFIG).read_text()))
+    assert (saved.checkpoint_every, saved.guard.on_collapse, saved.keep_checkpoints) == (7, "rollback", 2)
+
+
+def test_relative_output_and_export_folders(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--output-dir", "runs/rel", "--export-hf", "export/rel", "--no-progress", *TINY,
+            "max_steps=0", "warmup.steps=0", "eval_every=0"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    model, config = checkpoint.load_model("runs/rel")
+    exported, exported_config = checkpoint.load_model("export/rel")
+    assert exported_config.hidden_size == config.hidden_size == 32
+    for x, y in zip(jax.tree.leaves(model.params()), jax.tree.leaves(exported.params())):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _sharded_step(mesh, config, params, batch, optimizer, loss):

@@ -1,7 +1,8 @@
-"""`rrm-jax train` in a fresh process, optionally killed with SIGKILL after a step (the resume tests)."""
+"""`rrm-jax train` in a fresh process, optionally sent a signal after a step (the resume tests)."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -10,9 +11,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def train_subprocess(argv: list[str], crash_after: int | None = None) -> subprocess.CompletedProcess:
-    """`rrm-jax <argv>`; crash_after=N kills the process right after step N is logged: no chance to clean
-    up, exactly like kill -9."""
+def train_subprocess(argv: list[str], crash_after: int | None = None,
+                     signum: int = signal.SIGKILL) -> subprocess.CompletedProcess:
+    """`rrm-jax <argv>`; crash_after=N sends `signum` to the process right after step N is logged: by
+    default SIGKILL, no chance to clean up, exactly like kill -9."""
     hook = ""
     if crash_after is not None:
         hook = textwrap.dedent(f"""
@@ -22,7 +24,7 @@ def train_subprocess(argv: list[str], crash_after: int | None = None) -> subproc
             def log_then_crash(self, row):
                 log(self, row)
                 if row["step"] == {crash_after}:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    os.kill(os.getpid(), {int(signum)})
             trainer.MetricsLog.log = log_then_crash
         """)
     code = hook + "\nimport sys\nfrom rrm_jax.cli import main\nsys.exit(main(sys.argv[1:]))\n"

@@ -182,6 +182,33 @@ ALIASES = {
 }
 
 
+# What `--resume` may change: how long and how often, on which devices and in how much memory, and what
+# the guard does on a collapse. Every other key (model, seed, data, reward, task, tokenizer, optimizer,
+# loss, rollout) defines the run, so a resume that changes one is refused (`resume_conflicts`).
+RESUME_MAY_CHANGE = (
+    "max_steps", "eval_every", "checkpoint_every", "keep_checkpoints",
+    "mesh.data", "mesh.fsdp", "mesh.tp", "loss.micro_batches", "loss.remat", "reward.batch_size",
+    "guard.truncation_warning", "guard.collapse_steps", "guard.collapse_threshold", "guard.on_collapse",
+    "guard.max_rollbacks",
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def resume_conflicts(saved: TrainConfig, given: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, given value) for each key outside RESUME_MAY_CHANGE where `given` differs."""
+    old, new = _flat(saved.to_dict()), _flat(given.to_dict())
+    return [(key, old[key], new[key]) for key in valid_keys() if key not in RESUME_MAY_CHANGE and old[key] != new[key]]
+
+
 def default_config_text() -> str:
     return importlib.resources.files("rrm_jax.configs").joinpath("toy.yaml").read_text()
 

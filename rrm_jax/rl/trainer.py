@@ -9,7 +9,8 @@ warm-up data, summary):
 
 One run, in OUTPUT_DIR:
 
-    config.yaml        the resolved config (the base of `--resume`)
+    config.yaml        the resolved config (the base of `--resume`, which may change only the keys of
+                       rrm_jax.rl.config.RESUME_MAY_CHANGE)
     heldout.jsonl      the held-out items: pairs `{prompt, chosen, rejected}` (`rrm-jax eval --format
                        pairs`), or a policy's held-out prompts `{prompt, reference?}`
     checkpoints/<step>/  Orbax CheckpointManager steps: params + model_config (an rrm-jax checkpoint, so
@@ -39,7 +40,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -61,7 +61,7 @@ from rrm_jax.model import convert
 from rrm_jax.model.config import PRESETS, Qwen2Config
 from rrm_jax.model.qwen2 import Qwen2
 from rrm_jax.rl import grpo, guard, policy, step
-from rrm_jax.rl.config import JUDGE_REWARD, TrainConfig, load_config
+from rrm_jax.rl.config import JUDGE_REWARD, RESUME_MAY_CHANGE, TrainConfig, load_config, resume_conflicts
 from rrm_jax.rl.judge_task import JudgeTask
 from rrm_jax.rl.tokenizer import TOY_TOKENIZER, load_train_tokenizer, token_ids_of  # noqa: F401 (part of this module's API)
 
@@ -175,7 +175,7 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
                                                cleanup_tmp_directories=True)
         self.root = output_dir / CHECKPOINTS
-        self.manager = ocp.CheckpointManager(self.root.absolute(), options=options)
+        self.manager = ocp.CheckpointManager(checkpoint.orbax_path(self.root), options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -271,20 +271,6 @@ def plot_curve(rows: list[dict], path: Path, task) -> None:
 # The run
 
 
-class _Preemption:
-    """SIGTERM (a TPU preemption) sets a flag; the loop saves the current step and exits 0."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self.previous)
-
-
 def _device_batch(arrays, mesh):
     """Batch-shard each array over (data, fsdp) on its leading axis."""
     if mesh is None:
@@ -307,18 +293,42 @@ def _on_mesh(tree, mesh):
     return jax.tree.map(place, tree)
 
 
+def _continues_a_run(output_dir: Path, resume: bool) -> bool:
+    """--resume of a run that has a checkpoint to continue from (without one, --resume starts over)."""
+    return resume and checkpoint.latest_step(output_dir / CHECKPOINTS) is not None
+
+
+def check_resume(output_dir: Path, c: TrainConfig, resume: bool) -> None:
+    """Refuse a --resume whose config changes what the saved run is (the keys outside RESUME_MAY_CHANGE),
+    naming each changed key with its saved and given values."""
+    saved_path = output_dir / RUN_CONFIG
+    if not _continues_a_run(output_dir, resume) or not saved_path.exists():
+        return
+    conflicts = resume_conflicts(load_config(base=yaml.safe_load(saved_path.read_text())), c)
+    if not conflicts:
+        return
+    shown = 4
+    changes = "; ".join(f"{key}: {saved!r} saved, {given!r} given" for key, saved, given in conflicts[:shown])
+    if len(conflicts) > shown:
+        changes += f"; and {len(conflicts) - shown} more ({', '.join(key for key, _, _ in conflicts[shown:])})"
+    raise UserError(f"--resume of {output_dir} would change what the run is ({changes}); --resume may change only "
+                    f"{', '.join(RESUME_MAY_CHANGE)}; for another run choose another --output-dir")
+
+
 def _prepare_output(output_dir: Path, resume: bool, c: TrainConfig, task) -> None:
     """Check OUTPUT_DIR on every process, then let process 0 create it and write the run config and
-    the task's held-out items."""
+    the task's held-out items (kept as they are when a resume continues the run: its evaluations used them)."""
     previous = (output_dir / METRICS).exists() or (output_dir / CHECKPOINTS).exists()
     if previous and not resume:
         raise UserError(f"{output_dir} already holds a training run; pass --resume to continue it or choose "
                         f"another --output-dir")
+    keep_heldout = _continues_a_run(output_dir, resume) and (output_dir / HELDOUT).exists()
     distributed.barrier("output-dir-checked")  # before process 0 writes anything the others would see
     if distributed.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_CONFIG).write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
-        task.write_heldout(output_dir / HELDOUT)
+        if not keep_heldout:
+            task.write_heldout(output_dir / HELDOUT)
     distributed.barrier("output-dir-ready")
 
 
@@ -368,6 +378,7 @@ class State:
 
 def setup(c: TrainConfig, output_dir: Path, *, resume: bool, progress: bool) -> Run:
     """Mesh, tokenizer, data and model; every check that can fail runs before OUTPUT_DIR is touched."""
+    check_resume(output_dir, c, resume)  # first: a refused resume builds nothing
     mesh = make_mesh(c)
     tokenizer = load_train_tokenizer(c.tokenizer)
     model = build_model(c, tokenizer, mesh)
@@ -456,14 +467,15 @@ def _restore(run: Run, ckpts: Checkpoints, step_number: int, state: State) -> di
     return saved
 
 
-def _initial_state(run: Run, ckpts: Checkpoints, start: int | None, preemption: _Preemption) -> tuple[State | None, float]:
+def _initial_state(run: Run, ckpts: Checkpoints, start: int | None,
+                   stop: resumable.StopSignals) -> tuple[State | None, float]:
     """(state, elapsed before this process started): the warm-up's result for a new run, the latest
-    checkpoint for a resumed one; None when SIGTERM arrived during the warm-up."""
+    checkpoint for a resumed one; None when a stop signal arrived during the warm-up."""
     c = run.c
     params = run.model.params()
     if start is None:
-        params = _warmup(c, run.mcfg, params, run.task, run.tokenizer, run.progress, preemption)
-        if preemption.requested:  # already agreed by every process in _warmup
+        params = _warmup(c, run.mcfg, params, run.task, run.tokenizer, run.progress, stop)
+        if params is None:  # every process agreed to stop
             return None, 0.0
         nnx.update(run.model, params)
         params = run.model.params()
@@ -484,19 +496,20 @@ def _new_rollout_seed(seed: int, rollbacks: int) -> int:
 
 def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: str | None = None,
           progress: bool = True) -> int:
-    """The whole run; returns the exit code (0, or EXIT_COLLAPSE when the guard stopped it)."""
+    """The whole run; returns the exit code (0; EXIT_COLLAPSE when the guard stopped it; after SIGTERM or
+    Ctrl-C, which save the step in flight, 0 or EXIT_CTRL_C: resumable.StopSignals)."""
     t_start = time.perf_counter()
     run = setup(c, output_dir, resume=resume, progress=progress)
     ckpts = Checkpoints(output_dir, c.keep_checkpoints)
     start = ckpts.latest_step() if resume else None
-    preemption = _Preemption()
-    state, elapsed_before = _initial_state(run, ckpts, start, preemption)
+    stop = resumable.StopSignals()  # SIGTERM (a preemption) and Ctrl-C: save the step in flight, then exit
+    state, elapsed_before = _initial_state(run, ckpts, start, stop)
     if state is None:
-        preemption.restore()
+        stop.restore()
         ckpts.close()
         if run.main:
-            print("SIGTERM during the format warm-up: nothing to save yet; --resume starts over", file=sys.stderr)
-        return 0
+            print(f"\n{stop.name} during the format warm-up: nothing to save yet; --resume starts over", file=sys.stderr)
+        return stop.exit_code
     if start is not None and start >= c.max_steps and run.main:
         print(f"{output_dir} is already trained to step {start} (max_steps={c.max_steps}); its summary follows. "
               f"For a new run: rm -rf {output_dir}, or --output-dir elsewhere; for more steps: --resume max_steps=N",
@@ -538,11 +551,11 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
             warning = truncation.observe(state.step, row["truncated_fraction"])
             if warning and run.main:
                 bar.write(warning, file=sys.stderr)
-            if distributed.any_process(preemption.requested):  # every process stops at the same step
+            if distributed.any_process(stop.requested()):  # every process stops at the same step
                 step_dir = save()
                 if run.main:
-                    print(f"\nSIGTERM: saved step {state.step} to {step_dir}; resume with --resume", file=sys.stderr)
-                return 0
+                    print(f"\n{stop.name}: saved step {state.step} to {step_dir}; resume with --resume", file=sys.stderr)
+                return stop.exit_code
             if collapse is not None:
                 if c.guard.on_collapse == "rollback" and state.rollbacks < c.guard.max_rollbacks and ckpts.latest_step() is not None:
                     _roll_back(run, ckpts, state, collapse, metrics, bar)
@@ -563,7 +576,7 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
                 save()
     finally:
         bar.close()
-        preemption.restore()
+        stop.restore()
         rows = metrics.rows()
         metrics.close()
         ckpts.close()
@@ -626,9 +639,9 @@ def _step_seed(seed: int, step_number: int) -> int:
     return int(np.random.SeedSequence([seed, step_number]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, task, tokenizer, progress: bool, preemption: _Preemption):
+def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, task, tokenizer, progress: bool, stop: resumable.StopSignals):
     """Phase A: supervised format warm-up on the task's transcripts (judge: random verdicts; policy:
-    letter strings, 3 in 4 of them carrying the banned letter)."""
+    letter strings, 3 in 4 of them carrying the banned letter). None when a stop signal ended it."""
     w = c.warmup
     if not w.steps:
         return params
@@ -638,9 +651,9 @@ def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, task, tokenizer, progress
     params = jax.tree.map(jnp.copy, params)  # the step donates its inputs; keep the model's arrays intact
     bar = _progress_bar(1, w.steps, progress, desc="format warm-up")
     for _ in range(w.steps):
-        if distributed.any_process(preemption.requested):
-            preemption.requested = True
-            break
+        if distributed.any_process(stop.requested()):
+            bar.close()
+            return None
         batch = task.warmup_batch(w.batch_size, rng)
         attention = (batch["tokens"] != tokenizer.pad_token_id).astype(np.int32)
         params, opt_state, loss_value = supervised_step(mcfg, optimizer, params, opt_state, batch["tokens"], attention,

@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 from rrm_jax import distributed, options, resumable, worksplit
 from rrm_jax.data import sources
-from rrm_jax.errors import UserError
+from rrm_jax.errors import Stopped, UserError
 from rrm_jax.rrm import spec
 from rrm_jax.rrm.prompt import chat_template_named, encode, parse_verdict, render
 
@@ -395,25 +395,21 @@ def open_journal(args: argparse.Namespace, command: str, settings: dict) -> Judg
 
 
 def run_journaled(args: argparse.Namespace, command: str, settings: dict, what: str, work: Callable):
-    """`work(judge)` with its judgments journaled in OUTPUT.partial (`--resume` skips them) and SIGTERM
-    honoured after the in-flight batch. -> (journal, judge, work's result), or None when a SIGTERM
-    stopped it (the line saying so already printed); the caller finishes the journal's partial file."""
-    with resumable.sigterm_requests() as stop_requested:
+    """`work(judge)` with its judgments journaled in OUTPUT.partial (`--resume` skips them) and SIGTERM /
+    Ctrl-C honoured after the in-flight batch. -> (journal, judge, work's result); the caller finishes the
+    journal's partial file. Raises resumable.Stopped after a signal (the line saying so printed)."""
+    with resumable.StopSignals() as stop:
         journal = open_journal(args, command, settings)
         try:
-            judge = judge_from_args(args, progress=True, journal=journal, stop_requested=stop_requested)
+            judge = judge_from_args(args, progress=True, journal=journal, stop_requested=stop.requested)
             return journal, judge, work(judge)
         except resumable.Interrupted:
             if distributed.is_main_process():
-                print(interrupted_message(journal, what), file=sys.stderr)
-            return None
+                print(f"{stop.name}: stopped with {len(journal)} {what} finished in {journal.partial.path}; "
+                      f"run the same command with --resume to continue", file=sys.stderr)
+            raise Stopped(stop.exit_code) from None
         finally:
             journal.partial.close()
-
-
-def interrupted_message(journal: JudgmentLog, what: str) -> str:
-    return (f"SIGTERM: stopped with {len(journal)} {what} finished in {journal.partial.path}; "
-            f"run the same command with --resume to continue")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -469,10 +465,8 @@ def run_judge(args: argparse.Namespace) -> int:
         raise UserError("--input needs --output FILE.jsonl for the verdicts")
     rows = rows_from_args(args, _JUDGE_COLUMNS, _JUDGE_FIELDS)
     comparisons = [Comparison(*(require_text(where, row, k, _JUDGE_FIELDS) for k in _JUDGE_COLUMNS)) for where, row in rows]
-    done = run_journaled(args, "judge", judge_settings(args, rows), "pairs", lambda judge: judge(comparisons))
-    if done is None:
-        return 0
-    journal, judge, judgments = done
+    journal, judge, judgments = run_journaled(args, "judge", judge_settings(args, rows), "pairs",
+                                              lambda judge: judge(comparisons))
     lines = [json.dumps({**row, **judgment_record(j)}, ensure_ascii=False, default=str) for (_, row), j in zip(rows, judgments)]
     journal.partial.finish("\n".join(lines) + "\n")
     if distributed.is_main_process():

@@ -290,11 +290,8 @@ def run_rank(args) -> int:
         raise UserError("--bracket is for --strategy knockout")
     bracket = _read_bracket(args.bracket, questions) if args.bracket else None
     settings = judge_settings(args, rows, strategy=args.strategy, bracket=bracket)
-    done = run_journaled(args, "rank", settings, "comparisons",
-                         lambda judge: _tournaments(args, questions, judge, bracket))
-    if done is None:
-        return 0
-    journal, judge, results = done
+    journal, judge, results = run_journaled(args, "rank", settings, "comparisons",
+                                            lambda judge: _tournaments(args, questions, judge, bracket))
 
     lines = []
     for q, result in zip(questions, results):
