@@ -358,7 +358,8 @@ def run_sample(args) -> int:
         _print_ceilings(ceilings, model.config.dtype)
         row = bench_rrm.bench_rrm(model, n=args.requests, prompt_range=(lo, hi), cap=args.max_new_tokens,
                                   slots=args.slots, temperature=args.temperature, seed=args.seed,
-                                  hf_methods=hf_methods, static=not args.no_static, ceilings=ceilings)
+                                  hf_methods=hf_methods, static=not args.no_static, ceilings=ceilings,
+                                  prefill_tokens=args.prefill_tokens)
         _report(row)
         _write_json(args.json, {"ceilings": ceilings, "results": [row]})
         return 0

@@ -54,6 +54,8 @@ def configure(parser):
     p.add_argument("--slots", type=int, default=16, help="rrm: the engine's slots = static batch size")
     p.add_argument("--temperature", type=float, default=0.6, help="rrm: sampling temperature")
     p.add_argument("--no-static", action="store_true", help="rrm: skip the static-batching baseline")
+    p.add_argument("--prefill-tokens", type=int, default=None,
+                   help="rrm: the engine's prefill token budget (default: 512 on a CPU, 2048 on accelerators)")
     p.add_argument("--dtype", type=dtype_arg, default=None, help="float32 or bfloat16 (bf16, jnp.bfloat16 ... alike) (default: the stored dtype; float32 for a preset)")
     p.add_argument("--compare-hf", nargs="*", choices=HF_METHODS, default=None, metavar="METHOD", action=_CompareHF,
                    help="also time transformers on the same weights: `generate` (static batches) and, with --workload "

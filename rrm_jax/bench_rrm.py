@@ -7,7 +7,7 @@ drawn length (EOS ignored), so the work is fixed and the methods compare on the 
 1. the engine (`rrm_jax.engine`): `slots` rows at once, each request with its own limit;
 2. static batching (`rrm_jax.static_sampler`, the sampler before the engine): batches of `slots`
    requests in input order, the cache sized for the cap, each batch decoding until its longest row;
-3. transformers `generate` (torch) in static batches of the same size, each batch run to its longest
+3. transformers `generate` (torch) in length-sorted static batches of the same size, each batch run to its longest
    request (left-padded, min_new_tokens = max_new_tokens = that length);
 4. transformers' continuous batching (paged attention), every request submitted at once with its own
    max_new_tokens to the manager `generate_batch` runs, sized by the same workload hints.
@@ -91,10 +91,11 @@ def _progress(phase: str, wall: float, useful: int, compile_s: float | None = No
           flush=True)
 
 
-def _engine_run(model, settings, prompts, outputs, slots, seed):
+def _engine_run(model, settings, prompts, outputs, slots, seed, prefill_tokens=None):
     stats = engine.EngineStats()
     reqs = [engine.Request(p, m, i) for i, (p, m) in enumerate(zip(prompts, outputs))]
-    results = engine.generate(model.config, settings, model.params(), reqs, seed=seed, max_rows=slots, stats=stats)
+    results = engine.generate(model.config, settings, model.params(), reqs, seed=seed, max_rows=slots, stats=stats,
+                              prefill_tokens=prefill_tokens)
     assert [len(r.output_ids) for r in results] == outputs
     return stats
 
@@ -114,6 +115,8 @@ def _hf_run(hf, prompts, outputs, slots, temperature):
     import torch
 
     device = next(hf.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # length-sorted batches: least padding
+    prompts, outputs = [prompts[i] for i in order], [outputs[i] for i in order]
     for start in range(0, len(prompts), slots):
         batch, longest = prompts[start:start + slots], max(outputs[start:start + slots])
         width = max(len(p) for p in batch)
@@ -176,7 +179,7 @@ def _hf_batch_run(hf, prompts, outputs, temperature, seed: int = 0) -> float:
 
 def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: int, temperature: float = 0.6,
               seed: int = 0, hf_methods=("generate", "generate_batch"), static: bool = True,
-              ceilings: dict | None = None) -> dict:
+              ceilings: dict | None = None, prefill_tokens: int | None = None) -> dict:
     c = model.config
     prompts, outputs = rrm_workload(n, prompt_range, cap, c.vocab_size, seed)
     if max(len(p) for p in prompts) + cap > c.max_position_embeddings:
@@ -189,7 +192,7 @@ def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: 
            "output_at_cap": float(np.mean(np.asarray(outputs) == cap)), "params_M": c.num_params / 1e6,
            "dtype": c.dtype}
 
-    stats, wall, compile_s = clock.run(lambda: _engine_run(model, settings, prompts, outputs, slots, seed))
+    stats, wall, compile_s = clock.run(lambda: _engine_run(model, settings, prompts, outputs, slots, seed, prefill_tokens))
     trace_s = clock.trace_seconds
     _progress("engine", wall, useful, compile_s)
     weight_b, kv_b = decode_bytes(c, [len(p) for p in prompts], outputs, stats.decode_steps)
@@ -211,7 +214,8 @@ def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: 
         "engine_s": wall, "engine_compile_s": compile_s, "engine_tokens_per_s": useful / wall,
         "engine_occupancy": stats.occupancy, "engine_decode_steps": stats.decode_steps,
         "engine_decode_calls": stats.decode_calls, "engine_prefill_calls": stats.prefill_calls,
-        "engine_compactions": stats.compactions,
+        "engine_compactions": stats.compactions, "engine_prefill_tokens": stats.prefill_tokens,
+        "engine_path": stats.path, "engine_attention": stats.attention,
         "concurrent_sequences": stats.slots, "kv_capacity_per_slot": stats.capacity,
         "kv_budget_GB": stats.slots * stats.capacity * kv_token / 1e9,
         # what a paged cache would hold in the same budget, from this workload's mean length (computed)
@@ -236,7 +240,7 @@ def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: 
     if "generate" in hf_methods:
         _hf_run(hf, prompts[:2], [2, 2], 2, temperature)  # warm-up
         _, wall, _ = clock.run(lambda: _hf_run(hf, prompts, outputs, slots, temperature))
-        _progress(f"transformers generate (static batches of {slots})", wall, useful)
+        _progress(f"transformers generate (length-sorted static batches of {slots})", wall, useful)
         row.update({"hf_s": wall, "hf_tokens_per_s": useful / wall, "engine_vs_hf": row["engine_tokens_per_s"] / (useful / wall)})
     if "generate_batch" in hf_methods:
         _hf_batch_run(hf, prompts[:2], [2, 2], temperature, seed)  # warm-up

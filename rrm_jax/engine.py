@@ -433,8 +433,11 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
             window = host_window(longest, chunk, block, capacity)
         state, emitted, attention = _decode(config, settings, chunk, window, attention, mesh, decode_params,
                                             state, _place(np.int32(stop_at_done), mesh), stats)
-        tokens, logp, slogp, generated, done = distributed.fetch(
-            (emitted.tokens, emitted.logprobs, emitted.sampling_logprobs, state.num_generated, state.done))
+        outputs = (emitted.tokens, emitted.logprobs, emitted.sampling_logprobs, state.num_generated, state.done)
+        for a in outputs:  # queue each copy to the host behind the chunk, so none waits for the others
+            if a.is_fully_addressable:
+                a.copy_to_host_async()
+        tokens, logp, slogp, generated, done = distributed.fetch(outputs)
         stats.decode_calls += 1
         new = np.where([o is not None for o in owner], generated - before, 0)
         steps = chunk if path == "layers" else int(new.max(initial=0))  # a "layers" chunk runs every step

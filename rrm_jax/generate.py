@@ -1,7 +1,7 @@
 """`rrm_jax.sample`: generation from token-id prompts, on the continuous-batching engine (`rrm_jax.engine`).
 
 Every caller (the `generate`, `judge`, `rank` and `eval` commands, the GRPO rollout and evaluation)
-goes through `sample`. Prompts are right-padded to a length bucket and prefilled once; their
+goes through `sample`. Prompts are packed into a prefill token budget and prefilled once; their
 `num_samples` rows take slots of the running batch as slots free up; each row writes its KV cache at its
 own position and decodes until EOS or its own `max_new_tokens`.
 """
@@ -36,15 +36,18 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int | 
            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, num_samples: int = 1, seed: int = 0,
            eos_ids=None, max_think_tokens: int | None = None, tokenizer=None, think_end_ids_override=None,
            batch_size: int | None = None, buckets: Sequence[int] | None = None, progress=None,
-           stats: engine.EngineStats | None = None, allowed_token_ids: Sequence[int] | None = None) -> list[Sample]:
+           stats: engine.EngineStats | None = None, allowed_token_ids: Sequence[int] | None = None,
+           prefill_tokens: int | None = None) -> list[Sample]:
     """Generate from a list of token-id prompts. Returns num_samples results per prompt, prompt-major.
 
     max_new_tokens: one limit for every prompt, or a list with one per prompt.
     batch_size: prompts decoding at once (default: all); their rows are the engine's slots, refilled
-    with the next waiting prompt as rows finish. Prompt lengths are padded to a bucket and slot counts
-    to a power of two, so a stream of varied requests reuses a few compilations.
+    with the next waiting prompt as rows finish. Prompts are packed into one prefill token budget and
+    slot counts rounded to a power of two, so a stream of varied requests reuses a few compilations.
     progress: optional callable, called with the number of prompts finished as they finish.
     stats: optional `engine.EngineStats`, filled with the engine's counters.
+    prefill_tokens: the engine's prefill token budget (waiting prompts are packed into it; default per
+    backend, `engine.PREFILL_TOKENS`).
     allowed_token_ids: a constrained vocabulary: the greedy choice, sampling and `logprobs` use the
     model's distribution renormalised over these tokens (the thinking budget's tokens are still forced).
     With a model sharded over the devices of several processes, every process calls this with the
@@ -64,4 +67,4 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int | 
     max_rows = None if batch_size is None else batch_size * num_samples
     return engine.generate(config, settings, params, requests, num_samples=num_samples, seed=seed,
                            max_rows=max_rows, mesh=mesh_of(params), buckets=buckets, tokenizer=tokenizer,
-                           progress=progress, stats=stats)
+                           progress=progress, stats=stats, prefill_tokens=prefill_tokens)
