@@ -229,3 +229,21 @@ def test_readme_contents_list_every_section():
     assert "source .venv/bin/activate" in text.split("## Judge with RRM-7B")[0]
     for path in ("/models/", "/ckpt/", "/export/", "runs/"):
         assert path in (ROOT / ".gitignore").read_text().split()
+
+
+def test_readme_follow_on_commands_are_what_make_demo_prints():
+    """The commands the README shows after `make demo` are the ones the embedded default's run prints
+    (the held-out item, the flags and the paths), spelled as from the repository root after `make demo`."""
+    from rrm_jax.rl.judge_task import JudgeTask
+    from rrm_jax.rl.tokenizer import load_train_tokenizer
+    from rrm_jax.rl.trainer import summary_lines
+
+    c = load_config()
+    out = Path("runs/toy")
+    printed = summary_lines(JudgeTask(c, load_train_tokenizer(c.tokenizer)), [], out, out / "checkpoints" / "400",
+                            ".venv/bin/rrm-jax", 64)
+    commands = [line.strip() for line in printed if line.strip().startswith(".venv/bin/rrm-jax ")]
+    assert len(commands) == 3
+    text = (ROOT / "README.md").read_text()
+    block = text.split("after `make demo`:\n\n```bash\n", 1)[1].split("```", 1)[0]
+    assert block.splitlines() == commands

@@ -587,9 +587,8 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
         plot_curve(rows, output_dir / "curve.png", run.task)
         if export_hf:  # from the files just written: no process holds all the weights of a sharded model
             convert.checkpoint_to_hf(step_dir, export_hf)
-        for line in run.task.summary(rows, output_dir, step_dir, cli_prefix(), run.mcfg.max_position_embeddings):
+        for line in summary_lines(run.task, rows, output_dir, step_dir, cli_prefix(), run.mcfg.max_position_embeddings):
             print(line)
-        print(f"  {cli_prefix()} convert orbax-to-hf --ckpt {output_dir} --out {output_dir}-hf")
         if export_hf:
             print(f"Hugging Face export: {export_hf}")
     distributed.barrier("run-finished")
@@ -668,6 +667,13 @@ def _progress_bar(first: int, last: int, enabled: bool, desc: str = "GRPO"):
     from tqdm import tqdm
 
     return tqdm(total=max(last - first + 1, 0), desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+def summary_lines(task, rows: list[dict], output_dir: Path, step_dir: Path, exe: str, context: int) -> list[str]:
+    """What a finished run prints: the task's summary and follow-on commands, then the export command
+    (the README shows these lines as `make demo` prints them; a test keeps the two equal)."""
+    return [*task.summary(rows, output_dir, step_dir, exe, context),
+            f"  {exe} convert orbax-to-hf --ckpt {output_dir} --out {output_dir}-hf"]
 
 
 def cli_prefix() -> str:
