@@ -67,11 +67,14 @@ class SlotState(NamedTuple):
 
 
 class Emitted(NamedTuple):
-    """What one decode_fn call generated: column t holds step t's token for every row that was live."""
+    """What one decode_fn call generated: column t holds step t's token for every row that was live.
+    Its own copies of the counts, so the host can read it after the state has gone into the next call."""
 
     tokens: jax.Array  # [B, chunk] int32
     logprobs: jax.Array  # [B, chunk] float32
     sampling_logprobs: jax.Array  # [B, chunk] float32
+    count: jax.Array  # [B] int32: tokens each row generated in this call
+    done: jax.Array  # [B] bool: rows finished by the end of this call
 
 
 class Pack(NamedTuple):
@@ -183,12 +186,14 @@ def _decode_chunk(config: Qwen2Config, settings: SamplingSettings, chunk: int, b
                           nxt.think_closed, s.keys)
             return s, (nxt.tokens, nxt.logprobs, nxt.sampling_logprobs)
 
+        start = state.num_generated
         state, out = jax.lax.scan(layers_step, state, None, length=chunk)
-        return state, Emitted(*(a.T for a in out))
+        return state, Emitted(*(a.T for a in out), state.num_generated - start, state.done)
 
     B = state.done.shape[0]
+    start = state.num_generated
     emitted = Emitted(jnp.zeros((B, chunk), jnp.int32), jnp.zeros((B, chunk), jnp.float32),
-                      jnp.zeros((B, chunk), jnp.float32))
+                      jnp.zeros((B, chunk), jnp.float32), start, state.done)
 
     def go_on(carry):
         s, _, t = carry
@@ -198,15 +203,15 @@ def _decode_chunk(config: Qwen2Config, settings: SamplingSettings, chunk: int, b
     def step(carry):
         s, e, t = carry
         nxt, active, num_generated, done = _sample_step(settings, s)
-        e = Emitted(e.tokens.at[:, t].set(nxt.tokens), e.logprobs.at[:, t].set(nxt.logprobs),
-                    e.sampling_logprobs.at[:, t].set(nxt.sampling_logprobs))
+        e = e._replace(tokens=e.tokens.at[:, t].set(nxt.tokens), logprobs=e.logprobs.at[:, t].set(nxt.logprobs),
+                       sampling_logprobs=e.sampling_logprobs.at[:, t].set(nxt.sampling_logprobs))
         logits, cache = qwen2.decode_step(config, params, nxt.tokens, s.cache, active=active, block_size=block,
                                           row_windows=True)
         s = SlotState(cache, logits, num_generated, s.limit, done, nxt.forced, nxt.think_closed, s.keys)
         return s, e, t + 1
 
     state, emitted, _ = jax.lax.while_loop(go_on, step, (state, emitted, jnp.zeros((), jnp.int32)))
-    return state, emitted
+    return state, emitted._replace(count=state.num_generated - start, done=state.done)
 
 
 def _compact(mesh, state: SlotState, keep) -> SlotState:
@@ -356,11 +361,12 @@ def _place(x, mesh):
 
 
 class _Row:
-    __slots__ = ("request", "sample", "prompt_len", "tokens", "logprobs", "sampling_logprobs")
+    __slots__ = ("request", "sample", "prompt_len", "tokens", "logprobs", "sampling_logprobs", "finished")
 
     def __init__(self, request: int, sample: int, prompt_len: int):
         self.request, self.sample, self.prompt_len = request, sample, prompt_len
         self.tokens, self.logprobs, self.sampling_logprobs = [], [], []
+        self.finished = False
 
 
 def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: Sequence[Request], *,
@@ -402,53 +408,21 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
     unfinished = [num_samples] * len(requests)
     seed32 = np.uint32(seed % 2**32)
 
-    while waiting or len(free) < slots:
-        while waiting and len(free) >= num_samples:  # refill
-            pack, taken, rows = pack_prompts(requests, waiting, free, num_samples=num_samples, budget=budget,
-                                             rows=pack_rows, max_prompts=max_prompts, slots=len(owner), buckets=buckets)
-            pack = Pack(*(_place(a, mesh) for a in pack))
-            state = prefill_fn(config, num_samples, mesh, params, state, pack, _place(seed32, mesh))
-            for r, slot in enumerate(rows):
-                i = taken[r // num_samples]
-                owner[slot] = _Row(i, r % num_samples, len(requests[i].prompt_ids))
-            stats.prefills += len(taken)
-            stats.prefill_calls += 1
-            stats.prefill_tokens += pack.tokens.size
-
-        if not waiting:
-            live = [slot for slot, o in enumerate(owner) if o is not None]
-            size = compacted_size(len(live), len(owner), mesh)
-            if size is not None:
-                keep = live + free[:size - len(live)]  # free slots pad it: done, limit 0
-                state = compact_fn(mesh, state, _place(np.asarray(keep, np.int32), mesh))
-                owner = [owner[slot] for slot in keep]
-                free = list(range(len(live), size))
-                stats.compactions += 1
-        slots = len(owner)
-        stop_at_done = len(free) + refill_rows if waiting else slots
-        before = np.asarray([0 if o is None else len(o.tokens) for o in owner])
-        window = block
-        if attention == "xla":
-            longest = max((o.prompt_len + len(o.tokens) for o in owner if o is not None), default=0)
-            window = host_window(longest, chunk, block, capacity)
-        state, emitted, attention = _decode(config, settings, chunk, window, attention, mesh, decode_params,
-                                            state, _place(np.int32(stop_at_done), mesh), stats)
-        outputs = (emitted.tokens, emitted.logprobs, emitted.sampling_logprobs, state.num_generated, state.done)
-        for a in outputs:  # queue each copy to the host behind the chunk, so none waits for the others
-            if a.is_fully_addressable:
-                a.copy_to_host_async()
-        tokens, logp, slogp, generated, done = distributed.fetch(outputs)
+    def read(emitted: Emitted, snapshot: list) -> None:
+        """The host's side of one decode call: its tokens appended to the rows of `snapshot` (the slots'
+        owners when it was dispatched), finished rows turned into results and their slots freed."""
+        tokens, logp, slogp, count, done = distributed.fetch(tuple(emitted))
+        count = np.where([o is not None for o in snapshot], count, 0)
+        steps = chunk if path == "layers" else int(count.max(initial=0))  # a "layers" chunk runs every step
         stats.decode_calls += 1
-        new = np.where([o is not None for o in owner], generated - before, 0)
-        steps = chunk if path == "layers" else int(new.max(initial=0))  # a "layers" chunk runs every step
         stats.decode_steps += steps
-        stats.computed_row_steps += steps * slots
-        stats.live_row_steps += int(new.sum())
+        stats.computed_row_steps += steps * len(snapshot)
+        stats.live_row_steps += int(count.sum())
         completed = 0
-        for slot, row in enumerate(owner):
-            if row is None:
+        for slot, row in enumerate(snapshot):
+            if row is None or row.finished:  # finished in the call before (read after this one was dispatched)
                 continue
-            k = int(new[slot])
+            k = int(count[slot])
             held = row.prompt_len + len(row.tokens)
             stats.live_kv_positions += k * held + k * (k - 1) // 2
             row.tokens.extend(tokens[slot, :k].tolist())
@@ -457,12 +431,62 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
             if done[slot]:
                 results[row.request * num_samples + row.sample] = make_sample(
                     settings, row.tokens, row.logprobs, row.sampling_logprobs, tokenizer)
+                row.finished = True
                 owner[slot] = None
                 free.append(slot)
                 unfinished[row.request] -= 1
                 completed += unfinished[row.request] == 0
         if progress is not None and completed:
             progress(completed)
+
+    # On the "layers" path, once no prompt waits, a chunk stays in flight: the next one is dispatched
+    # before its tokens are read, so the device never waits for the host (no refill or compaction
+    # decision needs them; the calls are drained before either).
+    in_flight: tuple[Emitted, list] | None = None
+    while waiting or len(free) < len(owner):
+        if in_flight is None:
+            while waiting and len(free) >= num_samples:  # refill
+                pack, taken, rows = pack_prompts(requests, waiting, free, num_samples=num_samples, budget=budget,
+                                                 rows=pack_rows, max_prompts=max_prompts, slots=len(owner),
+                                                 buckets=buckets)
+                pack = Pack(*(_place(a, mesh) for a in pack))
+                state = prefill_fn(config, num_samples, mesh, params, state, pack, _place(seed32, mesh))
+                for r, slot in enumerate(rows):
+                    i = taken[r // num_samples]
+                    owner[slot] = _Row(i, r % num_samples, len(requests[i].prompt_ids))
+                stats.prefills += len(taken)
+                stats.prefill_calls += 1
+                stats.prefill_tokens += pack.tokens.size
+
+            if not waiting:
+                live = [slot for slot, o in enumerate(owner) if o is not None]
+                size = compacted_size(len(live), len(owner), mesh)
+                if size is not None:
+                    keep = live + free[:size - len(live)]  # free slots pad it: done, limit 0
+                    state = compact_fn(mesh, state, _place(np.asarray(keep, np.int32), mesh))
+                    owner = [owner[slot] for slot in keep]
+                    free = list(range(len(live), size))
+                    stats.compactions += 1
+        slots = len(owner)
+        stop_at_done = len(free) + refill_rows if waiting else slots
+        window = block
+        if attention == "xla":  # rows grow by up to a chunk in this call, and in the one in flight
+            longest = max((o.prompt_len + len(o.tokens) for o in owner if o is not None), default=0)
+            window = host_window(longest, chunk * (2 if in_flight else 1), block, capacity)
+        snapshot = list(owner)
+        state, emitted, attention = _decode(config, settings, chunk, window, attention, mesh, decode_params,
+                                            state, _place(np.int32(stop_at_done), mesh), stats)
+        for a in emitted:  # queue each copy to the host behind the chunk, so none waits for the others
+            if a.is_fully_addressable:
+                a.copy_to_host_async()
+        if in_flight is not None:
+            read(*in_flight)  # while the chunk just dispatched runs
+            in_flight = None
+        live = sum(o is not None for o in owner)
+        if path == "layers" and not waiting and live and compacted_size(live, len(owner), mesh) is None:
+            in_flight = (emitted, snapshot)
+        else:
+            read(emitted, snapshot)
     return results
 
 

@@ -79,6 +79,22 @@ def test_eos_frees_the_slot_and_the_row_ends_with_it(model):
     assert got[6].finish_reason == "eos" and got[6].output_ids[-1] == eos and len(got[6].output_ids) <= 5
 
 
+def test_accelerator_path_equals_static_sampler_with_refills_eos_and_a_chunk_in_flight(model):
+    """The "layers" path (what accelerators run) on this CPU: refilled slots, EOS, two samples a prompt,
+    compaction and, in the tail, a chunk dispatched before the previous one is read."""
+    free = generate.sample(model, PROMPTS, max_new_tokens=LIMITS, eos_ids=[])
+    settings = settings_for(model, temperature=0.7, eos_ids=[free[6].output_ids[4]])
+    stats = engine.EngineStats()
+    got = engine.generate(model.config, settings, model.params(), requests_for(), num_samples=2, seed=4, max_rows=6,
+                          block_size=16, chunk=4, path="layers", stats=stats)
+    want = static_reference(model, settings, PROMPTS, LIMITS, num_samples=2, seed=4)
+    assert stats.path == "layers" and stats.attention == "xla" and stats.compactions >= 1
+    for g, w in zip(got, want):
+        assert g.output_ids == w.output_ids
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
+    assert stats.live_row_steps == sum(len(g.output_ids) for g in got)
+
+
 def test_seeded_samples_do_not_depend_on_slots_or_arrival_order(model):
     settings = settings_for(model, temperature=1.0)
     runs = []
