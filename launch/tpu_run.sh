@@ -96,7 +96,7 @@ case "$command" in
 
   setup)
     archive="${TMPDIR:-/tmp}/rrm-jax-$TPU_NAME.tar.gz"
-    jax_version="$(sed -n 's/.*"jax==\([^"]*\)".*/\1/p' "$ROOT/setup.py")"  # the jax that setup.py pins
+    jax_version="$(sed -n 's/^JAX = "\([^"]*\)".*/\1/p' "$ROOT/setup.py")"  # the jax that setup.py pins
     [[ -n "$jax_version" ]] || die "cannot find the pinned jax version in $ROOT/setup.py"
     pack="cd $(printf '%q' "$ROOT") && git ls-files -z --cached --others --exclude-standard | tar -czf $(printf '%q' "$archive") --null -T -"
     run bash -c "$pack"
