@@ -24,6 +24,13 @@ SHOWN = 3  # generations printed at the end, as `judge` prints its judgments
 def read_prompt_rows(path: str, *, dataset_config: str | None = None, dataset_split: str | None = None) -> list[dict]:
     """Rows `{"prompt": str, "chat": bool?}` or `{"input_ids": [int, ...]}`; other fields pass through.
     `path` is a JSONL file or a Hugging Face dataset with a `prompt` or `input_ids` column."""
+    return [row for _, row in read_located_prompt_rows(path, dataset_config=dataset_config,
+                                                        dataset_split=dataset_split)]
+
+
+def read_located_prompt_rows(path: str, *, dataset_config: str | None = None,
+                             dataset_split: str | None = None) -> list[tuple[str, dict]]:
+    """read_prompt_rows, each row with where it was read (`FILE line N`, or the dataset's row)."""
     if sources.is_dataset(path):
         located = sources.load_rows(path, config=dataset_config, split=dataset_split)
         if not {"prompt", "input_ids"} & set(located[0][1]):
@@ -52,24 +59,27 @@ def read_prompt_rows(path: str, *, dataset_config: str | None = None, dataset_sp
             raise UserError(f"{where}: needs a string 'prompt' or a list 'input_ids'")
     if not located:
         raise UserError(f"{path} holds no rows")
-    return [row for _, row in located]
+    return located
 
 
-def encode_rows(rows: list[dict], tokenizer, path: str) -> list[list[int]]:
+def encode_rows(rows: list[dict], tokenizer, where) -> list[list[int]]:
+    """Token ids of each row; `where`: each row's location (read_located_prompt_rows), or the input's
+    name, for the error lines."""
     from rrm_jax.data.prompts import policy_prompt_text
 
+    at = where if not isinstance(where, str) else [f"{where} row {n}" for n in range(1, len(rows) + 1)]
     prompts = []
-    for n, row in enumerate(rows, 1):
+    for place, row in zip(at, rows):
         if row.get("input_ids") is not None:
             prompts.append(row["input_ids"])
             continue
         if tokenizer is None:
-            raise UserError(f"{path}: row {n} has a text 'prompt' but the model has no tokenizer; give 'input_ids'")
+            raise UserError(f"{place}: a text 'prompt' but the model has no tokenizer; give 'input_ids'")
         if not row["prompt"]:
-            raise UserError(f"{path}: row {n} has an empty prompt")
+            raise UserError(f"{place}: an empty prompt")
         if row.get("chat"):
             if not tokenizer.chat_template:
-                raise UserError(f"{path}: row {n} asks for 'chat' but the tokenizer has no chat template")
+                raise UserError(f"{place}: asks for 'chat' but the tokenizer has no chat template")
             text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
                                                  add_generation_prompt=True, tokenize=False)
             ids = tokenizer.encode(text, add_special_tokens=False)  # the template already placed them
@@ -93,9 +103,10 @@ def run(args) -> int:
     from rrm_jax.checkpoint import load_model, load_tokenizer
     from rrm_jax.generate import check_prompts
 
-    rows = read_prompt_rows(args.input, dataset_config=args.dataset_config, dataset_split=args.dataset_split)
+    located = read_located_prompt_rows(args.input, dataset_config=args.dataset_config, dataset_split=args.dataset_split)
+    rows = [row for _, row in located]
     tokenizer = load_tokenizer(args.model)
-    prompts = encode_rows(rows, tokenizer, args.input)
+    prompts = encode_rows(rows, tokenizer, [where for where, _ in located])
     with resumable.StopSignals() as stop:
         partial = resumable.PartialFile(args.output, "generate", generate_settings(args, rows), resume=args.resume)
         generated = {r["index"]: r["samples"] for r in partial.records}

@@ -273,7 +273,7 @@ def test_generate_text_prompts_start_with_bos_as_the_toy_policy_trains():
 
 @pytest.mark.parametrize("content,message", [
     ('{"prompt": "ok"}\n{not json\n', "in.jsonl line 2: not valid JSON"),
-    ('{"prompt": ""}\n', "empty prompt"),
+    ('\n{"prompt": "ok"}\n\n{"prompt": ""}\n', "in.jsonl line 4: an empty prompt"),  # blank lines still count
     ('{"input_ids": [' + ",".join(["1"] * 300) + ']}\n', "exceeds the model's context"),
     ('{"text": "no prompt"}\n', "in.jsonl line 1: needs a string 'prompt'"),
 ])
