@@ -100,7 +100,7 @@ def decode_path(mesh) -> str:
     return "rows" if mesh is None and jax.default_backend() == "cpu" else "layers"
 
 
-def attention_impl(mesh) -> str:
+def attention_impl() -> str:
     """The decode attention of the "layers" path: RRM_JAX_DECODE_ATTENTION if set, else the backend's
     kernel (`decode_attention.default_impl`)."""
     impl = os.environ.get(ATTENTION_ENV) or decode_attention.default_impl()
@@ -393,7 +393,7 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
     pack_rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]  # a row per batch shard
     max_prompts = max(1, min(slots // num_samples, pack_rows * budget // MIN_BUCKET))
     path = path or decode_path(mesh)
-    attention = attention_impl(mesh) if path == "layers" else None
+    attention = attention_impl() if path == "layers" else None
     stats = stats if stats is not None else EngineStats()
     stats.slots, stats.capacity, stats.path, stats.attention = slots, capacity, path, attention or ""
 
@@ -504,7 +504,7 @@ def fixed_batch(config: Qwen2Config, settings: SamplingSettings, params, tokens,
     this device takes (or `path`)."""
     B, P = tokens.shape
     path = path or decode_path(None)
-    attention = attention_impl(None) if path == "layers" else None
+    attention = attention_impl() if path == "layers" else None
     decode_params = unstack_fn(params) if path == "layers" else params
     reqs = [Request(list(t), steps, i) for i, t in enumerate(np.asarray(tokens))]
 

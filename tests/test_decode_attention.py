@@ -162,7 +162,7 @@ def test_decode_path_and_attention_by_backend(monkeypatch):
     assert decode_attention.default_impl("tpu") == "pallas-tpu"
     assert decode_attention.default_impl("cpu") == "xla"
     monkeypatch.setenv(engine.ATTENTION_ENV, "pallas-gpu")
-    assert engine.attention_impl(None) == "pallas-gpu"
+    assert engine.attention_impl() == "pallas-gpu"
     monkeypatch.setenv(engine.ATTENTION_ENV, "triton")
     with pytest.raises(Exception, match="RRM_JAX_DECODE_ATTENTION='triton': use one of xla, pallas-gpu, pallas-tpu"):
-        engine.attention_impl(None)
+        engine.attention_impl()
