@@ -45,11 +45,13 @@ from rrm_jax.sampling import MIN_BUCKET, Sample, SamplingSettings, bucket_length
 
 ATTENTION_BLOCK = 128  # window granularity: the "rows" path's finest window, the "layers" XLA path's smallest
 CHUNK_STEPS = 32  # decode steps per device call between host checks
-# Prompt tokens per prefill call: waiting prompts are packed into this budget (a longer prompt gets a
-# power-of-two pack of its own), so one program serves every prompt length and a 520-token prompt does
-# not pay for 1,024. A CPU prefers smaller packs (the attention inside a pack grows with its square).
+# Prompt tokens per row of a prefill pack: waiting prompts are packed into rows of this budget (a longer
+# prompt gets a power-of-two pack of its own), so one program serves every prompt length and a 520-token
+# prompt does not pay for 1,024. A CPU prefers short rows (the attention inside a row grows with its
+# square); a call takes up to PREFILL_ROWS rows, a power of two of them.
 PREFILL_TOKENS = {"cpu": 512}
 DEFAULT_PREFILL_TOKENS = 2048
+PREFILL_ROWS = 8  # rows of the budget one prefill call may take (per batch shard): a burst of short prompts
 ATTENTION_ENV = "RRM_JAX_DECODE_ATTENTION"  # xla | pallas-gpu | pallas-tpu: overrides the backend's default
 
 
@@ -307,28 +309,36 @@ def compacted_size(live: int, slots: int, mesh) -> int | None:
 
 
 def pack_prompts(requests: Sequence[Request], waiting: collections.deque, free: list[int], *, num_samples: int,
-                 budget: int, rows: int, max_prompts: int, slots: int, buckets=None) -> tuple[Pack, list[int], list[int]]:
-    """Take waiting prompts in order into one pack of `rows` rows of `budget` tokens (at most max_prompts
-    prompts, and as many as the free slots hold; a prompt never straddles two rows); a prompt longer
-    than the budget gets a one-row pack of its own, its power-of-two bucket long. Returns (pack, the
-    requests taken, the slots their rows took). Pops from `waiting` and `free`."""
+                 budget: int, rows: int, slots: int, row_multiple: int = 1,
+                 buckets=None) -> tuple[Pack, list[int], list[int]]:
+    """Take waiting prompts in order into one pack of up to `rows` rows of `budget` tokens (as many
+    prompts as the free slots hold, at most budget / MIN_BUCKET a row; a prompt never straddles two
+    rows). The pack has the power of two rows that holds them (a multiple of row_multiple, the mesh's
+    batch shards), so a refill of a few prompts computes one row, a burst of short prompts a few rows,
+    and a run compiles at most log2(rows) + 1 prefill programs. A prompt longer than the budget gets a
+    one-row pack of its own, its power-of-two bucket long. Returns (pack, the requests taken, the slots
+    their rows took). Pops from `waiting` and `free`."""
+    per_row = budget // MIN_BUCKET
     taken: list[int] = []
     starts: list[int] = []  # flat index of each taken prompt's first token
-    row, used = 0, 0
-    while waiting and len(taken) < max_prompts and (len(taken) + 1) * num_samples <= len(free):
+    row, used, in_row = 0, 0, 0
+    while waiting and (len(taken) + 1) * num_samples <= len(free):
         n = len(requests[waiting[0]].prompt_ids)
-        if used + n > budget:
-            row, used = row + 1, 0
+        if used + n > budget or in_row == per_row:
+            row, used, in_row = row + 1, 0, 0
             if row == rows or n > budget:
                 break
         starts.append(row * budget + used)
         taken.append(waiting.popleft())
-        used += n
-    R, T = rows, budget
+        used, in_row = used + n, in_row + 1
+    T = budget
+    rows_used = row + 1 if used else row
+    R = min(rows, -(-(1 << max(0, rows_used - 1).bit_length()) // row_multiple) * row_multiple)
     if not taken:  # the first waiting prompt is longer than the budget
         taken.append(waiting.popleft())
         starts.append(0)
         R, T = 1, bucket_length(len(requests[taken[0]].prompt_ids), buckets)
+    max_prompts = max(1, min(slots // num_samples, R * T // MIN_BUCKET))
     taken_slots = [free.pop(0) for _ in range(len(taken) * num_samples)]
     tokens = np.zeros(R * T, np.int32)
     segments = np.full(R * T, max_prompts, np.int32)  # padding: a segment no prompt has
@@ -390,8 +400,8 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
     capacity, block = capacity_and_block(requests, buckets, block_size)
     refill_rows = max(num_samples, refill_rows or slots // 16, 1)
     budget = prefill_tokens or PREFILL_TOKENS.get(jax.default_backend(), DEFAULT_PREFILL_TOKENS)
-    pack_rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]  # a row per batch shard
-    max_prompts = max(1, min(slots // num_samples, pack_rows * budget // MIN_BUCKET))
+    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]  # pack rows: a multiple of them
+    pack_rows = shards * PREFILL_ROWS
     path = path or decode_path(mesh)
     attention = attention_impl() if path == "layers" else None
     stats = stats if stats is not None else EngineStats()
@@ -447,7 +457,7 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
         if in_flight is None:
             while waiting and len(free) >= num_samples:  # refill
                 pack, taken, rows = pack_prompts(requests, waiting, free, num_samples=num_samples, budget=budget,
-                                                 rows=pack_rows, max_prompts=max_prompts, slots=len(owner),
+                                                 rows=pack_rows, slots=len(owner), row_multiple=shards,
                                                  buckets=buckets)
                 pack = Pack(*(_place(a, mesh) for a in pack))
                 state = prefill_fn(config, num_samples, mesh, params, state, pack, _place(seed32, mesh))
@@ -511,7 +521,7 @@ def fixed_batch(config: Qwen2Config, settings: SamplingSettings, params, tokens,
     def state():
         s = empty_state_fn(config, B, capacity, None, path)
         pack, _, _ = pack_prompts(reqs, collections.deque(range(B)), list(range(B)), num_samples=1, budget=P,
-                                  rows=B, max_prompts=B, slots=B)
+                                  rows=B, slots=B)
         return prefill_fn(config, 1, None, params, s, pack, np.uint32(0))
 
     def decode(s):

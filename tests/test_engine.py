@@ -140,7 +140,8 @@ def test_compilations_stay_flat_over_varied_lengths_and_counts(model):
         assert stats.prefills == count and stats.prefill_calls < count  # packs of several prompts
     # one decode program for the whole stream, plus one per compacted batch size of the tail (2, 1 slots)
     assert engine.decode_fn._cache_size() - decode_before <= 1 + 2
-    assert engine.prefill_fn._cache_size() - prefill_before == 1  # one token budget for every prompt length
+    # one token budget for every prompt length: a program per power of two of rows a call takes
+    assert engine.prefill_fn._cache_size() - prefill_before <= 1 + engine.PREFILL_ROWS.bit_length() - 1
 
 
 def test_prefill_packs_prompts_into_the_token_budget(model):
@@ -149,14 +150,21 @@ def test_prefill_packs_prompts_into_the_token_budget(model):
     result equals the static sampler's whatever the budget."""
     reqs = requests_for()
     waiting, free = collections.deque(range(len(reqs))), list(range(8))
-    take = lambda: engine.pack_prompts(reqs, waiting, free, num_samples=2, budget=32, rows=1, max_prompts=4, slots=8)
-    pack, taken, rows = take()
-    assert taken == [0, 1, 2] and rows == [0, 1, 2, 3, 4, 5]  # 5 + 23 + 1 tokens; the next (40) does not fit
-    assert pack.tokens.shape == (1, 32) and pack.lengths.tolist() == [5, 23, 1, 0]
-    assert pack.last.tolist()[:3] == [4, 27, 28] and pack.slots.tolist() == [0, 1, 2, 3, 4, 5, 8, 8]
-    assert pack.token_slots.tolist()[:2] == [0, 1] and pack.token_slots.tolist()[-2:] == [8, 8]  # padding dropped
-    pack, taken, rows = take()
-    assert taken == [3] and rows == [6, 7] and pack.tokens.shape == (1, 64)  # 40 tokens: a pack of its own
+    def take(rows):
+        free[:] = range(8)
+        return engine.pack_prompts(reqs, waiting, free, num_samples=2, budget=32, rows=rows, slots=8)
+
+    pack, taken, rows = take(1)
+    assert taken == [0, 1] and rows == [0, 1, 2, 3]  # 5 + 23 tokens: a row holds at most 32 / 16 prompts
+    assert pack.tokens.shape == (1, 32) and pack.lengths.tolist() == [5, 23] and pack.last.tolist() == [4, 27]
+    assert pack.slots.tolist() == [0, 1, 2, 3] and pack.token_slots.tolist()[:2] == [0, 1]
+    assert pack.token_slots.tolist()[-2:] == [8, 8]  # padding positions go out of range: dropped
+    pack, taken, _ = take(4)
+    assert taken == [2] and pack.tokens.shape == (1, 32)  # the next prompt (40 tokens) is longer than a row
+    pack, taken, _ = take(4)
+    assert taken == [3] and pack.tokens.shape == (1, 64)  # ... so it gets a power-of-two pack of its own
+    pack, taken, _ = take(4)
+    assert taken == [4, 5, 6, 7] and pack.tokens.shape == (2, 32)  # 9 + 16 | 17 + 3: two rows (8 slots full)
     settings = settings_for(model)
     want = static_reference(model, settings, PROMPTS, LIMITS)
     for budget in (16, 64, 256):
