@@ -313,9 +313,10 @@ def pack_prompts(requests: Sequence[Request], waiting: collections.deque, free: 
                  buckets=None) -> tuple[Pack, list[int], list[int]]:
     """Take waiting prompts in order into one pack of up to `rows` rows of `budget` tokens (as many
     prompts as the free slots hold, at most budget / MIN_BUCKET a row; a prompt never straddles two
-    rows). The pack has the power of two rows that holds them (a multiple of row_multiple, the mesh's
-    batch shards), so a refill of a few prompts computes one row, a burst of short prompts a few rows,
-    and a run compiles at most log2(rows) + 1 prefill programs. A prompt longer than the budget gets a
+    rows). The pack has a power of two of rows (a multiple of row_multiple, the mesh's batch shards):
+    prompts filling rows beyond the largest power of two wait for the next call, so no row is empty, a
+    refill of a few prompts computes one row, a burst of short prompts a few, and a run compiles at
+    most log2(rows) + 1 prefill programs. A prompt longer than the budget gets a
     one-row pack of its own, its power-of-two bucket long. Returns (pack, the requests taken, the slots
     their rows took). Pops from `waiting` and `free`."""
     per_row = budget // MIN_BUCKET
@@ -333,7 +334,11 @@ def pack_prompts(requests: Sequence[Request], waiting: collections.deque, free: 
         used, in_row = used + n, in_row + 1
     T = budget
     rows_used = row + 1 if used else row
-    R = min(rows, -(-(1 << max(0, rows_used - 1).bit_length()) // row_multiple) * row_multiple)
+    R = 1 << max(0, rows_used.bit_length() - 1)  # the power of two at or below: its rows are full
+    while taken and starts[-1] >= R * budget:  # prompts of the rows beyond wait for the next call
+        waiting.appendleft(taken.pop())
+        starts.pop()
+    R = min(rows, -(-R // row_multiple) * row_multiple)
     if not taken:  # the first waiting prompt is longer than the budget
         taken.append(waiting.popleft())
         starts.append(0)
