@@ -406,7 +406,11 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
     refill_rows = max(num_samples, refill_rows or slots // 16, 1)
     budget = prefill_tokens or PREFILL_TOKENS.get(jax.default_backend(), DEFAULT_PREFILL_TOKENS)
     shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]  # pack rows: a multiple of them
-    pack_rows = shards * PREFILL_ROWS
+    # Rows only as long as this call's longest prompt needs (a power of two up to the budget), and as
+    # many more of them: the attention inside a row costs its length squared, so short prompts get short
+    # rows; a prefill call holds at most PREFILL_ROWS x budget tokens.
+    row_len = min(budget, bucket_length(max(len(r.prompt_ids) for r in requests)))
+    pack_rows = shards * PREFILL_ROWS * (budget // row_len)
     path = path or decode_path(mesh)
     attention = attention_impl() if path == "layers" else None
     stats = stats if stats is not None else EngineStats()
@@ -461,7 +465,7 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
     while waiting or len(free) < len(owner):
         if in_flight is None:
             while waiting and len(free) >= num_samples:  # refill
-                pack, taken, rows = pack_prompts(requests, waiting, free, num_samples=num_samples, budget=budget,
+                pack, taken, rows = pack_prompts(requests, waiting, free, num_samples=num_samples, budget=row_len,
                                                  rows=pack_rows, slots=len(owner), row_multiple=shards,
                                                  buckets=buckets)
                 pack = Pack(*(_place(a, mesh) for a in pack))
