@@ -31,7 +31,7 @@ def test_rrm_bench_prints_achieved_bandwidth_and_both_transformers_methods_witho
                           timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     err = done.stderr
-    assert "[bench rrm] transformers generate (static batches of 2):" in err
+    assert "[bench rrm] transformers generate (length-sorted static batches of 2):" in err
     assert "[bench rrm] transformers generate_batch (continuous batching):" in err
     achieved = [l for l in err.splitlines() if l.startswith("[bench rrm] engine achieved ")]
     assert len(achieved) == 1 and "% of the measured " in achieved[0], err
