@@ -255,6 +255,19 @@ def _pickle_only(folder: Path):
     (folder / "pytorch_model.bin").write_bytes(b"not read")
 
 
+def _index_mapping_to(shard):
+    """Move the weights out of the folder (to its parent) and write an index mapping every tensor to `shard`
+    (a function of the moved file): the old loader followed '../x' and absolute paths anywhere."""
+    def damage(folder: Path):
+        moved = folder.parent / "elsewhere.safetensors"
+        (folder / "model.safetensors").rename(moved)
+        names = safetensors.safe_open(str(moved), "np").keys()
+        index = {"metadata": {}, "weight_map": {name: shard(moved) for name in names}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return damage
+
+
+SHARD_NAMES = "shards must be plain file names in the same folder"
 BAD_HF = {
     "missing": (lambda f: shutil.rmtree(f), "does not exist"),
     "no_config": (lambda f: (f / "config.json").unlink(), "no config.json"),
@@ -265,6 +278,10 @@ BAD_HF = {
     "shape": (lambda f: _edit_config(f, intermediate_size=64),
               "tensor model.layers.0.mlp.gate_proj.weight in .*model.safetensors has shape \\[56, 32\\]"),
     "truncated": (_truncate, "truncated safetensors file .*model.safetensors"),
+    "index_parent": (_index_mapping_to(lambda moved: "../elsewhere.safetensors"),
+                     f"index.json: tensor .* is mapped to '../elsewhere.safetensors'; {SHARD_NAMES}"),
+    "index_absolute": (_index_mapping_to(str), f"is mapped to '/.*/elsewhere.safetensors'; {SHARD_NAMES}"),
+    "index_not_a_string": (_index_mapping_to(lambda moved: 7), f"is mapped to 7; {SHARD_NAMES}"),
     "corrupt": (lambda f: (f / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}xxxxxxx"),
                 "corrupt safetensors file .*model.safetensors"),
 }

@@ -4,8 +4,10 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -13,6 +15,7 @@ import pytest
 from judge_utils import SeededGenerate, build_test_tokenizer
 
 from rrm_jax import cli
+from rrm_jax.data import sources
 from rrm_jax.data.preference import read_preferences
 from rrm_jax.errors import UserError
 from rrm_jax.generate_cli import read_prompt_rows
@@ -162,3 +165,44 @@ def test_hub_name_loads_offline_from_the_local_cache(tmp_path):
     assert read("someone/reward-mini", "test").startswith('error: someone/reward-mini (split test): Unknown split "test"')
     missing = read("someone/not-cached", "filtered")
     assert missing.startswith("error: someone/not-cached: no such file or folder, and no dataset of that name")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_hub_reads_the_cache_and_fails_fast_without_offline_mode(tmp_path):
+    # no HF_*_OFFLINE: the short connection check finds the Hub (here a closed local port) unreachable, so the
+    # cache answers at once instead of `datasets` retrying for half a minute
+    hf_home = tmp_path / "hf"
+    fake_cache_entry(hf_home, "someone/reward-mini", {"filtered": BENCH[:3]})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "TRANSFORMERS_OFFLINE"}
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    env.update(PYTHONPATH=str(ROOT), HF_HOME=str(hf_home), HF_ENDPOINT=endpoint)
+
+    def read(name):
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", OFFLINE_READ, name, ""], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert f"treating {name} as a Hugging Face dataset" in done.stderr
+        return done.stdout.strip().splitlines()[-1], time.monotonic() - start
+
+    found, _ = read("someone/reward-mini")
+    assert json.loads(found) == ["q0", "q1", "q2"]
+    missing, seconds = read("someone/not-cached")
+    assert missing == (f"error: someone/not-cached: no such file or folder, and no dataset of that name in the local "
+                       f"Hugging Face cache ({hf_home}); the Hub ({endpoint}) cannot be reached")
+    assert seconds < 20  # interpreter and `datasets` start-up; the retries alone took about 25 s
+
+
+def test_a_path_in_an_existing_folder_is_a_missing_file_not_a_hub_name(run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert sources.is_dataset("someone/reward-mini") and not sources.is_dataset("data/pairs")
+    code, err, generate = run(["judge", "--model", "M", "--input", "data/pairs", "--output", "out.jsonl"])
+    assert code == 2 and err == "rrm-jax: error: data/pairs: cannot read (No such file or directory)\n"
+    with pytest.raises(UserError, match="^data/pairs: no such file$"):
+        read_preferences("data/pairs")

@@ -366,6 +366,13 @@ def _read_header(file: Path) -> dict[str, _Entry]:
     return entries
 
 
+def _check_shard_name(file: object, tensor: str, index: Path) -> None:
+    """A shard is a file of the model's own folder: a path elsewhere ('../x', '/x') would read any file."""
+    if not isinstance(file, str) or file in ("", ".", "..") or file != Path(file).name or "\\" in file:
+        raise UserError(f"{index}: tensor {tensor} is mapped to {file!r}; shards must be plain file names in "
+                        f"the same folder (like 'model-00001-of-00002.safetensors')")
+
+
 class SafetensorsFolder:
     """The tensors of an HF folder (one model.safetensors, or shards named by model.safetensors.index.json).
     Opening validates every header and file size; `read` then reads exactly the requested bytes."""
@@ -378,6 +385,8 @@ class SafetensorsFolder:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise UserError(f"{index} has no 'weight_map' object")
+            for name, file in weight_map.items():
+                _check_shard_name(file, name, index)
             files = sorted(set(weight_map.values()))
         else:
             weight_map, files = None, [SAFETENSORS_FILE]
