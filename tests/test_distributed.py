@@ -1,6 +1,9 @@
 """Multi-process start-up (rrm_jax.distributed) and launch/local_pod.sh, with real CPU processes."""
 
+import fcntl
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,9 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCAL_POD = ROOT / "launch" / "local_pod.sh"
 
 
-def run_pod(args, tmp_path, script=None, timeout=120):
+def run_pod(args, tmp_path, script=None, timeout=120, env=None):
     """launch/local_pod.sh ARGS [python script.py] with the repository importable; -> (rc, stdout, stderr)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RRM_JAX_", "XLA_FLAGS"))}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RRM_JAX_", "XLA_FLAGS", "JAX_COORD"))},
+           **(env or {})}
     env["PYTHONPATH"] = str(ROOT)
     cmd = [str(LOCAL_POD), *args]
     if script is not None:
@@ -107,11 +111,66 @@ def test_local_pod_prefixes_output_and_returns_first_failure(tmp_path):
         assert lines_of(i, out) == [f"hello from {i} of 3"]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_local_pod_sets_coordinator_and_cpu_devices(tmp_path):
-    rc, out, err = run_pod(["--devices-per-process", "3", "--port", "4321", "1", "sh", "-c",
-                            'echo "$RRM_JAX_COORDINATOR $JAX_PLATFORMS $XLA_FLAGS"'], tmp_path)
+    port = free_port()
+    rc, out, err = run_pod(["--devices-per-process", "3", "--port", str(port), "1", "sh", "-c",
+                            'echo "$RRM_JAX_COORDINATOR $JAX_COORDINATOR_BIND_ADDRESS $JAX_PLATFORMS $XLA_FLAGS"'],
+                           tmp_path)
     assert rc == 0, err
-    assert lines_of(0, out) == ["127.0.0.1:4321 cpu --xla_force_host_platform_device_count=3"]
+    # the coordinator binds loopback only (JAX binds every interface without JAX_COORDINATOR_BIND_ADDRESS)
+    assert lines_of(0, out) == [f"127.0.0.1:{port} 127.0.0.1:{port} cpu --xla_force_host_platform_device_count=3"]
+
+
+def hold_port_lock(tmp_path, port):
+    """Take the lock a running local pod holds on `port` (its lock folder under TMPDIR=tmp_path)."""
+    folder = tmp_path / f"rrm-local-pod-{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    lock = open(folder / f"{port}.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return lock
+
+
+def test_local_pod_refuses_a_port_in_use(tmp_path):
+    env = {"TMPDIR": str(tmp_path)}
+    with socket.socket() as listening:  # another program
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        rc, out, err = run_pod(["--port", str(port), "1", "true"], tmp_path, env=env)
+    assert rc == 2 and out == ""
+    assert err == (f"local_pod.sh: error: --port {port} is in use (by another local pod or program); "
+                   f"choose another or leave --port out\n")
+    port = free_port()
+    with hold_port_lock(tmp_path, port):  # another local pod, whose coordinator has not bound it yet
+        rc, _, err = run_pod(["--port", str(port), "1", "true"], tmp_path, env=env)
+        assert rc == 2 and f"--port {port} is in use" in err
+    rc, out, err = run_pod(["--port", str(port), "1", "true"], tmp_path, env=env)
+    assert rc == 0, err
+
+
+def test_local_pod_picks_another_port_when_the_picked_one_is_taken(tmp_path):
+    # a python3 whose first port pick returns a port another pod holds, as when two pods start together
+    taken = free_port()
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!/bin/bash
+if [[ "$*" == *getsockname* && ! -e {tmp_path}/picked ]]; then touch {tmp_path}/picked; echo {taken}; exit 0; fi
+exec {shutil.which("python3")} "$@"
+""")
+    fake.chmod(0o755)
+    env = {"TMPDIR": str(tmp_path), "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    with hold_port_lock(tmp_path, taken):
+        rc, out, err = run_pod(["2", "sh", "-c", 'echo "$RRM_JAX_COORDINATOR"'], tmp_path, env=env)
+    assert rc == 0, err
+    assert err == f"local_pod.sh: port {taken} is in use; trying another\n"
+    (coordinator,) = set(lines_of(0, out) + lines_of(1, out))
+    assert coordinator.startswith("127.0.0.1:") and coordinator != f"127.0.0.1:{taken}"
 
 
 def test_local_pod_rejects_bad_process_count(tmp_path):
