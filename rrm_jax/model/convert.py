@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rrm_jax import storage
 from rrm_jax.errors import UserError
 from rrm_jax.model.config import dtype_arg
 
@@ -49,7 +50,7 @@ def hf_to_checkpoint(hf_dir: Path | str, out_dir: Path | str, *, dtype: str | No
     finally:
         bar.close()
         source.close()
-    return Path(out_dir)
+    return storage.as_path(out_dir)
 
 
 def checkpoint_to_hf(ckpt_dir: Path | str, out_dir: Path | str, *, max_shard_size: int | str = "5GB",
@@ -75,10 +76,10 @@ def checkpoint_to_hf(ckpt_dir: Path | str, out_dir: Path | str, *, max_shard_siz
 
     with checkpoint.staged_output_dir(out_dir) as stage, \
             tqdm(total=len(hf.hf_tensors(config)), desc="orbax-to-hf", unit="tensor", disable=not progress) as bar:
-        stage.mkdir()
+        stage.mkdir(parents=True, exist_ok=True)
         hf.write_hf_folder(stage, config, region, dtype=dtypes.pop(), max_shard_size=max_bytes,
                            assets_from=ckpt / checkpoint.ASSETS_DIR, progress=bar.update)
-    return Path(out_dir)
+    return storage.as_path(out_dir)
 
 
 def _run_hf_to_orbax(args) -> int:
@@ -97,16 +98,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="direction", metavar="{hf-to-orbax,orbax-to-hf}", required=True,
                                 parser_class=type(parser))
     to_orbax = sub.add_parser("hf-to-orbax", help="Hugging Face folder (safetensors) -> rrm-jax checkpoint")
-    to_orbax.add_argument("--hf", required=True, type=Path, help="Hugging Face model folder")
-    to_orbax.add_argument("--out", required=True, type=Path, help="new checkpoint folder")
+    to_orbax.add_argument("--hf", required=True, type=Path, help="Hugging Face model folder (local)")
+    to_orbax.add_argument("--out", required=True, type=storage.as_path, help="new checkpoint folder")
     to_orbax.add_argument("--dtype", type=dtype_arg, default=None,
                           help="parameter dtype to store, float32 or bfloat16 (default: the stored one; float16 "
                                "becomes float32)")
     to_orbax.set_defaults(run=_run_hf_to_orbax)
     to_hf = sub.add_parser("orbax-to-hf", help="rrm-jax checkpoint -> Hugging Face folder")
-    to_hf.add_argument("--ckpt", required=True, type=Path,
+    to_hf.add_argument("--ckpt", required=True, type=storage.as_path,
                        help="rrm-jax checkpoint, or a folder of checkpoint steps (the latest is used)")
-    to_hf.add_argument("--out", required=True, type=Path, help="new Hugging Face folder")
+    to_hf.add_argument("--out", required=True, type=storage.as_path, help="new Hugging Face folder")
     to_hf.add_argument("--max-shard-size", default="5GB",
                        help="largest safetensors file before sharding with an index")
     to_hf.set_defaults(run=_run_orbax_to_hf)
