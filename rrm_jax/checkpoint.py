@@ -181,7 +181,7 @@ def _save(path: Path, params: dict, config: Qwen2Config, *, streamed: bool) -> N
         registry.add(PARAMS_ITEM, ocp.args.PyTreeSave, ocp.PyTreeCheckpointHandler(type_handler_registry=types))
     atomicity = atomicity_options(path)
     handler = ocp.CompositeCheckpointHandler(
-        handler_registry=registry, composite_options=ocp.options.CompositeOptions(atomicity_options=atomicity))
+        handler_registry=registry, composite_options=ocp.CompositeOptions(atomicity_options=atomicity))
     with ocp.Checkpointer(handler, atomicity_options=atomicity) as ckpt:
         ckpt.save(orbax_path(path), ocp.args.Composite(**model_items_for(params, config)))
 

@@ -326,9 +326,12 @@ def _continues_a_run(output_dir: Path, resume: bool) -> bool:
 
 def check_resume(output_dir: Path, c: TrainConfig, resume: bool) -> None:
     """Refuse a --resume whose config changes what the saved run is (the keys outside RESUME_MAY_CHANGE),
-    naming each changed key with its saved and given values."""
+    naming each changed key with its saved and given values, or whose metrics.jsonl is damaged."""
     saved_path = output_dir / RUN_CONFIG
-    if not _continues_a_run(output_dir, resume) or not saved_path.exists():
+    if not _continues_a_run(output_dir, resume):
+        return
+    read_metrics(output_dir / METRICS)  # a damaged line stops the resume before anything is loaded or written
+    if not saved_path.exists():
         return
     conflicts = resume_conflicts(load_config(base=yaml.safe_load(saved_path.read_text())), c)
     if not conflicts:
