@@ -11,7 +11,7 @@
 #
 #   create   create the slice
 #   setup    copy this project (tracked and untracked-but-not-ignored files) to ~/rrm-jax on every
-#            worker and install it with jax[tpu] into ~/rrm-venv (Python 3.11 through uv)
+#            worker and install it with jax[tpu] and its gcs extra (gs:// run folders) into ~/rrm-venv (Python 3.11 through uv)
 #   run      copy FILE to ~/rrm-run.yaml on every worker and start `rrm-jax train --config ~/rrm-run.yaml ARGS`
 #            there in the background (ARGS: train flags and key=value overrides); output in ~/rrm-run.log
 #   logs     follow ~/rrm-run.log of worker 0 (process 0 is the one that logs)
@@ -104,7 +104,7 @@ case "$command" in
     # extracted over the old copy, so that models/ and data/ downloaded on the workers stay
     on_all_workers "set -e; mkdir -p $REMOTE_DIR && tar -xzf ~/rrm-jax.tar.gz -C $REMOTE_DIR && rm ~/rrm-jax.tar.gz; \
 python3 -m pip install --user --quiet uv && ~/.local/bin/uv venv --allow-existing --python 3.11 $REMOTE_VENV && \
-~/.local/bin/uv pip install --quiet --python $REMOTE_VENV/bin/python -e $REMOTE_DIR 'jax[tpu]==$jax_version' && \
+~/.local/bin/uv pip install --quiet --python $REMOTE_VENV/bin/python -e $REMOTE_DIR'[gcs]' 'jax[tpu]==$jax_version' && \
 $REMOTE_VENV/bin/rrm-jax --help > /dev/null && echo \"rrm-jax installed on \$(hostname)\""
     ;;
 
