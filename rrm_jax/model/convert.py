@@ -5,7 +5,9 @@
 
 Both directions hold one block (one layer of one parameter, or at most 64 MiB of an embedding) in host
 memory at a time, so converting a 32B model needs little more RAM than its largest tensor.
-Everything is validated before anything is written; the output appears only when complete.
+Everything is validated before anything is written; the output appears only when complete (on a
+`gs://` bucket, which cannot rename a folder, it is written in place and marked complete last:
+rrm_jax/storage.py).
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ One run, in OUTPUT_DIR:
                        seed, data-iterator position, elapsed time), config
     metrics.jsonl      one JSON object per step; tb/ TensorBoard events; curve.png at the end
 
+OUTPUT_DIR may be a gs:// bucket path: nothing in it is then finished by renaming a folder
+(rrm_jax/storage.py).
+
 Phases: (A) an optional supervised format warm-up on toy transcripts (the judge: RANDOM verdicts, so
 it learns to answer, not what to answer; the policy: letter strings, 3 in 4 of them with the banned
 letter), then (B) GRPO, one step as named stages: `rollout` (B prompts -> G samples each), `score`
