@@ -17,11 +17,14 @@ gcsfs (the `gcs` extra of setup.py).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
 
 from etils import epath
+
+from rrm_jax.errors import UserError
 
 BUCKET_PREFIXES = ("gs://",)
 
@@ -34,6 +37,13 @@ def as_path(path) -> Path:
     """`path` as a path object that keeps its meaning: epath for a bucket (pathlib would turn
     `gs://b/x` into `gs:/b/x`), pathlib otherwise."""
     return epath.Path(str(path)) if is_bucket(path) else Path(path)
+
+
+def check_support(path) -> None:
+    """A bucket path needs gcsfs (etils.epath's way to gs://): without it, one line saying how to get it."""
+    if is_bucket(path) and importlib.util.find_spec("gcsfs") is None:
+        raise UserError(f"{path} is on Google Cloud Storage, which needs gcsfs: pip install -e '.[gcs]' "
+                        f"(the gcs extra; launch/tpu_run.sh setup installs it)")
 
 
 def renames_folders(path) -> bool:

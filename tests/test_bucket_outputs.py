@@ -7,6 +7,7 @@ is not run here; the README says so."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from rrm_jax import checkpoint, storage
+from rrm_jax import checkpoint, cli, storage
 from rrm_jax.model.config import Qwen2Config
 from rrm_jax.model.convert import checkpoint_to_hf, configure, hf_to_checkpoint
 from rrm_jax.model.qwen2 import Qwen2
@@ -123,3 +124,16 @@ def test_an_export_cut_short_is_removed_and_never_looks_complete(tmp_path, bucke
         checkpoint_to_hf(out, tmp_path / "hf")
     assert "config.json" not in seen[-1] and "model.safetensors" in seen[-1]  # config.json is the last file
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs installed: the bucket would be reached")
+@pytest.mark.parametrize("argv", [
+    ["convert", "orbax-to-hf", "--ckpt", "gs://my-bucket/run", "--out", "{tmp}/hf"],
+    ["train", "--output-dir", "gs://my-bucket/run", "--no-progress"],
+])
+def test_a_bucket_path_without_gcsfs_is_one_line(tmp_path, capsys, argv):
+    assert cli.main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("rrm-jax: error: gs://my-bucket/run is on Google Cloud Storage, which needs gcsfs: "
+                   "pip install -e '.[gcs]' (the gcs extra; launch/tpu_run.sh setup installs it)")
+    assert not any(tmp_path.iterdir())

@@ -85,12 +85,15 @@ def checkpoint_to_hf(ckpt_dir: Path | str, out_dir: Path | str, *, max_shard_siz
 
 
 def _run_hf_to_orbax(args) -> int:
+    storage.check_support(args.out)
     out = hf_to_checkpoint(args.hf, args.out, dtype=args.dtype, progress=True)
     print(f"wrote rrm-jax checkpoint {out}")
     return 0
 
 
 def _run_orbax_to_hf(args) -> int:
+    for path in (args.ckpt, args.out):
+        storage.check_support(path)
     out = checkpoint_to_hf(args.ckpt, args.out, max_shard_size=args.max_shard_size, progress=True)
     print(f"wrote Hugging Face folder {out}")
     return 0

@@ -532,6 +532,7 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
     """The whole run; returns the exit code (0; EXIT_COLLAPSE when the guard stopped it; after SIGTERM or
     Ctrl-C, which save the step in flight, 0 or EXIT_CTRL_C: resumable.StopSignals)."""
     t_start = time.perf_counter()
+    output_dir = storage.as_path(output_dir)  # a gs:// string stays a bucket path
     run = setup(c, output_dir, resume=resume, progress=progress)
     ckpts = Checkpoints(output_dir, c.keep_checkpoints)
     start = ckpts.latest_step() if resume else None
@@ -725,6 +726,8 @@ def cli_prefix() -> str:
 
 
 def run_train(args) -> int:
+    for path in (args.output_dir, args.export_hf):
+        storage.check_support(path)
     output_dir = storage.as_path(args.output_dir)
     config = resolve_config(args.config, args.overrides, output_dir, args.resume)
     if args.export_hf:
