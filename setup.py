@@ -37,6 +37,8 @@ setup(
         "cuda": [f"jax[cuda12]=={JAX}"],
         "cuda13": [f"jax[cuda13]=={JAX}"],
         "tpu": [f"jax[tpu]=={JAX}"],
+        # gs:// run folders and exports (etils.epath reads and writes a bucket through gcsfs)
+        "gcs": ["gcsfs==2026.8.2"],
     },
     entry_points={"console_scripts": ["rrm-jax=rrm_jax.cli:main"]},
 )

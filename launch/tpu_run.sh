@@ -12,7 +12,7 @@
 #
 #   create   create the slice
 #   setup    copy this project's code (the files git tracks) to ~/rrm-jax on every worker and install it
-#            with jax[tpu] into ~/rrm-venv (Python 3.11 through uv). Lists what it sends and the size first.
+#            with jax[tpu] and its gcs extra (gs:// run folders) into ~/rrm-venv (Python 3.11 through uv). Lists what it sends and the size first.
 #            Never sent unless listed by their own path with --include: .env* files, credential files
 #            (*.pem, *.key, *.p12, *.pfx, credentials*, id_rsa*/id_ecdsa*/id_ed25519*, .netrc,
 #            .git-credentials, JSON holding a private_key, client_secret or refresh_token) and *.safetensors.
@@ -215,7 +215,7 @@ case "$command" in
     # extracted over the old copy, so that models/ and data/ downloaded on the workers stay
     on_all_workers "set -e; mkdir -p $REMOTE_DIR && tar -xzf ~/rrm-jax.tar.gz -C $REMOTE_DIR && rm ~/rrm-jax.tar.gz; \
 python3 -m pip install --user --quiet uv && ~/.local/bin/uv venv --allow-existing --python 3.11 $REMOTE_VENV && \
-~/.local/bin/uv pip install --quiet --python $REMOTE_VENV/bin/python -e $REMOTE_DIR 'jax[tpu]==$jax_version' && \
+~/.local/bin/uv pip install --quiet --python $REMOTE_VENV/bin/python -e $REMOTE_DIR'[gcs]' 'jax[tpu]==$jax_version' && \
 $REMOTE_VENV/bin/rrm-jax --help > /dev/null && echo \"rrm-jax installed on \$(hostname)\""
     ;;
 

@@ -46,7 +46,7 @@ from orbax.checkpoint._src.futures import future as ocp_future
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from rrm_jax import parallel
+from rrm_jax import parallel, storage
 from rrm_jax.errors import UserError
 from rrm_jax.model import hf
 from rrm_jax.model.config import Qwen2Config, dtype_name
@@ -55,6 +55,7 @@ from rrm_jax.model.qwen2 import LOGICAL_AXES, Qwen2, param_shapes
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "model_config"
 ASSETS_DIR = "assets"
+COMMIT_FILE = "commit_success.txt"  # Orbax's mark of a checkpoint committed without a rename
 _CONFIG_FILE = "metadata"  # JsonCheckpointHandler's file name inside the model_config item
 
 
@@ -89,20 +90,41 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_output_free(out: Path | str) -> None:
     """Outputs never overwrite anything: `out` must not exist (an empty folder is fine)."""
-    out = Path(out)
+    out = storage.as_path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists; choose a new path or remove it")
 
 
 def orbax_path(path: Path | str) -> epath.Path:
-    """`path` as Orbax takes it: absolute (it refuses relative paths)."""
-    return epath.Path(Path(path).absolute())
+    """`path` as Orbax takes it: absolute (it refuses relative paths), a bucket path as it is."""
+    return epath.Path(str(path)) if storage.is_bucket(path) else epath.Path(Path(path).absolute())
+
+
+def atomicity_options(path: Path | str) -> ocp.options.AtomicityOptions | None:
+    """How Orbax commits a checkpoint under `path`: by renaming its folder (Orbax's default for a local
+    path), or where folders are not renamed (a bucket) by writing commit_success.txt in place."""
+    if storage.renames_folders(path):
+        return None
+    return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
 
 
 @contextlib.contextmanager
 def staged_output_dir(out: Path | str) -> Iterator[Path]:
     """Yields a not-yet-existing path in a temp folder beside `out`; on success it is renamed to `out`,
-    on any error (or Ctrl-C) the temp folder is removed, so no half-written output is ever left."""
+    on any error (or Ctrl-C) the temp folder is removed, so no half-written output is ever left.
+    Where folders are not renamed (a bucket) it yields `out` itself and removes it on an error; the
+    writers mark it complete themselves (Orbax's commit file, an HF folder's config.json written last)."""
+    if not storage.renames_folders(out):
+        out = storage.as_path(out)
+        check_output_free(out)
+        if out.exists():
+            out.rmdir()  # the empty folder checked above: Orbax creates its own
+        try:
+            yield out
+        except BaseException:
+            storage.remove_tree(out)
+            raise
+        return
     out = Path(out).absolute()  # the stage inside is handed to Orbax, which refuses relative paths
     check_output_free(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +179,10 @@ def _save(path: Path, params: dict, config: Qwen2Config, *, streamed: bool) -> N
         types = ocp.type_handlers.create_type_handler_registry(
             (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)), (StreamedArray, _StreamedArrayHandler()))
         registry.add(PARAMS_ITEM, ocp.args.PyTreeSave, ocp.PyTreeCheckpointHandler(type_handler_registry=types))
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry)) as ckpt:
+    atomicity = atomicity_options(path)
+    handler = ocp.CompositeCheckpointHandler(
+        handler_registry=registry, composite_options=ocp.CompositeOptions(atomicity_options=atomicity))
+    with ocp.Checkpointer(handler, atomicity_options=atomicity) as ckpt:
         ckpt.save(orbax_path(path), ocp.args.Composite(**model_items_for(params, config)))
 
 
@@ -179,7 +204,7 @@ def write_checkpoint(out: Path | str, params: dict, config: Qwen2Config, *, asse
         _save(stage, params, config, streamed=streamed)
         if assets_from is not None:
             hf.copy_assets(assets_from, stage / ASSETS_DIR)
-    return Path(out)
+    return storage.as_path(out)
 
 
 def save_checkpoint(model: Qwen2, config: Qwen2Config, out_dir: Path | str, *,
@@ -193,12 +218,16 @@ def save_checkpoint(model: Qwen2, config: Qwen2Config, out_dir: Path | str, *,
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (path / PARAMS_ITEM).is_dir() and (path / CONFIG_ITEM / _CONFIG_FILE).is_file()
+    """A complete rrm-jax checkpoint; where Orbax commits without renaming (a bucket) only once its
+    commit file is written."""
+    committed = storage.renames_folders(path) or (path / COMMIT_FILE).is_file()
+    return committed and (path / PARAMS_ITEM).is_dir() and (path / CONFIG_ITEM / _CONFIG_FILE).is_file()
 
 
 def latest_step(root: Path) -> Path | None:
     """Latest finalized step of a CheckpointManager folder (Orbax renames a step to its bare number
-    only once it is complete)."""
+    only once it is complete; on a bucket it writes the commit file last)."""
+    root = storage.as_path(root)
     steps = [p for p in root.iterdir() if re.fullmatch(r"\d+", p.name) and is_checkpoint(p)] if root.is_dir() else []
     return max(steps, key=lambda p: int(p.name), default=None)
 
@@ -206,7 +235,7 @@ def latest_step(root: Path) -> Path | None:
 def resolve_checkpoint(path: Path | str) -> Path:
     """The checkpoint folder `path` names: itself, or the latest step of a CheckpointManager folder
     (`path` or `path/checkpoints`)."""
-    path = Path(path).absolute()  # Orbax refuses relative paths
+    path = storage.as_path(path) if storage.is_bucket(path) else Path(path).absolute()  # Orbax refuses relative paths
     if not path.exists():
         raise UserError(f"{path} does not exist")
     if is_checkpoint(path):
@@ -275,7 +304,7 @@ def _assets_dir(path: Path | str | None) -> Path | None:
     """Where a folder keeps its tokenizer / generation files: an HF folder itself, a checkpoint's assets/."""
     if path is None:
         return None
-    path = Path(path)
+    path = storage.as_path(path)
     if hf.is_hf_folder(path):
         return path
     return resolve_checkpoint(path) / ASSETS_DIR
@@ -333,7 +362,7 @@ def load_model(path: Path | str, *, dtype=None, compute_dtype=None, mesh=None) -
     activations); None keeps the stored one.
     mesh: a (data, fsdp, tp) mesh from rrm_jax.parallel.make_mesh; each parameter is read straight into
     its sharding on it. None puts everything on this process's first device."""
-    path = Path(path)
+    path = storage.as_path(path)
     dtype = None if dtype is None else dtype_name(dtype, "dtype")
     compute_dtype = None if compute_dtype is None else dtype_name(compute_dtype, "compute_dtype")
     if hf.is_hf_folder(path):
@@ -357,10 +386,24 @@ def save_hf(model: Qwen2, config: Qwen2Config, out_dir: Path | str, *, max_shard
         return np.asarray(jax.device_get(params[path][index])).astype(dtype, copy=False)
 
     with staged_output_dir(out_dir) as stage:
-        stage.mkdir()
+        stage.mkdir(parents=True, exist_ok=True)
         hf.write_hf_folder(stage, config, region, dtype=dtype, max_shard_size=hf.parse_size(max_shard_size),
                            assets_from=_assets_dir(assets_from))
-    return Path(out_dir)
+    return storage.as_path(out_dir)
+
+
+def save_tokenizer(tokenizer, dst: Path) -> None:
+    """`tokenizer.save_pretrained` into the new folder `dst`: saved beside it and renamed into place, or
+    where folders are not renamed (a bucket) saved in a local temporary folder and copied file by file."""
+    if storage.renames_folders(dst):
+        stage = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
+        tokenizer.save_pretrained(str(stage))
+        os.replace(stage, dst)
+        return
+    with tempfile.TemporaryDirectory() as local:
+        tokenizer.save_pretrained(local)
+        for file in sorted(Path(local).iterdir()):
+            storage.copy_file(file, dst / file.name)
 
 
 def load_tokenizer(path: Path | str):

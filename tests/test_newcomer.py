@@ -112,14 +112,14 @@ def test_unknown_config_key_suggests_the_closest(tmp_path, key, message):
 
 
 def test_written_files_get_the_umask_mode(tmp_path):
+    from rrm_jax import storage
     from rrm_jax.data import toy
     from rrm_jax.data.preference import PreferencePair
     from rrm_jax.rl.judge_task import write_pairs
 
     previous = os.umask(0o022)
     try:
-        config = tmp_path / "config.yaml"
-        config.write_text("seed: 0\n")  # how the trainer writes config.yaml
+        storage.write_text(tmp_path / "config.yaml", "seed: 0\n")  # how the trainer writes config.yaml
         write_pairs(tmp_path / "heldout.jsonl", [PreferencePair("q", "a", "b")])
         toy.write_heldout(str(tmp_path / "toy.jsonl"), n=3)
     finally:

@@ -59,7 +59,7 @@ def test_setup_packs_copies_and_installs_on_all_workers(tmp_path):
     assert install[:7] == TPU_VM + ["ssh", "rrm-pod", "--worker=all"] and install[7:9] == WHERE
     script = remote_command(install)
     assert "tar -xzf ~/rrm-jax.tar.gz -C ~/rrm-jax" in script
-    assert "-e ~/rrm-jax 'jax[tpu]==0.10.2'" in script  # the jax that setup.py pins
+    assert "-e ~/rrm-jax'[gcs]' 'jax[tpu]==0.10.2'" in script  # the jax that setup.py pins; gcsfs for gs:// runs
 
 
 # ---------- setup for real, against a fake gcloud, in a small git checkout with secrets lying around

@@ -263,3 +263,54 @@ def test_progress_bar_keeps_the_latest_eval_on_every_frame(tmp_path, capsys):
     assert {int(re.search(r" (\d)/4 ", f).group(1)) for f in frames} >= {1, 4}
     for f in frames:  # the step-0 evaluation's figure from the first frame on, then the latest one
         assert re.search(r"reward=-?\d\.\d\d, acc=\d\.\d\d, eval=\d\.\d{3}", f), f
+
+
+def _metrics_lines(*steps: int) -> str:
+    return "".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in steps)
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+    """A crash in the middle of a metrics write leaves a last line without its newline: the resume
+    drops it (with the rows after the restored step) instead of dying on it."""
+    (tmp_path / trainer.METRICS).write_text(_metrics_lines(1, 2, 3) + '{"step": 4, "lo')
+    log = trainer.MetricsLog(tmp_path, resume_step=3)
+    assert log.rows() == [{"step": 1, "loss": 0.1}, {"step": 2, "loss": 0.2}, {"step": 3, "loss": 0.3}]
+    log.log({"step": 4, "loss": 0.4})
+    log.close()
+    assert (tmp_path / trainer.METRICS).read_text() == _metrics_lines(1, 2, 3, 4)
+
+
+def test_a_damaged_metrics_line_before_the_last_is_one_line_exit_2(finished_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    damaged = _metrics_lines(0) + '{"step": 1, "lo\n' + _metrics_lines(2)
+    (out / trainer.METRICS).write_text(damaged)
+    err = _cli_error(capsys, ["train", "--output-dir", str(out), "--resume", "--no-progress", *TINY,
+                              "max_steps=0", "warmup.steps=0", "eval_every=0"])
+    assert err == (f"rrm-jax: error: {out / trainer.METRICS} line 2 is not valid JSON (not a cut-short last line: "
+                   f"the file is damaged); repair or delete that line, then --resume again")
+    assert (out / trainer.METRICS).read_text() == damaged  # nothing rewritten
+
+
+def test_config_yaml_is_written_whole(finished_run, tmp_path, monkeypatch):
+    """A crash while config.yaml is written leaves the previous one whole (a file cut short would fill
+    its missing sections with defaults on the next --resume): it is written beside and renamed."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = (out / trainer.RUN_CONFIG).read_bytes()
+    replace = os.replace
+
+    def crash_before_config_lands(src, dst):
+        if Path(dst).name == trainer.RUN_CONFIG:
+            raise KeyboardInterrupt  # kill -9 between the write and its rename
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_before_config_lands)
+    more_steps = load_config(base=yaml.safe_load(before), overrides=["max_steps=9"])
+    with pytest.raises(KeyboardInterrupt):
+        trainer._prepare_output(out, True, more_steps, task=None)  # a resume keeps heldout.jsonl: no task needed
+    assert (out / trainer.RUN_CONFIG).read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in finished_run.iterdir())  # no temp file left
+    monkeypatch.setattr(os, "replace", replace)
+    trainer._prepare_output(out, True, more_steps, task=None)
+    assert load_config(base=yaml.safe_load((out / trainer.RUN_CONFIG).read_text())).max_steps == 9

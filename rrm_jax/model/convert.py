@@ -5,7 +5,9 @@
 
 Both directions hold one block (one layer of one parameter, or at most 64 MiB of an embedding) in host
 memory at a time, so converting a 32B model needs little more RAM than its largest tensor.
-Everything is validated before anything is written; the output appears only when complete.
+Everything is validated before anything is written; the output appears only when complete (on a
+`gs://` bucket, which cannot rename a folder, it is written in place and marked complete last:
+rrm_jax/storage.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rrm_jax import storage
 from rrm_jax.errors import UserError
 from rrm_jax.model.config import dtype_arg
 
@@ -49,7 +52,7 @@ def hf_to_checkpoint(hf_dir: Path | str, out_dir: Path | str, *, dtype: str | No
     finally:
         bar.close()
         source.close()
-    return Path(out_dir)
+    return storage.as_path(out_dir)
 
 
 def checkpoint_to_hf(ckpt_dir: Path | str, out_dir: Path | str, *, max_shard_size: int | str = "5GB",
@@ -75,19 +78,22 @@ def checkpoint_to_hf(ckpt_dir: Path | str, out_dir: Path | str, *, max_shard_siz
 
     with checkpoint.staged_output_dir(out_dir) as stage, \
             tqdm(total=len(hf.hf_tensors(config)), desc="orbax-to-hf", unit="tensor", disable=not progress) as bar:
-        stage.mkdir()
+        stage.mkdir(parents=True, exist_ok=True)
         hf.write_hf_folder(stage, config, region, dtype=dtypes.pop(), max_shard_size=max_bytes,
                            assets_from=ckpt / checkpoint.ASSETS_DIR, progress=bar.update)
-    return Path(out_dir)
+    return storage.as_path(out_dir)
 
 
 def _run_hf_to_orbax(args) -> int:
+    storage.check_support(args.out)
     out = hf_to_checkpoint(args.hf, args.out, dtype=args.dtype, progress=True)
     print(f"wrote rrm-jax checkpoint {out}")
     return 0
 
 
 def _run_orbax_to_hf(args) -> int:
+    for path in (args.ckpt, args.out):
+        storage.check_support(path)
     out = checkpoint_to_hf(args.ckpt, args.out, max_shard_size=args.max_shard_size, progress=True)
     print(f"wrote Hugging Face folder {out}")
     return 0
@@ -97,16 +103,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="direction", metavar="{hf-to-orbax,orbax-to-hf}", required=True,
                                 parser_class=type(parser))
     to_orbax = sub.add_parser("hf-to-orbax", help="Hugging Face folder (safetensors) -> rrm-jax checkpoint")
-    to_orbax.add_argument("--hf", required=True, type=Path, help="Hugging Face model folder")
-    to_orbax.add_argument("--out", required=True, type=Path, help="new checkpoint folder")
+    to_orbax.add_argument("--hf", required=True, type=Path, help="Hugging Face model folder (local)")
+    to_orbax.add_argument("--out", required=True, type=storage.as_path, help="new checkpoint folder")
     to_orbax.add_argument("--dtype", type=dtype_arg, default=None,
                           help="parameter dtype to store, float32 or bfloat16 (default: the stored one; float16 "
                                "becomes float32)")
     to_orbax.set_defaults(run=_run_hf_to_orbax)
     to_hf = sub.add_parser("orbax-to-hf", help="rrm-jax checkpoint -> Hugging Face folder")
-    to_hf.add_argument("--ckpt", required=True, type=Path,
+    to_hf.add_argument("--ckpt", required=True, type=storage.as_path,
                        help="rrm-jax checkpoint, or a folder of checkpoint steps (the latest is used)")
-    to_hf.add_argument("--out", required=True, type=Path, help="new Hugging Face folder")
+    to_hf.add_argument("--out", required=True, type=storage.as_path, help="new Hugging Face folder")
     to_hf.add_argument("--max-shard-size", default="5GB",
                        help="largest safetensors file before sharding with an index")
     to_hf.set_defaults(run=_run_orbax_to_hf)

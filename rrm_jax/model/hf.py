@@ -30,13 +30,13 @@ import json
 import math
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
 
+from rrm_jax import storage
 from rrm_jax.errors import UserError
 from rrm_jax.model.config import Qwen2Config
 from rrm_jax.model.qwen2 import param_shapes
@@ -302,7 +302,7 @@ def check_hf_folder(path: Path) -> None:
 
 def read_json(path: Path, what: str = "") -> dict:
     try:
-        with open(path) as f:
+        with storage.as_path(path).open() as f:
             value = json.load(f)
     except FileNotFoundError:
         raise UserError(f"{path} does not exist") from None
@@ -314,7 +314,7 @@ def read_json(path: Path, what: str = "") -> dict:
 
 
 def read_hf_config(folder: Path, *, param_dtype: str = "float32") -> Qwen2Config:
-    path = Path(folder) / "config.json"
+    path = storage.as_path(folder) / "config.json"
     return config_from_hf(read_json(path), source=str(path), param_dtype=param_dtype)
 
 
@@ -559,7 +559,7 @@ def write_safetensors_folder(
     weight_map = {}
     for file_name, members in zip(names, shards):
         entries = [tensors[i] for i in members]
-        with open(out_dir / file_name, "wb") as f:
+        with (out_dir / file_name).open("wb") as f:
             f.write(_header_bytes(entries))
             for i, (name, dtype, shape) in zip(members, entries):
                 written = 0
@@ -591,8 +591,9 @@ def write_hf_folder(
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """Write a complete HF folder (config.json, generation_config.json, safetensors, assets) into the
-    existing `out_dir`. `region(path, index)` returns param[index] of our parameter `path` as a numpy
-    array of `dtype`; it is asked for one layer or one row block at a time."""
+    existing `out_dir`, config.json last: written in place (on a bucket) and cut short, it is not
+    taken for a model folder. `region(path, index)` returns param[index] of our parameter `path` as a
+    numpy array of `dtype`; it is asked for one layer or one row block at a time."""
     tensors = hf_tensors(config)
     dtype = np.dtype(dtype)
     specs = [(t.name, dtype, t.shape) for t in tensors]
@@ -607,10 +608,10 @@ def write_hf_folder(
             yield np.ascontiguousarray(t.swap_rows_layout(region(t.map.path, t.rows_index(r0, r1))))
 
     write_safetensors_folder(out_dir, specs, blocks, max_shard_size=max_shard_size, progress=progress)
-    write_json(out_dir / "config.json", config_to_hf(config))
     copied = copy_assets(assets_from, out_dir) if assets_from is not None else []
     if "generation_config.json" not in copied:
         write_json(out_dir / "generation_config.json", generation_config_to_hf(config))
+    write_json(out_dir / "config.json", config_to_hf(config))
 
 
 def write_json(path: Path, value: dict) -> None:
@@ -619,14 +620,14 @@ def write_json(path: Path, value: dict) -> None:
 
 def copy_assets(src: Path, dst: Path) -> list[str]:
     """Copy the tokenizer / generation files that `src` has into `dst`; returns their names."""
+    src, dst = storage.as_path(src), storage.as_path(dst)
     copied = []
     for name in ASSET_FILES:
-        if (Path(src) / name).is_file():
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(Path(src) / name, dst / name)
+        if (src / name).is_file():
+            storage.copy_file(src / name, dst / name)
             copied.append(name)
     return copied
 
 
 def has_tokenizer(folder: Path) -> bool:
-    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+    return any((storage.as_path(folder) / name).is_file() for name in TOKENIZER_FILES)

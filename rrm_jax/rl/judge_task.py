@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rrm_jax import distributed, generate, resumable
+from rrm_jax import distributed, generate, storage
 from rrm_jax.data import toy
 from rrm_jax.data.preference import JudgeExample, PreferenceDataset, preference_batches, read_preferences, split_heldout
 from rrm_jax.errors import UserError
@@ -46,9 +46,9 @@ def load_pairs(c: TrainConfig):
 
 
 def write_pairs(path: Path, pairs) -> None:
-    """`{prompt, chosen, rejected}` JSONL, written to a temp file and renamed (the mode of config.yaml)."""
-    resumable.write_output(str(path), "".join(json.dumps({"prompt": p.query, "chosen": p.chosen, "rejected": p.rejected})
-                                              + "\n" for p in pairs))
+    """`{prompt, chosen, rejected}` JSONL, written to a temp file and renamed (as config.yaml is)."""
+    storage.write_text(path, "".join(json.dumps({"prompt": p.query, "chosen": p.chosen, "rejected": p.rejected})
+                                    + "\n" for p in pairs))
 
 
 def heldout_examples(pairs, tokenizer, render_fn, max_prompt_len: int) -> list[JudgeExample]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rrm_jax import distributed, generate, plan, resumable
+from rrm_jax import distributed, generate, plan, storage
 from rrm_jax.data import toy
 from rrm_jax.data.preference import preference_batches, split_heldout
 from rrm_jax.data.prompts import PolicyPrompt, PromptDataset, read_prompts
@@ -146,7 +146,7 @@ class PolicyTask:
         return toy.policy_warmup_batch(self.tokenizer, batch_size, rng)
 
     def write_heldout(self, path: Path) -> None:
-        resumable.write_output(str(path), "".join(json.dumps(r) + "\n" for r in self.heldout_rows))
+        storage.write_text(path, "".join(json.dumps(r) + "\n" for r in self.heldout_rows))
 
     def summary(self, rows: list[dict], output_dir: Path, step_dir: Path, exe: str, context: int) -> list[str]:
         evals = [r for r in rows if CURVE_KEY in r or "heldout_response_len" in r]

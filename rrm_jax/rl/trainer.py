@@ -19,6 +19,9 @@ One run, in OUTPUT_DIR:
                        seed, data-iterator position, elapsed time), config
     metrics.jsonl      one JSON object per step; tb/ TensorBoard events; curve.png at the end
 
+OUTPUT_DIR may be a gs:// bucket path: nothing in it is then finished by renaming a folder
+(rrm_jax/storage.py).
+
 Phases: (A) an optional supervised format warm-up on toy transcripts (the judge: RANDOM verdicts, so
 it learns to answer, not what to answer; the policy: letter strings, 3 in 4 of them with the banned
 letter), then (B) GRPO, one step as named stages: `rollout` (B prompts -> G samples each), `score`
@@ -40,8 +43,8 @@ import json
 import math
 import os
 import shutil
+import io
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,7 +57,7 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rrm_jax import checkpoint, distributed, generate, parallel, plan, resumable
+from rrm_jax import checkpoint, distributed, generate, parallel, plan, resumable, storage
 from rrm_jax.data.char_tokenizer import BOXED_OPEN, verdict_token_ids
 from rrm_jax.errors import UserError
 from rrm_jax.model import convert
@@ -173,7 +176,8 @@ class Checkpoints:
 
     def __init__(self, output_dir: Path, keep: int):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True)
+                                               cleanup_tmp_directories=True,
+                                               atomicity_options=checkpoint.atomicity_options(output_dir))
         self.root = output_dir / CHECKPOINTS
         self.manager = ocp.CheckpointManager(checkpoint.orbax_path(self.root), options=options)
 
@@ -187,12 +191,10 @@ class Checkpoints:
             items["ref_params"] = ocp.args.PyTreeSave(ref_params)
         self.manager.save(step_number, args=ocp.args.Composite(**items), force=True)  # every process, collectively
         self.manager.wait_until_finished()
-        # The tokenizer goes beside the finalized step (renamed into place) for load_tokenizer / judge.
+        # The tokenizer goes beside the finalized step for load_tokenizer / judge.
         step_dir = self.root / str(step_number)
         if distributed.is_main_process():
-            stage = Path(tempfile.mkdtemp(prefix=".assets-", dir=step_dir))
-            tokenizer.save_pretrained(str(stage))
-            os.replace(stage, step_dir / checkpoint.ASSETS_DIR)
+            checkpoint.save_tokenizer(tokenizer, step_dir / checkpoint.ASSETS_DIR)
         distributed.barrier(f"checkpoint-{step_number}-complete")
         return step_dir
 
@@ -213,8 +215,25 @@ class Checkpoints:
 # Metrics
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl. A last line without its newline was cut short by a crash: dropped
+    (the resume writes that step again); any other unreadable line is refused."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    rows = []
+    for number, line in enumerate(text[:text.rfind("\n") + 1].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserError(f"{path} line {number} is not valid JSON (not a cut-short last line: the file is damaged); "
+                            f"repair or delete that line, then --resume again") from None
+    return rows
+
+
 class MetricsLog:
-    """metrics.jsonl (append, flushed each step) and TensorBoard events, written by process 0 only."""
+    """metrics.jsonl (appended and flushed to disk each step; on a bucket, whose objects cannot be
+    appended to, uploaded whole each step) and TensorBoard events, written by process 0 only."""
 
     def __init__(self, output_dir: Path, resume_step: int | None):
         """resume_step: the restored step (-1: a resumed run restarting from scratch), None for a new run."""
@@ -222,11 +241,15 @@ class MetricsLog:
         self.enabled = distributed.is_main_process()
         if not self.enabled:
             return
+        kept = ""
         if resume_step is not None and self.path.exists():
             # rows written after the restored checkpoint are repeated by this run: drop them
-            rows = [r for r in self.rows() if r["step"] <= resume_step]
-            resumable.write_output(str(self.path), "".join(json.dumps(r) + "\n" for r in rows))
-        self.file = open(self.path, "a")
+            kept = "".join(json.dumps(r) + "\n" for r in read_metrics(self.path) if r["step"] <= resume_step)
+            storage.write_text(self.path, kept)
+        if storage.can_append(self.path):
+            self.file, self.text = open(self.path, "a", encoding="utf-8"), None
+        else:
+            self.file, self.text = None, kept
         from tensorboardX import SummaryWriter
 
         self.writer = SummaryWriter(str(output_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
@@ -234,21 +257,27 @@ class MetricsLog:
     def rows(self) -> list[dict]:
         if not self.enabled:
             return []
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_metrics(self.path)
 
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        line = json.dumps(row) + "\n"
+        if self.file is None:
+            self.text += line
+            storage.write_text(self.path, self.text)
+        else:
+            self.file.write(line)
+            self.file.flush()
+            os.fsync(self.file.fileno())
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, row["step"])
 
     def close(self) -> None:
         if self.enabled:
-            self.file.close()
+            if self.file is not None:
+                self.file.close()
             self.writer.close()
 
 
@@ -261,10 +290,10 @@ def plot_curve(rows: list[dict], path: Path, task) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     task.plot(rows, ax)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    storage.write_bytes(path, png.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,9 +329,12 @@ def _continues_a_run(output_dir: Path, resume: bool) -> bool:
 
 def check_resume(output_dir: Path, c: TrainConfig, resume: bool) -> None:
     """Refuse a --resume whose config changes what the saved run is (the keys outside RESUME_MAY_CHANGE),
-    naming each changed key with its saved and given values."""
+    naming each changed key with its saved and given values, or whose metrics.jsonl is damaged."""
     saved_path = output_dir / RUN_CONFIG
-    if not _continues_a_run(output_dir, resume) or not saved_path.exists():
+    if not _continues_a_run(output_dir, resume):
+        return
+    read_metrics(output_dir / METRICS)  # a damaged line stops the resume before anything is loaded or written
+    if not saved_path.exists():
         return
     conflicts = resume_conflicts(load_config(base=yaml.safe_load(saved_path.read_text())), c)
     if not conflicts:
@@ -326,7 +358,8 @@ def _prepare_output(output_dir: Path, resume: bool, c: TrainConfig, task) -> Non
     distributed.barrier("output-dir-checked")  # before process 0 writes anything the others would see
     if distributed.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / RUN_CONFIG).write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
+        # whole or not at all: a config.yaml cut short would fill its missing sections with defaults on --resume
+        storage.write_text(output_dir / RUN_CONFIG, yaml.safe_dump(c.to_dict(), sort_keys=False))
         if not keep_heldout:
             task.write_heldout(output_dir / HELDOUT)
     distributed.barrier("output-dir-ready")
@@ -499,6 +532,7 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
     """The whole run; returns the exit code (0; EXIT_COLLAPSE when the guard stopped it; after SIGTERM or
     Ctrl-C, which save the step in flight, 0 or EXIT_CTRL_C: resumable.StopSignals)."""
     t_start = time.perf_counter()
+    output_dir = storage.as_path(output_dir)  # a gs:// string stays a bucket path
     run = setup(c, output_dir, resume=resume, progress=progress)
     ckpts = Checkpoints(output_dir, c.keep_checkpoints)
     start = ckpts.latest_step() if resume else None
@@ -692,7 +726,9 @@ def cli_prefix() -> str:
 
 
 def run_train(args) -> int:
-    output_dir = Path(args.output_dir)
+    for path in (args.output_dir, args.export_hf):
+        storage.check_support(path)
+    output_dir = storage.as_path(args.output_dir)
     config = resolve_config(args.config, args.overrides, output_dir, args.resume)
     if args.export_hf:
         checkpoint.check_output_free(args.export_hf)
