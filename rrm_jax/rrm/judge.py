@@ -38,7 +38,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from rrm_jax import distributed, options, resumable, worksplit
+from rrm_jax import distributed, model_identity, options, resumable, worksplit
 from rrm_jax.data import sources
 from rrm_jax.errors import Stopped, UserError
 from rrm_jax.rrm import spec
@@ -295,12 +295,14 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def judge_from_args(args: argparse.Namespace, *, progress: bool, journal: JudgmentLog | None = None,
-                    stop_requested: Callable[[], bool] | None = None) -> Judge:
+                    stop_requested: Callable[[], bool] | None = None, model: str | None = None) -> Judge:
+    """The Judge of the command line's flags; `model`: the folder to load instead of --model (the one
+    a journal recorded)."""
     decoding = dict(votes=args.votes, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                    max_new_tokens=args.max_new_tokens, max_think_tokens=args.max_think_tokens, batch_size=args.batch_size)
     _check_options(**decoding)  # before the (slow) model load
     chat_template = chat_template_named(args.chat_template) if args.chat_template else None
-    generate, tokenizer = load_backend(args.model, mesh_shape=args.mesh)
+    generate, tokenizer = load_backend(model or args.model, mesh_shape=args.mesh)
     return Judge(generate, tokenizer, both_orders=args.both_orders, seed=args.seed, chat_template=chat_template,
                  prompts_per_call=options.prompts_per_call(args), progress=progress, journal=journal, stop_requested=stop_requested, **decoding)
 
@@ -389,19 +391,22 @@ def require_text(where: str, row: dict, key: str, allowed: str) -> str:
     return value
 
 
-def open_journal(args: argparse.Namespace, command: str, settings: dict) -> JudgmentLog:
-    """The JudgmentLog of a command writing args.output, on its partial file (resumed with --resume)."""
-    return JudgmentLog(resumable.PartialFile(args.output, command, settings, resume=args.resume))
+def open_journal(args: argparse.Namespace, command: str, settings: dict, model: dict) -> JudgmentLog:
+    """The JudgmentLog of a command writing args.output, on its partial file (resumed with --resume);
+    model: `model_identity.identify(args.model)`."""
+    return JudgmentLog(resumable.PartialFile(args.output, command, settings, resume=args.resume, model=model))
 
 
 def run_journaled(args: argparse.Namespace, command: str, settings: dict, what: str, work: Callable):
     """`work(judge)` with its judgments journaled in OUTPUT.partial (`--resume` skips them) and SIGTERM /
     Ctrl-C honoured after the in-flight batch. -> (journal, judge, work's result); the caller finishes the
     journal's partial file. Raises resumable.Stopped after a signal (the line saying so printed)."""
+    model = model_identity.identify(args.model)  # the step a run folder resolves to now, loaded below
     with resumable.StopSignals() as stop:
-        journal = open_journal(args, command, settings)
+        journal = open_journal(args, command, settings, model)
         try:
-            judge = judge_from_args(args, progress=True, journal=journal, stop_requested=stop.requested)
+            judge = judge_from_args(args, progress=True, journal=journal, stop_requested=stop.requested,
+                                    model=model["path"])
             return journal, judge, work(judge)
         except resumable.Interrupted:
             if distributed.is_main_process():
