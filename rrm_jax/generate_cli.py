@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from rrm_jax import distributed, options, resumable, worksplit
+from rrm_jax import distributed, model_identity, options, resumable, worksplit
 from rrm_jax.data import sources
 from rrm_jax.errors import UserError
 
@@ -105,13 +105,15 @@ def run(args) -> int:
 
     located = read_located_prompt_rows(args.input, dataset_config=args.dataset_config, dataset_split=args.dataset_split)
     rows = [row for _, row in located]
-    tokenizer = load_tokenizer(args.model)
+    loaded = model_identity.identify(args.model)  # a run folder's newest step now: the one loaded below
+    tokenizer = load_tokenizer(loaded["path"])
     prompts = encode_rows(rows, tokenizer, [where for where, _ in located])
     with resumable.StopSignals() as stop:
-        partial = resumable.PartialFile(args.output, "generate", generate_settings(args, rows), resume=args.resume)
+        partial = resumable.PartialFile(args.output, "generate", generate_settings(args, rows), resume=args.resume,
+                                        model=loaded)
         generated = {r["index"]: r["samples"] for r in partial.records}
         try:
-            model, config = load_model(args.model, mesh=options.local_mesh(args.mesh))
+            model, config = load_model(loaded["path"], mesh=options.local_mesh(args.mesh))
             limits = max_new_tokens(args.max_new_tokens, prompts, config.max_position_embeddings)
             check_prompts(config, prompts, limits)
             _generate_all(args, model, tokenizer, prompts, limits, generated, partial, stop.requested)

@@ -4,13 +4,19 @@
 finishes, and OUT itself only when the whole job is done (written beside it and renamed, in input
 order). OUT.partial is JSON lines:
 
-    {"rrm_jax_partial": 1, "command": "judge", "settings": {...}}     the header: what the run was
+    {"rrm_jax_partial": 1, "command": "judge", "settings": {...},     the header: what the run was,
+     "model_loaded": {"path": ..., "config_sha256": ...}}             and the model it loaded
     {"call": 0, "index": 17, ...}                                     one finished item per line
 
 Each batch of records is one write followed by fsync, so kill -9 loses at most the batch in flight; a
 last line without its newline (a write cut short) is dropped on `--resume`, any other unreadable line
 is refused. `--resume` refuses a partial file whose header settings differ from this run's, naming
-the difference; without `--resume` an existing partial file is refused rather than overwritten.
+the difference, and one whose model differs from the one this run loads (`rrm_jax.model_identity`: a
+training run folder loads its newest step, so `--model RUN` may load another model after training
+went on); the model is compared by what is loaded, so a resume may name the same checkpoint another
+way. A partial file of an older rrm-jax has no `model_loaded`: it resumes as before (its settings'
+`model`, the path given, must match) with a note that the checkpoint could not be checked. Without
+`--resume` an existing partial file is refused rather than overwritten.
 
 In a multi-process run process 0 alone reads and writes the files (the others may not even see the
 same disk) and hands what it read to the others (`distributed.broadcast_object`).
@@ -21,8 +27,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 
 from rrm_jax import distributed
+from rrm_jax.model_identity import describe
 from rrm_jax.errors import EXIT_CTRL_C, UserError
 
 PARTIAL_SUFFIX = ".partial"
@@ -95,7 +103,7 @@ def write_output(path: str, text: str) -> None:
             os.remove(tmp)
 
 
-def _read(path: str, command: str, settings: dict) -> tuple[list[dict], int]:
+def _read(path: str, command: str, settings: dict, model: dict) -> tuple[list[dict], int]:
     """(records, byte length of the good part) of an existing partial file, checked against this run."""
     with open(path, "rb") as f:
         data = f.read()
@@ -115,11 +123,21 @@ def _read(path: str, command: str, settings: dict) -> tuple[list[dict], int]:
         raise UserError(f"{path} was written by `rrm-jax {header.get('command')}`, not `rrm-jax {command}`; "
                         f"delete it or choose another --output")
     stored = header.get("settings", {})
+    compared = set(stored) | set(settings)
+    if "model_loaded" in header:
+        if header["model_loaded"] != model:
+            raise UserError(f"{path} holds results of {describe(header['model_loaded'])} but --model now loads "
+                            f"{describe(model)}; resume with --model {header['model_loaded']['path']} if it still "
+                            f"exists, or delete {path} to start over")
+        compared.discard("model")  # the path as given: the same model reached another way is the same model
     differences = [f"{key}={stored.get(key)!r} there, {settings.get(key)!r} here"
-                   for key in sorted(set(stored) | set(settings)) if stored.get(key) != settings.get(key)]
+                   for key in sorted(compared) if stored.get(key) != settings.get(key)]
     if differences:
         raise UserError(f"{path} is from a run with other settings ({'; '.join(differences)}); resume with the "
                         f"same settings, or delete it to start over")
+    if "model_loaded" not in header:
+        print(f"note: {path} was written by an older rrm-jax that did not record which checkpoint it loaded; "
+              f"resuming without checking that --model still loads the same one", file=sys.stderr)
     return rows[1:], len(good)
 
 
@@ -127,22 +145,23 @@ class PartialFile:
     """The partial file of one output: the records finished so far, and where new ones are appended.
 
     settings: everything the results depend on (model, input and its rows' hash, seed, votes,
-    decoding, ...); stored in the header and compared on resume."""
+    decoding, ...); stored in the header and compared on resume.
+    model: `model_identity.identify(--model)`, the model the run loads; stored and compared too."""
 
-    def __init__(self, output: str, command: str, settings: dict, *, resume: bool):
+    def __init__(self, output: str, command: str, settings: dict, *, resume: bool, model: dict):
         self.output, self.path = output, output + PARTIAL_SUFFIX
         self._file = None
         self._header = None
         loaded = {"records": [], "error": None}
         if distributed.is_main_process():
-            loaded = self._open(command, settings, resume)
+            loaded = self._open(command, settings, resume, model)
         loaded = distributed.broadcast_object(loaded)  # every process learns what is done, or the error
         if loaded["error"]:
             self.close()
             raise UserError(loaded["error"])
         self.records: list[dict] = loaded["records"]
 
-    def _open(self, command: str, settings: dict, resume: bool) -> dict:
+    def _open(self, command: str, settings: dict, resume: bool, model: dict) -> dict:
         try:
             check_output_folder(self.output)
             if os.path.exists(self.output):  # no command replaces an output (README: "Existing outputs")
@@ -152,13 +171,14 @@ class PartialFile:
                 raise UserError(f"{self.path} holds the finished items of an interrupted run; pass --resume to "
                                 f"continue it, or delete it to start over")
             if exists:
-                records, good = _read(self.path, command, settings)
+                records, good = _read(self.path, command, settings, model)
                 self._file = open(self.path, "r+b")
                 self._file.truncate(good)
                 self._file.seek(good)
             else:  # created with the first finished batch: a run that fails before one leaves nothing behind
                 records = []
-                self._header = {"rrm_jax_partial": FORMAT_VERSION, "command": command, "settings": settings}
+                self._header = {"rrm_jax_partial": FORMAT_VERSION, "command": command, "settings": settings,
+                                "model_loaded": model}
         except UserError as e:
             return {"records": [], "error": str(e)}
         return {"records": records, "error": None}

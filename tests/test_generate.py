@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from flax import nnx
 from scipy import stats
 
 from model_utils import make_hf_model
-from rrm_jax import cli, generate, load_model, parallel
+from rrm_jax import checkpoint, cli, generate, load_model, parallel
 from rrm_jax.errors import UserError
 from rrm_jax.model import qwen2
 from rrm_jax.model.config import preset
@@ -319,3 +320,32 @@ def test_generate_cli_stops_on_a_signal_and_resumes(hf_pair, tmp_path, monkeypat
     monkeypatch.setattr(generate, "sample", sample)
     assert cli.main([*common, "--output", str(out), "--resume"]) == 0
     assert out.read_text() == reference.read_text()
+
+
+def test_generate_cli_resume_refuses_a_partial_file_of_another_model(hf_pair, tmp_path, monkeypatch, capsys):
+    folder, _, _ = hf_pair
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS))
+    common = ["generate", "--model", str(folder), "--input", str(src), "--max-new-tokens", "4", "--prompts-per-call", "2",
+              "--output", str(out)]
+    sample = generate.sample
+
+    def sample_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "sample", sample_then_signal)
+    assert cli.main(common) == 0
+    partial = Path(f"{out}.partial")
+    header, *rest = partial.read_text().splitlines(keepends=True)
+    header = json.loads(header)
+    assert header["model_loaded"]["path"] == str(folder.absolute())
+    header["model_loaded"] = {"path": "/runs/a/checkpoints/100", "config_sha256": "ab" * 32}  # what an earlier step recorded
+    partial.write_text(json.dumps(header) + "\n" + "".join(rest))
+    capsys.readouterr()
+
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert cli.main([*common, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds results of /runs/a/checkpoints/100 (config sha256 abababababab)" in err
+    assert f"--model now loads {folder.absolute()} (config sha256 " in err and not out.exists()

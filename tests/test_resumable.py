@@ -195,7 +195,6 @@ def test_a_damaged_line_before_the_last_is_refused(run, files, tmp_path):
     (["--votes", "3"], "votes=2 there, 3 here"),
     (["--seed", "5"], "seed=0 there, 5 here"),
     (["--temperature", "0.9"], "temperature=0.6 there, 0.9 here"),
-    (["--model", "other"], "model='M' there, 'other' here"),
 ])
 def test_partial_from_other_settings_is_refused_in_one_line(run, files, tmp_path, change, message):
     out = tmp_path / "out.jsonl"
@@ -238,3 +237,92 @@ def test_an_existing_output_is_never_replaced(run, files, tmp_path, command):
         code, err, generate = run(argv(command, files, out, *extra))
         assert code == 2 and err == f"rrm-jax: error: output {out} already exists; choose a new path or remove it\n"
         assert generate.calls == [] and out.read_bytes() == before and not Path(f"{out}.partial").exists()
+
+
+# --- the model of a resume: a run folder loads its newest step, so the step is recorded and compared ---
+
+
+def fake_step(run_dir: Path, step: int, commit_time: int = 1) -> Path:
+    """A checkpoint step as far as resolving and identifying it goes (the backend is a stand-in)."""
+    from rrm_jax.model.config import Qwen2Config
+
+    folder = run_dir / "checkpoints" / str(step)
+    (folder / "params").mkdir(parents=True)
+    (folder / "model_config").mkdir()
+    (folder / "model_config" / "metadata").write_text(json.dumps(Qwen2Config(vocab_size=262, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1).to_dict()))
+    (folder / "_CHECKPOINT_METADATA").write_text(json.dumps({"commit_timestamp_nsecs": commit_time}))
+    return folder
+
+
+@pytest.fixture
+def run_loading(monkeypatch, tokenizer, capsys):
+    """Like `run`, and also returns the paths the backend was asked to load."""
+
+    def go(args, on_call=None):
+        generate, loaded = SeededGenerate(tokenizer, on_call), []
+        monkeypatch.setattr(judge_module, "load_backend", lambda path, **options: loaded.append(path) or (generate, tokenizer))
+        code = cli.main(list(args))
+        return code, capsys.readouterr().err, generate, loaded
+
+    return go
+
+
+def with_model(args: list[str], model) -> list[str]:
+    return [str(model) if a == "M" else a for a in args]
+
+
+@pytest.mark.parametrize("command", ["judge", "eval", "rank"])
+def test_a_resume_refuses_a_run_folder_that_moved_on_to_a_newer_step(run_loading, files, tmp_path, command):
+    run_dir, out, reference = tmp_path / "run", tmp_path / "out", tmp_path / "reference"
+    step_1 = fake_step(run_dir, 1)
+    assert run_loading(with_model(argv(command, files, reference), step_1))[0] == 0
+    code, _, _, loaded = run_loading(with_model(argv(command, files, out), run_dir), on_call=sigterm_on_call(2))
+    assert code == 0 and loaded == [str(step_1)]  # the step resolved when the partial file was opened
+    header = records(Path(f"{out}.partial"))[0]
+    assert header["model_loaded"]["path"] == str(step_1) and len(header["model_loaded"]["config_sha256"]) == 64
+    before = Path(f"{out}.partial").read_bytes()
+
+    step_2 = fake_step(run_dir, 2)  # training went on
+    code, err, generate, loaded = run_loading(with_model(argv(command, files, out, "--resume"), run_dir))
+    assert code == 2 and err.count("\n") == 1 and generate.calls == [] and loaded == []
+    assert f"holds results of {step_1} (config sha256 " in err and f"--model now loads {step_2} (config sha256" in err
+    assert f"resume with --model {step_1}" in err
+    assert Path(f"{out}.partial").read_bytes() == before and not out.exists()
+
+    # the step it recorded, named directly, finishes the job: the same model reached another way
+    code, err, _, loaded = run_loading(with_model(argv(command, files, out, "--resume"), step_1))
+    assert code == 0 and loaded == [str(step_1)] and out.read_bytes() == reference.read_bytes()
+
+
+def test_a_resume_refuses_a_step_written_again(run_loading, files, tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    step = fake_step(run_dir, 1)
+    assert run_loading(with_model(argv("judge", files, out), run_dir), on_call=sigterm_on_call(1))[0] == 0
+    (step / "_CHECKPOINT_METADATA").write_text(json.dumps({"commit_timestamp_nsecs": 2}))  # e.g. a restarted run
+    code, err, generate, _ = run_loading(with_model(argv("judge", files, out, "--resume"), run_dir))
+    assert code == 2 and err.count("\n") == 1 and generate.calls == []
+    assert f"holds results of {step} (config sha256 " in err and f"--model now loads {step} (config sha256" in err
+
+
+def test_a_resume_with_another_model_path_names_both(run, files, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert run(argv("judge", files, out), on_call=sigterm_on_call(1))[0] == 0
+    code, err, generate = run(argv("judge", files, out, "--resume", "--model", "other"))
+    assert code == 2 and err.count("\n") == 1 and generate.calls == []
+    assert "holds results of M (config sha256 unknown) but --model now loads other (config sha256 unknown)" in err
+
+
+def test_a_partial_file_of_an_older_rrm_jax_resumes_with_a_note(run, files, tmp_path):
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert run(argv("judge", files, reference))[0] == 0
+    assert run(argv("judge", files, out), on_call=sigterm_on_call(2))[0] == 0
+    partial = Path(f"{out}.partial")
+    header, *rest = partial.read_text().splitlines(keepends=True)
+    older = {k: v for k, v in json.loads(header).items() if k != "model_loaded"}
+    partial.write_text(json.dumps(older) + "\n" + "".join(rest))
+
+    code, err, _ = run(argv("judge", files, out, "--resume", "--model", "other"))  # its settings still compare the path
+    assert code == 2 and "model='M' there, 'other' here" in err and err.count("\n") == 1
+    code, err, resumed = run(argv("judge", files, out, "--resume"))
+    assert code == 0 and out.read_bytes() == reference.read_bytes() and len(resumed.prompts_sampled) == 2
+    assert "did not record which checkpoint it loaded" in err

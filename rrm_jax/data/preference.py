@@ -23,6 +23,7 @@ import numpy as np
 
 from rrm_jax.data import sources
 from rrm_jax.errors import UserError
+from rrm_jax.rrm.prompt import PromptEncoder
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 LABELLED_FIELDS = ("query", "response_1", "response_2", "label")
@@ -200,6 +201,8 @@ class PreferenceDataset:
     batches; the toy recipe learns faster with them).
     Pairs with any prompt longer than max_prompt_len tokens are dropped and counted in
     `dropped_over_length`; prompts are rendered again on access, so memory stays at the raw text.
+    Queries and responses are tokenized as plain text (rrm_jax.rrm.prompt.PromptEncoder); the control
+    markers written in them are counted in `markers_neutralised`.
     """
 
     def __init__(self, pairs: list[PreferencePair], *, tokenizer, render: RenderFn, max_prompt_len: int, seed: int = 0, orders: str = "random"):
@@ -208,6 +211,7 @@ class PreferenceDataset:
         if not pairs:
             raise UserError("the preference dataset is empty")
         self.tokenizer, self.render, self.max_prompt_len = tokenizer, render, max_prompt_len
+        self.prompts = PromptEncoder(tokenizer, render_fn=render)
         if orders == "both":
             self._chosen_first = [(True, False)] * len(pairs)
         else:
@@ -216,22 +220,25 @@ class PreferenceDataset:
         chunk = 1024  # render and tokenize in chunks: fast batch tokenization, bounded memory
         for start in range(0, len(pairs), chunk):
             indices = range(start, min(start + chunk, len(pairs)))
-            owners, texts = [], []
+            owners, shown = [], []
             for i in indices:
                 for chosen_first in self._chosen_first[i]:
                     owners.append(i)
-                    texts.append(self._render(pairs[i], chosen_first))
-            for i, length in zip(owners, token_counts(tokenizer, texts)):
-                fits[i] &= length <= max_prompt_len
+                    shown.append(self._shown(pairs[i], chosen_first))
+            for i, ids in zip(owners, self.prompts.encode_batch(shown)):
+                fits[i] &= len(ids) <= max_prompt_len
+        self.markers_neutralised = self.prompts.neutralised
         self.pairs = pairs
         self.kept = np.flatnonzero(fits)
         self.dropped_over_length = int(len(pairs) - len(self.kept))
         if not len(self.kept):
             raise UserError(f"all {len(pairs)} preference pairs render to prompts longer than max_prompt_len={max_prompt_len} tokens; raise max_prompt_len")
 
-    def _render(self, pair: PreferencePair, chosen_first: bool) -> str:
+    @staticmethod
+    def _shown(pair: PreferencePair, chosen_first: bool) -> tuple[str, str, str]:
+        """(query, Assistant 1's response, Assistant 2's response)."""
         first, second = (pair.chosen, pair.rejected) if chosen_first else (pair.rejected, pair.chosen)
-        return self.render(self.tokenizer, pair.query, first, second)
+        return pair.query, first, second
 
     def __len__(self) -> int:
         return len(self.kept)
@@ -241,10 +248,9 @@ class PreferenceDataset:
         pair = self.pairs[i]
         examples = []
         for chosen_first in self._chosen_first[i]:
-            text = self._render(pair, chosen_first)
-            first, second = (pair.chosen, pair.rejected) if chosen_first else (pair.rejected, pair.chosen)
-            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            examples.append(JudgeExample(pair.query, first, second, 1 if chosen_first else 2, text, ids, pair.origin))
+            shown = self._shown(pair, chosen_first)
+            text = self.render(self.tokenizer, *shown)
+            examples.append(JudgeExample(*shown, 1 if chosen_first else 2, text, self.prompts(*shown), pair.origin))
         return examples
 
     @property

@@ -4,7 +4,9 @@ The judge is loaded onto the policy's mesh with the same logical sharding rules 
 For each step, every group's samples are compared by a strategy (rrm_jax/rl/strategies.py); every
 comparison of one round over the whole batch is ONE `rrm_jax.sample` call on the judge (votes as
 num_samples), so the judge's rows share the engine's slots. Each comparison is rendered into the
-exact RRM prompt (rrm_jax.rrm.prompt.render) with the row's prompt as the query, shown in both A/B
+exact RRM prompt (rrm_jax.rrm.prompt.PromptEncoder: the policy's text tokenized as plain text, so a
+sample cannot forge a judge turn or a verdict with control markers; the count of markers neutralised
+is the metric `judge_markers_neutralised`) with the row's prompt as the query, shown in both A/B
 orders (`both_orders`) or in the order of the seeded coin `rrm-jax judge` uses (`is_swapped`, seeded
 per step). The verdict of a comparison is the majority of its parseable votes over its shown orders;
 a tie of votes, or no parseable vote, is a tie (0.5 each). Comparisons whose prompt would not fit in
@@ -24,7 +26,7 @@ from rrm_jax.rl import strategies
 from rrm_jax.rl.config import RewardConfig
 from rrm_jax.rrm import spec
 from rrm_jax.rrm.judge import Comparison, is_swapped, judgment_from_texts
-from rrm_jax.rrm.prompt import render
+from rrm_jax.rrm.prompt import PromptEncoder
 
 
 def response_text(text: str, *, strip_think: bool) -> str:
@@ -64,34 +66,6 @@ def load_judge(path: str, mesh, *, dtype: str | None = None):
     return model, tokenizer
 
 
-class TemplateRenderer:
-    """`render(tokenizer, q, a1, a2)` without running the chat template for every comparison: the
-    template is rendered once with placeholders, which are then replaced. Used only when that gives
-    exactly `render`'s text for a probe (a template that rewrites its content falls back to `render`)."""
-
-    SLOTS = ("\x00question\x00", "\x00answer1\x00", "\x00answer2\x00")
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.skeleton = render(tokenizer, *self.SLOTS)
-        probe = ("avoid q", "first answer", "second answer")
-        positions = [self.skeleton.find(slot) for slot in self.SLOTS]
-        if (not all(self.skeleton.count(slot) == 1 for slot in self.SLOTS) or positions != sorted(positions)
-                or self._fill(*probe) != render(tokenizer, *probe)):
-            self.skeleton = None
-
-    def _fill(self, question: str, answer1: str, answer2: str) -> str:
-        head, rest = self.skeleton.split(self.SLOTS[0])
-        middle, rest = rest.split(self.SLOTS[1])
-        between, tail = rest.split(self.SLOTS[2])
-        return head + question + middle + answer1 + between + answer2 + tail
-
-    def __call__(self, question: str, answer1: str, answer2: str) -> str:
-        if self.skeleton is None:
-            return render(self.tokenizer, question, answer1, answer2)
-        return self._fill(question, answer1, answer2)
-
-
 @dataclasses.dataclass
 class RoundLog:
     """Counters of one step's judging."""
@@ -101,13 +75,14 @@ class RoundLog:
     samples: int = 0
     unparseable: int = 0
     over_context: int = 0
+    neutralised: int = 0  # control markers in the queries / responses tokenized as plain text
     flips: int = 0  # both orders: comparisons whose two orders' majorities disagree
     seconds: float = 0.0
 
     def metrics(self, both_orders: bool) -> dict:
         row = {"judge_calls": self.calls, "judge_comparisons": self.comparisons, "judge_samples": self.samples,
                "judge_unparseable": self.unparseable / max(self.samples, 1), "judge_over_context": self.over_context,
-               "judge_time": self.seconds}
+               "judge_markers_neutralised": self.neutralised, "judge_time": self.seconds}
         if both_orders:
             row["order_flip_rate"] = self.flips / max(self.comparisons, 1)
         return row
@@ -118,7 +93,7 @@ class JudgeReward:
         strategies.check_strategy(settings.strategy, group_size)
         self.settings, self.model, self.tokenizer, self.group_size = settings, model, tokenizer, group_size
         self.context = model.config.max_position_embeddings
-        self.renderer = TemplateRenderer(tokenizer)
+        self.prompts = PromptEncoder(tokenizer)
 
     def rewards(self, queries: list[str], responses: list[list[str]], references: list[str | None], *,
                 seed: int, strategy: str | None = None) -> tuple[np.ndarray, dict]:
@@ -151,15 +126,17 @@ class JudgeReward:
         coin_seed: the A/B coin's (`is_swapped`); sample_seed: the judge's sampling."""
         s = self.settings
         orders = [(False, True) if s.both_orders else (is_swapped(c, coin_seed),) for c in comparisons]
-        shown_pairs, texts_in = [], []
-        for k, (c, shown) in enumerate(zip(comparisons, orders)):
-            for swapped in shown:
+        shown_pairs, shown = [], []
+        for k, (c, c_orders) in enumerate(zip(comparisons, orders)):
+            for swapped in c_orders:
                 first, second = (c.response_2, c.response_1) if swapped else (c.response_1, c.response_2)
                 shown_pairs.append((k, swapped))
-                texts_in.append(self.renderer(c.query, first, second))
+                shown.append((c.query, first, second))
+        neutralised = self.prompts.neutralised
+        prompt_ids = self.prompts.encode_batch(shown)
+        log.neutralised += self.prompts.neutralised - neutralised
         prompts, owners = [], []
-        for ids, owner in zip(self.tokenizer(texts_in, add_special_tokens=False)["input_ids"] if texts_in else [],
-                              shown_pairs):
+        for ids, owner in zip(prompt_ids, shown_pairs):
             if len(ids) < self.context:
                 prompts.append(list(ids))
                 owners.append(owner)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from pathlib import Path
 
 import jax
@@ -24,7 +25,7 @@ from rrm_jax.rl.config import TrainConfig
 from rrm_jax.rl.reward import compute_rewards
 from rrm_jax.rl.rollout_stats import rollout_stats, truncated
 from rrm_jax.rrm.judge import Comparison, is_swapped
-from rrm_jax.rrm.prompt import encode, parse_verdict, render
+from rrm_jax.rrm.prompt import PromptEncoder, parse_verdict, render
 
 EVAL_SEED = 0  # `rrm-jax eval`'s default --seed: which pairs it shows swapped
 
@@ -54,12 +55,12 @@ def write_pairs(path: Path, pairs) -> None:
 def heldout_examples(pairs, tokenizer, render_fn, max_prompt_len: int) -> list[JudgeExample]:
     """One prompt per held-out pair, in the A/B order `rrm-jax eval --format pairs` (seed 0) shows it,
     so the trainer's held-out accuracy and that command's read the same prompts."""
-    examples = []
+    examples, prompts = [], PromptEncoder(tokenizer, render_fn=render_fn)
     for pair in pairs:
         swapped = is_swapped(Comparison(pair.query, pair.chosen, pair.rejected), EVAL_SEED)
         first, second = (pair.rejected, pair.chosen) if swapped else (pair.chosen, pair.rejected)
         text = render_fn(tokenizer, pair.query, first, second)
-        ids = encode(tokenizer, text)
+        ids = prompts(pair.query, first, second)
         if len(ids) <= max_prompt_len:
             examples.append(JudgeExample(pair.query, first, second, 2 if swapped else 1, text, ids, pair.origin))
     return examples
@@ -97,6 +98,10 @@ class JudgeTask:
         dataset = PreferenceDataset(train_pairs, tokenizer=tokenizer, render=render_fn,
                                     max_prompt_len=c.data.max_prompt_len, seed=c.seed, orders=c.data.orders)
         self.heldout = heldout_examples(self.heldout_pairs, tokenizer, render_fn, c.data.max_prompt_len)  # every process: all
+        if dataset.markers_neutralised and distributed.is_main_process():
+            print(f"warning: {dataset.markers_neutralised} control markers (such as <｜User｜>, </think> or the "
+                  f"end-of-sentence token) written in the training pairs' queries or responses are tokenized as "
+                  f"plain text, not as control tokens", file=sys.stderr)
         self.batches = iter(preference_batches(dataset, batch_size=c.rollout.prompts_per_step, seed=c.seed))  # this process's slice
 
     def next_batch(self) -> tuple[list[list[int]], list[int]]:

@@ -38,11 +38,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from rrm_jax import distributed, options, resumable, worksplit
+from rrm_jax import distributed, model_identity, options, resumable, worksplit
 from rrm_jax.data import sources
 from rrm_jax.errors import Stopped, UserError
 from rrm_jax.rrm import spec
-from rrm_jax.rrm.prompt import chat_template_named, encode, parse_verdict, render
+from rrm_jax.rrm.prompt import PromptEncoder, chat_template_named, parse_verdict
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,7 @@ class Judge:
         self.decoding = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                              max_think_tokens=max_think_tokens)
         self.batch_size, self.chat_template, self.progress = batch_size, chat_template, progress
+        self.prompts = PromptEncoder(tokenizer, chat_template=chat_template)  # counts the markers it neutralised
         self.prompts_per_call = prompts_per_call or options.CALL_BATCHES * batch_size
         self.journal, self.stop_requested = journal, stop_requested
         self.comparisons_judged = 0  # sampled by this run, over all processes (not those from the journal)
@@ -190,7 +191,15 @@ class Judge:
 
     def _prompt_ids(self, c: Comparison, swapped: bool) -> list[int]:
         first, second = (c.response_2, c.response_1) if swapped else (c.response_1, c.response_2)
-        return encode(self.tokenizer, render(self.tokenizer, c.query, first, second, chat_template=self.chat_template))
+        return self.prompts(c.query, first, second)
+
+
+def warn_neutralised(judge: Judge) -> None:
+    """One line on stderr when control markers written in the inputs were tokenized as plain text."""
+    if judge.prompts.neutralised and distributed.is_main_process():
+        print(f"warning: {judge.prompts.neutralised} control markers (such as <｜User｜>, </think> or the "
+              f"end-of-sentence token) written in queries or responses were tokenized as plain text, not as "
+              f"control tokens", file=sys.stderr)
 
 
 def judgment_from_texts(texts: list[str], orders: tuple[bool, ...], votes: int) -> Judgment:
@@ -295,12 +304,14 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def judge_from_args(args: argparse.Namespace, *, progress: bool, journal: JudgmentLog | None = None,
-                    stop_requested: Callable[[], bool] | None = None) -> Judge:
+                    stop_requested: Callable[[], bool] | None = None, model: str | None = None) -> Judge:
+    """The Judge of the command line's flags; `model`: the folder to load instead of --model (the one
+    a journal recorded)."""
     decoding = dict(votes=args.votes, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                    max_new_tokens=args.max_new_tokens, max_think_tokens=args.max_think_tokens, batch_size=args.batch_size)
     _check_options(**decoding)  # before the (slow) model load
     chat_template = chat_template_named(args.chat_template) if args.chat_template else None
-    generate, tokenizer = load_backend(args.model, mesh_shape=args.mesh)
+    generate, tokenizer = load_backend(model or args.model, mesh_shape=args.mesh)
     return Judge(generate, tokenizer, both_orders=args.both_orders, seed=args.seed, chat_template=chat_template,
                  prompts_per_call=options.prompts_per_call(args), progress=progress, journal=journal, stop_requested=stop_requested, **decoding)
 
@@ -389,20 +400,25 @@ def require_text(where: str, row: dict, key: str, allowed: str) -> str:
     return value
 
 
-def open_journal(args: argparse.Namespace, command: str, settings: dict) -> JudgmentLog:
-    """The JudgmentLog of a command writing args.output, on its partial file (resumed with --resume)."""
-    return JudgmentLog(resumable.PartialFile(args.output, command, settings, resume=args.resume))
+def open_journal(args: argparse.Namespace, command: str, settings: dict, model: dict) -> JudgmentLog:
+    """The JudgmentLog of a command writing args.output, on its partial file (resumed with --resume);
+    model: `model_identity.identify(args.model)`."""
+    return JudgmentLog(resumable.PartialFile(args.output, command, settings, resume=args.resume, model=model))
 
 
 def run_journaled(args: argparse.Namespace, command: str, settings: dict, what: str, work: Callable):
     """`work(judge)` with its judgments journaled in OUTPUT.partial (`--resume` skips them) and SIGTERM /
     Ctrl-C honoured after the in-flight batch. -> (journal, judge, work's result); the caller finishes the
     journal's partial file. Raises resumable.Stopped after a signal (the line saying so printed)."""
+    model = model_identity.identify(args.model)  # the step a run folder resolves to now, loaded below
     with resumable.StopSignals() as stop:
-        journal = open_journal(args, command, settings)
+        journal = open_journal(args, command, settings, model)
         try:
-            judge = judge_from_args(args, progress=True, journal=journal, stop_requested=stop.requested)
-            return journal, judge, work(judge)
+            judge = judge_from_args(args, progress=True, journal=journal, stop_requested=stop.requested,
+                                    model=model["path"])
+            result = work(judge)
+            warn_neutralised(judge)
+            return journal, judge, result
         except resumable.Interrupted:
             if distributed.is_main_process():
                 print(f"{stop.name}: stopped with {len(journal)} {what} finished in {journal.partial.path}; "
@@ -449,6 +465,7 @@ def run_judge(args: argparse.Namespace) -> int:
             raise UserError("--output and --resume go with --input")
         judge = judge_from_args(args, progress=False)
         (j,) = judge([Comparison(*single)])
+        warn_neutralised(judge)
         if distributed.is_main_process():
             for number, (text, swapped, verdict) in enumerate(zip(j.texts, j.swapped, j.verdicts), start=1):
                 first, second = (2, 1) if swapped else (1, 2)
