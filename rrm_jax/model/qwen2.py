@@ -3,7 +3,14 @@
 Parameters live on an `nnx.Module` with layers stacked along a leading [L] axis; the forward pass is a
 pure function of a parameter dict (`forward`) that scans over the stacked layers, so compile time does
 not grow with depth and jitted callers pass parameters as arguments instead of closing over them.
-Every parameter carries `logical_axes` metadata that `rrm_jax.parallel` maps onto a device mesh.
+Every parameter is described once in `rrm_jax.model.weights` (its shape, its `logical_axes`, which
+`rrm_jax.parallel` maps onto a device mesh, and how a fresh model draws it).
+
+Besides the full-sequence pass (training, scoring, prefill), two decode steps over a KV cache: the
+reference `decode_step` (one stacked cache, layers scanned; with per-row windows, the CPU engine's) and
+`decode_step_layers` (one cache per layer, layers unrolled; accelerators). Each stage (embed, norm,
+qkv, rope, attention, attn_out, mlp, cache_write, logits) runs under a `jax.named_scope` of that name,
+so profiles and HLO dumps name it.
 
 Shapes: B batch, T tokens, S cache length, L layers, D hidden, N query heads, K kv heads,
 G = N // K query heads per kv head, H head dim, F MLP width, V vocabulary.

@@ -3,8 +3,9 @@
 One `Weight` record per parameter says everything the rest of the package needs to know about it: its
 shape as a function of the config, its logical axes (what `rrm_jax.parallel` maps onto a device mesh),
 its Hugging Face tensor name and how that tensor's layout relates to ours, and how a fresh model
-initialises it. `qwen2` (parameters and their sharding metadata), `hf` (conversion) and `checkpoint` /
-`plan` (shapes and shardings) all read these records, so adding or changing a parameter is one line.
+initialises it. `qwen2` derives the parameters and their sharding metadata from these records (and
+re-exports `LOGICAL_AXES` and `param_shapes`, which checkpoints and `rrm-jax plan` read), `hf` the
+tensors of a Hugging Face folder, so a parameter's description changes in one place.
 
 Shape letters: L layers, D hidden, N query heads, K kv heads, H head dim, F MLP width, V vocabulary.
 """
