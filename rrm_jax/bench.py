@@ -1,4 +1,10 @@
-"""`rrm-jax bench sample`: sampling throughput against the machine's measured ceilings and transformers.
+"""`rrm-jax bench`: what the commands' programs cost on this machine.
+
+`bench sample`: the generation engine's throughput on fixed batches against the machine's measured
+ceilings (and transformers `generate` with --compare-hf); `--workload cache`: the decode step's time
+against the cache length it allocates; `--workload rrm`: requests shaped like RRM judging
+(`rrm_jax.bench_rrm`). `bench train`: one GRPO step's phases (rollout, log-probabilities, update).
+The programs' stages carry `jax.named_scope` labels, so a profile taken around a bench names each piece.
 
 The ceilings are measured here, by this process: memory bandwidth from a large elementwise pass
 (bytes read + written / time) and peak FLOP/s from a large matmul in the benchmark's dtype. MBU is

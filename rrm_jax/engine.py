@@ -1,26 +1,37 @@
 """Continuous-batching generation engine: a fixed set of slots, each a contiguous per-row KV cache,
-refilled with waiting prompts as rows finish, decoding in chunks of steps between host checks.
+refilled with waiting prompts as rows finish, decoding in chunks of decode steps (CHUNK_STEPS) between
+host checks.
 
-The host loop is plain Python over three jitted programs:
+The host loop is plain Python over five jitted programs:
 
-    prefill_fn  prefill a pack of waiting prompts (several prompts in one token budget, each attending
-                only to itself) once and insert their caches (one copy per sample) into free slots;
-    decode_fn   run a chunk of decode steps for every slot (finished slots idle) and return the tokens;
-    empty_state allocate the slots.
+    empty_state_fn  allocate the slots;
+    unstack_fn      split the stacked layer weights into one array per layer (the "layers" path, once
+                    per `generate` call);
+    prefill_fn      prefill a pack of waiting prompts (several prompts in one token budget, each
+                    attending only to itself) once and insert their caches (one copy per sample) into
+                    free slots;
+    decode_fn       run a chunk of decode steps for every slot (finished slots idle) and return the
+                    tokens;
+    compact_fn      once no prompt waits, gather the live rows into a smaller running batch.
 
 Two decode paths, chosen by `decode_path`:
 
     "rows"    one CPU device: the stacked cache [L, B, S, K, H], layers scanned, each row reading the
               smallest window that holds its own prefix (a loop over the rows, cheap on a CPU), and the
-              chunk a while loop that returns early once enough slots are free for a refill;
+              chunk of decode steps a while loop that returns early once enough slots are free for a
+              refill;
     "layers"  accelerators and meshes: one cache array per layer [K, B, S, H] and the layers unrolled,
-              the chunk a scan of a fixed number of steps (finished rows masked), so a step holds no
+              the chunk of decode steps a scan of a fixed length (finished rows masked), so a step holds no
               conditional and no loop of unknown trip count (each costs a host round trip on XLA:GPU),
               and the attention is `decode_attention.attend`: a Pallas kernel reading each row's own
               length on GPU and TPU, or a window chosen on the host between chunks (XLA).
 
 Rows keep their own random streams (see `rrm_jax.sampling`), so results do not depend on the slot, the
 slot count, the other requests, their order or the path.
+
+The programs' stages carry `jax.named_scope` labels (prefill, decode_step, and inside the model embed,
+norm, qkv, rope, attention, attn_out, mlp, cache_write, logits, then sampling), so a profile of
+`rrm-jax bench` names each piece.
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ from rrm_jax.model.config import Qwen2Config
 from rrm_jax.sampling import MIN_BUCKET, Sample, SamplingSettings, bucket_length, is_eos, make_sample, next_tokens, row_keys
 
 ATTENTION_BLOCK = 128  # window granularity: the "rows" path's finest window, the "layers" XLA path's smallest
-CHUNK_STEPS = 32  # decode steps per device call between host checks
+CHUNK_STEPS = 32  # decode steps per device call between host checks: one "chunk" of this module
 # Prompt tokens per row of a prefill pack: waiting prompts are packed into rows of this budget (a longer
 # prompt gets a power-of-two pack of its own), so one program serves every prompt length and a 520-token
 # prompt does not pay for 1,024. A CPU prefers short rows (the attention inside a row grows with its
@@ -63,7 +74,7 @@ class SlotState(NamedTuple):
     num_generated: jax.Array  # [B] int32
     limit: jax.Array  # [B] int32: the row's max_new_tokens
     done: jax.Array  # [B] bool
-    forced: jax.Array  # [B] int32: thinking-budget token being forced, -1 = none
+    think_end_index: jax.Array  # [B] int32: index into think_end_ids of the token to force next, -1 = none
     think_closed: jax.Array  # [B] bool
     keys: jax.Array  # [B, 2] uint32: raw PRNG key of the row's stream
 
@@ -132,15 +143,16 @@ def _empty_state(config: Qwen2Config, slots: int, capacity: int, mesh, path: str
         cache = qwen2.KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros(slots, jnp.int32))
     return SlotState(cache=_constrain_cache(cache, mesh), logits=jnp.zeros((slots, config.vocab_size), jnp.float32),
                      num_generated=jnp.zeros(slots, jnp.int32), limit=jnp.zeros(slots, jnp.int32),
-                     done=jnp.ones(slots, bool), forced=jnp.full(slots, -1, jnp.int32),
+                     done=jnp.ones(slots, bool), think_end_index=jnp.full(slots, -1, jnp.int32),
                      think_closed=jnp.zeros(slots, bool), keys=jnp.zeros_like(jax.random.key_data(row_keys(0, jnp.zeros(slots, jnp.uint32)))))
 
 
 def _prefill_insert(config: Qwen2Config, num_samples: int, mesh, params, state: SlotState, pack: Pack, seed) -> SlotState:
     """Prefill the prompts of `pack` once each and insert each prompt's cache into its num_samples slots;
     row r of the pack samples from the stream of pack.row_ids[r]."""
-    logits, keys, values = qwen2.prefill_packed(config, params, pack.tokens, pack.segments, pack.positions,
-                                                pack.last)
+    with jax.named_scope("prefill"):
+        logits, keys, values = qwen2.prefill_packed(config, params, pack.tokens, pack.segments, pack.positions,
+                                                    pack.last)
     if num_samples > 1:  # token-major, then sample: as the host laid out token_slots
         keys, values = jnp.repeat(keys, num_samples, axis=1), jnp.repeat(values, num_samples, axis=1)
         logits = jnp.repeat(logits, num_samples, axis=0)
@@ -155,7 +167,7 @@ def _prefill_insert(config: Qwen2Config, num_samples: int, mesh, params, state: 
         num_generated=put(state.num_generated, jnp.zeros_like(lengths)),
         limit=put(state.limit, limits),
         done=put(state.done, jnp.zeros(lengths.shape, bool)),
-        forced=put(state.forced, jnp.full(lengths.shape, -1, jnp.int32)),
+        think_end_index=put(state.think_end_index, jnp.full(lengths.shape, -1, jnp.int32)),
         think_closed=put(state.think_closed, jnp.zeros(lengths.shape, bool)),
         keys=put(state.keys, jax.random.key_data(row_keys(seed, pack.row_ids))),
     )
@@ -163,11 +175,12 @@ def _prefill_insert(config: Qwen2Config, num_samples: int, mesh, params, state: 
 
 def _sample_step(settings: SamplingSettings, s: SlotState):
     """The next token of every row from its logits -> (NextTokens, active, num_generated, done)."""
-    nxt = next_tokens(settings, s.logits, jax.random.wrap_key_data(s.keys), s.num_generated, s.forced,
+    nxt = next_tokens(settings, s.logits, jax.random.wrap_key_data(s.keys), s.num_generated, s.think_end_index,
                       s.think_closed)
-    active = ~s.done
-    num_generated = s.num_generated + active.astype(jnp.int32)
-    done = s.done | (active & is_eos(settings, nxt.tokens)) | (num_generated >= s.limit)
+    with jax.named_scope("sampling"):
+        active = ~s.done
+        num_generated = s.num_generated + active.astype(jnp.int32)
+        done = s.done | (active & is_eos(settings, nxt.tokens)) | (num_generated >= s.limit)
     return nxt, active, num_generated, done
 
 
@@ -182,9 +195,10 @@ def _decode_chunk(config: Qwen2Config, settings: SamplingSettings, chunk: int, b
 
         def layers_step(s: SlotState, _):
             nxt, active, num_generated, done = _sample_step(settings, s)
-            logits, cache = qwen2.decode_step_layers(config, params, nxt.tokens, s.cache, active=active,
-                                                     attend=attend)
-            s = SlotState(_constrain_cache(cache, mesh), logits, num_generated, s.limit, done, nxt.forced,
+            with jax.named_scope("decode_step"):
+                logits, cache = qwen2.decode_step_layers(config, params, nxt.tokens, s.cache, active=active,
+                                                         attend=attend)
+            s = SlotState(_constrain_cache(cache, mesh), logits, num_generated, s.limit, done, nxt.think_end_index,
                           nxt.think_closed, s.keys)
             return s, (nxt.tokens, nxt.logprobs, nxt.sampling_logprobs)
 
@@ -207,9 +221,10 @@ def _decode_chunk(config: Qwen2Config, settings: SamplingSettings, chunk: int, b
         nxt, active, num_generated, done = _sample_step(settings, s)
         e = e._replace(tokens=e.tokens.at[:, t].set(nxt.tokens), logprobs=e.logprobs.at[:, t].set(nxt.logprobs),
                        sampling_logprobs=e.sampling_logprobs.at[:, t].set(nxt.sampling_logprobs))
-        logits, cache = qwen2.decode_step(config, params, nxt.tokens, s.cache, active=active, block_size=block,
-                                          row_windows=True)
-        s = SlotState(cache, logits, num_generated, s.limit, done, nxt.forced, nxt.think_closed, s.keys)
+        with jax.named_scope("decode_step"):
+            logits, cache = qwen2.decode_step(config, params, nxt.tokens, s.cache, active=active,
+                                              block_size=block, row_windows=True)
+        s = SlotState(cache, logits, num_generated, s.limit, done, nxt.think_end_index, nxt.think_closed, s.keys)
         return s, e, t + 1
 
     state, emitted, _ = jax.lax.while_loop(go_on, step, (state, emitted, jnp.zeros((), jnp.int32)))
@@ -220,7 +235,7 @@ def _compact(mesh, state: SlotState, keep) -> SlotState:
     """The slot state of the rows in `keep` [n] (slot indices) only: every per-slot array gathered along
     its batch axis, so the decode steps that follow compute n rows instead of all the slots."""
     return SlotState(_constrain_cache(qwen2.take_rows(state.cache, keep), mesh), state.logits[keep],
-                     state.num_generated[keep], state.limit[keep], state.done[keep], state.forced[keep],
+                     state.num_generated[keep], state.limit[keep], state.done[keep], state.think_end_index[keep],
                      state.think_closed[keep], state.keys[keep])
 
 
@@ -368,14 +383,16 @@ def pack_prompts(requests: Sequence[Request], waiting: collections.deque, free: 
     return pack, taken, taken_slots
 
 
-def _place(x, mesh):
-    """Host array -> device, replicated over the mesh (the same value on every process)."""
+def _replicate(x, mesh):
+    """A host array replicated over the mesh (every process passes the same value); unchanged without a mesh."""
     if mesh is None:
         return x
     return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
 
 
-class _Row:
+class _HostRow:
+    """The host's record of one generating row: whose sample it is and what it has generated so far."""
+
     __slots__ = ("request", "sample", "prompt_len", "tokens", "logprobs", "sampling_logprobs", "finished")
 
     def __init__(self, request: int, sample: int, prompt_len: int):
@@ -422,7 +439,7 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
     decode_params = unstack_fn(params) if path == "layers" else params
     waiting = collections.deque(range(len(requests)))
     free = list(range(slots))
-    owner: list[_Row | None] = [None] * slots
+    owner: list[_HostRow | None] = [None] * slots
     results: list[Sample | None] = [None] * n_rows
     unfinished = [num_samples] * len(requests)
     seed32 = np.uint32(seed % 2**32)
@@ -468,11 +485,11 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
                 pack, taken, rows = pack_prompts(requests, waiting, free, num_samples=num_samples, budget=row_len,
                                                  rows=pack_rows, slots=len(owner), row_multiple=shards,
                                                  buckets=buckets)
-                pack = Pack(*(_place(a, mesh) for a in pack))
-                state = prefill_fn(config, num_samples, mesh, params, state, pack, _place(seed32, mesh))
+                pack = Pack(*(_replicate(a, mesh) for a in pack))
+                state = prefill_fn(config, num_samples, mesh, params, state, pack, _replicate(seed32, mesh))
                 for r, slot in enumerate(rows):
                     i = taken[r // num_samples]
-                    owner[slot] = _Row(i, r % num_samples, len(requests[i].prompt_ids))
+                    owner[slot] = _HostRow(i, r % num_samples, len(requests[i].prompt_ids))
                 stats.prefills += len(taken)
                 stats.prefill_calls += 1
                 stats.prefill_tokens += pack.tokens.size
@@ -482,7 +499,7 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
                 size = compacted_size(len(live), len(owner), mesh)
                 if size is not None:
                     keep = live + free[:size - len(live)]  # free slots pad it: done, limit 0
-                    state = compact_fn(mesh, state, _place(np.asarray(keep, np.int32), mesh))
+                    state = compact_fn(mesh, state, _replicate(np.asarray(keep, np.int32), mesh))
                     owner = [owner[slot] for slot in keep]
                     free = list(range(len(live), size))
                     stats.compactions += 1
@@ -494,7 +511,7 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
             window = host_window(longest, chunk * (2 if in_flight else 1), block, capacity)
         snapshot = list(owner)
         state, emitted, attention = _decode(config, settings, chunk, window, attention, mesh, decode_params,
-                                            state, _place(np.int32(stop_at_done), mesh), stats)
+                                            state, _replicate(np.int32(stop_at_done), mesh), stats)
         for a in emitted:  # queue each copy to the host behind the chunk, so none waits for the others
             if a.is_fully_addressable:
                 a.copy_to_host_async()

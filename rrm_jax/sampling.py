@@ -55,7 +55,7 @@ class NextTokens(NamedTuple):
     tokens: jax.Array  # [B] int32
     logprobs: jax.Array  # [B] float32 under the model
     sampling_logprobs: jax.Array  # [B] float32 under the sampling distribution (0 when greedy)
-    forced: jax.Array  # [B] int32: index into think_end_ids to force next, -1 = not forcing
+    think_end_index: jax.Array  # [B] int32: index into think_end_ids of the token to force next, -1 = not forcing
     think_closed: jax.Array  # [B] bool
 
 
@@ -114,21 +114,24 @@ def _choose(settings: SamplingSettings, logits, keys, steps):
     return token, logp
 
 
-def next_tokens(settings: SamplingSettings, logits, keys, num_generated, forced, think_closed) -> NextTokens:
+@jax.named_scope("sampling")
+def next_tokens(settings: SamplingSettings, logits, keys, num_generated, think_end_index, think_closed) -> NextTokens:
     """The token each row takes next: sampled (or greedy), unless the row is at its thinking budget, where
-    the tokens of "\\n</think>\\n\\n" are forced one per step."""
+    the tokens of "\\n</think>\\n\\n" are forced one per step. think_end_index [B]: the index into
+    think_end_ids of the token a row forces next, -1 while it is not forcing."""
     logits = restrict_logits(logits, settings.allowed_ids)
     token, sampling_logp = _choose(settings, logits, keys, num_generated)
     if settings.max_think_tokens is not None:
-        forced_ids = jnp.asarray(settings.think_end_ids, jnp.int32)
-        start = (~think_closed) & (forced < 0) & (num_generated >= settings.max_think_tokens)
-        forced = jnp.where(start, 0, forced)
-        forcing = forced >= 0
-        token = jnp.where(forcing, forced_ids[jnp.maximum(forced, 0)], token)
-        forced = jnp.where(forcing & (forced + 1 < len(settings.think_end_ids)), forced + 1, -1)
+        end_ids = jnp.asarray(settings.think_end_ids, jnp.int32)
+        i = think_end_index
+        start = (~think_closed) & (i < 0) & (num_generated >= settings.max_think_tokens)
+        i = jnp.where(start, 0, i)
+        forcing = i >= 0
+        token = jnp.where(forcing, end_ids[jnp.maximum(i, 0)], token)
+        think_end_index = jnp.where(forcing & (i + 1 < len(settings.think_end_ids)), i + 1, -1)
         think_closed = think_closed | (token == settings.think_end_ids[-1])
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
-    return NextTokens(token, logp, sampling_logp, forced, think_closed)
+    return NextTokens(token, logp, sampling_logp, think_end_index, think_closed)
 
 
 def is_eos(settings: SamplingSettings, tokens):
@@ -162,13 +165,13 @@ def make_settings(config: Qwen2Config, *, temperature, top_p, top_k, eos_ids, ma
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise UserError(f"invalid sampling settings temperature={temperature} top_p={top_p} top_k={top_k}: "
                         f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
-    forced = ()
+    end_ids = ()
     if max_think_tokens is not None:
-        forced = tuple(think_end_ids_override) if think_end_ids_override else think_end_ids(tokenizer)
+        end_ids = tuple(think_end_ids_override) if think_end_ids_override else think_end_ids(tokenizer)
     return SamplingSettings(
         temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
         eos_ids=resolve_eos_ids(config, tokenizer, eos_ids),
-        max_think_tokens=None if max_think_tokens is None else int(max_think_tokens), think_end_ids=forced,
+        max_think_tokens=None if max_think_tokens is None else int(max_think_tokens), think_end_ids=end_ids,
         allowed_ids=allowed)
 
 

@@ -28,7 +28,7 @@ class DecodeState(NamedTuple):
     num_generated: jax.Array  # [B] int32
     limits: jax.Array  # [B] int32: the row's own limit (<= max_new_tokens, which sizes the cache)
     done: jax.Array  # [B] bool
-    forced: jax.Array  # [B] int32: index into think_end_ids being forced, -1 = not forcing
+    think_end_index: jax.Array  # [B] int32: index into think_end_ids of the token to force next, -1 = not forcing
     think_closed: jax.Array  # [B] bool
     row_keys: jax.Array  # [B] PRNG keys, one stream per (prompt, sample)
     step: jax.Array  # [] int32
@@ -36,7 +36,7 @@ class DecodeState(NamedTuple):
 
 def _decode_body(config: Qwen2Config, settings: SamplingSettings, max_new_tokens: int, params,
                  s: DecodeState) -> DecodeState:
-    nxt = next_tokens(settings, s.logits, s.row_keys, s.num_generated, s.forced, s.think_closed)
+    nxt = next_tokens(settings, s.logits, s.row_keys, s.num_generated, s.think_end_index, s.think_closed)
     active = ~s.done
     rows = jnp.arange(nxt.tokens.shape[0])
     col = jnp.where(active, s.num_generated, max_new_tokens)  # out of range -> dropped
@@ -47,7 +47,7 @@ def _decode_body(config: Qwen2Config, settings: SamplingSettings, max_new_tokens
     done = s.done | (active & is_eos(settings, nxt.tokens)) | (num_generated >= s.limits)
     logits, cache = qwen2.decode_step(config, params, nxt.tokens, s.cache)  # the whole cache, every row
     return DecodeState(cache, logits, tokens, logprobs, sampling_logprobs, num_generated, s.limits, done,
-                       nxt.forced, nxt.think_closed, s.row_keys, s.step + 1)
+                       nxt.think_end_index, nxt.think_closed, s.row_keys, s.step + 1)
 
 
 def _decode_loop(config: Qwen2Config, settings: SamplingSettings, max_new_tokens: int, params,
@@ -83,7 +83,7 @@ def _prefill(config: Qwen2Config, max_new_tokens: int, num_samples: int, mesh, p
         num_generated=jnp.zeros(rows, jnp.int32),
         limits=limits.astype(jnp.int32),
         done=jnp.zeros(rows, bool),
-        forced=jnp.full(rows, -1, jnp.int32),
+        think_end_index=jnp.full(rows, -1, jnp.int32),
         think_closed=jnp.zeros(rows, bool),
         row_keys=row_keys(seed, row_ids),
         step=jnp.zeros((), jnp.int32),

@@ -3,6 +3,7 @@ its own invariants: refilled slots, per-request limits, seeded streams, thinking
 sharding and the attention's block reads."""
 
 import collections
+import re
 
 import jax
 import jax.numpy as jnp
@@ -208,9 +209,9 @@ def test_row_windows_read_each_rows_own_prefix_only():
     windows = qwen2.fine_attention_windows(S, block)
     lengths = jnp.asarray([5, 70, 33], jnp.int32)
     active = jnp.asarray([True, True, True])
-    idx = qwen2.row_attention_windows(lengths, active, windows)
+    idx = qwen2.row_window_indices(lengths, active, windows)
     assert [windows[int(i)] for i in idx] == [32, 96, 64]
-    idx = qwen2.row_attention_windows(lengths, jnp.asarray([True, False, True]), windows)
+    idx = qwen2.row_window_indices(lengths, jnp.asarray([True, False, True]), windows)
     assert [windows[int(i)] for i in idx] == [32, 32, 64]
 
     shape = (config.num_layers, B, S, config.num_kv_heads, config.head_dim)
@@ -230,3 +231,35 @@ def test_row_windows_read_each_rows_own_prefix_only():
     # the whole cache would read row 0's NaN
     whole, _ = qwen2.decode_step(config, params, tokens, qwen2.KVCache(keys, values, lengths))
     assert np.isnan(np.asarray(whole)[0]).all()
+
+
+# The labels a profile of `bench` shows for each piece of a prefill and of a decode step.
+PREFILL_SCOPES = {"prefill", "embed", "norm", "qkv", "rope", "attention", "attn_out", "mlp", "logits", "cache_write"}
+DECODE_SCOPES = {"decode_step", "embed", "norm", "qkv", "rope", "attention", "attn_out", "mlp", "logits",
+                 "cache_write", "sampling"}
+
+
+def scope_names(lowered) -> set[str]:
+    """The named scopes of a lowered program: the components of its ops' name stacks, loc("jit(f)/mlp/dot"(...)),
+    all but the last, which is the op's own name. A frame's function name (loc("rope"(...)), no slash) and a
+    file location (loc("/path/qwen2.py":12:3)) never count."""
+    names = re.findall(r'loc\("([^"]*/[^"]*)"[()]', lowered.as_text(debug_info=True))
+    return {part for name in names for part in name.split("/")[:-1]}
+
+
+@pytest.mark.parametrize("path", ["rows", "layers"])
+def test_prefill_and_decode_step_carry_their_stage_names(path):
+    config = preset("tiny")
+    params = qwen2.Qwen2(config, rngs=nnx.Rngs(0)).params()
+    settings = make_settings(config, temperature=1.0, top_p=0.9, top_k=5, eos_ids=[1], max_think_tokens=4,
+                             tokenizer=None, think_end_ids_override=[2, 3])
+    reqs = [engine.Request([3, 4, 5], 4, 0), engine.Request([6, 7], 4, 1)]
+    state = engine.empty_state_fn(config, 2, 32, None, path)
+    pack, _, _ = engine.pack_prompts(reqs, collections.deque(range(2)), [0, 1], num_samples=1, budget=16, rows=2,
+                                     slots=2)
+    prefill = engine.prefill_fn.lower(config, 1, None, params, state, pack, np.uint32(0))
+    assert PREFILL_SCOPES <= scope_names(prefill), PREFILL_SCOPES - scope_names(prefill)
+    attention = None if path == "rows" else "xla"
+    decode_params = params if path == "rows" else engine.unstack_fn(params)
+    decode = engine.decode_fn.lower(config, settings, 2, 16, attention, None, decode_params, state, np.int32(2))
+    assert DECODE_SCOPES <= scope_names(decode), DECODE_SCOPES - scope_names(decode)

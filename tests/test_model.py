@@ -1,17 +1,21 @@
 """The Qwen2 model against Hugging Face transformers (torch, float32) as the reference."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 from flax import nnx
 
 from model_utils import make_hf_model
 from rrm_jax import load_model, parallel
 from rrm_jax.errors import UserError
-from rrm_jax.model.config import PRESETS, preset
-from rrm_jax.model.qwen2 import Qwen2, forward
+from rrm_jax.model import hf
+from rrm_jax.model.config import PRESETS, Qwen2Config, preset
+from rrm_jax.model.qwen2 import Qwen2, forward, param_shapes
 
 CONFIGS = {
     "untied-gqa": dict(),
@@ -111,3 +115,51 @@ def test_presets_have_the_released_shapes():
     assert round(PRESETS["r1-distill-qwen-32b"].num_params / 1e9, 1) == 32.8
     abstract = nnx.eval_shape(lambda: Qwen2(PRESETS["r1-distill-qwen-7b"], rngs=nnx.Rngs(0)))
     assert abstract.layers.q_proj.get_value().shape == (28, 3584, 28, 128)
+
+
+def test_fresh_matrices_are_drawn_with_std_one_over_sqrt_fan_in():
+    # widths told apart: D = 96, N * H = 8 * 16 = 128, F = 320
+    c = Qwen2Config(vocab_size=400, hidden_size=96, intermediate_size=320, num_layers=2, num_heads=8, num_kv_heads=2,
+                    head_dim=16)
+    fan_in = {"embed": 96, "lm_head": 96, "q_proj": 96, "k_proj": 96, "v_proj": 96, "gate_proj": 96, "up_proj": 96,
+              "o_proj": 128, "down_proj": 320}
+    for init in ("fan-in", "normal-0.02"):
+        p = Qwen2(c, rngs=nnx.Rngs(0), init=init).params()
+        flat = {**{k: v for k, v in p.items() if k != "layers"}, **p["layers"]}
+        assert set(flat) == set(fan_in) | {"final_norm", "attn_norm", "mlp_norm", "q_bias", "k_bias", "v_bias"}
+        for name, value in flat.items():
+            value = np.asarray(value)
+            if name.endswith("norm"):
+                assert (value == 1).all(), name
+            elif name.endswith("bias"):
+                assert (value == 0).all(), name
+            else:
+                want = fan_in[name] ** -0.5 if init == "fan-in" else 0.02
+                assert abs(value.mean()) < 0.05 * want and value.std() == pytest.approx(want, rel=0.05), (init, name)
+
+
+def test_a_seeded_fresh_model_keeps_its_values():
+    # Pinned: every seeded figure of BENCHMARKS.md starts from a fresh model's weights, so the order in which
+    # parameters draw their keys and the std each gets must never change.
+    c = preset("tiny").replace(tie_word_embeddings=False)
+    p = Qwen2(c, rngs=nnx.Rngs(0)).params()
+    first3 = lambda a: np.asarray(a).reshape(-1)[:3]
+    np.testing.assert_array_equal(first3(p["embed"]), np.float32([0.12550178, -0.11329215, -0.09352153]))
+    np.testing.assert_array_equal(first3(p["lm_head"]), np.float32([-0.11717761, -0.23780745, -0.013619836]))
+    np.testing.assert_array_equal(first3(p["layers"]["q_proj"]), np.float32([0.16195449, 0.16937631, -0.051200695]))
+    np.testing.assert_array_equal(first3(p["layers"]["o_proj"]), np.float32([-0.08073219, -0.1908739, 0.079872094]))
+    np.testing.assert_array_equal(first3(p["layers"]["down_proj"]), np.float32([-0.045415916, -0.0029752958, 0.1150668]))
+    p = Qwen2(c, rngs=nnx.Rngs(0), init="normal-0.02").params()
+    np.testing.assert_array_equal(first3(p["layers"]["o_proj"]), np.float32([-0.01291715, -0.030539824, 0.012779535]))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_tensor_names_and_shapes_are_transformers_own(tied):
+    c = preset("tiny").replace(tie_word_embeddings=tied)
+    torch_model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf.config_to_hf(c)))
+    want = {name: tuple(p.shape) for name, p in torch_model.named_parameters()}  # a tied lm_head listed once
+    assert {t.name: t.shape for t in hf.hf_tensors(c)} == want
+    # and each maps onto a parameter of ours with the same number of values
+    shapes = param_shapes(c)
+    for t in hf.hf_tensors(c):
+        assert math.prod(t.shape) == math.prod(shapes[t.weight.path][1 if t.layer is not None else 0:]), t.name

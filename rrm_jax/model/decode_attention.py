@@ -44,6 +44,7 @@ def default_impl(backend: str | None = None) -> str:
     return {"gpu": "pallas-gpu", "cuda": "pallas-gpu", "rocm": "pallas-gpu", "tpu": "pallas-tpu"}.get(backend, "xla")
 
 
+@jax.named_scope("attention")
 def attend(q, keys, values, lengths, *, impl: str = "xla", window: int | None = None, mesh=None,
            interpret: bool = False):
     """q [B, N, H], keys / values [K, B, S, H], lengths [B] int32 -> [B, N, H] in q's dtype.

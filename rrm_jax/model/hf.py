@@ -1,4 +1,4 @@
-"""Hugging Face Qwen2 folders: config.json translation, the tensor mapping table and streaming safetensors I/O.
+"""Hugging Face Qwen2 folders: config.json translation, the HF tensors of a config and streaming safetensors I/O.
 
 An HF folder holds config.json, the weights as `model.safetensors` or as shards listed in
 `model.safetensors.index.json`, and optional tokenizer / generation files ("assets", copied verbatim).
@@ -9,18 +9,9 @@ keep host memory near one tensor however large the model. The format is small: 8
 header length, a JSON header {name: {dtype, shape, data_offsets}} (offsets relative to the end of the
 header), then the raw little-endian tensor bytes.
 
-HF <-> state layout (torch Linear weights are [out, in]; ours are [in, ...] so `x @ w` needs no transpose):
-  model.embed_tokens.weight        [V, D]       embed [V, D]
-  ...input_layernorm.weight        [D]          layers.attn_norm [L, D]
-  ...self_attn.q_proj.weight       [N*H, D]     layers.q_proj [L, D, N, H]     (transpose, split heads)
-  ...self_attn.q_proj.bias         [N*H]        layers.q_bias [L, N, H]
-  ...self_attn.k_proj / v_proj     [K*H, D]     layers.k_proj / v_proj [L, D, K, H], biases [L, K, H]
-  ...self_attn.o_proj.weight       [D, N*H]     layers.o_proj [L, N, H, D]     (transpose, split heads)
-  ...post_attention_layernorm      [D]          layers.mlp_norm [L, D]
-  ...mlp.gate_proj / up_proj       [F, D]       layers.gate_proj / up_proj [L, D, F]
-  ...mlp.down_proj.weight          [D, F]       layers.down_proj [L, F, D]
-  model.norm.weight                [D]          final_norm [D]
-  lm_head.weight                   [V, D]       lm_head [D, V]  (absent when tie_word_embeddings)
+How each HF tensor maps onto our parameters (its name, and its layout: torch Linear weights are
+[out, in], ours [in, ...] so `x @ w` needs no transpose) is part of each parameter's record in
+`rrm_jax.model.weights`; here those records are expanded per layer into the tensors of one config.
 """
 
 from __future__ import annotations
@@ -39,7 +30,7 @@ import numpy as np
 from rrm_jax import storage
 from rrm_jax.errors import UserError
 from rrm_jax.model.config import Qwen2Config
-from rrm_jax.model.qwen2 import param_shapes
+from rrm_jax.model.weights import BY_PATH, Weight, param_shapes, weights
 
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 SAFETENSORS_FILE = "model.safetensors"
@@ -149,46 +140,7 @@ def generation_config_to_hf(config: Qwen2Config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tensor mapping table
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-    """How one HF tensor maps onto one of our parameters (per layer for `layers.*` paths).
-
-    layout: "same"   identical layout (embedding, norms)
-            "flat"   HF flattens our trailing head dims (biases: [N, H] <-> [N*H])
-            "linear" torch Linear weight [out, in] <-> ours [in..., out...] (transposed; `in_dims` leading
-                     dims of ours form HF's `in`, the rest its `out`)
-    """
-
-    path: str
-    hf_name: str  # "{i}" stands for the layer index
-    layout: str
-    in_dims: int = 1
-
-    @property
-    def stacked(self) -> bool:
-        return self.path.startswith("layers.")
-
-
-TENSOR_MAP = (
-    TensorMap("embed", "model.embed_tokens.weight", "same"),
-    TensorMap("layers.attn_norm", "model.layers.{i}.input_layernorm.weight", "same"),
-    TensorMap("layers.q_proj", "model.layers.{i}.self_attn.q_proj.weight", "linear"),
-    TensorMap("layers.q_bias", "model.layers.{i}.self_attn.q_proj.bias", "flat"),
-    TensorMap("layers.k_proj", "model.layers.{i}.self_attn.k_proj.weight", "linear"),
-    TensorMap("layers.k_bias", "model.layers.{i}.self_attn.k_proj.bias", "flat"),
-    TensorMap("layers.v_proj", "model.layers.{i}.self_attn.v_proj.weight", "linear"),
-    TensorMap("layers.v_bias", "model.layers.{i}.self_attn.v_proj.bias", "flat"),
-    TensorMap("layers.o_proj", "model.layers.{i}.self_attn.o_proj.weight", "linear", in_dims=2),
-    TensorMap("layers.mlp_norm", "model.layers.{i}.post_attention_layernorm.weight", "same"),
-    TensorMap("layers.gate_proj", "model.layers.{i}.mlp.gate_proj.weight", "linear"),
-    TensorMap("layers.up_proj", "model.layers.{i}.mlp.up_proj.weight", "linear"),
-    TensorMap("layers.down_proj", "model.layers.{i}.mlp.down_proj.weight", "linear"),
-    TensorMap("final_norm", "model.norm.weight", "same"),
-    TensorMap("lm_head", "lm_head.weight", "linear"),
-)
+# HF tensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,27 +148,27 @@ class HFTensor:
     """One HF tensor of a concrete config: its name and shape, and where it lives in our state."""
 
     name: str
-    map: TensorMap
+    weight: Weight  # the parameter it is (a layer of)
     layer: int | None  # index into the stacked [L] axis, None for unstacked parameters
     ours_shape: tuple[int, ...]  # our shape of this tensor (one layer's slice for stacked parameters)
 
     @property
     def shape(self) -> tuple[int, ...]:
         s = self.ours_shape
-        if self.map.layout == "linear":
-            k = self.map.in_dims
+        if self.weight.hf_layout == "linear":
+            k = self.weight.hf_in_dims
             return (math.prod(s[k:]), math.prod(s[:k]))
-        if self.map.layout == "flat":
+        if self.weight.hf_layout == "flat":
             return (math.prod(s),)
         return s
 
     def to_ours(self, x: np.ndarray) -> np.ndarray:
         """Whole HF tensor -> our layout (a view where possible)."""
-        return (x.T if self.map.layout == "linear" else x).reshape(self.ours_shape)
+        return (x.T if self.weight.hf_layout == "linear" else x).reshape(self.ours_shape)
 
     def to_hf(self, y: np.ndarray) -> np.ndarray:
         """Our layout -> whole HF tensor (a view where possible)."""
-        if self.map.layout == "linear":
+        if self.weight.hf_layout == "linear":
             rows, cols = self.shape
             return y.reshape(cols, rows).T
         return y.reshape(self.shape)
@@ -225,7 +177,7 @@ class HFTensor:
     # our first axis ("same" layout) or our last axis ("linear", transposed); a block converts by a
     # plain transpose (or nothing), which is its own inverse.
     def row_axis(self) -> int:
-        return len(self.ours_shape) - 1 if self.map.layout == "linear" else 0
+        return len(self.ours_shape) - 1 if self.weight.hf_layout == "linear" else 0
 
     def rows_index(self, r0: int, r1: int) -> tuple[slice, ...]:
         """Index into our parameter of HF rows r0:r1."""
@@ -233,21 +185,16 @@ class HFTensor:
 
     def swap_rows_layout(self, x: np.ndarray) -> np.ndarray:
         """A block of HF rows <-> the same block in our layout."""
-        return x.T if self.map.layout == "linear" else x
+        return x.T if self.weight.hf_layout == "linear" else x
 
 
 def hf_tensors(config: Qwen2Config) -> list[HFTensor]:
     """Every HF tensor of this config, in the order HF folders store them (layer by layer)."""
-    shapes = param_shapes(config)
-    by_path = {m.path: m for m in TENSOR_MAP}
-    out = [HFTensor(by_path["embed"].hf_name, by_path["embed"], None, shapes["embed"])]
+    present = weights(config)
+    out = [HFTensor(w.hf_name, w, None, w.shape(config)) for w in present if w.path == "embed"]
     for i in range(config.num_layers):
-        for m in TENSOR_MAP:
-            if m.stacked:
-                out.append(HFTensor(m.hf_name.format(i=i), m, i, shapes[m.path][1:]))
-    for path in ("final_norm", "lm_head"):
-        if path in shapes:
-            out.append(HFTensor(by_path[path].hf_name, by_path[path], None, shapes[path]))
+        out += [HFTensor(w.hf_name.format(i=i), w, i, w.shape(config)[1:]) for w in present if w.stacked]
+    out += [HFTensor(w.hf_name, w, None, w.shape(config)) for w in present if w.path in ("final_norm", "lm_head")]
     return out
 
 
@@ -262,7 +209,7 @@ def block_indices(config: Qwen2Config, path: str, itemsize: int) -> list[tuple[s
     shape = param_shapes(config)[path]
     if path.startswith("layers."):
         return [(slice(i, i + 1),) for i in range(shape[0])]
-    t = next(t for t in hf_tensors(config) if t.map.path == path)
+    t = next(t for t in hf_tensors(config) if t.weight.path == path)
     rows, cols = t.shape[0], math.prod(t.shape[1:])
     return [t.rows_index(r0, r1) for r0, r1 in _row_ranges(rows, cols * itemsize)]
 
@@ -465,7 +412,7 @@ class HFParams:
         self.files = SafetensorsFolder(self.folder)
         config_path = self.folder / "config.json"
         hf_config = read_json(config_path)
-        embed = TENSOR_MAP[0].hf_name
+        embed = BY_PATH["embed"].hf_name
         stored = self.files.dtype(embed) if embed in self.files.entries else _ST_TO_NUMPY["F32"]
         self.config = config_from_hf(hf_config, source=str(config_path),
                                      param_dtype=dtype or default_param_dtype(stored))
@@ -475,7 +422,7 @@ class HFParams:
         self.dtype = np.dtype(ml_dtypes.bfloat16 if self.config.param_dtype == "bfloat16" else np.float32)
         self._by_path: dict[str, list[HFTensor]] = {}
         for t in self.tensors:
-            self._by_path.setdefault(t.map.path, []).append(t)
+            self._by_path.setdefault(t.weight.path, []).append(t)
 
     def region(self, path: str, index: tuple) -> np.ndarray:
         """param[index] of our parameter `path` (index: a tuple of step-1 slices), in the config's dtype."""
@@ -601,11 +548,11 @@ def write_hf_folder(
     def blocks(i: int) -> Iterator[np.ndarray]:
         t = tensors[i]
         if t.layer is not None:
-            yield np.ascontiguousarray(t.to_hf(region(t.map.path, (slice(t.layer, t.layer + 1),))[0]))
+            yield np.ascontiguousarray(t.to_hf(region(t.weight.path, (slice(t.layer, t.layer + 1),))[0]))
             return
         row_bytes = math.prod(t.shape[1:]) * dtype.itemsize
         for r0, r1 in _row_ranges(t.shape[0], row_bytes):
-            yield np.ascontiguousarray(t.swap_rows_layout(region(t.map.path, t.rows_index(r0, r1))))
+            yield np.ascontiguousarray(t.swap_rows_layout(region(t.weight.path, t.rows_index(r0, r1))))
 
     write_safetensors_folder(out_dir, specs, blocks, max_shard_size=max_shard_size, progress=progress)
     copied = copy_assets(assets_from, out_dir) if assets_from is not None else []

@@ -3,7 +3,14 @@
 Parameters live on an `nnx.Module` with layers stacked along a leading [L] axis; the forward pass is a
 pure function of a parameter dict (`forward`) that scans over the stacked layers, so compile time does
 not grow with depth and jitted callers pass parameters as arguments instead of closing over them.
-Every parameter carries `logical_axes` metadata that `rrm_jax.parallel` maps onto a device mesh.
+Every parameter is described once in `rrm_jax.model.weights` (its shape, its `logical_axes`, which
+`rrm_jax.parallel` maps onto a device mesh, and how a fresh model draws it).
+
+Besides the full-sequence pass (training, scoring, prefill), two decode steps over a KV cache: the
+reference `decode_step` (one stacked cache, layers scanned; with per-row windows, the CPU engine's) and
+`decode_step_layers` (one cache per layer, layers unrolled; accelerators). Each stage (embed, norm,
+qkv, rope, attention, attn_out, mlp, cache_write, logits) runs under a `jax.named_scope` of that name,
+so profiles and HLO dumps name it.
 
 Shapes: B batch, T tokens, S cache length, L layers, D hidden, N query heads, K kv heads,
 G = N // K query heads per kv head, H head dim, F MLP width, V vocabulary.
@@ -18,77 +25,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rrm_jax.model.config import INITIALIZERS, Qwen2Config
+from rrm_jax.model.weights import LOGICAL_AXES, Weight, weights
+from rrm_jax.model.weights import param_shapes  # noqa: F401 - qwen2.param_shapes, as before the table moved
 
 # Additive mask value: finite, so a fully masked row (a padding query) softmaxes to uniform instead of NaN.
 _MASKED = -1e30
 
-# state path -> logical axes; the one place the parameter layout is written down.
-LOGICAL_AXES = {
-    "embed": ("vocab", "embed"),
-    "layers.attn_norm": ("layers", "norm"),
-    "layers.q_proj": ("layers", "embed", "q_heads", "head_dim"),
-    "layers.q_bias": ("layers", "q_heads", "head_dim"),
-    "layers.k_proj": ("layers", "embed", "kv_heads", "head_dim"),
-    "layers.k_bias": ("layers", "kv_heads", "head_dim"),
-    "layers.v_proj": ("layers", "embed", "kv_heads", "head_dim"),
-    "layers.v_bias": ("layers", "kv_heads", "head_dim"),
-    "layers.o_proj": ("layers", "q_heads", "head_dim", "embed"),
-    "layers.mlp_norm": ("layers", "norm"),
-    "layers.gate_proj": ("layers", "embed", "mlp"),
-    "layers.up_proj": ("layers", "embed", "mlp"),
-    "layers.down_proj": ("layers", "mlp", "embed"),
-    "final_norm": ("norm",),
-    "lm_head": ("embed", "vocab"),
-}
 
-
-def param_shapes(c: Qwen2Config) -> dict[str, tuple[int, ...]]:
-    """State path -> shape, for every parameter this config has."""
-    L, D, N, K, H, F, V = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
-                           c.intermediate_size, c.vocab_size)
-    shapes = {
-        "embed": (V, D),
-        "layers.attn_norm": (L, D),
-        "layers.q_proj": (L, D, N, H),
-        "layers.q_bias": (L, N, H),
-        "layers.k_proj": (L, D, K, H),
-        "layers.k_bias": (L, K, H),
-        "layers.v_proj": (L, D, K, H),
-        "layers.v_bias": (L, K, H),
-        "layers.o_proj": (L, N, H, D),
-        "layers.mlp_norm": (L, D),
-        "layers.gate_proj": (L, D, F),
-        "layers.up_proj": (L, D, F),
-        "layers.down_proj": (L, F, D),
-        "final_norm": (D,),
-    }
-    if not c.tie_word_embeddings:
-        shapes["lm_head"] = (D, V)
-    return shapes
-
-
-# How a freshly built model draws its matrices (loaded checkpoints never use this).
-# "fan-in": std 1/sqrt(fan_in) for each projection (fan_in = the input width it contracts: D for q/k/v,
-#   gate and up, N*H for o, F for down) and 1/sqrt(D) for the embedding and the lm_head, so attention
-#   and output logits start with std ~1. A small model learns from it (BENCHMARKS.md, toy init).
-# "normal-0.02": Hugging Face's Qwen2 default, N(0, 0.02) everywhere; at D=128 attention starts uniform
-#   (logit std ~0.05) and the 2-layer toy judge does not learn its task even from true labels.
-
-
-def _fan_in(path: str, shape) -> int:
-    if path in ("embed", "lm_head"):
-        return shape[-1] if path == "embed" else shape[0]  # embed [V, D], lm_head [D, V]: D either way
-    if path == "layers.o_proj":
-        return shape[1] * shape[2]  # [L, N, H, D]
-    return shape[1]  # [L, in, ...]: q/k/v/gate/up contract D, down contracts F
-
-
-def _init_value(path: str, shape, dtype, key, init: str = "fan-in"):
-    if path.endswith("norm"):
+def _init_value(weight: Weight, c: Qwen2Config, dtype, key, init: str = "fan-in"):
+    """A fresh model's value of one parameter (`weights` explains the two initializers)."""
+    shape = weight.shape(c)
+    if weight.init == "ones":
         return jnp.ones(shape, dtype)
-    if path.endswith("bias"):
+    if weight.init == "zeros":
         return jnp.zeros(shape, dtype)
-    std = 0.02 if init == "normal-0.02" else _fan_in(path, shape) ** -0.5
+    std = 0.02 if init == "normal-0.02" else weight.fan_in_size(c) ** -0.5
     return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
@@ -109,9 +60,7 @@ class Qwen2(nnx.Module):
             raise ValueError(f"init={init!r}: use one of {', '.join(INITIALIZERS)}")
         self.config = config
         dtype = jnp.dtype(config.param_dtype)
-        values = {}
-        for path, shape in param_shapes(config).items():
-            values[path] = _init_value(path, shape, dtype, rngs.params(), init)
+        values = {w.path: _init_value(w, config, dtype, rngs.params(), init) for w in weights(config)}
         self.embed = nnx.Param(values.pop("embed"), logical_axes=LOGICAL_AXES["embed"])
         self.final_norm = nnx.Param(values.pop("final_norm"), logical_axes=LOGICAL_AXES["final_norm"])
         if "lm_head" in values:
@@ -130,12 +79,14 @@ class Qwen2(nnx.Module):
 # Pure functions of (config, params, inputs).
 
 
+@jax.named_scope("norm")
 def rms_norm(x, weight, eps):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
 
 
+@jax.named_scope("rope")
 def rope(x, positions, theta):
     """Rotary embedding, split-half convention (as HF's rotate_half). x [B, T, heads, H], positions [B, T]."""
     half = x.shape[-1] // 2
@@ -153,6 +104,7 @@ def default_positions(attention_mask):
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+@jax.named_scope("qkv")
 def _qkv(c: Qwen2Config, p, x, positions):
     dt = x.dtype
     q = jnp.einsum("btd,dnh->btnh", x, p["q_proj"].astype(dt)) + p["q_bias"].astype(dt)
@@ -202,6 +154,7 @@ def _prefix_attention(q, cache_k, cache_v, layer, lengths, window: int, row=0):
     return m, jnp.sum(p, axis=1), jnp.sum(p[..., None] * v[:, :, :, None, :], axis=1)
 
 
+@jax.named_scope("attention")
 def _attend_cached(q, k_new, v_new, cache: "KVCache", layer, windows: tuple[int, ...], window_index, dtype):
     """The new token's attention over its cached prefix (the first windows[window_index] positions) plus
     itself -> [B, 1, N, H]. window_index: a scalar with a single window (every row reads it), or [B], one
@@ -244,16 +197,20 @@ def fine_attention_windows(cache_len: int, block: int | None) -> tuple[int, ...]
     return (*windows, cache_len)
 
 
-def row_attention_windows(lengths, active, windows: tuple[int, ...]):
-    """[B]: for each row the index of the smallest window that holds its own cached prefix (an inactive
-    row: the smallest window)."""
-    return _window_index(jnp.where(active, lengths, 0), windows)
+def row_window_indices(lengths, active, windows: tuple[int, ...]):
+    """[B] int32: for each row the index into `windows` of the smallest window that holds its own cached
+    prefix (an inactive row: 0, the smallest window)."""
+    return _smallest_window_index(jnp.where(active, lengths, 0), windows)
 
 
-def _window_index(n, windows: tuple[int, ...]):
+row_attention_windows = row_window_indices  # its name before it said that it returns indices
+
+
+def _smallest_window_index(n, windows: tuple[int, ...]):
     return sum((n > w).astype(jnp.int32) for w in windows[:-1]) if len(windows) > 1 else jnp.zeros_like(n)
 
 
+@jax.named_scope("mlp")
 def _mlp_block(c: Qwen2Config, p, x):
     dt = x.dtype
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
@@ -262,14 +219,17 @@ def _mlp_block(c: Qwen2Config, p, x):
     return x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"].astype(dt))
 
 
+@jax.named_scope("attn_out")
 def _attn_out(p, x, attn):
     return x + jnp.einsum("btnh,nhd->btd", attn, p["o_proj"].astype(x.dtype))
 
 
+@jax.named_scope("embed")
 def _embed(c: Qwen2Config, params, tokens):
     return params["embed"][tokens].astype(jnp.dtype(c.dtype))
 
 
+@jax.named_scope("logits")
 def logits_from_hidden(c: Qwen2Config, params, x):
     """Final norm and lm_head: hidden [B, T, D] -> float32 logits [B, T, V]."""
     x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
@@ -282,8 +242,10 @@ def _self_attention_layer(c: Qwen2Config, p, x, positions, mask):
     """One decoder layer over a whole sequence, mask [B, T(query), S(key)] -> (x, its keys, its values)."""
     h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
     q, k, v = _qkv(c, p, h, positions)
-    scores = jnp.where(mask[:, None, None], _scores(q, k), _MASKED)
-    x = _attn_out(p, x, _weighted_values(jax.nn.softmax(scores, axis=-1), v, x.dtype))
+    with jax.named_scope("attention"):
+        scores = jnp.where(mask[:, None, None], _scores(q, k), _MASKED)
+        attn = _weighted_values(jax.nn.softmax(scores, axis=-1), v, x.dtype)
+    x = _attn_out(p, x, attn)
     return _mlp_block(c, p, x), k, v
 
 
@@ -335,11 +297,13 @@ def grouped_hidden_states(c: Qwen2Config, params, prompt_tokens, prompt_lengths,
 
         hc = rms_norm(xc, p["attn_norm"], c.rms_norm_eps)
         qc, kc, vc = _qkv(c, p, hc, positions)
-        kp, vp = jnp.repeat(kp, G, axis=0), jnp.repeat(vp, G, axis=0)
-        s_prefix = jnp.where(prefix_mask, _scores(qc, kp), _MASKED)
-        s_own = jnp.where(causal, _scores(qc, kc), _MASKED)
-        probs = jax.nn.softmax(jnp.concatenate([s_prefix, s_own], axis=-1), axis=-1)
-        attn = _weighted_values(probs[..., :Tp], vp, xc.dtype) + _weighted_values(probs[..., Tp:], vc, xc.dtype)
+        with jax.named_scope("attention"):
+            kp, vp = jnp.repeat(kp, G, axis=0), jnp.repeat(vp, G, axis=0)
+            s_prefix = jnp.where(prefix_mask, _scores(qc, kp), _MASKED)
+            s_own = jnp.where(causal, _scores(qc, kc), _MASKED)
+            probs = jax.nn.softmax(jnp.concatenate([s_prefix, s_own], axis=-1), axis=-1)
+            attn = (_weighted_values(probs[..., :Tp], vp, xc.dtype)
+                    + _weighted_values(probs[..., Tp:], vc, xc.dtype))
         xc = _mlp_block(c, p, _attn_out(p, xc, attn))
         return (xp, xc), None
 
@@ -373,8 +337,9 @@ def prefill(c: Qwen2Config, params, tokens, lengths, cache_len: int):
     mask = (jnp.arange(P)[None, :] < lengths[:, None]).astype(jnp.int32)
     x, keys, values = hidden_states(c, params, tokens, attention_mask=mask)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
-    pad = [(0, 0), (0, 0), (0, cache_len - P), (0, 0), (0, 0)]
-    cache = KVCache(jnp.pad(keys, pad), jnp.pad(values, pad), lengths.astype(jnp.int32))
+    with jax.named_scope("cache_write"):
+        pad = [(0, 0), (0, 0), (0, cache_len - P), (0, 0), (0, 0)]
+        cache = KVCache(jnp.pad(keys, pad), jnp.pad(values, pad), lengths.astype(jnp.int32))
     return logits_from_hidden(c, params, last)[:, 0], cache
 
 
@@ -408,7 +373,7 @@ def decode_step(c: Qwen2Config, params, tokens, cache: KVCache, *, active=None, 
     if active is None:
         active = jnp.ones(B, bool)
     windows = fine_attention_windows(S, block_size) if row_windows else (S,)
-    window_index = row_attention_windows(cache.lengths, active, windows) if row_windows else jnp.zeros((), jnp.int32)
+    window_index = row_window_indices(cache.lengths, active, windows) if row_windows else jnp.zeros((), jnp.int32)
     positions = cache.lengths[:, None]  # [B, 1]
 
     def layer(x, xs):
@@ -421,11 +386,12 @@ def decode_step(c: Qwen2Config, params, tokens, cache: KVCache, *, active=None, 
 
     x, (new_k, new_v) = jax.lax.scan(layer, _embed(c, params, tokens[:, None]),
                                      (params["layers"], jnp.arange(c.num_layers)))
-    rows = jnp.arange(B)
-    write_at = jnp.where(active, cache.lengths, S)  # out of range -> dropped
-    keys = cache.keys.at[:, rows, write_at].set(new_k, mode="drop")
-    values = cache.values.at[:, rows, write_at].set(new_v, mode="drop")
-    lengths = cache.lengths + active.astype(jnp.int32)
+    with jax.named_scope("cache_write"):
+        rows = jnp.arange(B)
+        write_at = jnp.where(active, cache.lengths, S)  # out of range -> dropped
+        keys = cache.keys.at[:, rows, write_at].set(new_k, mode="drop")
+        values = cache.values.at[:, rows, write_at].set(new_v, mode="drop")
+        lengths = cache.lengths + active.astype(jnp.int32)
     return logits_from_hidden(c, params, x)[:, 0], KVCache(keys, values, lengths)
 
 
@@ -473,20 +439,23 @@ def decode_step_layers(c: Qwen2Config, params, tokens, cache: LayerCache, *, act
     write_at = jnp.where(active, cache.lengths, S)  # out of range -> dropped
     lengths = cache.lengths + active.astype(jnp.int32)
     read = jnp.maximum(lengths, 1)
+    write = lambda dst, new: dst.at[:, rows, write_at].set(new[:, 0].swapaxes(0, 1).astype(dst.dtype), mode="drop")
     x = _embed(c, params, tokens[:, None])
     keys, values = [], []
-    for p, layer_k, layer_v in zip(params["layers"], cache.keys, cache.values):
-        h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-        q, k, v = _qkv(c, p, h, positions)
-        layer_k = layer_k.at[:, rows, write_at].set(k[:, 0].swapaxes(0, 1).astype(layer_k.dtype), mode="drop")
-        layer_v = layer_v.at[:, rows, write_at].set(v[:, 0].swapaxes(0, 1).astype(layer_v.dtype), mode="drop")
-        attn = attend(q[:, 0], layer_k, layer_v, read)
-        x = _mlp_block(c, p, _attn_out(p, x, attn[:, None].astype(x.dtype)))
+    for layer, (p, layer_k, layer_v) in enumerate(zip(params["layers"], cache.keys, cache.values)):
+        with jax.named_scope(f"layer{layer}"):  # unrolled: a profile tells the layers apart
+            h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+            q, k, v = _qkv(c, p, h, positions)
+            with jax.named_scope("cache_write"):
+                layer_k, layer_v = write(layer_k, k), write(layer_v, v)
+            attn = attend(q[:, 0], layer_k, layer_v, read)
+            x = _mlp_block(c, p, _attn_out(p, x, attn[:, None].astype(x.dtype)))
         keys.append(layer_k)
         values.append(layer_v)
     return logits_from_hidden(c, params, x)[:, 0], LayerCache(tuple(keys), tuple(values), lengths)
 
 
+@jax.named_scope("cache_write")
 def insert_tokens(cache, slots, positions, keys, values):
     """Write prefilled keys / values [L, M, K, H] (one entry per token) at (slots [M], positions [M]) of a
     KVCache or a LayerCache; an entry whose slot is out of range (padding) is dropped. Lengths are
