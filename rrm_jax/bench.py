@@ -31,6 +31,7 @@ from rrm_jax.errors import UserError
 from rrm_jax.model import qwen2
 from rrm_jax.model.config import preset
 from rrm_jax.sampling import SamplingSettings
+from rrm_jax.sizes import round_up
 
 
 def best_time(fn, *args, repeats=3):
@@ -173,7 +174,7 @@ def bench_decode_step(model, *, batch: int, prompt_len: int, steps: int, capacit
     rows = []
     for capacity in capacities:
         block = min(engine.ATTENTION_BLOCK, capacity)
-        capacity_rounded = -(-capacity // block) * block
+        capacity_rounded = round_up(capacity, block)
 
         engine_run = engine.fixed_batch(c, settings, params, tokens, steps, capacity_rounded, block)
 

@@ -53,6 +53,7 @@ from rrm_jax.errors import UserError
 from rrm_jax.model import decode_attention, qwen2
 from rrm_jax.model.config import Qwen2Config
 from rrm_jax.sampling import MIN_BUCKET, Sample, SamplingSettings, bucket_length, is_eos, make_sample, next_tokens, row_keys
+from rrm_jax.sizes import batch_shards, next_power_of_two, round_up
 
 ATTENTION_BLOCK = 128  # window granularity: the "rows" path's finest window, the "layers" XLA path's smallest
 CHUNK_STEPS = 32  # decode steps per device call between host checks: one "chunk" of this module
@@ -286,13 +287,10 @@ def slot_count(n_rows: int, max_rows: int | None, num_samples: int, mesh) -> int
     """Slots for n_rows rows: all of them, rounded up to a power of two (so varied request counts share
     compilations), but at most max_rows (and at least one prompt's samples); a multiple of the mesh's
     batch shards."""
-    n = 1 << max(0, (n_rows - 1).bit_length())
+    n = next_power_of_two(n_rows)
     if max_rows is not None:
         n = min(n, max(max_rows, num_samples))
-    if mesh is not None:
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        n = -(-n // shards) * shards
-    return n
+    return round_up(n, batch_shards(mesh))
 
 
 def capacity_and_block(requests: Sequence[Request], buckets=None, block_size: int = ATTENTION_BLOCK):
@@ -300,8 +298,8 @@ def capacity_and_block(requests: Sequence[Request], buckets=None, block_size: in
     limit (a function of buckets and limits only, so similar calls share compilations), rounded up to a
     whole number of blocks."""
     need = bucket_length(max(len(r.prompt_ids) for r in requests), buckets) + max(r.max_new_tokens for r in requests)
-    block = min(block_size, 1 << (need - 1).bit_length())
-    return -(-need // block) * block, block
+    block = min(block_size, next_power_of_two(need))
+    return round_up(need, block), block
 
 
 def host_window(longest: int, chunk: int, block: int, capacity: int) -> int:
@@ -317,9 +315,8 @@ def host_window(longest: int, chunk: int, block: int, capacity: int) -> int:
 def compacted_size(live: int, slots: int, mesh) -> int | None:
     """The smaller running batch for `live` rows once no prompt waits: the power of two that holds them
     (a multiple of the mesh's batch shards), when that is at most half of `slots`; else None."""
-    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    size = max(1 << max(0, (live - 1).bit_length()), shards)
-    size = -(-size // shards) * shards
+    shards = batch_shards(mesh)
+    size = round_up(max(next_power_of_two(live), shards), shards)
     return size if size * 2 <= slots else None
 
 
@@ -353,7 +350,7 @@ def pack_prompts(requests: Sequence[Request], waiting: collections.deque, free: 
     while taken and starts[-1] >= R * budget:  # prompts of the rows beyond wait for the next call
         waiting.appendleft(taken.pop())
         starts.pop()
-    R = min(rows, -(-R // row_multiple) * row_multiple)
+    R = min(rows, round_up(R, row_multiple))
     if not taken:  # the first waiting prompt is longer than the budget
         taken.append(waiting.popleft())
         starts.append(0)
@@ -422,7 +419,7 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
     capacity, block = capacity_and_block(requests, buckets, block_size)
     refill_rows = max(num_samples, refill_rows or slots // 16, 1)
     budget = prefill_tokens or PREFILL_TOKENS.get(jax.default_backend(), DEFAULT_PREFILL_TOKENS)
-    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]  # pack rows: a multiple of them
+    shards = batch_shards(mesh)  # pack rows: a multiple of them
     # Rows only as long as this call's longest prompt needs (a power of two up to the budget), and as
     # many more of them: the attention inside a row costs its length squared, so short prompts get short
     # rows; a prefill call holds at most PREFILL_ROWS x budget tokens.

@@ -47,6 +47,7 @@ from pathlib import Path
 from rrm_jax.errors import UserError
 from rrm_jax.model.config import PRESETS, Qwen2Config
 from rrm_jax.rl.config import JUDGE_REWARD, TrainConfig, load_config
+from rrm_jax.sizes import next_power_of_two
 
 GB = 1e9
 # The RRM system prompt, user template and suffix around the query and responses: 1,808 characters, 283
@@ -212,7 +213,7 @@ def _judge_rows(strategy: str, prompts: int, G: int) -> int:
     if strategy in ("round_robin", "elo"):
         return prompts * G * (G - 1) // 2
     if strategy == "knockout":
-        slots = 1 << (G - 1).bit_length()
+        slots = next_power_of_two(G)
         return prompts * (G - (slots - G)) // 2
     return prompts * G  # circular, reference
 

@@ -16,6 +16,7 @@ import numpy as np
 from rrm_jax import distributed, parallel
 from rrm_jax.model import qwen2
 from rrm_jax.model.config import Qwen2Config
+from rrm_jax.sizes import batch_shards, next_power_of_two
 from rrm_jax.sampling import Sample, SamplingSettings, bucket_length, is_eos, make_sample, next_tokens, row_keys
 
 
@@ -96,11 +97,9 @@ decode_fn = jax.jit(_decode_loop, static_argnums=(0, 1, 2), donate_argnums=(4,))
 
 def _padded_batch(n_prompts: int, num_samples: int, mesh) -> int:
     """Prompts per compiled batch: a power of two, enough for the mesh's batch axes to divide the rows."""
-    n = 1 << (n_prompts - 1).bit_length()
-    if mesh is not None:
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        while (n * num_samples) % shards:
-            n *= 2
+    n = next_power_of_two(n_prompts)
+    while (n * num_samples) % batch_shards(mesh):
+        n *= 2
     return n
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from rrm_jax import parallel
+from rrm_jax.sizes import next_power_of_two
 
 IMPLS = ("xla", "pallas-gpu", "pallas-tpu")
 TPU_PAGE = 128  # positions per page of the TPU kernel's view; the engine's capacities are multiples of it
@@ -120,7 +121,7 @@ def _gpu(q, keys, values, lengths, *, interpret: bool):
     qk = q.reshape(B, K, G, H).transpose(1, 0, 2, 3).reshape(K * B, G, H)  # row (k, b): kv head k of row b
     out = _gpu_mqa()(qk, keys.reshape(K * B, S, H), values.reshape(K * B, S, H),
                      kv_seq_len=jnp.tile(lengths, K), sm_scale=H ** -0.5, k_splits=k_splits, block_k=block_k,
-                     block_h=max(16, 1 << (G - 1).bit_length()), interpret=interpret)
+                     block_h=max(16, next_power_of_two(G)), interpret=interpret)
     return out.reshape(K, B, G, H).transpose(1, 0, 2, 3).reshape(B, N, H).astype(q.dtype)
 
 
