@@ -259,7 +259,7 @@ def test_judge_and_eval_through_a_tiny_real_model(tiny_judge_folder, tmp_path, m
     assert (results["items"], results["samples"]) == (2, 4)
     # A verdict takes 20 tokens ("</think>", then 19 one-byte tokens of "\boxed{Assistant 1}"), more than the
     # 12 generated: every sample is unparseable, so every item is a tie of votes and scores 0.5.
-    texts = [r.text for _, _, results_ in spy.calls for r in results_]
+    texts = [s.text for _, _, samples in spy.calls for s in samples]
     assert len(texts) == 4 and [parse_verdict(t) for t in texts] == [None] * 4
     assert (results["unparseable_samples"], results["tied_items"]) == (4, 2)
     assert results["metrics"]["accuracy"] == 0.5
