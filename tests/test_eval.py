@@ -5,8 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 from judge_utils import ScriptedGenerate, boxed, build_test_tokenizer
 
+import rrm_jax
 from rrm_jax import cli, load_model
 from rrm_jax.errors import UserError
 from rrm_jax.eval import pandalm_label, rewardbench_scores, three_class_metrics
@@ -201,10 +204,6 @@ def test_eval_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, use_scri
 @pytest.fixture(scope="module")
 def tiny_judge_folder(tmp_path_factory):
     """An HF folder with a random tiny Qwen2 and the test tokenizer (written by transformers)."""
-    pytest.importorskip("rrm_jax.checkpoint", reason="rrm_jax.load_model is not built yet")
-    torch = pytest.importorskip("torch")
-    import transformers
-
     folder = tmp_path_factory.mktemp("tiny-judge")
     tok = build_test_tokenizer(folder)
     config = transformers.Qwen2Config(
@@ -216,28 +215,54 @@ def tiny_judge_folder(tmp_path_factory):
     return folder
 
 
-def test_default_max_new_tokens_fits_a_small_models_context(tiny_judge_folder, tmp_path):
+class SpySample:
+    """`rrm_jax.sample` recording each call's prompts, max_new_tokens and results."""
+
+    def __init__(self):
+        self.real, self.calls = rrm_jax.sample, []
+
+    def __call__(self, model, prompt_ids, **kw):
+        results = self.real(model, prompt_ids, **kw)
+        self.calls.append((prompt_ids, kw["max_new_tokens"], results))
+        return results
+
+
+def test_default_max_new_tokens_fits_a_small_models_context(tiny_judge_folder, tmp_path, monkeypatch):
     rows = tmp_path / "judge.jsonl"
     rows.write_text('{"query": "2+2?", "response_1": "4", "response_2": "5"}\n')
     judged = tmp_path / "judged.jsonl"
     context = load_model(tiny_judge_folder)[0].config.max_position_embeddings
+    spy = SpySample()
+    monkeypatch.setattr(rrm_jax, "sample", spy)
     # no --max-new-tokens: 8192 would not fit this model's context; each prompt gets what its context leaves
     assert cli.main(["judge", "--model", str(tiny_judge_folder), "--input", str(rows), "--output", str(judged),
                      "--temperature", "0"]) == 0
+    ((prompts, limits, (result,)),) = spy.calls
+    (prompt,) = prompts
+    assert context == 4096 < 8192 and limits == [context - len(prompt)]
+    # this random model's greedy text never ends: it runs to the last position of the context
+    assert len(prompt) + len(result.output_ids) == context and result.finish_reason == "length"
     (record,) = [json.loads(line) for line in judged.read_text().splitlines()]
-    assert 0 < len(record["reasoning"][0]) and context < 8192
+    assert record["reasoning"] == [result.text]
 
 
-def test_judge_and_eval_through_a_tiny_real_model(tiny_judge_folder, tmp_path):
+def test_judge_and_eval_through_a_tiny_real_model(tiny_judge_folder, tmp_path, monkeypatch):
     src = tmp_path / "pairs.jsonl"
     src.write_text('{"prompt": "2+2?", "chosen": "4", "rejected": "5"}\n{"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven"}\n')
     common = ["--model", str(tiny_judge_folder), "--max-new-tokens", "12", "--max-think-tokens", "4", "--votes", "2"]
 
     out = tmp_path / "results.json"
+    spy = SpySample()
+    monkeypatch.setattr(rrm_jax, "sample", spy)
     assert cli.main(["eval", "--input", str(src), "--format", "pairs", "--output", str(out), *common]) == 0
     results = json.loads(out.read_text())
     assert (results["items"], results["samples"]) == (2, 4)
-    assert 0 <= results["metrics"]["accuracy"] <= 1
+    # A verdict takes 20 tokens ("</think>", then 19 one-byte tokens of "\boxed{Assistant 1}"), more than the
+    # 12 generated: every sample is unparseable, so every item is a tie of votes and scores 0.5.
+    texts = [s.text for _, _, samples in spy.calls for s in samples]
+    assert len(texts) == 4 and [parse_verdict(t) for t in texts] == [None] * 4
+    assert (results["unparseable_samples"], results["tied_items"]) == (4, 2)
+    assert results["metrics"]["accuracy"] == 0.5
 
     rows = tmp_path / "judge.jsonl"
     rows.write_text('{"query": "2+2?", "response_1": "4", "response_2": "5"}\n')

@@ -24,6 +24,7 @@ from rrm_jax.data import toy
 from rrm_jax.rl import judge_reward, strategies, trainer
 from rrm_jax.rl.config import load_config
 from rrm_jax.rrm.judge import Comparison, is_swapped
+from rrm_jax.rrm.prompt import parse_verdict
 from rrm_jax.sampling import FINISH_EOS, Sample
 from train_utils import split_flags, train_subprocess
 
@@ -58,11 +59,18 @@ def without_timing(rs: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in trainer.TIMING_KEYS} for r in rs]
 
 
-def toy_preference(text: str) -> int:
-    """The stand-in's verdict on a rendered toy prompt `<s>avoid x:r1|r2<think>`: the response without x
-    (Assistant 1 when both or neither have it). Read as the text shows it (a response may hold | too)."""
+def shown_toy_pair(text: str) -> tuple[str, str, str]:
+    """(query, Assistant 1, Assistant 2) of a rendered toy prompt `<s>avoid x:r1|r2<think>`, read as the
+    text shows it (a response may hold | too)."""
     query, answers = text.replace("<s>", "").split("<think>")[0].split(":", 1)
     first, _, second = answers.partition("|")
+    return query, first, second
+
+
+def toy_preference(text: str) -> int:
+    """The stand-in's verdict on a rendered toy prompt: the response without x (Assistant 1 when both or
+    neither have it)."""
+    query, first, second = shown_toy_pair(text)
     x = toy.banned_letter(query)
     return 2 if (x in first and x not in second) else 1
 
@@ -168,13 +176,44 @@ def test_judge_sampler_calls_per_step_equal_the_rounds(judge_dir, tmp_path, stra
     assert all(r["judge_comparisons"] == comparisons for r in train)
 
 
-def test_both_orders_and_votes_count_samples_and_flips(judge_dir, tmp_path):
+def test_both_orders_and_votes_count_samples_and_flips(judge_dir, tmp_path, monkeypatch):
+    calls = []
+    sample = judge_reward.JudgeReward.sample
+
+    def recorded(self, prompts, max_new_tokens, seed):
+        results = sample(self, prompts, max_new_tokens, seed)
+        calls.append(([self.tokenizer.decode(p) for p in prompts], [r.text for r in results]))
+        return results
+
+    monkeypatch.setattr(judge_reward.JudgeReward, "sample", recorded)
     config = policy_config(judge_dir, "reward.both_orders=true", "reward.votes=2", "max_steps=1", "eval_every=0",
                            "checkpoint_every=0")
     assert trainer.train(config, tmp_path / "run", progress=False) == 0
     row = next(r for r in rows(tmp_path / "run") if "reward_mean" in r)
     assert row["judge_comparisons"] == 8 * 6 and row["judge_samples"] == 8 * 6 * 2 * 2
-    assert 0 <= row["order_flip_rate"] <= 1 and row["reward_std"] > 0
+    assert row["reward_std"] > 0
+
+    # The flip rate by hand from the judge's texts: a comparison's two prompts are consecutive, as given
+    # and swapped (the answers are letters: the prompts split unambiguously); each order's majority (2 votes, a tie when they split or none parses), read back as
+    # response 1 or 2, and a flip when the two orders' majorities differ.
+    comparisons = flips = unparseable = 0
+    for prompts, texts in calls:
+        assert len(texts) == 2 * len(prompts) and len(prompts) % 2 == 0
+        for k in range(0, len(prompts), 2):
+            query, first, second = shown_toy_pair(prompts[k])
+            assert shown_toy_pair(prompts[k + 1]) == (query, second, first)
+            majorities = []
+            for p, swapped in ((k, False), (k + 1, True)):
+                verdicts = [parse_verdict(t) for t in texts[2 * p:2 * p + 2]]
+                unparseable += verdicts.count(None)
+                ones, twos = verdicts.count(1), verdicts.count(2)
+                shown = None if ones == twos else 1 if ones > twos else 2
+                majorities.append(3 - shown if swapped and shown is not None else shown)
+            comparisons += 1
+            flips += majorities[0] != majorities[1]
+    assert comparisons == 8 * 6 and 0 < flips < comparisons  # neither 0 nor 1: a miscount would show
+    assert row["order_flip_rate"] == flips / comparisons
+    assert row["judge_unparseable"] == unparseable / (comparisons * 2 * 2)
 
 
 def test_markers_in_the_policys_text_are_neutralised_and_counted_in_the_metrics(judge_dir, tmp_path, monkeypatch):

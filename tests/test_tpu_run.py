@@ -254,3 +254,25 @@ def test_stop_leaves_a_reused_pid_alone(tmp_path):
     finally:
         stranger.send_signal(signal.SIGKILL)
         stranger.wait()
+
+
+def test_remote_run_passes_shell_syntax_in_train_arguments_verbatim(tmp_path):
+    # `run`'s script for the workers, run here with HOME=tmp_path: a fake rrm-jax writes the arguments it
+    # received, NUL-separated; a command substitution, quotes, ;, a newline, a glob and a variable are data
+    fake = tmp_path / "rrm-venv" / "bin" / "rrm-jax"
+    fake.parent.mkdir(parents=True)
+    fake.write_text('#!/bin/bash\nprintf "%s\\0" "$@" > ~/received.part && mv ~/received.part ~/received\n')
+    fake.chmod(0o755)
+    (tmp_path / "rrm-jax").mkdir()
+    tricky = ["data.source=$(touch pwned)", "name=it's \"quoted\"", "a=1; touch pwned", "note=two\nlines",
+              "b=`touch pwned`", "c=$HOME", "d=*", "e=\\n"]
+    start = remote_command(dry_run("run", "--config", "configs/rrm_7b_v5p.yaml", *tricky)[1])
+    done = subprocess.run(["bash", "-c", start], capture_output=True, text=True, timeout=30,
+                          env={"HOME": str(tmp_path), "PATH": os.environ["PATH"]})
+    assert done.returncode == 0, done.stderr
+    received = tmp_path / "received"
+    deadline = time.monotonic() + 10
+    while not received.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert received.read_text().split("\0")[:-1] == ["train", "--config", str(tmp_path / "rrm-run.yaml"), *tricky]
+    assert not list(tmp_path.rglob("pwned"))
