@@ -24,18 +24,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 from rrm_jax import distributed, options
+from rrm_jax.data.rows import read_rows, require_text
 from rrm_jax.errors import UserError
 from rrm_jax.rrm import spec
-from rrm_jax.rrm.judge import (
-    Comparison,
-    Judgment,
-    add_judge_arguments,
-    judge_settings,
-    read_rows,
-    require_text,
-    rows_from_args,
-    run_journaled,
-)
+from rrm_jax.rrm.judge import Comparison, Judgment
+from rrm_jax.rrm.judge_commands import add_judge_arguments, judge_settings, rows_from_args, run_journaled
 
 FORMATS = ("rewardbench", "pandalm", "llmbar", "pairs")
 TIE = 0  # PandaLM's label for "similar quality"
