@@ -191,7 +191,7 @@ def evaluate(judge, items: list[Item], fmt: str) -> dict:
         "samples": sum(len(j.verdicts) for j in judgments),
         # prompts_per_call too: the seed of every sampled batch comes from the batch plan it shapes
         "judge": {"votes": judge.votes, "both_orders": judge.both_orders, "seed": judge.seed,
-                  "batch_size": judge.batch_size, "prompts_per_call": judge.prompts_per_call, **judge.decoding},
+                  "batch_size": judge.batch_size, "prompts_per_call": judge.prompts_per_call, **judge.decoding.options()},
         "per_item": [
             {"label": it.label, "subset": it.subset, "verdict": j.winner,
              "votes": {"1": j.votes_1, "2": j.votes_2, "unparseable": j.unparseable}, "swapped": j.swapped}
