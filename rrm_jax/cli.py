@@ -20,7 +20,7 @@ COMMANDS = {
     "convert": ("rrm_jax.model.convert", "convert between Hugging Face folders and rrm-jax checkpoints"),
     "generate": ("rrm_jax.generate_cli", "generate from JSONL prompts with the jitted sampler"),
     "bench": ("rrm_jax.bench_cli", "throughput benchmarks with roofline figures"),
-    "judge": ("rrm_jax.rrm.judge", "judge which of two responses is better (reasoning + verdict)"),
+    "judge": ("rrm_jax.rrm.judge_cli", "judge which of two responses is better (reasoning + verdict)"),
     "rank": ("rrm_jax.rrm.rank", "best-of-N selection by ELO round robin or knockout tournament"),
     "train": ("rrm_jax.rl.train_cli", "train a judge with GRPO (default: the embedded toy task)"),
     "eval": ("rrm_jax.eval", "evaluate a judge on RewardBench, PandaLM, LLMBar or preference pairs"),

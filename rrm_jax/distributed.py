@@ -106,9 +106,9 @@ def process_index() -> int:
 
 # ---------- collectives between the processes (each a no-op with one process) ----------
 
-def fetch(tree):
-    """Host numpy copies of a pytree of arrays; arrays spread over several processes are all-gathered,
-    so every process gets the whole value."""
+def gather_to_host(tree):
+    """Host numpy copies of a pytree of device arrays, whole on every process: arrays spread over several
+    processes are all-gathered."""
     import jax
     from jax.experimental import multihost_utils
 
@@ -116,6 +116,9 @@ def fetch(tree):
     if any(isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated for x in leaves):
         return multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+fetch = gather_to_host  # the former name, still called by engine.py and rl/trainer.py (both being reworked)
 
 
 def gather_processes(x: np.ndarray) -> np.ndarray:

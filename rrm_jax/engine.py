@@ -444,7 +444,7 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
     def read(emitted: Emitted, snapshot: list) -> None:
         """The host's side of one decode call: its tokens appended to the rows of `snapshot` (the slots'
         owners when it was dispatched), finished rows turned into results and their slots freed."""
-        tokens, logp, slogp, count, done = distributed.fetch(tuple(emitted))
+        tokens, logp, slogp, count, done = distributed.gather_to_host(tuple(emitted))
         count = np.where([o is not None for o in snapshot], count, 0)
         steps = chunk if path == "layers" else int(count.max(initial=0))  # a "layers" chunk runs every step
         stats.decode_calls += 1

@@ -24,18 +24,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 from rrm_jax import distributed, options
+from rrm_jax.data.rows import read_rows, require_text
 from rrm_jax.errors import UserError
 from rrm_jax.rrm import spec
-from rrm_jax.rrm.judge import (
-    Comparison,
-    Judgment,
-    add_judge_arguments,
-    judge_settings,
-    read_rows,
-    require_text,
-    rows_from_args,
-    run_journaled,
-)
+from rrm_jax.rrm.judge import Comparison, Judgment
+from rrm_jax.rrm.judge_commands import add_judge_arguments, judge_settings, rows_from_args, run_journaled
 
 FORMATS = ("rewardbench", "pandalm", "llmbar", "pairs")
 TIE = 0  # PandaLM's label for "similar quality"
@@ -198,7 +191,7 @@ def evaluate(judge, items: list[Item], fmt: str) -> dict:
         "samples": sum(len(j.verdicts) for j in judgments),
         # prompts_per_call too: the seed of every sampled batch comes from the batch plan it shapes
         "judge": {"votes": judge.votes, "both_orders": judge.both_orders, "seed": judge.seed,
-                  "batch_size": judge.batch_size, "prompts_per_call": judge.prompts_per_call, **judge.decoding},
+                  "batch_size": judge.batch_size, "prompts_per_call": judge.prompts_per_call, **judge.decoding.options()},
         "per_item": [
             {"label": it.label, "subset": it.subset, "verdict": j.winner,
              "votes": {"1": j.votes_1, "2": j.votes_2, "unparseable": j.unparseable}, "swapped": j.swapped}

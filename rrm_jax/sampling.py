@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rrm_jax.decoding import Decoding
 from rrm_jax.errors import UserError
 from rrm_jax.model.config import Qwen2Config
 
@@ -162,9 +163,7 @@ def make_settings(config: Qwen2Config, *, temperature, top_p, top_k, eos_ids, ma
     allowed = tuple(sorted({int(i) for i in allowed_token_ids or ()}))
     if allowed and not (0 <= allowed[0] and allowed[-1] < config.vocab_size):
         raise UserError(f"allowed_token_ids must be token ids in [0, {config.vocab_size}), got {allowed[0]}..{allowed[-1]}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise UserError(f"invalid sampling settings temperature={temperature} top_p={top_p} top_k={top_k}: "
-                        f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    Decoding(temperature=temperature, top_p=top_p, top_k=top_k)  # raises on a bad value
     end_ids = ()
     if max_think_tokens is not None:
         end_ids = tuple(think_end_ids_override) if think_end_ids_override else think_end_ids(tokenizer)

@@ -129,7 +129,7 @@ def sample_batch(config: Qwen2Config, settings: SamplingSettings, params, chunk:
     state = prefill_fn(config, max_new_tokens, num_samples, mesh, params, tokens, lengths, row_limits,
                        np.uint32(seed % 2**32), row_ids)
     state = decode_fn(config, settings, max_new_tokens, params, state)
-    out_tokens, out_logp, out_slogp, counts = distributed.fetch(
+    out_tokens, out_logp, out_slogp, counts = distributed.gather_to_host(
         (state.tokens, state.logprobs, state.sampling_logprobs, state.num_generated))
     return [make_sample(settings, out_tokens[r, :counts[r]], out_logp[r, :counts[r]], out_slogp[r, :counts[r]], tokenizer)
             for r in range(n_real * num_samples)]

@@ -203,6 +203,6 @@ def test_a_path_in_an_existing_folder_is_a_missing_file_not_a_hub_name(run, tmp_
     (tmp_path / "data").mkdir()
     assert sources.is_dataset("someone/reward-mini") and not sources.is_dataset("data/pairs")
     code, err, generate = run(["judge", "--model", "M", "--input", "data/pairs", "--output", "out.jsonl"])
-    assert code == 2 and err == "rrm-jax: error: data/pairs: cannot read (No such file or directory)\n"
+    assert code == 2 and err == "rrm-jax: error: data/pairs: no such file\n"
     with pytest.raises(UserError, match="^data/pairs: no such file$"):
         read_preferences("data/pairs")

@@ -58,7 +58,7 @@ def test_psum_across_two_processes(tmp_path):
 
 def test_collectives_between_processes(tmp_path):
     # any_process: a flag raised on process 1 only (a preemption signal) is seen by both;
-    # gather_processes stacks each process's array; fetch brings a sharded array whole to each process
+    # gather_processes stacks each process's array; gather_to_host brings a sharded array whole to each process
     rc, out, err = run_pod(["--devices-per-process", "2", "2"], tmp_path, script="""
         import jax, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -69,7 +69,7 @@ def test_collectives_between_processes(tmp_path):
         quiet = distributed.any_process(False)
         stacked = distributed.gather_processes(np.array([me, 10 * me]))
         sharded = jax.device_put(np.arange(8), NamedSharding(Mesh(np.array(jax.devices()), ("d",)), P("d")))
-        whole = distributed.fetch({"x": sharded})["x"]
+        whole = distributed.gather_to_host({"x": sharded})["x"]
         distributed.barrier("done")
         print("result", raised, quiet, stacked.tolist(), whole.tolist())
     """)

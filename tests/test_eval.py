@@ -181,9 +181,9 @@ def exit_code(argv):
 @pytest.mark.parametrize(
     "fmt, content, message",
     [
-        ("llmbar", '[{"input": "q", "output_1": "a", "output_2": "b", "label": 3}]', "in.json item 1: 'label' must be 1 or 2, got 3"),
+        ("llmbar", '[{"input": "q", "output_1": "a", "output_2": "b", "label": 3}]', "in.json line 1: 'label' must be 1 or 2, got 3"),
         ("rewardbench", '{"prompt": "q", "chosen": "a", "rejected": "b"}\n', "in.json line 1: missing field 'subset' (rows need prompt, chosen, rejected, subset)"),
-        ("pandalm", '[{"instruction": "q", "input": "", "response1": "a"}]', "in.json item 1: missing field 'response2'"),
+        ("pandalm", '[{"instruction": "q", "input": "", "response1": "a"}]', "in.json line 1: missing field 'response2'"),
         ("pairs", "", "in.json: no rows"),
         ("pairz", '{"prompt": "q", "chosen": "a", "rejected": "b"}\n', "argument --format: invalid choice: 'pairz'"),
     ],

@@ -194,7 +194,7 @@ def test_judge_command_jsonl(scripted_backend, tmp_path, capsys):
         ('{"query": "q", "response_1": "a", "response_2": "b"}\n\n{"query": 3, "response_1": "a", "response_2": "b"}\n',
          "in.jsonl line 3: field must be a string: 'query'"),
         ('{"query": "q", "response_1": "a", "response_2": "b"}\n{oops\n', "in.jsonl line 2: not valid JSON"),
-        ('["not", "objects"]', "in.jsonl item 1: expected a JSON object, got str"),
+        ('["not", "objects"]', "in.jsonl line 1: expected an object with fields query, response_1, response_2; got str"),
     ],
 )
 def test_judge_command_bad_rows_fail_in_one_line_before_loading(scripted_backend, tmp_path, capsys, rows, message):

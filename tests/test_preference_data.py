@@ -7,6 +7,8 @@ import pytest
 
 from rrm_jax.data import preference
 from rrm_jax.data.preference import PreferencePair
+from rrm_jax.data.prompts import read_prompts
+from rrm_jax.data.rows import read_rows
 from rrm_jax.data.toy import toy_tokenizer
 from rrm_jax.errors import UserError
 from rrm_jax.rrm import prompt
@@ -77,19 +79,35 @@ def test_bad_json_list_item_names_its_line(tmp_path):
     path.write_text('[\n  {"prompt": "q", "chosen": "a", "rejected": "b"}\n  {"prompt": "q"}\n]')
     with pytest.raises(UserError, match=r"bad\.json line 3: not valid JSON"):
         preference.read_preferences(str(path))
-    path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}')
-    with pytest.raises(UserError, match=r"bad\.json line 1: .*list of objects"):
+    path.write_text('[\n  {"prompt": "q", "chosen": "a", "rejected": "b"}\n]\n{"prompt": "q"}\n')
+    with pytest.raises(UserError, match=r"bad\.json line 4: not valid JSON \(extra data after the list\)"):
         preference.read_preferences(str(path))
+
+
+def test_every_reader_names_a_row_the_same_way(tmp_path):
+    # one reader (rrm_jax.data.rows) for the commands' inputs, preference data and prompt data: an item
+    # of a JSON list is named by the line where it starts, also when the file has another suffix
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(2)]
+    for name in ("d.json", "d.jsonl"):
+        path = tmp_path / name
+        path.write_text("[\n" + ",\n\n".join("  " + json.dumps(r) for r in rows) + "\n]\n")
+        expected = [f"{path} line 2", f"{path} line 4"]
+        assert [where for where, _ in read_rows(str(path))] == expected
+        assert [p.origin for p in preference.read_preferences(str(path))] == expected
+        assert [r.origin for r in read_prompts(str(path))] == expected
+    path = tmp_path / "lines.json"  # JSON lines in a .json file are read as JSONL
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p.origin for p in preference.read_preferences(str(path))] == [f"{path} line 1", f"{path} line 2"]
 
 
 def test_unusable_files(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         preference.read_preferences(str(tmp_path / "missing.jsonl"))
     (tmp_path / "d.csv").write_text("prompt,chosen,rejected\n")
-    with pytest.raises(UserError, match=r"unknown preference file type \.csv; use one of \.jsonl, \.json, \.parquet"):
+    with pytest.raises(UserError, match=r"d\.csv line 1: not valid JSON"):
         preference.read_preferences(str(tmp_path / "d.csv"))
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(UserError, match="holds no preference rows"):
+    with pytest.raises(UserError, match=r"empty\.jsonl: no rows"):
         preference.read_preferences(str(tmp_path / "empty.jsonl"))
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(UserError, match="not a readable Parquet file"):

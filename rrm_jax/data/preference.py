@@ -1,6 +1,7 @@
 """Pairwise preference data: file readers -> one record type -> judge prompts -> a grain pipeline.
 
-Rows come in two shapes, in JSONL, JSON (a list of objects) or Parquet files:
+Rows come in two shapes, in JSONL, JSON (a list of objects) or Parquet files or a Hugging Face dataset
+(all read by rrm_jax.data.rows):
     {"prompt": ..., "chosen": ..., "rejected": ...}
     {"query": ..., "response_1": ..., "response_2": ..., "label": 1 | 2}   (label = the better one)
 Both become a `PreferencePair`. A `PreferenceDataset` shows each pair to the judge in a seeded
@@ -13,22 +14,21 @@ every epoch, one shard per JAX process, with an iterator state that goes into ch
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Callable, Iterator
+from typing import Callable
 
 import grain
 import jax
 import numpy as np
 
 from rrm_jax.data import sources
+from rrm_jax.data.rows import read_rows
 from rrm_jax.errors import UserError
 from rrm_jax.rrm.prompt import PromptEncoder
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 LABELLED_FIELDS = ("query", "response_1", "response_2", "label")
+ROW_SHAPES = f"{', '.join(PAIR_FIELDS)} or {', '.join(LABELLED_FIELDS)}"  # for messages
 ORDERS = ("random", "both")
-SUFFIXES = (".jsonl", ".json", ".parquet")
 
 RenderFn = Callable[..., str]  # render(tokenizer, question, answer1, answer2) -> prompt text
 
@@ -38,7 +38,7 @@ class PreferencePair:
     query: str
     chosen: str  # the preferred response
     rejected: str
-    origin: str = ""  # "FILE line N" (or "FILE row N" of Parquet), for messages about this row
+    origin: str = ""  # "FILE line N" (or "FILE row N" of Parquet, "DATASET row N"), for messages about this row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +56,8 @@ class JudgeExample:
 
 # ---------- reading ----------
 
-def pair_from_row(row, origin: str) -> PreferencePair:
+def pair_from_row(row: dict, origin: str) -> PreferencePair:
     """Validate one row of either shape; a bad row is a UserError naming `origin` (FILE line N)."""
-    if not isinstance(row, dict):
-        raise UserError(f"{origin}: expected an object with fields {', '.join(PAIR_FIELDS)} or {', '.join(LABELLED_FIELDS)}; got {type(row).__name__}")
     if all(k in row for k in PAIR_FIELDS):
         fields = PAIR_FIELDS
     elif all(k in row for k in LABELLED_FIELDS):
@@ -69,7 +67,7 @@ def pair_from_row(row, origin: str) -> PreferencePair:
             raise UserError(f"{origin}: label must be 1 or 2 (the better response); got {label!r}")
     else:
         raise UserError(
-            f"{origin}: a row needs the fields {', '.join(PAIR_FIELDS)} or {', '.join(LABELLED_FIELDS)}; it has {', '.join(sorted(row)) or 'none'}"
+            f"{origin}: a row needs the fields {ROW_SHAPES}; it has {', '.join(sorted(row)) or 'none'}"
         )
     for key in fields:
         if not isinstance(row[key], str):
@@ -80,97 +78,22 @@ def pair_from_row(row, origin: str) -> PreferencePair:
     return PreferencePair(row["query"], better, worse, origin)
 
 
-def _jsonl_rows(path: str) -> Iterator[tuple[str, object]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path} line {number}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {number}: not valid JSON ({e.msg})") from None
-
-
-def _json_array_rows(path: str) -> Iterator[tuple[str, object]]:
-    """The objects of a JSON list, each with the line where it starts."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    decoder = json.JSONDecoder()
-
-    def skip_space(pos):
-        while pos < len(text) and text[pos] in " \t\r\n":
-            pos += 1
-        return pos
-
-    def fail(pos, what):
-        raise UserError(f"{path} line {text.count(chr(10), 0, pos) + 1}: {what}")
-
-    pos = skip_space(0)
-    if not text.startswith("[", pos):
-        fail(pos, "a .json data file must hold a list of objects (use .jsonl for one object per line)")
-    pos = skip_space(pos + 1)
-    if text.startswith("]", pos):
-        return
-    while True:
-        try:
-            row, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            fail(e.pos, f"not valid JSON ({e.msg})")
-        yield f"{path} line {text.count(chr(10), 0, pos) + 1}", row
-        pos = skip_space(end)
-        if text.startswith("]", pos):
-            return
-        if not text.startswith(",", pos):
-            fail(pos, "not valid JSON (expected ',' or ']' after a list item)")
-        pos = skip_space(pos + 1)
-
-
-def _parquet_rows(path: str) -> Iterator[tuple[str, object]]:
-    import pyarrow.parquet as pq  # the Parquet reader under `datasets`
-
-    try:
-        table = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a corrupt file
-        raise UserError(f"{path}: not a readable Parquet file ({e})") from None
-    number = 0
-    for batch in table.iter_batches():
-        for row in batch.to_pylist():
-            number += 1
-            yield f"{path} row {number}", row
-
-
-def _dataset_rows(source: str, config: str | None, split: str | None) -> list[tuple[str, dict]]:
-    """The rows of a Hugging Face dataset, its columns checked against the two row shapes first."""
-    rows = sources.load_rows(source, config=config, split=split)
-    columns = set(rows[0][1])
+def _check_dataset_columns(source: str, config: str | None, split: str | None, columns: set[str]) -> None:
+    """A dataset's columns against the two row shapes: one message for the dataset, not for its first row."""
     if not (set(PAIR_FIELDS) <= columns or set(LABELLED_FIELDS) <= columns):
         shape = max((PAIR_FIELDS, LABELLED_FIELDS), key=lambda fields: len(columns & set(fields)))
         missing = next(f for f in shape if f not in columns)
         raise UserError(f"{sources.describe(source, config, split)}: missing column {missing!r} (it has "
-                        f"{', '.join(sorted(columns))}; rows need {', '.join(PAIR_FIELDS)} or {', '.join(LABELLED_FIELDS)})")
-    return rows
+                        f"{', '.join(sorted(columns))}; rows need {ROW_SHAPES})")
 
 
 def read_preferences(path: str, *, dataset_config: str | None = None, dataset_split: str | None = None) -> list[PreferencePair]:
-    """All pairs of a .jsonl, .json or .parquet file or of a Hugging Face dataset (rrm_jax.data.sources);
-    an empty file or a bad row is a UserError."""
+    """All pairs of a .jsonl, .json or .parquet file or of a Hugging Face dataset (rrm_jax.data.rows);
+    an empty input or a bad row is a UserError."""
+    rows = read_rows(path, dataset_config=dataset_config, dataset_split=dataset_split, allowed=ROW_SHAPES)
     if sources.is_dataset(path):
-        return [pair_from_row(row, origin) for origin, row in _dataset_rows(path, dataset_config, dataset_split)]
-    pairs = [pair_from_row(row, origin) for origin, row in file_rows(path, "preference")]
-    if not pairs:
-        raise UserError(f"{path}: the file holds no preference rows")
-    return pairs
-
-
-def file_rows(path: str, what: str) -> Iterator[tuple[str, object]]:
-    """(origin "FILE line N", row) of a .jsonl, .json or .parquet file of `what` rows (for messages)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
-    suffix = os.path.splitext(path)[1].lower()
-    readers = {".jsonl": _jsonl_rows, ".json": _json_array_rows, ".parquet": _parquet_rows}
-    if suffix not in readers:
-        raise UserError(f"{path}: unknown {what} file type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
-    return readers[suffix](path)
+        _check_dataset_columns(path, dataset_config, dataset_split, set(rows[0][1]))
+    return [pair_from_row(row, origin) for origin, row in rows]
 
 
 def split_heldout(pairs: list[PreferencePair], heldout: int | float, *, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:

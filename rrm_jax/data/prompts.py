@@ -1,7 +1,7 @@
 """Prompt-only data for policy training with a judge reward: rows `{prompt}` or `{prompt, reference}`.
 
-Files as for preference data (.jsonl, .json, .parquet, or a Hugging Face dataset); a bad row is one
-line naming `FILE line N`. A `PromptDataset` turns each row into the policy's prompt: the text through
+Files as for preference data (.jsonl, .json, .parquet, or a Hugging Face dataset: rrm_jax.data.rows); a
+bad row is one line naming `FILE line N`. A `PromptDataset` turns each row into the policy's prompt: the text through
 the policy tokenizer's chat template as one user message (with the generation prompt), or the raw
 text after BOS; rows whose prompt is longer than `max_prompt_len` tokens are dropped and counted.
 Item i is a one-element list, so `rrm_jax.data.preference.preference_batches` streams it unchanged.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from rrm_jax.data import sources
-from rrm_jax.data.preference import token_counts, file_rows
+from rrm_jax.data.preference import token_counts
+from rrm_jax.data.rows import read_rows
 from rrm_jax.errors import UserError
 
 PROMPT_FIELDS = ("prompt",)
@@ -35,10 +35,7 @@ class PolicyPrompt:
     origin: str
 
 
-def prompt_from_row(row, origin: str) -> PromptRow:
-    if not isinstance(row, dict):
-        raise UserError(f"{origin}: expected an object with a 'prompt' field (and optionally 'reference'); "
-                        f"got {type(row).__name__}")
+def prompt_from_row(row: dict, origin: str) -> PromptRow:
     if "prompt" not in row:
         raise UserError(f"{origin}: a prompt row needs the field 'prompt' (optionally 'reference'); it has "
                         f"{', '.join(sorted(row)) or 'none'}")
@@ -49,14 +46,9 @@ def prompt_from_row(row, origin: str) -> PromptRow:
 
 
 def read_prompts(path: str, *, dataset_config: str | None = None, dataset_split: str | None = None) -> list[PromptRow]:
-    if sources.is_dataset(path):
-        rows = sources.load_rows(path, config=dataset_config, split=dataset_split)
-    else:
-        rows = list(file_rows(path, "prompt"))
-    prompts = [prompt_from_row(row, origin) for origin, row in rows]
-    if not prompts:
-        raise UserError(f"{path}: holds no prompt rows")
-    return prompts
+    rows = read_rows(path, dataset_config=dataset_config, dataset_split=dataset_split,
+                     allowed="'prompt' (optionally 'reference')")
+    return [prompt_from_row(row, origin) for origin, row in rows]
 
 
 def policy_prompt_text(tokenizer, prompt: str, *, chat_template: bool) -> str:

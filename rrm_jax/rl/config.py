@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from rrm_jax import decoding
 from rrm_jax.errors import UserError
 from rrm_jax.model.config import INITIALIZERS
 from rrm_jax.rl.reward import REWARDS
@@ -367,10 +368,6 @@ def validate(c: TrainConfig) -> TrainConfig:
         (c.reward.type != JUDGE_REWARD or bool(c.reward.judge),
          "reward.type=judge needs reward.judge=PATH (an RRM: HF folder, rrm-jax checkpoint or run folder)"),
         (c.reward.votes >= 1, f"reward.votes must be >= 1, got {c.reward.votes}"),
-        (c.reward.temperature >= 0 and 0 < c.reward.top_p <= 1,
-         "reward.temperature must be >= 0 and reward.top_p in (0, 1]"),
-        (c.reward.max_new_tokens is None or c.reward.max_new_tokens >= 1, "reward.max_new_tokens must be >= 1"),
-        (c.reward.max_think_tokens is None or c.reward.max_think_tokens >= 1, "reward.max_think_tokens must be >= 1"),
         (c.reward.batch_size is None or c.reward.batch_size >= 1, "reward.batch_size must be >= 1"),
         (c.reward.dtype in (None, "float32", "bfloat16", "float16"),
          f"reward.dtype={c.reward.dtype!r}: use float32, bfloat16 or float16 (or leave it unset: as stored)"),
@@ -380,4 +377,9 @@ def validate(c: TrainConfig) -> TrainConfig:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    # the policy's and the judge's sampling: a bad value is a UserError naming its key (reward.top_p ...)
+    decoding.check("rollout", temperature=c.rollout.temperature, top_p=c.rollout.top_p,
+                   max_new_tokens=c.rollout.max_new_tokens)
+    decoding.check("reward", temperature=c.reward.temperature, top_p=c.reward.top_p,
+                   max_new_tokens=c.reward.max_new_tokens, max_think_tokens=c.reward.max_think_tokens)
     return c

@@ -1,5 +1,7 @@
 """Judging with Reward Reasoning Models: the prompt and verdict parser (prompt), batched pairwise judging
-with voting (judge), best-of-N by ELO round robin or knockout (rank), and the released models' constants (spec)."""
+with voting (judge), best-of-N by ELO round robin or knockout (rank), and the released models' constants (spec).
+The commands: what `judge`, `rank` and `eval` share (judge_commands), `rrm-jax judge` (judge_cli) and
+`rrm-jax rank` (rank)."""
 
 from rrm_jax.rrm.judge import Comparison, Judge, Judgment
 from rrm_jax.rrm.prompt import PromptEncoder, encode, parse_verdict, render, render_ids

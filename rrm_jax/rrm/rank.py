@@ -19,16 +19,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from rrm_jax import distributed, options
+from rrm_jax.data.rows import require_text
 from rrm_jax.errors import UserError
 from rrm_jax.rrm import spec
-from rrm_jax.rrm.judge import (
-    Comparison,
-    add_judge_arguments,
-    judge_settings,
-    require_text,
-    rows_from_args,
-    run_journaled,
-)
+from rrm_jax.rrm.judge import Comparison
+from rrm_jax.rrm.judge_commands import add_judge_arguments, judge_settings, rows_from_args, run_journaled
 
 Pair = tuple[int, int]
 QuestionPair = tuple[int, int, int]  # (question, i, j)
