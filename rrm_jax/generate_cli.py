@@ -11,19 +11,23 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 from rrm_jax import distributed, model_identity, options, resumable, worksplit
 from rrm_jax.data import sources
+from rrm_jax.data.rows import read_rows
 from rrm_jax.errors import UserError
 
 DEFAULT_MAX_NEW_TOKENS = 256  # capped per prompt at what the model's context leaves
 SHOWN = 3  # generations printed at the end, as `judge` prints its judgments
 
 
+PROMPT_FIELDS = "'prompt' (a string) or 'input_ids' (a list of token ids)"
+
+
 def read_prompt_rows(path: str, *, dataset_config: str | None = None, dataset_split: str | None = None) -> list[dict]:
     """Rows `{"prompt": str, "chat": bool?}` or `{"input_ids": [int, ...]}`; other fields pass through.
-    `path` is a JSONL file or a Hugging Face dataset with a `prompt` or `input_ids` column."""
+    `path` is a JSONL, JSON-list or Parquet file, or a Hugging Face dataset with a `prompt` or `input_ids`
+    column."""
     return [row for _, row in read_located_prompt_rows(path, dataset_config=dataset_config,
                                                         dataset_split=dataset_split)]
 
@@ -31,34 +35,17 @@ def read_prompt_rows(path: str, *, dataset_config: str | None = None, dataset_sp
 def read_located_prompt_rows(path: str, *, dataset_config: str | None = None,
                              dataset_split: str | None = None) -> list[tuple[str, dict]]:
     """read_prompt_rows, each row with where it was read (`FILE line N`, or the dataset's row)."""
-    if sources.is_dataset(path):
-        located = sources.load_rows(path, config=dataset_config, split=dataset_split)
-        if not {"prompt", "input_ids"} & set(located[0][1]):
-            raise UserError(f"{sources.describe(path, dataset_config, dataset_split)}: missing column 'prompt' "
-                            f"(it has {', '.join(located[0][1])}; rows need 'prompt' or 'input_ids')")
-    else:
-        if not Path(path).is_file():
-            raise UserError(f"input file {path} does not exist")
-        located = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    located.append((f"{path} line {n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+    located = read_rows(path, dataset_config=dataset_config, dataset_split=dataset_split, allowed=PROMPT_FIELDS)
+    if sources.is_dataset(path) and not {"prompt", "input_ids"} & set(located[0][1]):
+        raise UserError(f"{sources.describe(path, dataset_config, dataset_split)}: missing column 'prompt' "
+                        f"(it has {', '.join(located[0][1])}; rows need 'prompt' or 'input_ids')")
     for where, row in located:
-        if not isinstance(row, dict):
-            raise UserError(f"{where}: each line must be a JSON object with 'prompt' or 'input_ids'")
         if row.get("input_ids") is not None:
             ids = row["input_ids"]
             if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
                 raise UserError(f"{where}: 'input_ids' must be a list of non-negative integers")
         elif not isinstance(row.get("prompt"), str):
             raise UserError(f"{where}: needs a string 'prompt' or a list 'input_ids'")
-    if not located:
-        raise UserError(f"{path} holds no rows")
     return located
 
 

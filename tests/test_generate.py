@@ -401,3 +401,26 @@ def test_generate_cli_resume_refuses_a_partial_file_of_another_model(hf_pair, tm
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds results of /runs/a/checkpoints/100 (config sha256 abababababab)" in err
     assert f"--model now loads {folder.absolute()} (config sha256 " in err and not out.exists()
+
+
+def test_generate_reads_json_lists_and_parquet_like_jsonl(tmp_path):
+    # the README's promise: `generate --input` takes the same files as judge / eval / rank
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rrm_jax.generate_cli import read_located_prompt_rows
+
+    rows = [{"prompt": "Q: 3+4?", "id": 1}, {"input_ids": [1, 2, 3], "id": 2}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "in.json").write_text(json.dumps(rows, indent=1))
+    pq.write_table(pa.Table.from_pylist([{"prompt": "Q: 3+4?", "id": 1}, {"prompt": "Q: 1+1?", "id": 2}]),
+                   tmp_path / "in.parquet")
+    assert [r for _, r in read_located_prompt_rows(str(tmp_path / "in.json"))] == rows
+    assert [w for w, _ in read_located_prompt_rows(str(tmp_path / "in.json"))] == [
+        f"{tmp_path / 'in.json'} line 2", f"{tmp_path / 'in.json'} line 6"]  # where each item starts
+    assert [r for _, r in read_located_prompt_rows(str(tmp_path / "in.jsonl"))] == rows
+    parquet = read_located_prompt_rows(str(tmp_path / "in.parquet"))
+    assert [r["prompt"] for _, r in parquet] == ["Q: 3+4?", "Q: 1+1?"] and parquet[1][0].endswith("in.parquet row 2")
+    (tmp_path / "bad.json").write_text(json.dumps([{"text": "no prompt"}]))
+    with pytest.raises(UserError, match=r"bad\.json line 1: needs a string 'prompt'"):
+        read_located_prompt_rows(str(tmp_path / "bad.json"))
