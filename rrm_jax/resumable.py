@@ -29,7 +29,7 @@ import os
 import signal
 import sys
 
-from rrm_jax import distributed
+from rrm_jax import distributed, storage
 from rrm_jax.model_identity import describe
 from rrm_jax.errors import EXIT_CTRL_C, UserError
 
@@ -86,21 +86,13 @@ def check_output_folder(path: str) -> None:
 
 
 def write_output(path: str, text: str) -> None:
-    """Write `text` to `path` by a temporary file beside it and a rename: never a half-written output.
-    The file gets the mode any new file gets here (0666 less the umask). Process 0 only."""
+    """Write `text` to `path` whole, never half of it (`storage.write_text`: a temporary file beside it,
+    fsynced, then renamed). The file gets the mode any new file gets here (0666 less the umask). Process
+    0 only."""
     if not distributed.is_main_process():
         return
     check_output_folder(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    storage.write_text(path, text)
 
 
 def _read(path: str, command: str, settings: dict, model: dict) -> tuple[list[dict], int]:
