@@ -103,19 +103,19 @@ def _padded_batch(n_prompts: int, num_samples: int, mesh) -> int:
     return n
 
 
-def sample_batch(config: Qwen2Config, settings: SamplingSettings, params, chunk: Sequence[Sequence[int]],
+def sample_batch(config: Qwen2Config, settings: SamplingSettings, params, prompts: Sequence[Sequence[int]],
                  max_new_tokens: int, *, limits: Sequence[int] | None = None, first_index: int = 0,
                  num_samples: int = 1, seed: int = 0, mesh=None, buckets=None, tokenizer=None) -> list[Sample]:
-    """One static batch: prompts `chunk` (global indices first_index, first_index + 1, ...) decoded
+    """One static batch: `prompts` (global indices first_index, first_index + 1, ...) decoded
     together until every row is done: EOS, max_new_tokens or its own entry of `limits` (the cache is
     sized for max_new_tokens, as when rows end by EOS well before the cap)."""
-    n_real = len(chunk)
+    n_real = len(prompts)
     n = _padded_batch(n_real, num_samples, mesh)
-    P = bucket_length(max(len(p) for p in chunk), buckets)
+    P = bucket_length(max(len(p) for p in prompts), buckets)
     tokens = np.zeros((n, P), np.int32)
     lengths = np.ones(n, np.int32)  # padding prompts: one token and one new token, results dropped
     row_limits = np.ones(n, np.int32)
-    for i, p in enumerate(chunk):
+    for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
         lengths[i] = len(p)
         row_limits[i] = max_new_tokens if limits is None else limits[i]
