@@ -69,7 +69,8 @@ from rrm_jax.rl import grpo, guard, policy, step
 from rrm_jax.rl.checkpoints import CHECKPOINTS, Checkpoints
 from rrm_jax.rl.config import JUDGE_REWARD, RESUME_MAY_CHANGE, TrainConfig, load_config, resume_conflicts
 from rrm_jax.rl.judge_task import JudgeTask
-from rrm_jax.rl.metrics import METRICS, TIMING_KEYS, MetricsLog, current_attempt, read_metrics  # noqa: F401 (TIMING_KEYS: part of this module's API)
+from rrm_jax.rl.metrics import TIMING_KEYS  # noqa: F401 (part of this module's API)
+from rrm_jax.rl.metrics import METRICS, MetricsLog, current_attempt, read_metrics
 from rrm_jax.rl.plot import plot_curve
 from rrm_jax.rl.task import Task
 from rrm_jax.rl.tokenizer import TOY_TOKENIZER, load_train_tokenizer, token_ids_of  # noqa: F401 (part of this module's API)
@@ -146,7 +147,7 @@ def check_resume(output_dir: Path, c: TrainConfig, resume: bool) -> None:
                     f"{', '.join(RESUME_MAY_CHANGE)}; for another run choose another --output-dir")
 
 
-def _prepare_output(output_dir: Path, resume: bool, c: TrainConfig, task) -> None:
+def _prepare_output(output_dir: Path, resume: bool, c: TrainConfig, task: Task) -> None:
     """Check OUTPUT_DIR on every process, then let process 0 create it and write the run config and
     the task's held-out items (kept as they are when a resume continues the run: its evaluations used them)."""
     previous = (output_dir / METRICS).exists() or (output_dir / CHECKPOINTS).exists()
@@ -179,7 +180,7 @@ class Run:
     output_dir: Path
     mesh: object
     tokenizer: object
-    task: Task  # what differs between judge and policy training: prompts, rewards, evaluation
+    task: Task  # what differs between judge and policy training (rrm_jax/rl/task.py)
     model: Qwen2
     optimizer: optax.GradientTransformation
     loss: step.LossSettings
@@ -259,7 +260,8 @@ def supervised_step(config: Qwen2Config, optimizer, params, opt_state, tokens, a
     return optax.apply_updates(params, updates), opt_state, loss
 
 
-def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, task, tokenizer, progress: bool, stop: resumable.StopSignals):
+def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, task: Task, tokenizer, progress: bool,
+            stop: resumable.StopSignals):
     """Phase A: supervised format warm-up on the task's transcripts (judge: random verdicts; policy:
     letter strings, 3 in 4 of them carrying the banned letter). None when a stop signal ended it."""
     w = c.warmup
@@ -547,7 +549,8 @@ class GrpoLoop:
         run, state, c = self.run, self.state, self.run.c
         row = grpo_step(run, state)
         collapse = self.detector.observe(state.step, row)
-        row["collapse_streak"] = 0 if self.detector.streak_start is None else state.step - self.detector.streak_start + 1
+        streak_start = self.detector.streak_start
+        row["collapse_streak"] = 0 if streak_start is None else state.step - streak_start + 1
         if c.eval_every and state.step % c.eval_every == 0:
             row.update(run.task.evaluate(run.model))
         row["elapsed"] = self.elapsed()
@@ -577,11 +580,13 @@ class GrpoLoop:
     def _save_for_resume(self) -> None:
         step_dir = self.save()
         if self.run.main:
-            print(f"\n{self.stop.name}: saved step {self.state.step} to {step_dir}; resume with --resume", file=sys.stderr)
+            print(f"\n{self.stop.name}: saved step {self.state.step} to {step_dir}; resume with --resume",
+                  file=sys.stderr)
 
     def _may_roll_back(self) -> bool:
         g = self.run.c.guard
-        return g.on_collapse == "rollback" and self.state.rollbacks < g.max_rollbacks and self.ckpts.latest_step() is not None
+        return (g.on_collapse == "rollback" and self.state.rollbacks < g.max_rollbacks
+                and self.ckpts.latest_step() is not None)
 
     def _roll_back(self, collapse: guard.Collapse) -> None:
         """Restore the latest (good) checkpoint and go on from it with a new rollout seed."""
@@ -595,8 +600,8 @@ class GrpoLoop:
                           "action": "rollback", "rolled_back_to": good, "rollbacks": rollbacks,
                           "rollout_seed": state.rollout_seed})
         if run.main:
-            self.bar.write(f"{collapse.describe()}; rolled back to checkpoint step {good} ({ckpts.root / str(good)}) with "
-                           f"a new rollout seed (rollback {rollbacks} of at most {run.c.guard.max_rollbacks})",
+            self.bar.write(f"{collapse.describe()}; rolled back to checkpoint step {good} ({ckpts.root / str(good)}) "
+                           f"with a new rollout seed (rollback {rollbacks} of at most {run.c.guard.max_rollbacks})",
                            file=sys.stderr)
         self.detector.reset()
         self.bar.reset(total=max(run.c.max_steps - state.step, 0))
@@ -611,9 +616,9 @@ class GrpoLoop:
             where = (f"last good checkpoint: {ckpts.root / str(good)} (step {good})" if good is not None else
                      f"no checkpoint was saved before it (checkpoint_every={run.c.checkpoint_every})")
             after = f" after {state.rollbacks} rollback(s)" if state.rollbacks else ""
-            print(f"\nrrm-jax train: stopped{after}: {collapse.describe()}; {where}; metrics: {run.output_dir / METRICS}. "
-                  f"guard.on_collapse=rollback retries from the last good checkpoint with a new rollout seed",
-                  file=sys.stderr)
+            print(f"\nrrm-jax train: stopped{after}: {collapse.describe()}; {where}; metrics: "
+                  f"{run.output_dir / METRICS}. guard.on_collapse=rollback retries from the last good checkpoint "
+                  f"with a new rollout seed", file=sys.stderr)
         return EXIT_COLLAPSE
 
 
@@ -627,14 +632,15 @@ def finish(run: Run, ckpts: Checkpoints, ending: Ending, export_hf: str | None) 
         plot_curve(rows, run.output_dir / "curve.png", run.task)
         if export_hf:  # from the files just written: no process holds all the weights of a sharded model
             convert.checkpoint_to_hf(step_dir, export_hf)
-        for line in summary_lines(run.task, rows, run.output_dir, step_dir, cli_prefix(), run.mcfg.max_position_embeddings):
+        context = run.mcfg.max_position_embeddings
+        for line in summary_lines(run.task, rows, run.output_dir, step_dir, cli_prefix(), context):
             print(line)
         if export_hf:
             print(f"Hugging Face export: {export_hf}")
     distributed.barrier("run-finished")
 
 
-def summary_lines(task, rows: list[dict], output_dir: Path, step_dir: Path, exe: str, context: int) -> list[str]:
+def summary_lines(task: Task, rows: list[dict], output_dir: Path, step_dir: Path, exe: str, context: int) -> list[str]:
     """What a finished run prints: the task's summary and follow-on commands, then the export command
     (the README shows these lines as `make demo` prints them; a test keeps the two equal)."""
     return [*task.summary(rows, output_dir, step_dir, exe, context),
