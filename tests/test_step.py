@@ -1,5 +1,7 @@
 """GRPO update pieces: grouped continuation log-probabilities and micro-batch invariance of the step."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from rrm_jax.model import qwen2
 from rrm_jax.model.config import preset
 from rrm_jax.model.qwen2 import Qwen2
 from rrm_jax.rl import step
+from rrm_jax.rl.config import LossConfig
 
 
 def grouped_batch(rng, P=4, G=3, Tp=12, Tc=6, vocab=100):
@@ -94,3 +97,41 @@ def test_allowed_tokens_loss_sees_the_distribution_the_sampler_drew_from():
     new, _, metrics = step.update_fn(config, loss, optax.sgd(0.1), 1, params, optax.sgd(0.1).init(params), batch)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(new))
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_loss_settings_are_the_config_loss_section_plus_token_sets():
+    """LossSettings takes its keys and defaults from config.LossConfig, and a run's settings built from
+    its config section give the update the old field-by-field settings gave, to the bit."""
+    assert step.LossSettings() == step.LossSettings.from_config(LossConfig())
+    # the defaults the GRPO update has always had (a LossSettings with no arguments: bench, tests)
+    shared = {"clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0, "kl_estimator": "k3", "agg": "token-mean",
+              "entropy_coef": 0.0, "remat": False}
+    assert {k: getattr(step.LossSettings(), k) for k in shared} == shared
+    section = LossConfig(clip_low=0.1, clip_high=0.3, kl_coef=0.05, kl_estimator="k1", agg="seq-mean-token-sum",
+                         normalize_std=False, entropy_coef=0.1, entropy_on="verdict", ppo_epochs=2, micro_batches=2,
+                         remat=True)
+    loss = step.LossSettings.from_config(section, entropy_token_ids=[7, 5], allowed_token_ids=(3, 5, 7, 9))
+    assert {k: getattr(loss, k) for k in shared} == {k: getattr(section, k) for k in shared}
+    assert (loss.entropy_token_ids, loss.allowed_token_ids) == ((7, 5), (3, 5, 7, 9))
+    hash(loss)  # a static argument of the jitted update
+
+    config = preset("tiny")
+    params = Qwen2(config, rngs=nnx.Rngs(2)).params()
+    rng = np.random.default_rng(2)
+    _, _, prompt_tokens, lengths, tokens, mask = grouped_batch(rng, P=4, G=2)
+    old = step.logprobs_fn(config, params, prompt_tokens, lengths, tokens)
+    old = old + jnp.asarray(rng.normal(0, 0.2, old.shape), jnp.float32)
+    batch = step.RolloutBatch(prompt_tokens, lengths, tokens, mask, old, old - 0.1,
+                              jnp.asarray(rng.normal(size=8), jnp.float32), mask)
+    optimizer = optax.sgd(0.5)
+    section = dataclasses.replace(section, remat=False, kl_estimator="k3")
+    field_by_field = step.LossSettings(clip_low=section.clip_low, clip_high=section.clip_high, kl_coef=section.kl_coef,
+                                       kl_estimator=section.kl_estimator, agg=section.agg,
+                                       entropy_coef=section.entropy_coef, entropy_token_ids=(5, 7), remat=section.remat)
+    results = []
+    for settings in (field_by_field, step.LossSettings.from_config(section, entropy_token_ids=(5, 7))):
+        p = jax.tree.map(jnp.copy, params)
+        new, _, metrics = step.update_fn(config, settings, optimizer, 2, p, optimizer.init(p), batch)
+        results.append(jax.device_get((new, metrics)))
+    for x, y in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_array_equal(x, y)

@@ -22,20 +22,23 @@ import optax
 from rrm_jax.model import qwen2
 from rrm_jax.model.config import Qwen2Config
 from rrm_jax.rl import grpo
+from rrm_jax.rl.config import LossConfig
 from rrm_jax.sampling import restrict_logits
 
 
 @dataclasses.dataclass(frozen=True)
-class LossSettings:
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    agg: str = "token-mean"
-    entropy_coef: float = 0.0
+class LossSettings(LossConfig):
+    """The config's `loss` section (its keys and defaults) plus the token sets a run resolves with its
+    tokenizer; a static argument of the jitted update, so hashable."""
+
     entropy_token_ids: tuple[int, ...] = ()  # entropy over these tokens only (empty: whole vocabulary)
     allowed_token_ids: tuple[int, ...] = ()  # the policy's constrained vocabulary, as its rollout samples it
-    remat: bool = False
+
+    @classmethod
+    def from_config(cls, loss: LossConfig, *, entropy_token_ids: tuple[int, ...] = (),
+                    allowed_token_ids: tuple[int, ...] = ()) -> LossSettings:
+        section = {f.name: getattr(loss, f.name) for f in dataclasses.fields(LossConfig)}
+        return cls(**section, entropy_token_ids=tuple(entropy_token_ids), allowed_token_ids=tuple(allowed_token_ids))
 
 
 class RolloutBatch(NamedTuple):

@@ -1,7 +1,7 @@
 """`rrm-jax train`: GRPO training, from a laptop CPU to a pod, exactly resumable.
 
-Two kinds of run share this loop; their task says what differs (prompts, rewards, evaluation,
-warm-up data, summary):
+Two kinds of run share this loop; their task (the `Task` protocol, rrm_jax/rl/task.py) says what
+differs (prompts, rewards, evaluation, warm-up data, held-out file, summary, curve):
   - judge training (`reward: rrm`, rrm_jax/rl/judge_task.py): an RRM on preference pairs, rewarded
     for verdicts that pick the preferred response;
   - policy training (`reward: {type: judge}`, rrm_jax/rl/policy.py): a policy on prompts, rewarded by
@@ -13,23 +13,28 @@ One run, in OUTPUT_DIR:
                        rrm_jax.rl.config.RESUME_MAY_CHANGE)
     heldout.jsonl      the held-out items: pairs `{prompt, chosen, rejected}` (`rrm-jax eval --format
                        pairs`), or a policy's held-out prompts `{prompt, reference?}`
-    checkpoints/<step>/  Orbax CheckpointManager steps: params + model_config (an rrm-jax checkpoint, so
-                       `rrm_jax.load_model(OUTPUT_DIR)` and every command accept OUTPUT_DIR), assets/
-                       (tokenizer), opt_state, ref_params (only with a KL term), train_state (step,
-                       seed, data-iterator position, elapsed time), config
-    metrics.jsonl      one JSON object per step; tb/ TensorBoard events; curve.png at the end
+    checkpoints/<step>/  Orbax CheckpointManager steps (rrm_jax/rl/checkpoints.py): params + model_config
+                       (an rrm-jax checkpoint, so `rrm_jax.load_model(OUTPUT_DIR)` and every command
+                       accept OUTPUT_DIR), assets/ (tokenizer), opt_state, ref_params (only with a KL
+                       term), train_state (step, seed, data-iterator position, elapsed time), config
+    metrics.jsonl      one JSON object per step, and tb/ TensorBoard events (rrm_jax/rl/metrics.py)
+    curve.png          written at the end (rrm_jax/rl/plot.py)
 
 OUTPUT_DIR may be a gs:// bucket path: nothing in it is then finished by renaming a folder
 (rrm_jax/storage.py).
 
-Phases: (A) an optional supervised format warm-up on toy transcripts (the judge: RANDOM verdicts, so
-it learns to answer, not what to answer; the policy: letter strings, 3 in 4 of them with the banned
-letter), then (B) GRPO, one step as named stages: `rollout` (B prompts -> G samples each), `score`
+`train` runs four stages: `setup` (every check that can fail, before OUTPUT_DIR is touched), the
+starting state (`_initial_state`: phase A for a new run, the latest checkpoint for a resumed one), the
+GRPO loop (`GrpoLoop`, phase B) and `finish` (curve, export, summary).
+
+Phase A, an optional supervised format warm-up on toy transcripts (the judge: RANDOM verdicts, so it
+learns to answer, not what to answer; the policy: letter strings, 3 in 4 of them with the banned
+letter). Phase B, GRPO, one step as named stages: `rollout` (B prompts -> G samples each), `score`
 (the task's rewards, group advantages, the guard's penalties, rollout statistics), `update`
 (`ppo_epochs` clipped-policy updates -> AdamW); then the loop logs metrics, lets the guard
-(rrm_jax/rl/guard.py) look for a collapse (stop, or roll back to the last good checkpoint), evaluates
-and checkpoints. The sampler and the update share one copy of the weights: the updated arrays are put
-back into the model the sampler reads.
+(rrm_jax/rl/guard.py) look for a collapse (stop, or roll back to the last good checkpoint), evaluates,
+checkpoints, and on SIGTERM / Ctrl-C saves the step it finished and exits. The sampler and the update
+share one copy of the weights: the updated arrays are put back into the model the sampler reads.
 
 All randomness is a function of (seed, step) and the data iterator's position, both in the
 checkpoint, so a resumed run repeats the uninterrupted one exactly.
@@ -39,11 +44,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import shutil
-import io
 import sys
 import time
 from pathlib import Path
@@ -52,7 +55,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -64,20 +66,22 @@ from rrm_jax.model import convert
 from rrm_jax.model.config import PRESETS, Qwen2Config
 from rrm_jax.model.qwen2 import Qwen2
 from rrm_jax.rl import grpo, guard, policy, step
+from rrm_jax.rl.checkpoints import CHECKPOINTS, Checkpoints
 from rrm_jax.rl.config import JUDGE_REWARD, RESUME_MAY_CHANGE, TrainConfig, load_config, resume_conflicts
 from rrm_jax.rl.judge_task import JudgeTask
+from rrm_jax.rl.metrics import TIMING_KEYS  # noqa: F401 (part of this module's API)
+from rrm_jax.rl.metrics import METRICS, MetricsLog, current_attempt, read_metrics
+from rrm_jax.rl.plot import plot_curve
+from rrm_jax.rl.task import Task
 from rrm_jax.rl.tokenizer import TOY_TOKENIZER, load_train_tokenizer, token_ids_of  # noqa: F401 (part of this module's API)
 
-CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "config.yaml"
-METRICS = "metrics.jsonl"
 HELDOUT = "heldout.jsonl"
 EXIT_COLLAPSE = 3  # the guard stopped a collapsed run
-TIMING_KEYS = ("step_time", "rollout_time", "judge_time", "update_time", "tokens_per_s", "elapsed")  # vary run to run
 
 
 # ----------------------------------------------------------------------------------------------
-# Set-up: tokenizer, model, data
+# Set-up: mesh, tokenizer, model, task, optimizer, the run folder
 
 
 def build_model(c: TrainConfig, tokenizer, mesh) -> Qwen2:
@@ -108,10 +112,6 @@ def make_mesh(c: TrainConfig):
     return parallel.make_mesh(m.data, m.fsdp, m.tp)
 
 
-# ----------------------------------------------------------------------------------------------
-# Jitted pieces
-
-
 def adamw(lr, *, b1: float, b2: float, weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
 
@@ -120,206 +120,6 @@ def grpo_optimizer(c: TrainConfig) -> optax.GradientTransformation:
     o = c.optimizer
     schedule = optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps else o.lr  # then constant
     return adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
-def supervised_step(config: Qwen2Config, optimizer, params, opt_state, tokens, attention_mask, loss_mask):
-    """One cross-entropy step on transcripts; loss_mask [B, T] marks the tokens to predict."""
-    def loss_fn(p):
-        logp = step.token_logprobs(config, p, tokens, attention_mask)
-        return -jnp.sum(logp * loss_mask) / jnp.maximum(loss_mask.sum(), 1.0)
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-
-# ----------------------------------------------------------------------------------------------
-# Rollouts
-
-
-def rollout_batch(prompts: list[list[int]], samples, width: int, *, verdict_open_id: int | None):
-    """Numpy arrays of a RolloutBatch (without advantages / reference) from prompt-major samples:
-    (prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask).
-
-    Prompts are right-padded to a multiple of 4 tokens and continuations to `width` (max_new_tokens),
-    so the update compiles for few shapes. The entropy mask is the verdict position (the token after
-    `\\boxed{`) when verdict_open_id is given, else every generated token."""
-    P, R = len(prompts), len(samples)
-    prompt_tokens = np.zeros((P, 4 * math.ceil(max(map(len, prompts)) / 4)), np.int32)
-    for i, p in enumerate(prompts):
-        prompt_tokens[i, :len(p)] = p
-    prompt_lengths = np.array([len(p) for p in prompts], np.int32)
-    tokens = np.zeros((R, width), np.int32)
-    loss_mask = np.zeros((R, width), np.float32)
-    old_logp = np.zeros((R, width), np.float32)
-    for r, s in enumerate(samples):
-        n = len(s.output_ids)
-        tokens[r, :n] = s.output_ids
-        loss_mask[r, :n] = 1.0
-        old_logp[r, :n] = s.logprobs
-    if verdict_open_id is None:
-        entropy_mask = loss_mask.copy()
-    else:
-        after_open = np.zeros_like(loss_mask)
-        after_open[:, 1:] = tokens[:, :-1] == verdict_open_id
-        entropy_mask = loss_mask * after_open
-    return prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-class Checkpoints:
-    """Orbax CheckpointManager over OUTPUT_DIR/checkpoints; each step is also an rrm-jax model checkpoint."""
-
-    def __init__(self, output_dir: Path, keep: int):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True,
-                                               atomicity_options=checkpoint.atomicity_options(output_dir))
-        self.root = output_dir / CHECKPOINTS
-        self.manager = ocp.CheckpointManager(checkpoint.orbax_path(self.root), options=options)
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def save(self, step_number: int, model, opt_state, ref_params, train_state: dict, config: TrainConfig, tokenizer):
-        items = dict(checkpoint.model_items(model), opt_state=ocp.args.PyTreeSave(opt_state),
-                     train_state=ocp.args.JsonSave(train_state), config=ocp.args.JsonSave(config.to_dict()))
-        if ref_params is not None:
-            items["ref_params"] = ocp.args.PyTreeSave(ref_params)
-        self.manager.save(step_number, args=ocp.args.Composite(**items), force=True)  # every process, collectively
-        self.manager.wait_until_finished()
-        # The tokenizer goes beside the finalized step for load_tokenizer / judge.
-        step_dir = self.root / str(step_number)
-        if distributed.is_main_process():
-            checkpoint.save_tokenizer(tokenizer, step_dir / checkpoint.ASSETS_DIR)
-        distributed.barrier(f"checkpoint-{step_number}-complete")
-        return step_dir
-
-    def restore(self, step_number: int, params, opt_state, ref_params):
-        def target(tree):
-            return ocp.args.PyTreeRestore(item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
-
-        items = dict(params=target(params), opt_state=target(opt_state), train_state=ocp.args.JsonRestore())
-        if ref_params is not None:
-            items["ref_params"] = target(ref_params)
-        return self.manager.restore(step_number, args=ocp.args.Composite(**items))
-
-    def close(self):
-        self.manager.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl. A last line without its newline was cut short by a crash: dropped
-    (the resume writes that step again); any other unreadable line is refused."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    rows = []
-    for number, line in enumerate(text[:text.rfind("\n") + 1].splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise UserError(f"{path} line {number} is not valid JSON (not a cut-short last line: the file is damaged); "
-                            f"repair or delete that line, then --resume again") from None
-    return rows
-
-
-class MetricsLog:
-    """metrics.jsonl (appended and flushed to disk each step; on a bucket, whose objects cannot be
-    appended to, uploaded whole each step) and TensorBoard events, written by process 0 only."""
-
-    def __init__(self, output_dir: Path, resume_step: int | None):
-        """resume_step: the restored step (-1: a resumed run restarting from scratch), None for a new run."""
-        self.path = output_dir / METRICS
-        self.enabled = distributed.is_main_process()
-        if not self.enabled:
-            return
-        kept = ""
-        if resume_step is not None and self.path.exists():
-            # rows written after the restored checkpoint are repeated by this run: drop them
-            kept = "".join(json.dumps(r) + "\n" for r in read_metrics(self.path) if r["step"] <= resume_step)
-            storage.write_text(self.path, kept)
-        if storage.can_append(self.path):
-            self.file, self.text = open(self.path, "a", encoding="utf-8"), None
-        else:
-            self.file, self.text = None, kept
-        from tensorboardX import SummaryWriter
-
-        self.writer = SummaryWriter(str(output_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
-
-    def rows(self) -> list[dict]:
-        if not self.enabled:
-            return []
-        return read_metrics(self.path)
-
-    def log(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        line = json.dumps(row) + "\n"
-        if self.file is None:
-            self.text += line
-            storage.write_text(self.path, self.text)
-        else:
-            self.file.write(line)
-            self.file.flush()
-            os.fsync(self.file.fileno())
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, row["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            if self.file is not None:
-                self.file.close()
-            self.writer.close()
-
-
-def plot_curve(rows: list[dict], path: Path, task) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    task.plot(rows, ax)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    storage.write_bytes(path, png.getvalue())
-
-
-# ----------------------------------------------------------------------------------------------
-# The run
-
-
-def _device_batch(arrays, mesh):
-    """Batch-shard each array over (data, fsdp) on its leading axis."""
-    if mesh is None:
-        return arrays
-    return tuple(jax.device_put(a, parallel.logical_sharding(("batch",) + ("length",) * (a.ndim - 1), mesh))
-                 for a in arrays)
-
-
-def _on_mesh(tree, mesh):
-    """Leaves not laid out on the mesh yet (the optimizer's step count) replicated over it, so that
-    restoring a checkpoint into this tree does not pin them to one device."""
-    if mesh is None:
-        return tree
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def place(x):
-        on_mesh = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-        return x if on_mesh else jax.device_put(x, replicated)
-
-    return jax.tree.map(place, tree)
 
 
 def _continues_a_run(output_dir: Path, resume: bool) -> bool:
@@ -347,7 +147,7 @@ def check_resume(output_dir: Path, c: TrainConfig, resume: bool) -> None:
                     f"{', '.join(RESUME_MAY_CHANGE)}; for another run choose another --output-dir")
 
 
-def _prepare_output(output_dir: Path, resume: bool, c: TrainConfig, task) -> None:
+def _prepare_output(output_dir: Path, resume: bool, c: TrainConfig, task: Task) -> None:
     """Check OUTPUT_DIR on every process, then let process 0 create it and write the run config and
     the task's held-out items (kept as they are when a resume continues the run: its evaluations used them)."""
     previous = (output_dir / METRICS).exists() or (output_dir / CHECKPOINTS).exists()
@@ -372,10 +172,6 @@ def resolve_config(config_path: str | None, overrides: list[str], output_dir: Pa
     return load_config(config_path, overrides)
 
 
-# ----------------------------------------------------------------------------------------------
-# The stages of one GRPO step: rollout -> score -> update; then metrics, guard, evaluation, checkpoint
-
-
 @dataclasses.dataclass
 class Run:
     """What stays fixed through a run, built once by `setup`."""
@@ -384,7 +180,7 @@ class Run:
     output_dir: Path
     mesh: object
     tokenizer: object
-    task: "JudgeTask | policy.PolicyTask"  # what differs between judge and policy training: prompts, rewards, evaluation
+    task: Task  # what differs between judge and policy training (rrm_jax/rl/task.py)
     model: Qwen2
     optimizer: optax.GradientTransformation
     loss: step.LossSettings
@@ -425,7 +221,17 @@ def setup(c: TrainConfig, output_dir: Path, *, resume: bool, progress: bool) -> 
     if c.data.max_prompt_len + c.rollout.max_new_tokens > mcfg.max_position_embeddings:
         raise UserError(f"data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len + c.rollout.max_new_tokens} "
                         f"exceeds the model's context of {mcfg.max_position_embeddings} tokens")
+    loss, verdict_open_id = _loss_settings(c, tokenizer, allowed_ids)
+    grpo.aggregation_count(np.ones((1, 1)), c.loss.agg)  # unknown names fail now, not after the warm-up
+    grpo.kl_penalty(jnp.zeros(1), jnp.zeros(1), c.loss.kl_estimator)
+    _prepare_output(output_dir, resume, c, task)
+    main = distributed.is_main_process()
+    return Run(c, output_dir, mesh, tokenizer, task, model, grpo_optimizer(c), loss, verdict_open_id, main, progress and main)
 
+
+def _loss_settings(c: TrainConfig, tokenizer, allowed_ids: tuple[int, ...]) -> tuple[step.LossSettings, int | None]:
+    """(the loss's settings, the id of `\\boxed{`): with loss.entropy_on=verdict the entropy bonus is on
+    the verdict token after `\\boxed{`, over the verdict tokens only; otherwise on every generated token."""
     verdict_open_id, entropy_ids = None, ()
     if c.loss.entropy_coef > 0 and c.loss.entropy_on == "verdict":
         try:
@@ -434,15 +240,54 @@ def setup(c: TrainConfig, output_dir: Path, *, resume: bool, progress: bool) -> 
             raise UserError("loss.entropy_on=verdict needs a tokenizer with single verdict tokens (the toy's); "
                             "use loss.entropy_on=completion") from None
         verdict_open_id = tokenizer.convert_tokens_to_ids(BOXED_OPEN)
-    loss = step.LossSettings(clip_low=c.loss.clip_low, clip_high=c.loss.clip_high, kl_coef=c.loss.kl_coef,
-                             kl_estimator=c.loss.kl_estimator, agg=c.loss.agg, entropy_coef=c.loss.entropy_coef,
-                             entropy_token_ids=tuple(entropy_ids), remat=c.loss.remat,
-                             allowed_token_ids=allowed_ids)
-    grpo.aggregation_count(np.ones((1, 1)), c.loss.agg)  # unknown names fail now, not after the warm-up
-    grpo.kl_penalty(jnp.zeros(1), jnp.zeros(1), c.loss.kl_estimator)
-    _prepare_output(output_dir, resume, c, task)
-    main = distributed.is_main_process()
-    return Run(c, output_dir, mesh, tokenizer, task, model, grpo_optimizer(c), loss, verdict_open_id, main, progress and main)
+    loss = step.LossSettings.from_config(c.loss, entropy_token_ids=entropy_ids, allowed_token_ids=allowed_ids)
+    return loss, verdict_open_id
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase A: the supervised format warm-up
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
+def supervised_step(config: Qwen2Config, optimizer, params, opt_state, tokens, attention_mask, loss_mask):
+    """One cross-entropy step on transcripts; loss_mask [B, T] marks the tokens to predict."""
+    def loss_fn(p):
+        logp = step.token_logprobs(config, p, tokens, attention_mask)
+        return -jnp.sum(logp * loss_mask) / jnp.maximum(loss_mask.sum(), 1.0)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, task: Task, tokenizer, progress: bool,
+            stop: resumable.StopSignals):
+    """Phase A: supervised format warm-up on the task's transcripts (judge: random verdicts; policy:
+    letter strings, 3 in 4 of them carrying the banned letter). None when a stop signal ended it."""
+    w = c.warmup
+    if not w.steps:
+        return params
+    optimizer = adamw(w.lr, b1=0.9, b2=w.b2, weight_decay=0.0, grad_clip=w.grad_clip)
+    opt_state = optimizer.init(params)
+    rng = np.random.default_rng([c.seed, 2])
+    params = jax.tree.map(jnp.copy, params)  # the step donates its inputs; keep the model's arrays intact
+    bar = _progress_bar(1, w.steps, progress, desc="format warm-up")
+    for _ in range(w.steps):
+        if distributed.any_process(stop.requested()):
+            bar.close()
+            return None
+        batch = task.warmup_batch(w.batch_size, rng)
+        attention = (batch["tokens"] != tokenizer.pad_token_id).astype(np.int32)
+        params, opt_state, loss_value = supervised_step(mcfg, optimizer, params, opt_state, batch["tokens"], attention,
+                                                        batch["loss_mask"])
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss_value):.3f}", refresh=False)
+    bar.close()
+    return params
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase B, one GRPO step as stages: rollout -> score (the task) -> update
 
 
 def rollout(run: Run, state: State, prompts: list[list[int]]):
@@ -452,6 +297,43 @@ def rollout(run: Run, state: State, prompts: list[list[int]]):
                            num_samples=r.samples_per_prompt, seed=_step_seed(state.rollout_seed, state.step),
                            eos_ids=None if r.stop_at_eos else [], tokenizer=run.tokenizer,
                            allowed_token_ids=run.loss.allowed_token_ids)
+
+
+def rollout_batch(prompts: list[list[int]], samples, width: int, *, verdict_open_id: int | None):
+    """Numpy arrays of a RolloutBatch (without advantages / reference) from prompt-major samples:
+    (prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask).
+
+    Prompts are right-padded to a multiple of 4 tokens and continuations to `width` (max_new_tokens),
+    so the update compiles for few shapes. The entropy mask is the verdict position (the token after
+    `\\boxed{`) when verdict_open_id is given, else every generated token."""
+    P, R = len(prompts), len(samples)
+    prompt_tokens = np.zeros((P, 4 * math.ceil(max(map(len, prompts)) / 4)), np.int32)
+    for i, p in enumerate(prompts):
+        prompt_tokens[i, :len(p)] = p
+    prompt_lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens = np.zeros((R, width), np.int32)
+    loss_mask = np.zeros((R, width), np.float32)
+    old_logp = np.zeros((R, width), np.float32)
+    for r, s in enumerate(samples):
+        n = len(s.output_ids)
+        tokens[r, :n] = s.output_ids
+        loss_mask[r, :n] = 1.0
+        old_logp[r, :n] = s.logprobs
+    if verdict_open_id is None:
+        entropy_mask = loss_mask.copy()
+    else:
+        after_open = np.zeros_like(loss_mask)
+        after_open[:, 1:] = tokens[:, :-1] == verdict_open_id
+        entropy_mask = loss_mask * after_open
+    return prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask
+
+
+def _device_batch(arrays, mesh):
+    """Batch-shard each array over (data, fsdp) on its leading axis."""
+    if mesh is None:
+        return arrays
+    return tuple(jax.device_put(a, parallel.logical_sharding(("batch",) + ("length",) * (a.ndim - 1), mesh))
+                 for a in arrays)
 
 
 def update(run: Run, state: State, prompts, samples, advantages) -> dict:
@@ -483,6 +365,28 @@ def grpo_step(run: Run, state: State) -> dict:
     tokens = stats.pop("tokens_generated")
     return {"step": state.step, **stats, **update_metrics, "tokens_per_s": float(tokens / step_time),
             "rollout_time": t_rollout, "update_time": time.perf_counter() - t_update, "step_time": step_time}
+
+
+def _step_seed(seed: int, step_number: int) -> int:
+    return int(np.random.SeedSequence([seed, step_number]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: its starting state (the warm-up's model or a checkpoint), the GRPO loop, the finish
+
+
+def _on_mesh(tree, mesh):
+    """Leaves not laid out on the mesh yet (the optimizer's step count) replicated over it, so that
+    restoring a checkpoint into this tree does not pin them to one device."""
+    if mesh is None:
+        return tree
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(x):
+        on_mesh = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        return x if on_mesh else jax.device_put(x, replicated)
+
+    return jax.tree.map(place, tree)
 
 
 def _restore(run: Run, ckpts: Checkpoints, step_number: int, state: State) -> dict:
@@ -520,6 +424,10 @@ def _initial_state(run: Run, ckpts: Checkpoints, start: int | None,
     saved = _restore(run, ckpts, start, state)
     if run.main:
         print(f"resuming {run.output_dir} from step {start}", file=sys.stderr)
+        if start >= c.max_steps:
+            print(f"{run.output_dir} is already trained to step {start} (max_steps={c.max_steps}); its summary follows. "
+                  f"For a new run: rm -rf {run.output_dir}, or --output-dir elsewhere; for more steps: --resume "
+                  f"max_steps=N", file=sys.stderr)
     return state, saved["elapsed"]
 
 
@@ -539,171 +447,200 @@ def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: 
     stop = resumable.StopSignals()  # SIGTERM (a preemption) and Ctrl-C: save the step in flight, then exit
     state, elapsed_before = _initial_state(run, ckpts, start, stop)
     if state is None:
-        stop.restore()
-        ckpts.close()
-        if run.main:
-            print(f"\n{stop.name} during the format warm-up: nothing to save yet; --resume starts over", file=sys.stderr)
-        return stop.exit_code
-    if start is not None and start >= c.max_steps and run.main:
-        print(f"{output_dir} is already trained to step {start} (max_steps={c.max_steps}); its summary follows. "
-              f"For a new run: rm -rf {output_dir}, or --output-dir elsewhere; for more steps: --resume max_steps=N",
-              file=sys.stderr)
+        return _stopped_during_warmup(run, ckpts, stop)
     metrics = MetricsLog(output_dir, start if start is not None else (-1 if resume else None))
-    clock0 = t_start - elapsed_before  # elapsed time counts across resumes
+    ending = GrpoLoop(run, state, ckpts, metrics, stop, start=start, clock0=t_start - elapsed_before).execute()
+    if not ending.preempted:
+        finish(run, ckpts, ending, export_hf)
+    return ending.exit_code
 
-    def elapsed():
-        return time.perf_counter() - clock0
 
-    def save():
-        train_state = {"step": state.step, "seed": c.seed, "rollout_seed": state.rollout_seed, "rollbacks": state.rollbacks,
-                       "data_iterator": run.task.batches.get_state(), "elapsed": elapsed()}
-        return ckpts.save(state.step, run.model, state.opt_state, state.ref_params, train_state, c, run.tokenizer)
+def _stopped_during_warmup(run: Run, ckpts: Checkpoints, stop: resumable.StopSignals) -> int:
+    stop.restore()
+    ckpts.close()
+    if run.main:
+        print(f"\n{stop.name} during the format warm-up: nothing to save yet; --resume starts over", file=sys.stderr)
+    return stop.exit_code
 
-    if start is None and c.eval_every:
-        metrics.log({"step": 0, **run.task.evaluate(run.model), "elapsed": elapsed()})
-    # the latest evaluation's figures stay on every frame of the bar until the next one
-    shown_eval = next((e for e in map(run.task.eval_progress, reversed(metrics.rows())) if e), {})
-    if start is None and (c.guard.on_collapse == "rollback" or c.max_steps == 0):
-        save()  # the warm-up's model: a rollback target before the first periodic checkpoint
-    detector = guard.CollapseDetector(c.guard.collapse_steps, c.guard.collapse_threshold)
-    truncation = guard.TruncationWatch(c.guard.truncation_warning, c.rollout.max_new_tokens)
-    bar = _progress_bar(state.step + 1, c.max_steps, run.progress)
-    last_saved, save_due, exit_code = start, False, 0
-    try:
+
+@dataclasses.dataclass(frozen=True)
+class Ending:
+    """How the GRPO loop ended."""
+
+    exit_code: int
+    preempted: bool  # a stop signal ended it: the step in flight is saved for --resume, nothing is summed up
+    rows: list[dict]  # metrics.jsonl as it stands (process 0; [] on the others)
+
+
+class GrpoLoop:
+    """Phase B: GRPO steps until max_steps, a collapse or a stop signal. Each step's metrics row is
+    logged (with the held-out evaluation every eval_every steps), the guard watches it for a collapse
+    (stop, or roll back to the last good checkpoint) and a checkpoint is written when one is due."""
+
+    def __init__(self, run: Run, state: State, ckpts: Checkpoints, metrics: MetricsLog,
+                 stop: resumable.StopSignals, *, start: int | None, clock0: float):
+        self.run, self.state, self.ckpts, self.metrics, self.stop = run, state, ckpts, metrics, stop
+        self.start = start  # the restored step; None for a new run
+        self.clock0 = clock0  # perf_counter() at the run's start: elapsed time counts across resumes
+        g = run.c.guard
+        self.detector = guard.CollapseDetector(g.collapse_steps, g.collapse_threshold)
+        self.truncation = guard.TruncationWatch(g.truncation_warning, run.c.rollout.max_new_tokens)
+        self.last_saved, self.save_due = start, False
+        self.shown_eval: dict = {}  # the latest evaluation's figures: on every frame of the bar until the next one
+        self.bar = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.clock0
+
+    def save(self) -> Path:
+        run, state = self.run, self.state
+        train_state = {"step": state.step, "seed": run.c.seed, "rollout_seed": state.rollout_seed,
+                       "rollbacks": state.rollbacks, "data_iterator": run.task.batches.get_state(),
+                       "elapsed": self.elapsed()}
+        return self.ckpts.save(state.step, run.model, state.opt_state, state.ref_params, train_state, run.c,
+                               run.tokenizer)
+
+    def execute(self) -> Ending:
+        """The loop; the signal handlers, the metrics log and the checkpoint manager are released
+        however it ends."""
+        try:
+            self._begin()
+            self.bar = _progress_bar(self.state.step + 1, self.run.c.max_steps, self.run.progress)
+            with self.bar:
+                exit_code, preempted = self._steps()
+        finally:
+            self.stop.restore()
+            rows = self.metrics.rows()
+            self.metrics.close()
+            self.ckpts.close()
+        return Ending(exit_code, preempted, rows)
+
+    def _begin(self) -> None:
+        """A new run's step-0 evaluation and, when a rollback may need it (or there are no steps), the
+        warm-up's checkpoint; the bar starts with the latest evaluation's figures."""
+        run, c = self.run, self.run.c
+        if self.start is None and c.eval_every:
+            self.metrics.log({"step": 0, **run.task.evaluate(run.model), "elapsed": self.elapsed()})
+        self.shown_eval = next((e for e in map(run.task.eval_progress, reversed(self.metrics.rows())) if e), {})
+        if self.start is None and (c.guard.on_collapse == "rollback" or c.max_steps == 0):
+            self.save()  # the warm-up's model: a rollback target before the first periodic checkpoint
+
+    def _steps(self) -> tuple[int, bool]:
+        """(exit code, preempted) once the steps up to max_steps are taken or something stopped them."""
+        c, state = self.run.c, self.state
         while state.step < c.max_steps:
             state.step += 1
-            row = grpo_step(run, state)
-            collapse = detector.observe(state.step, row)
-            row["collapse_streak"] = 0 if detector.streak_start is None else state.step - detector.streak_start + 1
-            if c.eval_every and state.step % c.eval_every == 0:
-                row.update(run.task.evaluate(run.model))
-            row["elapsed"] = elapsed()
-            metrics.log(row)
-            shown_eval.update(run.task.eval_progress(row))
-            bar.set_postfix({**run.task.step_progress(row), **shown_eval}, refresh=False)  # drawn by the update
-            bar.update(1)
-            warning = truncation.observe(state.step, row["truncated_fraction"])
-            if warning and run.main:
-                bar.write(warning, file=sys.stderr)
-            if distributed.any_process(stop.requested()):  # every process stops at the same step
-                step_dir = save()
-                if run.main:
-                    print(f"\n{stop.name}: saved step {state.step} to {step_dir}; resume with --resume", file=sys.stderr)
-                return stop.exit_code
+            collapse = self._take_step()
+            if distributed.any_process(self.stop.requested()):  # every process stops at the same step
+                self._save_for_resume()
+                return self.stop.exit_code, True
             if collapse is not None:
-                if c.guard.on_collapse == "rollback" and state.rollbacks < c.guard.max_rollbacks and ckpts.latest_step() is not None:
-                    _roll_back(run, ckpts, state, collapse, metrics, bar)
-                    detector.reset()
-                    bar.reset(total=max(c.max_steps - state.step, 0))
-                    save_due = False
-                    continue
-                exit_code = _stop_on_collapse(run, ckpts, state, collapse, metrics)
-                break
-            # A checkpoint is only written at a step without a collapse signal, so the latest one is
-            # always good: a due save waits for the next healthy step.
-            save_due = save_due or bool(c.checkpoint_every and state.step % c.checkpoint_every == 0)
-            if save_due and detector.streak_start is None:
-                save()
-                last_saved, save_due = state.step, False
-        else:
-            if last_saved != c.max_steps and c.max_steps > (start or 0):
-                save()
-    finally:
-        bar.close()
-        stop.restore()
-        rows = metrics.rows()
-        metrics.close()
-        ckpts.close()
+                if not self._may_roll_back():
+                    return self._stop_on_collapse(collapse), False
+                self._roll_back(collapse)
+                continue
+            self._checkpoint_if_due()
+        if self.last_saved != c.max_steps and c.max_steps > (self.start or 0):
+            self.save()
+        return 0, False
+
+    def _take_step(self) -> guard.Collapse | None:
+        """One GRPO step, its row logged and shown; the collapse the guard sees in it, if any."""
+        run, state, c = self.run, self.state, self.run.c
+        row = grpo_step(run, state)
+        collapse = self.detector.observe(state.step, row)
+        streak_start = self.detector.streak_start
+        row["collapse_streak"] = 0 if streak_start is None else state.step - streak_start + 1
+        if c.eval_every and state.step % c.eval_every == 0:
+            row.update(run.task.evaluate(run.model))
+        row["elapsed"] = self.elapsed()
+        self.metrics.log(row)
+        self._show(row)
+        return collapse
+
+    def _show(self, row: dict) -> None:
+        """The step on the progress bar, and the guard's truncation warning when it has one."""
+        task = self.run.task
+        self.shown_eval.update(task.eval_progress(row))
+        self.bar.set_postfix({**task.step_progress(row), **self.shown_eval}, refresh=False)  # drawn by the update
+        self.bar.update(1)
+        warning = self.truncation.observe(self.state.step, row["truncated_fraction"])
+        if warning and self.run.main:
+            self.bar.write(warning, file=sys.stderr)
+
+    def _checkpoint_if_due(self) -> None:
+        # A checkpoint is only written at a step without a collapse signal, so the latest one is
+        # always good: a due save waits for the next healthy step.
+        c, step_number = self.run.c, self.state.step
+        self.save_due = self.save_due or bool(c.checkpoint_every and step_number % c.checkpoint_every == 0)
+        if self.save_due and self.detector.streak_start is None:
+            self.save()
+            self.last_saved, self.save_due = step_number, False
+
+    def _save_for_resume(self) -> None:
+        step_dir = self.save()
+        if self.run.main:
+            print(f"\n{self.stop.name}: saved step {self.state.step} to {step_dir}; resume with --resume",
+                  file=sys.stderr)
+
+    def _may_roll_back(self) -> bool:
+        g = self.run.c.guard
+        return (g.on_collapse == "rollback" and self.state.rollbacks < g.max_rollbacks
+                and self.ckpts.latest_step() is not None)
+
+    def _roll_back(self, collapse: guard.Collapse) -> None:
+        """Restore the latest (good) checkpoint and go on from it with a new rollout seed."""
+        run, state, ckpts = self.run, self.state, self.ckpts
+        good = ckpts.latest_step()
+        rollbacks = state.rollbacks + 1
+        _restore(run, ckpts, good, state)
+        state.rollbacks = rollbacks
+        state.rollout_seed = _new_rollout_seed(run.c.seed, rollbacks)
+        self.metrics.log({"step": collapse.step, "collapse": collapse.signal, "collapse_since": collapse.since,
+                          "action": "rollback", "rolled_back_to": good, "rollbacks": rollbacks,
+                          "rollout_seed": state.rollout_seed})
+        if run.main:
+            self.bar.write(f"{collapse.describe()}; rolled back to checkpoint step {good} ({ckpts.root / str(good)}) "
+                           f"with a new rollout seed (rollback {rollbacks} of at most {run.c.guard.max_rollbacks})",
+                           file=sys.stderr)
+        self.detector.reset()
+        self.bar.reset(total=max(run.c.max_steps - state.step, 0))
+        self.save_due = False
+
+    def _stop_on_collapse(self, collapse: guard.Collapse) -> int:
+        run, state, ckpts = self.run, self.state, self.ckpts
+        good = ckpts.latest_step()
+        self.metrics.log({"step": collapse.step, "collapse": collapse.signal, "collapse_since": collapse.since,
+                          "action": "stop", "last_good_checkpoint": good, "rollbacks": state.rollbacks})
+        if run.main:
+            where = (f"last good checkpoint: {ckpts.root / str(good)} (step {good})" if good is not None else
+                     f"no checkpoint was saved before it (checkpoint_every={run.c.checkpoint_every})")
+            after = f" after {state.rollbacks} rollback(s)" if state.rollbacks else ""
+            print(f"\nrrm-jax train: stopped{after}: {collapse.describe()}; {where}; metrics: "
+                  f"{run.output_dir / METRICS}. guard.on_collapse=rollback retries from the last good checkpoint "
+                  f"with a new rollout seed", file=sys.stderr)
+        return EXIT_COLLAPSE
+
+
+def finish(run: Run, ckpts: Checkpoints, ending: Ending, export_hf: str | None) -> None:
+    """After a run that ended well: the curve, the Hugging Face export and the summary (process 0);
+    then, however it ended short of a stop signal, every process waits for the others."""
     latest = ckpts.latest_step()
     step_dir = ckpts.root / str(latest) if latest is not None else None
-    if run.main and exit_code == 0:
-        rows = current_attempt(rows)
-        plot_curve(rows, output_dir / "curve.png", run.task)
+    if run.main and ending.exit_code == 0:
+        rows = current_attempt(ending.rows)
+        plot_curve(rows, run.output_dir / "curve.png", run.task)
         if export_hf:  # from the files just written: no process holds all the weights of a sharded model
             convert.checkpoint_to_hf(step_dir, export_hf)
-        for line in summary_lines(run.task, rows, output_dir, step_dir, cli_prefix(), run.mcfg.max_position_embeddings):
+        context = run.mcfg.max_position_embeddings
+        for line in summary_lines(run.task, rows, run.output_dir, step_dir, cli_prefix(), context):
             print(line)
         if export_hf:
             print(f"Hugging Face export: {export_hf}")
     distributed.barrier("run-finished")
-    return exit_code
 
 
-def _roll_back(run: Run, ckpts: Checkpoints, state: State, collapse: guard.Collapse, metrics: MetricsLog, bar) -> None:
-    """Restore the latest (good) checkpoint and go on from it with a new rollout seed."""
-    good = ckpts.latest_step()
-    rollbacks = state.rollbacks + 1
-    _restore(run, ckpts, good, state)
-    state.rollbacks = rollbacks
-    state.rollout_seed = _new_rollout_seed(run.c.seed, rollbacks)
-    metrics.log({"step": collapse.step, "collapse": collapse.signal, "collapse_since": collapse.since,
-                 "action": "rollback", "rolled_back_to": good, "rollbacks": rollbacks, "rollout_seed": state.rollout_seed})
-    if run.main:
-        bar.write(f"{collapse.describe()}; rolled back to checkpoint step {good} ({ckpts.root / str(good)}) with a new "
-                  f"rollout seed (rollback {rollbacks} of at most {run.c.guard.max_rollbacks})", file=sys.stderr)
-
-
-def _stop_on_collapse(run: Run, ckpts: Checkpoints, state: State, collapse: guard.Collapse, metrics: MetricsLog) -> int:
-    good = ckpts.latest_step()
-    metrics.log({"step": collapse.step, "collapse": collapse.signal, "collapse_since": collapse.since, "action": "stop",
-                 "last_good_checkpoint": good, "rollbacks": state.rollbacks})
-    if run.main:
-        where = (f"last good checkpoint: {ckpts.root / str(good)} (step {good})" if good is not None else
-                 f"no checkpoint was saved before it (checkpoint_every={run.c.checkpoint_every})")
-        after = f" after {state.rollbacks} rollback(s)" if state.rollbacks else ""
-        print(f"\nrrm-jax train: stopped{after}: {collapse.describe()}; {where}; metrics: {run.output_dir / METRICS}. "
-              f"guard.on_collapse=rollback retries from the last good checkpoint with a new rollout seed",
-              file=sys.stderr)
-    return EXIT_COLLAPSE
-
-
-def current_attempt(rows: list[dict]) -> list[dict]:
-    """The metrics rows of the run as it stands: rows a rollback abandoned, and the event rows, left out."""
-    kept: list[dict] = []
-    for row in rows:
-        if row.get("action") == "rollback":
-            kept = [r for r in kept if r["step"] <= row["rolled_back_to"]]
-        elif "collapse" not in row:
-            kept.append(row)
-    return kept
-
-
-def _step_seed(seed: int, step_number: int) -> int:
-    return int(np.random.SeedSequence([seed, step_number]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, task, tokenizer, progress: bool, stop: resumable.StopSignals):
-    """Phase A: supervised format warm-up on the task's transcripts (judge: random verdicts; policy:
-    letter strings, 3 in 4 of them carrying the banned letter). None when a stop signal ended it."""
-    w = c.warmup
-    if not w.steps:
-        return params
-    optimizer = adamw(w.lr, b1=0.9, b2=w.b2, weight_decay=0.0, grad_clip=w.grad_clip)
-    opt_state = optimizer.init(params)
-    rng = np.random.default_rng([c.seed, 2])
-    params = jax.tree.map(jnp.copy, params)  # the step donates its inputs; keep the model's arrays intact
-    bar = _progress_bar(1, w.steps, progress, desc="format warm-up")
-    for _ in range(w.steps):
-        if distributed.any_process(stop.requested()):
-            bar.close()
-            return None
-        batch = task.warmup_batch(w.batch_size, rng)
-        attention = (batch["tokens"] != tokenizer.pad_token_id).astype(np.int32)
-        params, opt_state, loss_value = supervised_step(mcfg, optimizer, params, opt_state, batch["tokens"], attention,
-                                                        batch["loss_mask"])
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss_value):.3f}", refresh=False)
-    bar.close()
-    return params
-
-
-def _progress_bar(first: int, last: int, enabled: bool, desc: str = "GRPO"):
-    from tqdm import tqdm
-
-    return tqdm(total=max(last - first + 1, 0), desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
-
-
-def summary_lines(task, rows: list[dict], output_dir: Path, step_dir: Path, exe: str, context: int) -> list[str]:
+def summary_lines(task: Task, rows: list[dict], output_dir: Path, step_dir: Path, exe: str, context: int) -> list[str]:
     """What a finished run prints: the task's summary and follow-on commands, then the export command
     (the README shows these lines as `make demo` prints them; a test keeps the two equal)."""
     return [*task.summary(rows, output_dir, step_dir, exe, context),
@@ -719,6 +656,12 @@ def cli_prefix() -> str:
         return "rrm-jax"
     relative = os.path.relpath(script)
     return relative if not relative.startswith("..") else str(script.absolute())
+
+
+def _progress_bar(first: int, last: int, enabled: bool, desc: str = "GRPO"):
+    from tqdm import tqdm
+
+    return tqdm(total=max(last - first + 1, 0), desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------------------------
