@@ -118,7 +118,6 @@ def gather_to_host(tree):
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-fetch = gather_to_host  # the former name, still called by engine.py and rl/trainer.py (both being reworked)
 
 
 def gather_processes(x: np.ndarray) -> np.ndarray:

@@ -3,6 +3,10 @@
     config         the training config: one dataclass per YAML section, `key=value` overrides
     train_cli      the command's flags (no JAX import, so `--help` is fast)
     trainer        the training loop: setup, steps, held-out evaluation, checkpoints, preemption, export
+    task           the contract both tasks implement (`Task`)
+    checkpoints    a run's Orbax checkpoints
+    metrics        metrics.jsonl and TensorBoard
+    plot           curve.png
     judge_task     the task of judge training (`reward.type: rrm`)
     policy         the task of policy training (`reward.type: judge`), with judge_reward its reward model
     reward         rewards of judge rollouts, by name

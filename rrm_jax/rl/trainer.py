@@ -176,7 +176,7 @@ def resolve_config(config_path: str | None, overrides: list[str], output_dir: Pa
 class Run:
     """What stays fixed through a run, built once by `setup`."""
 
-    c: TrainConfig
+    config: TrainConfig
     output_dir: Path
     mesh: object
     tokenizer: object
@@ -189,7 +189,7 @@ class Run:
     progress: bool
 
     @property
-    def mcfg(self) -> Qwen2Config:
+    def model_config(self) -> Qwen2Config:
         return self.model.config
 
 
@@ -292,14 +292,14 @@ def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, task: Task, tokenizer, pr
 
 def rollout(run: Run, state: State, prompts: list[list[int]]):
     """G samples per prompt from the current weights, prompt-major."""
-    r = run.c.rollout
+    r = run.config.rollout
     return generate.sample(run.model, prompts, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                            num_samples=r.samples_per_prompt, seed=_step_seed(state.rollout_seed, state.step),
                            eos_ids=None if r.stop_at_eos else [], tokenizer=run.tokenizer,
                            allowed_token_ids=run.loss.allowed_token_ids)
 
 
-def rollout_batch(prompts: list[list[int]], samples, width: int, *, verdict_open_id: int | None):
+def rollout_arrays(prompts: list[list[int]], samples, width: int, *, verdict_open_id: int | None):
     """Numpy arrays of a RolloutBatch (without advantages / reference) from prompt-major samples:
     (prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask).
 
@@ -338,18 +338,18 @@ def _device_batch(arrays, mesh):
 
 def update(run: Run, state: State, prompts, samples, advantages) -> dict:
     """`ppo_epochs` clipped-policy updates on one rollout; the model the sampler reads gets the new weights."""
-    arrays = (*rollout_batch(prompts, samples, run.c.rollout.max_new_tokens, verdict_open_id=run.verdict_open_id),
+    arrays = (*rollout_arrays(prompts, samples, run.config.rollout.max_new_tokens, verdict_open_id=run.verdict_open_id),
               advantages)
     prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask, advantages = _device_batch(arrays, run.mesh)
-    ref_logp = (step.logprobs_fn(run.mcfg, state.ref_params, prompt_tokens, prompt_lengths, tokens,
+    ref_logp = (step.logprobs_fn(run.model_config, state.ref_params, prompt_tokens, prompt_lengths, tokens,
                                  allowed_token_ids=run.loss.allowed_token_ids)
                 if state.ref_params is not None else jnp.zeros_like(old_logp))
     batch = step.RolloutBatch(prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, ref_logp, advantages, entropy_mask)
-    for _ in range(run.c.loss.ppo_epochs):
-        state.params, state.opt_state, metrics = step.update_fn(run.mcfg, run.loss, run.optimizer, run.c.loss.micro_batches,
+    for _ in range(run.config.loss.ppo_epochs):
+        state.params, state.opt_state, metrics = step.update_fn(run.model_config, run.loss, run.optimizer, run.config.loss.micro_batches,
                                                                 state.params, state.opt_state, batch)
     nnx.update(run.model, state.params)  # the sampler reads the new weights; no second copy
-    return {k: float(v) for k, v in distributed.fetch(metrics).items()}
+    return {k: float(v) for k, v in distributed.gather_to_host(metrics).items()}
 
 
 def grpo_step(run: Run, state: State) -> dict:
@@ -408,10 +408,10 @@ def _initial_state(run: Run, ckpts: Checkpoints, start: int | None,
                    stop: resumable.StopSignals) -> tuple[State | None, float]:
     """(state, elapsed before this process started): the warm-up's result for a new run, the latest
     checkpoint for a resumed one; None when a stop signal arrived during the warm-up."""
-    c = run.c
+    c = run.config
     params = run.model.params()
     if start is None:
-        params = _warmup(c, run.mcfg, params, run.task, run.tokenizer, run.progress, stop)
+        params = _warmup(c, run.model_config, params, run.task, run.tokenizer, run.progress, stop)
         if params is None:  # every process agreed to stop
             return None, 0.0
         nnx.update(run.model, params)
@@ -482,9 +482,9 @@ class GrpoLoop:
         self.run, self.state, self.ckpts, self.metrics, self.stop = run, state, ckpts, metrics, stop
         self.start = start  # the restored step; None for a new run
         self.clock0 = clock0  # perf_counter() at the run's start: elapsed time counts across resumes
-        g = run.c.guard
+        g = run.config.guard
         self.detector = guard.CollapseDetector(g.collapse_steps, g.collapse_threshold)
-        self.truncation = guard.TruncationWatch(g.truncation_warning, run.c.rollout.max_new_tokens)
+        self.truncation = guard.TruncationWatch(g.truncation_warning, run.config.rollout.max_new_tokens)
         self.last_saved, self.save_due = start, False
         self.shown_eval: dict = {}  # the latest evaluation's figures: on every frame of the bar until the next one
         self.bar = None
@@ -494,10 +494,10 @@ class GrpoLoop:
 
     def save(self) -> Path:
         run, state = self.run, self.state
-        train_state = {"step": state.step, "seed": run.c.seed, "rollout_seed": state.rollout_seed,
+        train_state = {"step": state.step, "seed": run.config.seed, "rollout_seed": state.rollout_seed,
                        "rollbacks": state.rollbacks, "data_iterator": run.task.batches.get_state(),
                        "elapsed": self.elapsed()}
-        return self.ckpts.save(state.step, run.model, state.opt_state, state.ref_params, train_state, run.c,
+        return self.ckpts.save(state.step, run.model, state.opt_state, state.ref_params, train_state, run.config,
                                run.tokenizer)
 
     def execute(self) -> Ending:
@@ -505,7 +505,7 @@ class GrpoLoop:
         however it ends."""
         try:
             self._begin()
-            self.bar = _progress_bar(self.state.step + 1, self.run.c.max_steps, self.run.progress)
+            self.bar = _progress_bar(self.state.step + 1, self.run.config.max_steps, self.run.progress)
             with self.bar:
                 exit_code, preempted = self._steps()
         finally:
@@ -518,7 +518,7 @@ class GrpoLoop:
     def _begin(self) -> None:
         """A new run's step-0 evaluation and, when a rollback may need it (or there are no steps), the
         warm-up's checkpoint; the bar starts with the latest evaluation's figures."""
-        run, c = self.run, self.run.c
+        run, c = self.run, self.run.config
         if self.start is None and c.eval_every:
             self.metrics.log({"step": 0, **run.task.evaluate(run.model), "elapsed": self.elapsed()})
         self.shown_eval = next((e for e in map(run.task.eval_progress, reversed(self.metrics.rows())) if e), {})
@@ -527,7 +527,7 @@ class GrpoLoop:
 
     def _steps(self) -> tuple[int, bool]:
         """(exit code, preempted) once the steps up to max_steps are taken or something stopped them."""
-        c, state = self.run.c, self.state
+        c, state = self.run.config, self.state
         while state.step < c.max_steps:
             state.step += 1
             collapse = self._take_step()
@@ -546,7 +546,7 @@ class GrpoLoop:
 
     def _take_step(self) -> guard.Collapse | None:
         """One GRPO step, its row logged and shown; the collapse the guard sees in it, if any."""
-        run, state, c = self.run, self.state, self.run.c
+        run, state, c = self.run, self.state, self.run.config
         row = grpo_step(run, state)
         collapse = self.detector.observe(state.step, row)
         streak_start = self.detector.streak_start
@@ -571,7 +571,7 @@ class GrpoLoop:
     def _checkpoint_if_due(self) -> None:
         # A checkpoint is only written at a step without a collapse signal, so the latest one is
         # always good: a due save waits for the next healthy step.
-        c, step_number = self.run.c, self.state.step
+        c, step_number = self.run.config, self.state.step
         self.save_due = self.save_due or bool(c.checkpoint_every and step_number % c.checkpoint_every == 0)
         if self.save_due and self.detector.streak_start is None:
             self.save()
@@ -584,7 +584,7 @@ class GrpoLoop:
                   file=sys.stderr)
 
     def _may_roll_back(self) -> bool:
-        g = self.run.c.guard
+        g = self.run.config.guard
         return (g.on_collapse == "rollback" and self.state.rollbacks < g.max_rollbacks
                 and self.ckpts.latest_step() is not None)
 
@@ -595,16 +595,16 @@ class GrpoLoop:
         rollbacks = state.rollbacks + 1
         _restore(run, ckpts, good, state)
         state.rollbacks = rollbacks
-        state.rollout_seed = _new_rollout_seed(run.c.seed, rollbacks)
+        state.rollout_seed = _new_rollout_seed(run.config.seed, rollbacks)
         self.metrics.log({"step": collapse.step, "collapse": collapse.signal, "collapse_since": collapse.since,
                           "action": "rollback", "rolled_back_to": good, "rollbacks": rollbacks,
                           "rollout_seed": state.rollout_seed})
         if run.main:
             self.bar.write(f"{collapse.describe()}; rolled back to checkpoint step {good} ({ckpts.root / str(good)}) "
-                           f"with a new rollout seed (rollback {rollbacks} of at most {run.c.guard.max_rollbacks})",
+                           f"with a new rollout seed (rollback {rollbacks} of at most {run.config.guard.max_rollbacks})",
                            file=sys.stderr)
         self.detector.reset()
-        self.bar.reset(total=max(run.c.max_steps - state.step, 0))
+        self.bar.reset(total=max(run.config.max_steps - state.step, 0))
         self.save_due = False
 
     def _stop_on_collapse(self, collapse: guard.Collapse) -> int:
@@ -614,7 +614,7 @@ class GrpoLoop:
                           "action": "stop", "last_good_checkpoint": good, "rollbacks": state.rollbacks})
         if run.main:
             where = (f"last good checkpoint: {ckpts.root / str(good)} (step {good})" if good is not None else
-                     f"no checkpoint was saved before it (checkpoint_every={run.c.checkpoint_every})")
+                     f"no checkpoint was saved before it (checkpoint_every={run.config.checkpoint_every})")
             after = f" after {state.rollbacks} rollback(s)" if state.rollbacks else ""
             print(f"\nrrm-jax train: stopped{after}: {collapse.describe()}; {where}; metrics: "
                   f"{run.output_dir / METRICS}. guard.on_collapse=rollback retries from the last good checkpoint "
@@ -632,7 +632,7 @@ def finish(run: Run, ckpts: Checkpoints, ending: Ending, export_hf: str | None) 
         plot_curve(rows, run.output_dir / "curve.png", run.task)
         if export_hf:  # from the files just written: no process holds all the weights of a sharded model
             convert.checkpoint_to_hf(step_dir, export_hf)
-        context = run.mcfg.max_position_embeddings
+        context = run.model_config.max_position_embeddings
         for line in summary_lines(run.task, rows, run.output_dir, step_dir, cli_prefix(), context):
             print(line)
         if export_hf:
