@@ -7,7 +7,7 @@ TEST_STAMP := $(VENV)/.installed-test
 DEMO_DIR ?= runs/toy
 POLICY_DIR ?= runs/toy-policy
 
-.PHONY: demo demo-policy test install clean
+.PHONY: demo demo-policy test format install clean
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,8 +31,15 @@ demo-policy: $(STAMP)
 	test -d $(DEMO_DIR)/checkpoints || $(VENV)/bin/rrm-jax train --output-dir $(DEMO_DIR) --resume
 	$(VENV)/bin/rrm-jax train --config rrm_jax/configs/toy_policy.yaml --output-dir $(POLICY_DIR) --resume reward.judge=$(DEMO_DIR)
 
+# Lint and format checks first (seconds; ruff.toml), then the suite. `make format` fixes what ruff can.
 test: $(TEST_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests
+
+format: $(TEST_STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf $(VENV) runs

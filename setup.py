@@ -32,7 +32,8 @@ setup(
     extras_require={
         # torch is only the reference implementation: HF parity tests and `bench sample --compare-hf`
         "hf": [TORCH],
-        "test": ["pytest==9.2.0", TORCH],
+        # the tests, and ruff: `make test` fails on a lint or format error first (ruff.toml)
+        "test": ["pytest==9.2.0", "ruff==0.17.5", TORCH],
         # accelerators: the same jax with its plugin; cuda12 runs on more drivers than cuda13 (driver >= 580)
         "cuda": [f"jax[cuda12]=={JAX}"],
         "cuda13": [f"jax[cuda13]=={JAX}"],

@@ -32,11 +32,23 @@ def compile_seconds(config):
 
     settings = SamplingSettings(0.0, 0, 1.0, (), None, ())
     decode_s = {}
-    for path, attention, decode_params in (("rows", None, params), ("layers", "xla", jax.eval_shape(qwen2.unstack_layers, params))):
-        state = jax.eval_shape(lambda: engine._empty_state(config, 8, 320, None, path))
+    for path, attention, decode_params in (
+        ("rows", None, params),
+        ("layers", "xla", jax.eval_shape(qwen2.unstack_layers, params)),
+    ):
+        state = jax.eval_shape(lambda path=path: engine._empty_state(config, 8, 320, None, path))
         t = time.perf_counter()
-        engine.decode_fn.lower(config, settings, engine.CHUNK_STEPS, engine.ATTENTION_BLOCK, attention, None,
-                               decode_params, state, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+        engine.decode_fn.lower(
+            config,
+            settings,
+            engine.CHUNK_STEPS,
+            engine.ATTENTION_BLOCK,
+            attention,
+            None,
+            decode_params,
+            state,
+            jax.ShapeDtypeStruct((), jnp.int32),
+        ).compile()
         decode_s[path] = time.perf_counter() - t
     return forward_s, decode_s
 
@@ -45,5 +57,8 @@ if __name__ == "__main__":
     base = preset("r1-distill-qwen-1.5b").replace(param_dtype="bfloat16", dtype="bfloat16")
     for layers in (2, 28):
         fwd, dec = compile_seconds(base.replace(num_layers=layers))
-        print(f"layers={layers:2d} forward_compile_s={fwd:.2f} decode_chunk_compile_s rows (layers scanned)="
-              f"{dec['rows']:.2f} layers (unrolled)={dec['layers']:.2f}", flush=True)
+        print(
+            f"layers={layers:2d} forward_compile_s={fwd:.2f} decode_chunk_compile_s rows (layers scanned)="
+            f"{dec['rows']:.2f} layers (unrolled)={dec['layers']:.2f}",
+            flush=True,
+        )

@@ -106,10 +106,12 @@ def main() -> None:
         make_s = time.perf_counter() - t0
         bare = run_child("pass")
         baseline = run_child(BASELINE)
-        to_orbax = run_child(CONVERT.format(argv=["convert", "hf-to-orbax", "--hf", str(work / "hf"),
-                                                  "--out", str(work / "ckpt")]))
-        to_hf = run_child(CONVERT.format(argv=["convert", "orbax-to-hf", "--ckpt", str(work / "ckpt"),
-                                               "--out", str(work / "out")]))
+        to_orbax = run_child(
+            CONVERT.format(argv=["convert", "hf-to-orbax", "--hf", str(work / "hf"), "--out", str(work / "ckpt")])
+        )
+        to_hf = run_child(
+            CONVERT.format(argv=["convert", "orbax-to-hf", "--ckpt", str(work / "ckpt"), "--out", str(work / "out")])
+        )
         identical = tensors_identical(work / "hf", work / "out")
     finally:
         if not args.keep:

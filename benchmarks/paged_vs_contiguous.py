@@ -33,21 +33,26 @@ def main():
     lengths = jnp.full((B,), a.filled, jnp.int32)
 
     # contiguous: [L, B, S, K, H], blocks up to the filled length
-    cache = qwen2.KVCache(jax.random.normal(rng, (L, B, a.capacity, K, H)), jax.random.normal(rng, (L, B, a.capacity, K, H)),
-                          lengths)
+    cache = qwen2.KVCache(
+        jax.random.normal(rng, (L, B, a.capacity, K, H)), jax.random.normal(rng, (L, B, a.capacity, K, H)), lengths
+    )
     n_blocks = -(-a.filled // block)
 
     @jax.jit
     def contiguous(cache, q):
         def layer(_, i):
             return None, qwen2._attend_cached(q, k_new, v_new, cache, i, block, n_blocks, jnp.float32)
+
         return jax.lax.scan(layer, None, jnp.arange(L))[1]
 
     # paged: a pool of pages [L, P, page, K, H]; each row's page table lists its pages (shuffled, as a
     # paged cache allocates them); attention gathers the row's live pages, then attends over them.
     pages_per_row = a.capacity // a.page
     pool_pages = B * pages_per_row
-    pool = (jax.random.normal(rng, (L, pool_pages, a.page, K, H)), jax.random.normal(rng, (L, pool_pages, a.page, K, H)))
+    pool = (
+        jax.random.normal(rng, (L, pool_pages, a.page, K, H)),
+        jax.random.normal(rng, (L, pool_pages, a.page, K, H)),
+    )
     table = jnp.asarray(np.random.default_rng(0).permutation(pool_pages).reshape(B, pages_per_row), jnp.int32)
     live = n_blocks  # pages that hold tokens
 
@@ -58,13 +63,16 @@ def main():
             v = pool[1][i, table[:, :live]].reshape(B, live * a.page, K, H)
             view = qwen2.KVCache(k[None], v[None], lengths)
             return None, qwen2._attend_cached(q, k_new, v_new, view, 0, live * a.page, 1, jnp.float32)
+
         return jax.lax.scan(layer, None, jnp.arange(L))[1]
 
     t_c, t_p = best_time(contiguous, cache, q, repeats=5), best_time(paged, pool, q, repeats=5)
     np.testing.assert_allclose(np.asarray(contiguous(cache, q)).shape, np.asarray(paged(pool, q)).shape)
-    print(f"{a.preset} batch={B} filled={a.filled} capacity={a.capacity} page/block={a.page} "
-          f"device={jax.devices()[0].device_kind}: attention over all layers, contiguous blocks "
-          f"{t_c * 1e3:.1f} ms, paged gather {t_p * 1e3:.1f} ms ({t_p / t_c:.2f}x)")
+    print(
+        f"{a.preset} batch={B} filled={a.filled} capacity={a.capacity} page/block={a.page} "
+        f"device={jax.devices()[0].device_kind}: attention over all layers, contiguous blocks "
+        f"{t_c * 1e3:.1f} ms, paged gather {t_p * 1e3:.1f} ms ({t_p / t_c:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

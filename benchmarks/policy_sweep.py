@@ -32,8 +32,18 @@ LETTERS = "heldout_letter_answers"
 def run_seed(seed: int, judge: str, run_dir: Path, target: float, overrides: list[str]) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     exe = Path(sys.executable).parent / "rrm-jax"
-    cmd = [str(exe), "train", "--no-progress", "--config", str(CONFIG), "--output-dir", str(run_dir),
-           f"reward.judge={judge}", f"seed={seed}", *overrides]
+    cmd = [
+        str(exe),
+        "train",
+        "--no-progress",
+        "--config",
+        str(CONFIG),
+        "--output-dir",
+        str(run_dir),
+        f"reward.judge={judge}",
+        f"seed={seed}",
+        *overrides,
+    ]
     load_before = loadavg()
     t0 = time.perf_counter()
     with open(run_dir.parent / f"seed{seed}.log", "w") as log:
@@ -44,17 +54,24 @@ def run_seed(seed: int, judge: str, run_dir: Path, target: float, overrides: lis
     steps = [r for r in rows if "step_time" in r]
     reached = next((r for r in evals if r[KEY] <= target), None)
     return {
-        "seed": seed, "exit": code, "command": " ".join(["rrm-jax", *cmd[1:]]),
-        "start_rate": evals[0][KEY], "final_rate": evals[-1][KEY], "final_step": evals[-1]["step"],
+        "seed": seed,
+        "exit": code,
+        "command": " ".join(["rrm-jax", *cmd[1:]]),
+        "start_rate": evals[0][KEY],
+        "final_rate": evals[-1][KEY],
+        "final_step": evals[-1]["step"],
         "reached": reached is not None,
         "step": reached["step"] if reached else None,
         "elapsed_s": reached["elapsed"] if reached else None,
         "grpo_s": reached["elapsed"] - evals[0]["elapsed"] if reached else None,
         "max_rate_after": max(r[KEY] for r in evals if r["step"] >= reached["step"]) if reached else None,
-        "final_letter_answers": evals[-1][LETTERS], "min_letter_answers": min(r[LETTERS] for r in evals),
+        "final_letter_answers": evals[-1][LETTERS],
+        "min_letter_answers": min(r[LETTERS] for r in evals),
         "median_step_time_s": statistics.median(r["step_time"] for r in steps),
         "median_judge_time_s": statistics.median(r["judge_time"] for r in steps),
-        "wall_s": wall, "load_before": load_before, "load_after": loadavg(),
+        "wall_s": wall,
+        "load_before": load_before,
+        "load_after": loadavg(),
     }
 
 
@@ -74,11 +91,15 @@ def main() -> int:
         results.append(r)
         print(json.dumps(r), flush=True)
     reached = [r for r in results if r["reached"]]
-    summary = {"seeds": args.seeds, "reached": len(reached), "target": args.target,
-               "worst_elapsed_s": max((r["elapsed_s"] for r in reached), default=None),
-               "worst_grpo_s": max((r["grpo_s"] for r in reached), default=None),
-               "worst_final_rate": max(r["final_rate"] for r in results),
-               "worst_letter_answers": min(r["min_letter_answers"] for r in results)}
+    summary = {
+        "seeds": args.seeds,
+        "reached": len(reached),
+        "target": args.target,
+        "worst_elapsed_s": max((r["elapsed_s"] for r in reached), default=None),
+        "worst_grpo_s": max((r["grpo_s"] for r in reached), default=None),
+        "worst_final_rate": max(r["final_rate"] for r in results),
+        "worst_letter_answers": min(r["min_letter_answers"] for r in results),
+    }
     print(json.dumps(summary))
     (out / "summary.json").write_text(json.dumps({"runs": results, "summary": summary}, indent=1))
     return 0

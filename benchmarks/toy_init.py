@@ -45,8 +45,13 @@ def run(initializer: str, seed: int, steps: int, eval_every: int, overrides: lis
     tokenizer = toy.toy_tokenizer()
     model = trainer.build_model(c, tokenizer, None)
     config = model.config
-    heldout_set = PreferenceDataset(toy.make_toy_pairs(500, seed, split="heldout"), tokenizer=tokenizer,
-                                    render=toy.render_toy, max_prompt_len=c.data.max_prompt_len, seed=seed + 1)
+    heldout_set = PreferenceDataset(
+        toy.make_toy_pairs(500, seed, split="heldout"),
+        tokenizer=tokenizer,
+        render=toy.render_toy,
+        max_prompt_len=c.data.max_prompt_len,
+        seed=seed + 1,
+    )
     heldout = [heldout_set[i][0] for i in range(len(heldout_set))]
     w = c.warmup
     optimizer = trainer.adamw(w.lr, b1=0.9, b2=w.b2, weight_decay=0.0, grad_clip=w.grad_clip)
@@ -54,24 +59,36 @@ def run(initializer: str, seed: int, steps: int, eval_every: int, overrides: lis
     opt_state = optimizer.init(params)
     rng = np.random.default_rng([seed, 2])
     first = toy.format_warmup_batch(tokenizer, w.batch_size, np.random.default_rng([seed, 3]), true_verdicts=True)
-    result = {"initializer": initializer, "seed": seed, **init_statistics(config, params, jnp.asarray(first["tokens"])),
-              "curve": []}
+    result = {
+        "initializer": initializer,
+        "seed": seed,
+        **init_statistics(config, params, jnp.asarray(first["tokens"])),
+        "curve": [],
+    }
     t0 = time.perf_counter()
     for step_number in range(1, steps + 1):
         batch = toy.format_warmup_batch(tokenizer, w.batch_size, rng, true_verdicts=True)
         attention = (batch["tokens"] != tokenizer.pad_token_id).astype(np.int32)
         verdict_mask = np.zeros_like(batch["loss_mask"])  # the verdict is the 3rd answer token
         verdict_mask[np.arange(len(verdict_mask)), batch["loss_mask"].argmax(1) + 2] = 1.0
-        params, opt_state, loss = trainer.supervised_step(config, optimizer, params, opt_state, batch["tokens"],
-                                                          attention, batch["loss_mask"])
+        params, opt_state, loss = trainer.supervised_step(
+            config, optimizer, params, opt_state, batch["tokens"], attention, batch["loss_mask"]
+        )
         if step_number % eval_every == 0:
             nnx.update(model, params)
             params = model.params()
-            verdict_logp = trainer.step.token_logprobs(config, params, jnp.asarray(batch["tokens"]), jnp.asarray(attention))
+            verdict_logp = trainer.step.token_logprobs(
+                config, params, jnp.asarray(batch["tokens"]), jnp.asarray(attention)
+            )
             verdict_loss = float(-(verdict_logp * verdict_mask).sum() / verdict_mask.sum())
             acc = judge_task.evaluate(model, heldout, tokenizer, c.rollout.max_new_tokens)
-            row = {"step": step_number, "loss": float(loss), "verdict_loss": verdict_loss, **acc,
-                   "elapsed": time.perf_counter() - t0}
+            row = {
+                "step": step_number,
+                "loss": float(loss),
+                "verdict_loss": verdict_loss,
+                **acc,
+                "elapsed": time.perf_counter() - t0,
+            }
             result["curve"].append(row)
             print(json.dumps({"initializer": initializer, "seed": seed, **row}), flush=True)
             params = jax.tree.map(jnp.copy, params)  # the step donates its inputs; the model keeps its own
@@ -87,14 +104,20 @@ def main() -> None:
     parser.add_argument("--override", nargs="*", default=[], help="train config overrides, e.g. warmup.lr=2e-3")
     parser.add_argument("--out", default="benchmarks/results/toy_init.json")
     args = parser.parse_args()
-    results = [run(init, seed, args.steps, args.eval_every, args.override) for init in args.initializers for seed in args.seeds]
+    results = [
+        run(init, seed, args.steps, args.eval_every, args.override) for init in args.initializers for seed in args.seeds
+    ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    print(f"{'initializer':<12} {'seed':>4} {'attn std':>8} {'out std':>8}  " +
-          "  ".join(f"acc@{r['step']}" for r in results[0]["curve"]))
+    print(
+        f"{'initializer':<12} {'seed':>4} {'attn std':>8} {'out std':>8}  "
+        + "  ".join(f"acc@{r['step']}" for r in results[0]["curve"])
+    )
     for r in results:
-        print(f"{r['initializer']:<12} {r['seed']:>4} {r['attention_logit_std']:>8.3f} {r['output_logit_std']:>8.3f}  " +
-              "  ".join(f"{p['eval_accuracy']:>7.3f}" for p in r["curve"]))
+        print(
+            f"{r['initializer']:<12} {r['seed']:>4} {r['attention_logit_std']:>8.3f} {r['output_logit_std']:>8.3f}  "
+            + "  ".join(f"{p['eval_accuracy']:>7.3f}" for p in r["curve"])
+        )
 
 
 if __name__ == "__main__":

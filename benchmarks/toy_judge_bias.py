@@ -37,21 +37,32 @@ def main() -> None:
         clean_first = bool(rng.integers(2))
         first, second = (clean, "".join(dirty)) if clean_first else ("".join(dirty), clean)
         items.append((x, position, clean_first))
-        prompts.append(tokenizer(toy.render_toy(tokenizer, toy.question_for(x), first, second),
-                                 add_special_tokens=False)["input_ids"])
+        prompts.append(
+            tokenizer(toy.render_toy(tokenizer, toy.question_for(x), first, second), add_special_tokens=False)[
+                "input_ids"
+            ]
+        )
     outs = rrm_jax.sample(model, prompts, max_new_tokens=6, temperature=0.0, tokenizer=tokenizer)
-    right = np.array([parse_verdict(o.text) == (1 if clean_first else 2) for o, (_, _, clean_first) in zip(outs, items)])
+    right = np.array(
+        [parse_verdict(o.text) == (1 if clean_first else 2) for o, (_, _, clean_first) in zip(outs, items)]
+    )
 
     def accuracy(mask) -> float:
         return round(float(right[np.asarray(mask)].mean()), 3)
 
-    print(json.dumps({
-        "judge": args.judge, "items": args.items, "accuracy": accuracy([True] * len(items)),
-        "clean_shown_first": accuracy([c for _, _, c in items]),
-        "clean_shown_second": accuracy([not c for _, _, c in items]),
-        "by_banned_position": {p: accuracy([q == p for _, q, _ in items]) for p in range(5)},
-        "worst_letters": sorted(((accuracy([x == c for x, _, _ in items]), c) for c in toy.LETTERS))[:5],
-    }))
+    print(
+        json.dumps(
+            {
+                "judge": args.judge,
+                "items": args.items,
+                "accuracy": accuracy([True] * len(items)),
+                "clean_shown_first": accuracy([c for _, _, c in items]),
+                "clean_shown_second": accuracy([not c for _, _, c in items]),
+                "by_banned_position": {p: accuracy([q == p for _, q, _ in items]) for p in range(5)},
+                "worst_letters": sorted((accuracy([x == c for x, _, _ in items]), c) for c in toy.LETTERS)[:5],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ def run_seed(seed: int, run_dir: Path, target: float, limit: float, overrides: l
         "command": " ".join(["rrm-jax", *cmd[1:]]),
         "reached": reached is not None,
         "step": reached["step"] if reached else None,
-        "accuracy": reached["eval_accuracy"] if reached else (max(r["eval_accuracy"] for r in evals) if evals else None),
+        "accuracy": reached["eval_accuracy"]
+        if reached
+        else (max(r["eval_accuracy"] for r in evals) if evals else None),
         "elapsed_s": reached["elapsed"] if reached else None,  # the trainer's clock
         # wall from launch when the row was read (polled every second): an upper bound of what a user waits
         "wall_at_stop_s": wall_at_stop if stopped_by else wall,
@@ -89,26 +91,33 @@ def run_seed(seed: int, run_dir: Path, target: float, limit: float, overrides: l
 
 
 def summary_markdown(results: list[dict], target: float, limit: float) -> str:
-    lines = [f"| seed | first held-out >= {target:.0%} | trainer elapsed | wall from launch (upper bound) | "
-             f"median step | load avg before -> after (1/5/15 min) | guard |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| seed | first held-out >= {target:.0%} | trainer elapsed | wall from launch (upper bound) | "
+        f"median step | load avg before -> after (1/5/15 min) | guard |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         where = f"step {r['step']} ({r['accuracy']:.1%})" if r["reached"] else f"not reached (best {r['accuracy']:.1%})"
         guard = ", ".join(f"{e['action']} at {e['step']}" for e in r["collapse_events"]) or "-"
-        lines.append(f"| {r['seed']} | {where} | {r['elapsed_s']:.0f} s | {r['wall_at_stop_s']:.0f} s | "
-                     f"{r['median_step_time_s']:.2f} s | {'/'.join(map(str, r['load_before']))} -> "
-                     f"{'/'.join(map(str, r['load_after']))} | {guard} |" if r["reached"] else
-                     f"| {r['seed']} | {where} | - | {r['wall_at_stop_s']:.0f} s (limit {limit:.0f} s) | "
-                     f"{r['median_step_time_s'] or 0:.2f} s | {'/'.join(map(str, r['load_before']))} -> "
-                     f"{'/'.join(map(str, r['load_after']))} | {guard} |")
+        lines.append(
+            f"| {r['seed']} | {where} | {r['elapsed_s']:.0f} s | {r['wall_at_stop_s']:.0f} s | "
+            f"{r['median_step_time_s']:.2f} s | {'/'.join(map(str, r['load_before']))} -> "
+            f"{'/'.join(map(str, r['load_after']))} | {guard} |"
+            if r["reached"]
+            else f"| {r['seed']} | {where} | - | {r['wall_at_stop_s']:.0f} s (limit {limit:.0f} s) | "
+            f"{r['median_step_time_s'] or 0:.2f} s | {'/'.join(map(str, r['load_before']))} -> "
+            f"{'/'.join(map(str, r['load_after']))} | {guard} |"
+        )
     done = [r for r in results if r["reached"]]
     if done:
         times = sorted(r["elapsed_s"] for r in done)
         walls = sorted(r["wall_at_stop_s"] for r in done)
         lines.append("")
-        lines.append(f"{len(done)} of {len(results)} seeds reached {target:.0%}. Trainer elapsed: median "
-                     f"{statistics.median(times):.0f} s, worst {times[-1]:.0f} s; wall from launch: median "
-                     f"{statistics.median(walls):.0f} s, worst {walls[-1]:.0f} s.")
+        lines.append(
+            f"{len(done)} of {len(results)} seeds reached {target:.0%}. Trainer elapsed: median "
+            f"{statistics.median(times):.0f} s, worst {times[-1]:.0f} s; wall from launch: median "
+            f"{statistics.median(walls):.0f} s, worst {walls[-1]:.0f} s."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -128,8 +137,13 @@ def main() -> None:
         results.append(run_seed(seed, runs / f"s{seed}", args.target, args.limit, args.overrides))
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"target": args.target, "limit_s": args.limit, "overrides": args.overrides, "cpus": os.cpu_count(),
-               "results": results}
+        doc = {
+            "target": args.target,
+            "limit_s": args.limit,
+            "overrides": args.overrides,
+            "cpus": os.cpu_count(),
+            "results": results,
+        }
         out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
         out.with_suffix(".md").write_text(summary_markdown(results, args.target, args.limit))
     print(summary_markdown(results, args.target, args.limit))

@@ -67,8 +67,12 @@ def measure_ceilings(dtype) -> dict:
     matmul = jax.jit(lambda p, q: p @ q)
     _busy(matmul, a, a, seconds=warm_s)
     t = best_time(matmul, a, a, repeats=repeats)
-    return {"memory_bandwidth_GBps": bandwidth / 1e9, "peak_TFLOPs": 2 * m**3 / t / 1e12,
-            "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform}
+    return {
+        "memory_bandwidth_GBps": bandwidth / 1e9,
+        "peak_TFLOPs": 2 * m**3 / t / 1e12,
+        "device": jax.devices()[0].device_kind,
+        "platform": jax.devices()[0].platform,
+    }
 
 
 def _peak_memory_bytes() -> int:
@@ -111,7 +115,10 @@ def bench_sample(model, *, batch: int, prompt_len: int, gen_len: int, ceilings: 
     bw, peak = ceilings["memory_bandwidth_GBps"] * 1e9, ceilings["peak_TFLOPs"] * 1e12
     roofline_step_s = max((weight_bytes + kv_bytes) / bw, step_flops / peak)
     return {
-        "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "dtype": c.dtype,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "dtype": c.dtype,
         "params_M": c.num_params / 1e6,
         "compile_s": compile_s,
         "prefill_tokens_per_s": batch * prompt_len / prefill_s,
@@ -154,8 +161,10 @@ def cache_note(row: dict, cache_bytes: int) -> str | None:
     if not fits and row["MBU"] <= 1:
         return None
     where = f"fit in the {cache_bytes / 2**20:.0f} MiB last-level cache" if fits else "come partly from caches"
-    return (f"note: batch {row['batch']}: the {row['step_read_MB']:.1f} MB a decode step reads {where}, so MBU "
-            f"{row['MBU']:.0%} is not a memory-bandwidth figure; use a larger model to measure bandwidth")
+    return (
+        f"note: batch {row['batch']}: the {row['step_read_MB']:.1f} MB a decode step reads {where}, so MBU "
+        f"{row['MBU']:.0%} is not a memory-bandwidth figure; use a larger model to measure bandwidth"
+    )
 
 
 def kv_bytes_per_token(c) -> int:
@@ -181,15 +190,22 @@ def bench_decode_step(model, *, batch: int, prompt_len: int, steps: int, capacit
         def whole_cache(state):  # the static sampler's step: every allocated position, every step
             return static_sampler.decode_fn(c, settings, steps, params, state)
 
-        def static_state():
-            return static_sampler.prefill_fn(c, capacity - prompt_len, 1, None, params, tokens,
-                                             np.full(batch, prompt_len, np.int32), np.full(batch, steps, np.int32),
-                                             np.uint32(0),
-                                             np.arange(batch, dtype=np.uint32))
+        def static_state(capacity=capacity):
+            return static_sampler.prefill_fn(
+                c,
+                capacity - prompt_len,
+                1,
+                None,
+                params,
+                tokens,
+                np.full(batch, prompt_len, np.int32),
+                np.full(batch, steps, np.int32),
+                np.uint32(0),
+                np.arange(batch, dtype=np.uint32),
+            )
 
         timings = {}
-        for name, make, run in (("engine", engine_run.state, engine_run.decode),
-                                ("static", static_state, whole_cache)):
+        for name, make, run in (("engine", engine_run.state, engine_run.decode), ("static", static_state, whole_cache)):
             jax.block_until_ready(run(make()))  # compile
             best = float("inf")
             for _ in range(3):
@@ -198,9 +214,16 @@ def bench_decode_step(model, *, batch: int, prompt_len: int, steps: int, capacit
                 jax.block_until_ready(run(state))
                 best = min(best, time.perf_counter() - t)
             timings[name] = best / steps
-        rows.append({"batch": batch, "cache_allocated": capacity, "filled": f"{prompt_len}-{prompt_len + steps}",
-                     "block": block, "engine_step_ms": timings["engine"] * 1e3,
-                     "static_step_ms": timings["static"] * 1e3})
+        rows.append(
+            {
+                "batch": batch,
+                "cache_allocated": capacity,
+                "filled": f"{prompt_len}-{prompt_len + steps}",
+                "block": block,
+                "engine_step_ms": timings["engine"] * 1e3,
+                "static_step_ms": timings["static"] * 1e3,
+            }
+        )
     base = rows[0]
     for r in rows:
         r["engine_vs_smallest"] = r["engine_step_ms"] / base["engine_step_ms"]
@@ -236,8 +259,18 @@ def bench_hf_generate(model, *, batch: int, prompt_len: int, gen_len: int, seed:
     return {"hf_total_s": total, "hf_tokens_per_s": batch * gen_len / total}
 
 
-def bench_train_step(model, *, prompts: int, samples: int, prompt_len: int, gen_len: int, micro_batches: int,
-                     ceilings: dict, remat: bool = True, seed: int = 0) -> dict:
+def bench_train_step(
+    model,
+    *,
+    prompts: int,
+    samples: int,
+    prompt_len: int,
+    gen_len: int,
+    micro_batches: int,
+    ceilings: dict,
+    remat: bool = True,
+    seed: int = 0,
+) -> dict:
     """One GRPO step's phases on random prompts: rollout (sampling), logprob (a forward pass over the
     rollout) and update (forward + backward + AdamW), each timed after its compilation."""
     import optax
@@ -249,8 +282,9 @@ def bench_train_step(model, *, prompts: int, samples: int, prompt_len: int, gen_
     prompt_ids = rng.integers(0, c.vocab_size, (prompts, prompt_len)).tolist()
 
     def rollout():
-        return generate.sample(model, prompt_ids, max_new_tokens=gen_len, temperature=1.0, num_samples=samples,
-                               seed=seed, eos_ids=())
+        return generate.sample(
+            model, prompt_ids, max_new_tokens=gen_len, temperature=1.0, num_samples=samples, seed=seed, eos_ids=()
+        )
 
     rollout()  # compile
     t = time.perf_counter()
@@ -263,15 +297,27 @@ def bench_train_step(model, *, prompts: int, samples: int, prompt_len: int, gen_
     tokens = jnp.asarray([r.output_ids for r in results], jnp.int32)
     loss_mask = jnp.ones((rows, gen_len), jnp.float32)
     params = model.params()
-    logprob_s = best_time(lambda p, *x: step.logprobs_fn(c, p, *x), params, prompt_tokens, prompt_lengths, tokens, repeats=2)
+    logprob_s = best_time(
+        lambda p, *x: step.logprobs_fn(c, p, *x), params, prompt_tokens, prompt_lengths, tokens, repeats=2
+    )
     old = step.logprobs_fn(c, params, prompt_tokens, prompt_lengths, tokens)
-    batch = step.RolloutBatch(prompt_tokens, prompt_lengths, tokens, loss_mask, old, jnp.zeros_like(old),
-                              jnp.asarray(rng.normal(size=rows), jnp.float32), loss_mask)
+    batch = step.RolloutBatch(
+        prompt_tokens,
+        prompt_lengths,
+        tokens,
+        loss_mask,
+        old,
+        jnp.zeros_like(old),
+        jnp.asarray(rng.normal(size=rows), jnp.float32),
+        loss_mask,
+    )
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6))
     loss = step.LossSettings(remat=remat)
     params = jax.tree.map(jnp.copy, params)
     opt_state = optimizer.init(params)
-    params, opt_state, _ = jax.block_until_ready(step.update_fn(c, loss, optimizer, micro_batches, params, opt_state, batch))
+    params, opt_state, _ = jax.block_until_ready(
+        step.update_fn(c, loss, optimizer, micro_batches, params, opt_state, batch)
+    )
     t = time.perf_counter()
     jax.block_until_ready(step.update_fn(c, loss, optimizer, micro_batches, params, opt_state, batch))
     update_s = time.perf_counter() - t
@@ -282,9 +328,15 @@ def bench_train_step(model, *, prompts: int, samples: int, prompt_len: int, gen_
     attn = 2 * c.num_layers * c.num_heads * c.head_dim * T  # causal: half of 4*L*N*H*T per token
     peak = ceilings["peak_TFLOPs"] * 1e12
     return {
-        "prompts": prompts, "samples": samples, "prompt_len": prompt_len, "gen_len": gen_len, "dtype": c.dtype,
+        "prompts": prompts,
+        "samples": samples,
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "dtype": c.dtype,
         "remat": remat,
-        "rollout_s": rollout_s, "logprob_s": logprob_s, "update_s": update_s,
+        "rollout_s": rollout_s,
+        "logprob_s": logprob_s,
+        "update_s": update_s,
         "step_s": rollout_s + logprob_s + update_s,
         "rollout_tokens_per_s": rows * gen_len / rollout_s,
         "update_tokens_per_s": train_tokens / update_s,
@@ -311,17 +363,28 @@ def _report(row: dict) -> None:
 
 
 def _print_ceilings(ceilings: dict, dtype) -> None:
-    print(f"device {ceilings['device']}: measured {ceilings['memory_bandwidth_GBps']:.1f} GB/s, "
-          f"{ceilings['peak_TFLOPs']:.2f} TFLOP/s ({dtype} matmul)", file=sys.stderr)
+    print(
+        f"device {ceilings['device']}: measured {ceilings['memory_bandwidth_GBps']:.1f} GB/s, "
+        f"{ceilings['peak_TFLOPs']:.2f} TFLOP/s ({dtype} matmul)",
+        file=sys.stderr,
+    )
 
 
 def run_train(args) -> int:
     model = _bench_model(args)
     ceilings = measure_ceilings(jnp.dtype(model.config.dtype))
     _print_ceilings(ceilings, model.config.dtype)
-    row = bench_train_step(model, prompts=args.prompts, samples=args.samples, prompt_len=args.prompt_len,
-                           gen_len=args.gen_len, micro_batches=args.micro_batches, ceilings=ceilings,
-                           remat=not args.no_remat, seed=args.seed)
+    row = bench_train_step(
+        model,
+        prompts=args.prompts,
+        samples=args.samples,
+        prompt_len=args.prompt_len,
+        gen_len=args.gen_len,
+        micro_batches=args.micro_batches,
+        ceilings=ceilings,
+        remat=not args.no_remat,
+        seed=args.seed,
+    )
     _report(row)
     if args.json and distributed.is_main_process():  # one file, however many processes
         with open(args.json, "w") as f:
@@ -343,8 +406,9 @@ def _hf_methods(args) -> tuple[str, ...]:
         raise UserError("--compare-hf: --workload cache has no transformers baseline")
     applicable = ("generate", "generate_batch") if args.workload == "rrm" else ("generate",)
     if not set(args.compare_hf) <= set(applicable):
-        raise UserError(f"--compare-hf {' '.join(args.compare_hf)}: --workload {args.workload} takes "
-                        f"{' and '.join(applicable)}")
+        raise UserError(
+            f"--compare-hf {' '.join(args.compare_hf)}: --workload {args.workload} takes {' and '.join(applicable)}"
+        )
     return tuple(args.compare_hf) or applicable
 
 
@@ -356,23 +420,36 @@ def run_sample(args) -> int:
 
         lo, hi = args.prompt_range
         if not 1 <= lo <= hi or args.max_new_tokens < 1 or args.requests < 1 or args.slots < 1:
-            raise UserError("--workload rrm needs 1 <= --prompt-range LO <= HI and --max-new-tokens, --requests, "
-                            "--slots >= 1")
+            raise UserError(
+                "--workload rrm needs 1 <= --prompt-range LO <= HI and --max-new-tokens, --requests, --slots >= 1"
+            )
         if hi + args.max_new_tokens > model.config.max_position_embeddings:
-            raise UserError(f"--prompt-range up to {hi} + --max-new-tokens {args.max_new_tokens} exceeds the "
-                            f"model's context of {model.config.max_position_embeddings} tokens")
+            raise UserError(
+                f"--prompt-range up to {hi} + --max-new-tokens {args.max_new_tokens} exceeds the "
+                f"model's context of {model.config.max_position_embeddings} tokens"
+            )
         ceilings = measure_ceilings(jnp.dtype(model.config.dtype))  # the achieved bandwidth's reference
         _print_ceilings(ceilings, model.config.dtype)
-        row = bench_rrm.bench_rrm(model, n=args.requests, prompt_range=(lo, hi), cap=args.max_new_tokens,
-                                  slots=args.slots, temperature=args.temperature, seed=args.seed,
-                                  hf_methods=hf_methods, static=not args.no_static, ceilings=ceilings,
-                                  prefill_tokens=args.prefill_tokens)
+        row = bench_rrm.bench_rrm(
+            model,
+            n=args.requests,
+            prompt_range=(lo, hi),
+            cap=args.max_new_tokens,
+            slots=args.slots,
+            temperature=args.temperature,
+            seed=args.seed,
+            hf_methods=hf_methods,
+            static=not args.no_static,
+            ceilings=ceilings,
+            prefill_tokens=args.prefill_tokens,
+        )
         _report(row)
         _write_json(args.json, {"ceilings": ceilings, "results": [row]})
         return 0
     if args.workload == "cache":
-        rows = bench_decode_step(model, batch=args.batch[0], prompt_len=args.prompt_len, steps=args.gen_len,
-                                 capacities=args.cache_lens)
+        rows = bench_decode_step(
+            model, batch=args.batch[0], prompt_len=args.prompt_len, steps=args.gen_len, capacities=args.cache_lens
+        )
         for r in rows:
             _report(r)
         _write_json(args.json, {"results": rows})
@@ -381,11 +458,13 @@ def run_sample(args) -> int:
     _print_ceilings(ceilings, model.config.dtype)
     rows = []
     for batch in args.batch:
-        r = bench_sample(model, batch=batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                         ceilings=ceilings, seed=args.seed)
+        r = bench_sample(
+            model, batch=batch, prompt_len=args.prompt_len, gen_len=args.gen_len, ceilings=ceilings, seed=args.seed
+        )
         if hf_methods:
-            r.update(bench_hf_generate(model, batch=batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                                       seed=args.seed))
+            r.update(
+                bench_hf_generate(model, batch=batch, prompt_len=args.prompt_len, gen_len=args.gen_len, seed=args.seed)
+            )
             r["speedup_vs_hf"] = r["hf_total_s"] / r["total_s"]  # same work: prefill + gen_len decode steps
         rows.append(r)
         _report(r)

@@ -87,15 +87,26 @@ def decode_bytes(config, prompt_lens, outputs, decode_steps: int) -> tuple[float
 def _progress(phase: str, wall: float, useful: int, compile_s: float | None = None):
     """One line per finished phase on stderr, so a long run shows its figures as it goes."""
     compiling = f" ({compile_s:.1f} s of it compiling)" if compile_s is not None else ""
-    print(f"[bench rrm] {phase}: {wall:.1f} s{compiling}, {useful / wall:.1f} useful tokens/s", file=sys.stderr,
-          flush=True)
+    print(
+        f"[bench rrm] {phase}: {wall:.1f} s{compiling}, {useful / wall:.1f} useful tokens/s",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _engine_run(model, settings, prompts, outputs, slots, seed, prefill_tokens=None):
     stats = engine.EngineStats()
     reqs = [engine.Request(p, m, i) for i, (p, m) in enumerate(zip(prompts, outputs))]
-    results = engine.generate(model.config, settings, model.params(), reqs, seed=seed, max_rows=slots, stats=stats,
-                              prefill_tokens=prefill_tokens)
+    results = engine.generate(
+        model.config,
+        settings,
+        model.params(),
+        reqs,
+        seed=seed,
+        max_rows=slots,
+        stats=stats,
+        prefill_tokens=prefill_tokens,
+    )
     assert [len(r.output_ids) for r in results] == outputs
     return stats
 
@@ -103,9 +114,10 @@ def _engine_run(model, settings, prompts, outputs, slots, seed, prefill_tokens=N
 def _static_run(model, settings, prompts, outputs, slots, cap, seed):
     steps = 0
     for start in range(0, len(prompts), slots):
-        batch, limits = prompts[start:start + slots], outputs[start:start + slots]
-        results = static_sampler.sample_batch(model.config, settings, model.params(), batch, cap, limits=limits,
-                                              first_index=start, seed=seed)
+        batch, limits = prompts[start : start + slots], outputs[start : start + slots]
+        results = static_sampler.sample_batch(
+            model.config, settings, model.params(), batch, cap, limits=limits, first_index=start, seed=seed
+        )
         assert [len(r.output_ids) for r in results] == limits
         steps += max(limits)
     return steps
@@ -118,16 +130,25 @@ def _hf_run(hf, prompts, outputs, slots, temperature):
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # length-sorted batches: least padding
     prompts, outputs = [prompts[i] for i in order], [outputs[i] for i in order]
     for start in range(0, len(prompts), slots):
-        batch, longest = prompts[start:start + slots], max(outputs[start:start + slots])
+        batch, longest = prompts[start : start + slots], max(outputs[start : start + slots])
         width = max(len(p) for p in batch)
         ids = torch.zeros((len(batch), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(batch):  # left padding, as transformers expects for batched generation
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
         with torch.inference_mode():
-            out = hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=longest, min_new_tokens=longest,
-                              do_sample=True, temperature=temperature, top_k=0, top_p=1.0, pad_token_id=0)
+            out = hf.generate(
+                ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=longest,
+                min_new_tokens=longest,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=0,
+            )
         assert out.shape[1] == width + longest
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -146,10 +167,18 @@ def _hf_batch_run(hf, prompts, outputs, temperature, seed: int = 0) -> float:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
     from transformers.generation.continuous_batching.utils import WorkloadHints
 
-    gen = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max(outputs),
-                           eos_token_id=-1, pad_token_id=0)
-    hints = WorkloadHints(max_prompt_length=max(len(p) for p in prompts), max_generated_length=max(outputs),
-                          num_requests=len(prompts))
+    gen = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max(outputs),
+        eos_token_id=-1,
+        pad_token_id=0,
+    )
+    hints = WorkloadHints(
+        max_prompt_length=max(len(p) for p in prompts), max_generated_length=max(outputs), num_requests=len(prompts)
+    )
     cb = ContinuousBatchingConfig(seed=seed)
     if next(hf.parameters()).device.type != "cuda":
         page = getattr(cb, "page_size", None) or cb.block_size  # transformers 5.17 calls it block_size
@@ -157,8 +186,9 @@ def _hf_batch_run(hf, prompts, outputs, temperature, seed: int = 0) -> float:
     results = {}
     with torch.no_grad():
         t = time.perf_counter()
-        with hf.continuous_batching_context_manager(generation_config=gen, block=True, timeout=60,
-                                                    continuous_batching_config=cb, workload_hints=hints) as manager:
+        with hf.continuous_batching_context_manager(
+            generation_config=gen, block=True, timeout=60, continuous_batching_config=cb, workload_hints=hints
+        ) as manager:
             setup_s = time.perf_counter() - t
             for i, (p, m) in enumerate(zip(prompts, outputs)):
                 manager.add_request(list(p), request_id=f"r{i}", max_new_tokens=int(m), eos_token_id=-1)
@@ -177,55 +207,104 @@ def _hf_batch_run(hf, prompts, outputs, temperature, seed: int = 0) -> float:
     return setup_s
 
 
-def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: int, temperature: float = 0.6,
-              seed: int = 0, hf_methods=("generate", "generate_batch"), static: bool = True,
-              ceilings: dict | None = None, prefill_tokens: int | None = None) -> dict:
+def bench_rrm(
+    model,
+    *,
+    n: int,
+    prompt_range: tuple[int, int],
+    cap: int,
+    slots: int,
+    temperature: float = 0.6,
+    seed: int = 0,
+    hf_methods=("generate", "generate_batch"),
+    static: bool = True,
+    ceilings: dict | None = None,
+    prefill_tokens: int | None = None,
+) -> dict:
     c = model.config
     prompts, outputs = rrm_workload(n, prompt_range, cap, c.vocab_size, seed)
     if max(len(p) for p in prompts) + cap > c.max_position_embeddings:
-        raise ValueError(f"prompts up to {prompt_range[1]} tokens + cap {cap} exceed the context of {c.max_position_embeddings}")
+        raise ValueError(
+            f"prompts up to {prompt_range[1]} tokens + cap {cap} exceed the context of {c.max_position_embeddings}"
+        )
     useful = int(sum(outputs))
     settings = SamplingSettings(float(temperature), 0, 1.0, (), None, ())
     clock = _CompileClock()
-    row = {"requests": n, "prompt_lens": f"{prompt_range[0]}-{prompt_range[1]}", "cap": cap, "slots": slots,
-           "useful_tokens": useful, "output_median": float(np.median(outputs)),
-           "output_at_cap": float(np.mean(np.asarray(outputs) == cap)), "params_M": c.num_params / 1e6,
-           "dtype": c.dtype}
+    row = {
+        "requests": n,
+        "prompt_lens": f"{prompt_range[0]}-{prompt_range[1]}",
+        "cap": cap,
+        "slots": slots,
+        "useful_tokens": useful,
+        "output_median": float(np.median(outputs)),
+        "output_at_cap": float(np.mean(np.asarray(outputs) == cap)),
+        "params_M": c.num_params / 1e6,
+        "dtype": c.dtype,
+    }
 
-    stats, wall, compile_s = clock.run(lambda: _engine_run(model, settings, prompts, outputs, slots, seed, prefill_tokens))
+    stats, wall, compile_s = clock.run(
+        lambda: _engine_run(model, settings, prompts, outputs, slots, seed, prefill_tokens)
+    )
     trace_s = clock.trace_seconds
     _progress("engine", wall, useful, compile_s)
     weight_b, kv_b = decode_bytes(c, [len(p) for p in prompts], outputs, stats.decode_steps)
     run_s = max(wall - compile_s - trace_s, 1e-9)  # prefill and host work included: a lower bound on decode's rate
-    row.update({"engine_trace_s": trace_s, "engine_run_s": run_s, "engine_tokens_per_s_run": useful / run_s,
-                "decode_weight_GB": weight_b / 1e9,
-                "decode_kv_GB": kv_b / 1e9, "engine_achieved_GBps": (weight_b + kv_b) / run_s / 1e9})
-    achieved = (f"[bench rrm] engine achieved {(weight_b + kv_b) / run_s / 1e9:.4g} GB/s: {weight_b / 1e9:.4g} GB of "
-                f"weights ({stats.decode_steps} decode steps) + {kv_b / 1e9:.4g} GB of the KV its live rows held, "
-                f"over its {run_s:.3g} s without compiling (prefill included)")
+    row.update(
+        {
+            "engine_trace_s": trace_s,
+            "engine_run_s": run_s,
+            "engine_tokens_per_s_run": useful / run_s,
+            "decode_weight_GB": weight_b / 1e9,
+            "decode_kv_GB": kv_b / 1e9,
+            "engine_achieved_GBps": (weight_b + kv_b) / run_s / 1e9,
+        }
+    )
+    achieved = (
+        f"[bench rrm] engine achieved {(weight_b + kv_b) / run_s / 1e9:.4g} GB/s: {weight_b / 1e9:.4g} GB of "
+        f"weights ({stats.decode_steps} decode steps) + {kv_b / 1e9:.4g} GB of the KV its live rows held, "
+        f"over its {run_s:.3g} s without compiling (prefill included)"
+    )
     if ceilings:
         row["engine_bandwidth_fraction"] = row["engine_achieved_GBps"] / ceilings["memory_bandwidth_GBps"]
-        achieved += (f" = {100 * row['engine_bandwidth_fraction']:.3g}% of the measured "
-                     f"{ceilings['memory_bandwidth_GBps']:.4g} GB/s")
+        achieved += (
+            f" = {100 * row['engine_bandwidth_fraction']:.3g}% of the measured "
+            f"{ceilings['memory_bandwidth_GBps']:.4g} GB/s"
+        )
     print(achieved, file=sys.stderr, flush=True)
     kv_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * np.dtype(c.dtype).itemsize
     mean_len = float(np.mean([len(p) + m for p, m in zip(prompts, outputs)]))
-    row.update({
-        "engine_s": wall, "engine_compile_s": compile_s, "engine_tokens_per_s": useful / wall,
-        "engine_occupancy": stats.occupancy, "engine_decode_steps": stats.decode_steps,
-        "engine_decode_calls": stats.decode_calls, "engine_prefill_calls": stats.prefill_calls,
-        "engine_compactions": stats.compactions, "engine_prefill_tokens": stats.prefill_tokens,
-        "engine_path": stats.path, "engine_attention": stats.attention,
-        "concurrent_sequences": stats.slots, "kv_capacity_per_slot": stats.capacity,
-        "kv_budget_GB": stats.slots * stats.capacity * kv_token / 1e9,
-        # what a paged cache would hold in the same budget, from this workload's mean length (computed)
-        "paged_sequences_same_budget": int(stats.slots * stats.capacity / mean_len),
-    })
+    row.update(
+        {
+            "engine_s": wall,
+            "engine_compile_s": compile_s,
+            "engine_tokens_per_s": useful / wall,
+            "engine_occupancy": stats.occupancy,
+            "engine_decode_steps": stats.decode_steps,
+            "engine_decode_calls": stats.decode_calls,
+            "engine_prefill_calls": stats.prefill_calls,
+            "engine_compactions": stats.compactions,
+            "engine_prefill_tokens": stats.prefill_tokens,
+            "engine_path": stats.path,
+            "engine_attention": stats.attention,
+            "concurrent_sequences": stats.slots,
+            "kv_capacity_per_slot": stats.capacity,
+            "kv_budget_GB": stats.slots * stats.capacity * kv_token / 1e9,
+            # what a paged cache would hold in the same budget, from this workload's mean length (computed)
+            "paged_sequences_same_budget": int(stats.slots * stats.capacity / mean_len),
+        }
+    )
     if static:
         steps, wall, compile_s = clock.run(lambda: _static_run(model, settings, prompts, outputs, slots, cap, seed))
         _progress("static batching", wall, useful, compile_s)
-        row.update({"static_s": wall, "static_compile_s": compile_s, "static_tokens_per_s": useful / wall,
-                    "static_occupancy": useful / (steps * slots), "engine_vs_static": row["engine_tokens_per_s"] / (useful / wall)})
+        row.update(
+            {
+                "static_s": wall,
+                "static_compile_s": compile_s,
+                "static_tokens_per_s": useful / wall,
+                "static_occupancy": useful / (steps * slots),
+                "engine_vs_static": row["engine_tokens_per_s"] / (useful / wall),
+            }
+        )
     if hf_methods:
         import torch
         from transformers import AutoModelForCausalLM
@@ -241,12 +320,24 @@ def bench_rrm(model, *, n: int, prompt_range: tuple[int, int], cap: int, slots: 
         _hf_run(hf, prompts[:2], [2, 2], 2, temperature)  # warm-up
         _, wall, _ = clock.run(lambda: _hf_run(hf, prompts, outputs, slots, temperature))
         _progress(f"transformers generate (length-sorted static batches of {slots})", wall, useful)
-        row.update({"hf_s": wall, "hf_tokens_per_s": useful / wall, "engine_vs_hf": row["engine_tokens_per_s"] / (useful / wall)})
+        row.update(
+            {
+                "hf_s": wall,
+                "hf_tokens_per_s": useful / wall,
+                "engine_vs_hf": row["engine_tokens_per_s"] / (useful / wall),
+            }
+        )
     if "generate_batch" in hf_methods:
         _hf_batch_run(hf, prompts[:2], [2, 2], temperature, seed)  # warm-up
         setup_s, wall, _ = clock.run(lambda: _hf_batch_run(hf, prompts, outputs, temperature, seed))
         _progress("transformers generate_batch (continuous batching)", wall, useful)
-        row.update({"hf_batch_s": wall, "hf_batch_setup_s": setup_s, "hf_batch_tokens_per_s": useful / wall,
-                    "engine_vs_hf_batch": row["engine_tokens_per_s"] / (useful / wall),
-                    "hf_attn": getattr(hf.config, "_attn_implementation", None)})
+        row.update(
+            {
+                "hf_batch_s": wall,
+                "hf_batch_setup_s": setup_s,
+                "hf_batch_tokens_per_s": useful / wall,
+                "engine_vs_hf_batch": row["engine_tokens_per_s"] / (useful / wall),
+                "hf_attn": getattr(hf.config, "_attn_implementation", None),
+            }
+        )
     return row

@@ -31,8 +31,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -40,6 +41,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 from flax import nnx
+
 # Orbax's own spec builder and commit future, so streamed arrays are stored exactly as its NumpyHandler
 # stores numpy arrays (internal modules: orbax-checkpoint is pinned in setup.py).
 from orbax.checkpoint._src.futures import future as ocp_future
@@ -158,7 +160,11 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
         for value, info, arg in zip(values, infos, args):
             await info.await_path_creation()
             spec = ts_utils.build_array_write_spec(
-                info=info, arg=arg, global_shape=value.shape, local_shape=value.block_shape, dtype=value.dtype,
+                info=info,
+                arg=arg,
+                global_shape=value.shape,
+                local_shape=value.block_shape,
+                dtype=value.dtype,
                 use_ocdbt=info.is_ocdbt_checkpoint,
                 process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
             )
@@ -168,8 +174,9 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
 
     async def serialize(self, values, infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
-        return [ocp_future.CommitFutureAwaitingContractedSignals(self._write(values, infos, args),
-                                                                 name="streamed_array")]
+        return [
+            ocp_future.CommitFutureAwaitingContractedSignals(self._write(values, infos, args), name="streamed_array")
+        ]
 
 
 def _save(path: Path, params: dict, config: Qwen2Config, *, streamed: bool) -> None:
@@ -177,11 +184,13 @@ def _save(path: Path, params: dict, config: Qwen2Config, *, streamed: bool) -> N
     registry = ocp.DefaultCheckpointHandlerRegistry()
     if streamed:  # Orbax's own jax.Array handler stays registered: it owns the array-metadata store
         types = ocp.type_handlers.create_type_handler_registry(
-            (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)), (StreamedArray, _StreamedArrayHandler()))
+            (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)), (StreamedArray, _StreamedArrayHandler())
+        )
         registry.add(PARAMS_ITEM, ocp.args.PyTreeSave, ocp.PyTreeCheckpointHandler(type_handler_registry=types))
     atomicity = atomicity_options(path)
     handler = ocp.CompositeCheckpointHandler(
-        handler_registry=registry, composite_options=ocp.CompositeOptions(atomicity_options=atomicity))
+        handler_registry=registry, composite_options=ocp.CompositeOptions(atomicity_options=atomicity)
+    )
     with ocp.Checkpointer(handler, atomicity_options=atomicity) as ckpt:
         ckpt.save(orbax_path(path), ocp.args.Composite(**model_items_for(params, config)))
 
@@ -196,8 +205,9 @@ def model_items(model: Qwen2) -> dict[str, ocp.args.CheckpointArgs]:
     return model_items_for(model.params(), model.config)
 
 
-def write_checkpoint(out: Path | str, params: dict, config: Qwen2Config, *, assets_from: Path | None = None,
-                     streamed: bool = False) -> Path:
+def write_checkpoint(
+    out: Path | str, params: dict, config: Qwen2Config, *, assets_from: Path | None = None, streamed: bool = False
+) -> Path:
     """Write an rrm-jax checkpoint at `out` (atomically). `params` is the nested parameter dict, of
     arrays or (streamed=True) of StreamedArrays."""
     with staged_output_dir(out) as stage:
@@ -207,8 +217,7 @@ def write_checkpoint(out: Path | str, params: dict, config: Qwen2Config, *, asse
     return storage.as_path(out)
 
 
-def save_checkpoint(model: Qwen2, config: Qwen2Config, out_dir: Path | str, *,
-                    assets_from: Path | None = None) -> Path:
+def save_checkpoint(model: Qwen2, config: Qwen2Config, out_dir: Path | str, *, assets_from: Path | None = None) -> Path:
     """Save a model as an rrm-jax checkpoint (tokenizer files copied from `assets_from` when given)."""
     return write_checkpoint(out_dir, model.params(), config, assets_from=_assets_dir(assets_from))
 
@@ -244,8 +253,10 @@ def resolve_checkpoint(path: Path | str) -> Path:
         step = latest_step(root)
         if step is not None:
             return step
-    raise UserError(f"{path} is neither a Hugging Face folder (config.json + safetensors) nor an rrm-jax "
-                    f"checkpoint ({PARAMS_ITEM}/ + {CONFIG_ITEM}/) nor a folder of checkpoint steps")
+    raise UserError(
+        f"{path} is neither a Hugging Face folder (config.json + safetensors) nor an rrm-jax "
+        f"checkpoint ({PARAMS_ITEM}/ + {CONFIG_ITEM}/) nor a folder of checkpoint steps"
+    )
 
 
 def read_checkpoint_config(ckpt: Path) -> Qwen2Config:
@@ -262,11 +273,14 @@ def _check_params_metadata(ckpt: Path, config: Qwen2Config) -> dict[str, Any]:
     stored = flatten(dict(metadata.tree))
     for path, shape in param_shapes(config).items():
         if path not in stored:
-            raise UserError(f"parameter {path} is missing from {params_dir}; "
-                            f"{ckpt / CONFIG_ITEM / _CONFIG_FILE} needs it")
+            raise UserError(
+                f"parameter {path} is missing from {params_dir}; {ckpt / CONFIG_ITEM / _CONFIG_FILE} needs it"
+            )
         if tuple(stored[path].shape) != shape:
-            raise UserError(f"parameter {path} in {params_dir} has shape {list(stored[path].shape)} but "
-                            f"{ckpt / CONFIG_ITEM / _CONFIG_FILE} implies {list(shape)}")
+            raise UserError(
+                f"parameter {path} in {params_dir} has shape {list(stored[path].shape)} but "
+                f"{ckpt / CONFIG_ITEM / _CONFIG_FILE} implies {list(shape)}"
+            )
     return stored
 
 
@@ -279,8 +293,13 @@ def open_param_arrays(ckpt: Path, config: Qwen2Config) -> dict[str, ts.TensorSto
     context = ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt)
     arrays = {}
     for path in param_shapes(config):
-        info = ocp.type_handlers.ParamInfo(name=stored[path].name, parent_dir=params_dir, ts_context=context,
-                                           is_ocdbt_checkpoint=use_ocdbt, use_zarr3=use_zarr3)
+        info = ocp.type_handlers.ParamInfo(
+            name=stored[path].name,
+            parent_dir=params_dir,
+            ts_context=context,
+            is_ocdbt_checkpoint=use_ocdbt,
+            use_zarr3=use_zarr3,
+        )
         spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
         try:
             arrays[path] = ts.open(ts.Spec(spec), open=True, read=True, context=context).result()
@@ -331,8 +350,11 @@ def _load_hf(folder: Path, dtype: str | None, mesh) -> tuple[Qwen2, Qwen2Config]
         for path, shape in source.shapes.items():
             # Each device's shard is read straight from the files into its target sharding.
             arrays[path] = jax.make_array_from_callback(
-                shape, _target_sharding(path, shape, mesh), lambda index, path=path: source.region(path, index),
-                dtype=source.dtype)
+                shape,
+                _target_sharding(path, shape, mesh),
+                lambda index, path=path: source.region(path, index),
+                dtype=source.dtype,
+            )
     finally:
         source.close()
     return model_from_params(source.config, nest(arrays)), source.config
@@ -375,8 +397,14 @@ def load_model(path: Path | str, *, dtype=None, compute_dtype=None, mesh=None) -
     return model, config
 
 
-def save_hf(model: Qwen2, config: Qwen2Config, out_dir: Path | str, *, max_shard_size: int | str = "5GB",
-            assets_from: Path | str | None = None) -> Path:
+def save_hf(
+    model: Qwen2,
+    config: Qwen2Config,
+    out_dir: Path | str,
+    *,
+    max_shard_size: int | str = "5GB",
+    assets_from: Path | str | None = None,
+) -> Path:
     """Write `model` as an HF Qwen2ForCausalLM folder (atomically), one layer at a time from the
     device; tokenizer / generation files are copied from `assets_from` (HF folder or checkpoint)."""
     params = flatten(model.params())
@@ -387,8 +415,14 @@ def save_hf(model: Qwen2, config: Qwen2Config, out_dir: Path | str, *, max_shard
 
     with staged_output_dir(out_dir) as stage:
         stage.mkdir(parents=True, exist_ok=True)
-        hf.write_hf_folder(stage, config, region, dtype=dtype, max_shard_size=hf.parse_size(max_shard_size),
-                           assets_from=_assets_dir(assets_from))
+        hf.write_hf_folder(
+            stage,
+            config,
+            region,
+            dtype=dtype,
+            max_shard_size=hf.parse_size(max_shard_size),
+            assets_from=_assets_dir(assets_from),
+        )
     return storage.as_path(out_dir)
 
 

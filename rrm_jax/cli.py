@@ -76,7 +76,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             if name in DEVICE_COMMANDS:
                 from rrm_jax import compile_cache, distributed
 
-                for leaf in _leaf_parsers(p):  # `bench sample --compile-cache DIR`, not `bench --compile-cache DIR sample`
+                for leaf in _leaf_parsers(
+                    p
+                ):  # `bench sample --compile-cache DIR`, not `bench --compile-cache DIR sample`
                     compile_cache.add_cli_flags(leaf)
                     distributed.add_cli_flags(leaf)
     return parser

@@ -46,10 +46,14 @@ def default_dir() -> Path:
 
 
 def add_cli_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--compile-cache", metavar="DIR|off", default=None,
-                        help=f"folder of JAX's persistent compilation cache, or 'off' (default: ${ENV}, else "
-                             f"$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/rrm-jax/jax-compile, "
-                             f"~/.cache/rrm-jax/jax-compile without XDG_CACHE_HOME)")
+    parser.add_argument(
+        "--compile-cache",
+        metavar="DIR|off",
+        default=None,
+        help=f"folder of JAX's persistent compilation cache, or 'off' (default: ${ENV}, else "
+        f"$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/rrm-jax/jax-compile, "
+        f"~/.cache/rrm-jax/jax-compile without XDG_CACHE_HOME)",
+    )
 
 
 def resolve(flag: str | None) -> Path | None:

@@ -27,10 +27,14 @@ class Decoding:
             (self.temperature < 0, f"temperature must be >= 0, got {self.temperature}"),
             (not 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k < 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
-            (self.max_new_tokens is not None and self.max_new_tokens < 1,
-             f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.max_think_tokens is not None and self.max_think_tokens < 1,
-             f"max_think_tokens must be >= 1, got {self.max_think_tokens}"),
+            (
+                self.max_new_tokens is not None and self.max_new_tokens < 1,
+                f"max_new_tokens must be >= 1, got {self.max_new_tokens}",
+            ),
+            (
+                self.max_think_tokens is not None and self.max_think_tokens < 1,
+                f"max_think_tokens must be >= 1, got {self.max_think_tokens}",
+            ),
         ]
         for bad, message in problems:
             if bad:

@@ -40,15 +40,30 @@ _JAX_TIMEOUT_MARGIN_S = 3600
 def add_cli_flags(parser: argparse.ArgumentParser) -> None:
     """Flags for starting one process of several by hand (GPU clusters, local testing)."""
     group = parser.add_argument_group("multi-process (not needed on Cloud TPU VMs or under launch/local_pod.sh)")
-    group.add_argument("--coordinator", metavar="HOST:PORT", default=None,
-                       help=f"address of process 0; every process passes the same one (default: ${COORDINATOR_ENV}; "
-                            f"none: a single process, or a Cloud TPU VM's workers)")
-    group.add_argument("--num-processes", type=int, metavar="N", default=None,
-                       help=f"number of processes (default: ${NUM_PROCESSES_ENV})")
-    group.add_argument("--process-id", type=int, metavar="I", default=None,
-                       help=f"this process, 0..N-1 (default: ${PROCESS_ID_ENV})")
-    group.add_argument("--distributed-timeout", type=float, metavar="SECONDS", default=None,
-                       help=f"how long to wait for all processes to arrive (default: {DEFAULT_TIMEOUT_S:.0f})")
+    group.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        default=None,
+        help=f"address of process 0; every process passes the same one (default: ${COORDINATOR_ENV}; "
+        f"none: a single process, or a Cloud TPU VM's workers)",
+    )
+    group.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        default=None,
+        help=f"number of processes (default: ${NUM_PROCESSES_ENV})",
+    )
+    group.add_argument(
+        "--process-id", type=int, metavar="I", default=None, help=f"this process, 0..N-1 (default: ${PROCESS_ID_ENV})"
+    )
+    group.add_argument(
+        "--distributed-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=None,
+        help=f"how long to wait for all processes to arrive (default: {DEFAULT_TIMEOUT_S:.0f})",
+    )
 
 
 def initialize_from_args(args: argparse.Namespace) -> bool:
@@ -56,8 +71,12 @@ def initialize_from_args(args: argparse.Namespace) -> bool:
     return initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.distributed_timeout)
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               timeout_s: float | None = None) -> bool:
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout_s: float | None = None,
+) -> bool:
     """Start jax.distributed when this is one of several processes; True when it did (or already had).
 
     Raises UserError on inconsistent settings, and when the processes do not all arrive within
@@ -80,8 +99,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     # CPU devices need a cross-process collectives backend (jax 0.10.2 defaults to gloo; set it so a
     # change of default cannot turn psums across processes into errors). Accelerators ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    _register(dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id),
-              f"{num_processes} processes at coordinator {coordinator} (this is process {process_id})", timeout_s)
+    _register(
+        dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id),
+        f"{num_processes} processes at coordinator {coordinator} (this is process {process_id})",
+        timeout_s,
+    )
     return True
 
 
@@ -106,6 +128,7 @@ def process_index() -> int:
 
 # ---------- collectives between the processes (each a no-op with one process) ----------
 
+
 def gather_to_host(tree):
     """Host numpy copies of a pytree of device arrays, whole on every process: arrays spread over several
     processes are all-gathered."""
@@ -116,8 +139,6 @@ def gather_to_host(tree):
     if any(isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated for x in leaves):
         return multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
 
 
 def gather_processes(x: np.ndarray) -> np.ndarray:
@@ -161,9 +182,9 @@ def allgather_objects(obj) -> list:
     data = _to_bytes(obj)
     sizes = gather_processes(np.array(len(data), np.int64))
     padded = np.zeros(max(int(sizes.max()), 1), np.uint8)
-    padded[:len(data)] = data
+    padded[: len(data)] = data
     stacked = gather_processes(padded)
-    return [_from_bytes(row[:int(n)]) for row, n in zip(stacked, sizes)]
+    return [_from_bytes(row[: int(n)]) for row, n in zip(stacked, sizes)]
 
 
 def broadcast_object(obj):
@@ -176,7 +197,7 @@ def broadcast_object(obj):
     data = _to_bytes(obj) if is_main_process() else np.zeros(0, np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.array(len(data), np.int64)))
     padded = np.zeros(max(size, 1), np.uint8)
-    padded[:len(data)] = data[:size]
+    padded[: len(data)] = data[:size]
     return _from_bytes(np.asarray(multihost_utils.broadcast_one_to_all(padded))[:size])
 
 
@@ -196,9 +217,11 @@ def _register(kwargs: dict, who: str, timeout_s: float) -> None:
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
-        raise UserError(f"jax.distributed: not all of {who} arrived within {timeout_s:g}s; start every process "
-                        f"with the same coordinator and process count and distinct process ids, or raise "
-                        f"--distributed-timeout / ${TIMEOUT_ENV}")
+        raise UserError(
+            f"jax.distributed: not all of {who} arrived within {timeout_s:g}s; start every process "
+            f"with the same coordinator and process count and distinct process ids, or raise "
+            f"--distributed-timeout / ${TIMEOUT_ENV}"
+        )
     if failure:
         raise UserError(f"jax.distributed could not start {who}: {failure[0]}".splitlines()[0])
 
@@ -229,18 +252,29 @@ def _from_environment() -> tuple[str | None, int | None, int | None]:
 
 
 def _validate(coordinator, num_processes, process_id) -> tuple[str, int, int]:
-    missing = [flag for flag, v in (("--coordinator", coordinator), ("--num-processes", num_processes),
-                                    ("--process-id", process_id)) if v is None]
+    missing = [
+        flag
+        for flag, v in (
+            ("--coordinator", coordinator),
+            ("--num-processes", num_processes),
+            ("--process-id", process_id),
+        )
+        if v is None
+    ]
     if missing:
-        raise UserError(f"multi-process start needs --coordinator, --num-processes and --process-id together "
-                        f"(or ${COORDINATOR_ENV}, ${NUM_PROCESSES_ENV}, ${PROCESS_ID_ENV}); missing {', '.join(missing)}")
+        raise UserError(
+            f"multi-process start needs --coordinator, --num-processes and --process-id together "
+            f"(or ${COORDINATOR_ENV}, ${NUM_PROCESSES_ENV}, ${PROCESS_ID_ENV}); missing {', '.join(missing)}"
+        )
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit():
         raise UserError(f"--coordinator {coordinator!r} must be HOST:PORT, e.g. 10.0.0.1:8476")
     if num_processes < 1:
         raise UserError(f"--num-processes {num_processes} must be at least 1")
     if not 0 <= process_id < num_processes:
-        raise UserError(f"--process-id {process_id} must be in 0..{num_processes - 1} for --num-processes {num_processes}")
+        raise UserError(
+            f"--process-id {process_id} must be in 0..{num_processes - 1} for --num-processes {num_processes}"
+        )
     return coordinator, num_processes, process_id
 
 

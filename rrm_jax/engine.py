@@ -41,7 +41,8 @@ import dataclasses
 import functools
 import os
 import warnings
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,16 @@ from rrm_jax import distributed, parallel
 from rrm_jax.errors import UserError
 from rrm_jax.model import decode_attention, qwen2
 from rrm_jax.model.config import Qwen2Config
-from rrm_jax.sampling import MIN_BUCKET, Sample, SamplingSettings, bucket_length, is_eos, make_sample, next_tokens, row_keys
+from rrm_jax.sampling import (
+    MIN_BUCKET,
+    Sample,
+    SamplingSettings,
+    bucket_length,
+    is_eos,
+    make_sample,
+    next_tokens,
+    row_keys,
+)
 from rrm_jax.sizes import batch_shards, next_power_of_two, round_up
 
 ATTENTION_BLOCK = 128  # window granularity: the "rows" path's finest window, the "layers" XLA path's smallest
@@ -108,7 +118,7 @@ class Pack(NamedTuple):
 
 
 def decode_path(mesh) -> str:
-    """"rows" on one CPU device (a loop over the rows is cheap there and the cache reads are most of a
+    """ "rows" on one CPU device (a loop over the rows is cheap there and the cache reads are most of a
     step), else "layers" (an accelerator, where a row loop would serialise the device, or a mesh, where
     slicing one row out of the sharded batch would gather it)."""
     return "rows" if mesh is None and jax.default_backend() == "cpu" else "layers"
@@ -131,8 +141,11 @@ def _constrain_cache(cache, mesh):
         c = lambda a: jax.lax.with_sharding_constraint(a, kv)
         return qwen2.LayerCache(tuple(map(c, cache.keys)), tuple(map(c, cache.values)), cache.lengths)
     kv = parallel.logical_sharding(("layers", "batch", "length", "kv_heads", "head_dim"), mesh, cache.keys.shape)
-    return qwen2.KVCache(jax.lax.with_sharding_constraint(cache.keys, kv),
-                         jax.lax.with_sharding_constraint(cache.values, kv), cache.lengths)
+    return qwen2.KVCache(
+        jax.lax.with_sharding_constraint(cache.keys, kv),
+        jax.lax.with_sharding_constraint(cache.values, kv),
+        cache.lengths,
+    )
 
 
 def _empty_state(config: Qwen2Config, slots: int, capacity: int, mesh, path: str) -> SlotState:
@@ -142,18 +155,27 @@ def _empty_state(config: Qwen2Config, slots: int, capacity: int, mesh, path: str
         dt = jnp.dtype(config.dtype)
         shape = (config.num_layers, slots, capacity, config.num_kv_heads, config.head_dim)
         cache = qwen2.KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros(slots, jnp.int32))
-    return SlotState(cache=_constrain_cache(cache, mesh), logits=jnp.zeros((slots, config.vocab_size), jnp.float32),
-                     num_generated=jnp.zeros(slots, jnp.int32), limit=jnp.zeros(slots, jnp.int32),
-                     done=jnp.ones(slots, bool), think_end_index=jnp.full(slots, -1, jnp.int32),
-                     think_closed=jnp.zeros(slots, bool), keys=jnp.zeros_like(jax.random.key_data(row_keys(0, jnp.zeros(slots, jnp.uint32)))))
+    return SlotState(
+        cache=_constrain_cache(cache, mesh),
+        logits=jnp.zeros((slots, config.vocab_size), jnp.float32),
+        num_generated=jnp.zeros(slots, jnp.int32),
+        limit=jnp.zeros(slots, jnp.int32),
+        done=jnp.ones(slots, bool),
+        think_end_index=jnp.full(slots, -1, jnp.int32),
+        think_closed=jnp.zeros(slots, bool),
+        keys=jnp.zeros_like(jax.random.key_data(row_keys(0, jnp.zeros(slots, jnp.uint32)))),
+    )
 
 
-def _prefill_insert(config: Qwen2Config, num_samples: int, mesh, params, state: SlotState, pack: Pack, seed) -> SlotState:
+def _prefill_insert(
+    config: Qwen2Config, num_samples: int, mesh, params, state: SlotState, pack: Pack, seed
+) -> SlotState:
     """Prefill the prompts of `pack` once each and insert each prompt's cache into its num_samples slots;
     row r of the pack samples from the stream of pack.row_ids[r]."""
     with jax.named_scope("prefill"):
-        logits, keys, values = qwen2.prefill_packed(config, params, pack.tokens, pack.segments, pack.positions,
-                                                    pack.last)
+        logits, keys, values = qwen2.prefill_packed(
+            config, params, pack.tokens, pack.segments, pack.positions, pack.last
+        )
     if num_samples > 1:  # token-major, then sample: as the host laid out token_slots
         keys, values = jnp.repeat(keys, num_samples, axis=1), jnp.repeat(values, num_samples, axis=1)
         logits = jnp.repeat(logits, num_samples, axis=0)
@@ -176,8 +198,9 @@ def _prefill_insert(config: Qwen2Config, num_samples: int, mesh, params, state: 
 
 def _sample_step(settings: SamplingSettings, s: SlotState):
     """The next token of every row from its logits -> (NextTokens, active, num_generated, done)."""
-    nxt = next_tokens(settings, s.logits, jax.random.wrap_key_data(s.keys), s.num_generated, s.think_end_index,
-                      s.think_closed)
+    nxt = next_tokens(
+        settings, s.logits, jax.random.wrap_key_data(s.keys), s.num_generated, s.think_end_index, s.think_closed
+    )
     with jax.named_scope("sampling"):
         active = ~s.done
         num_generated = s.num_generated + active.astype(jnp.int32)
@@ -185,8 +208,17 @@ def _sample_step(settings: SamplingSettings, s: SlotState):
     return nxt, active, num_generated, done
 
 
-def _decode_chunk(config: Qwen2Config, settings: SamplingSettings, chunk: int, block: int, attention: str | None,
-                  mesh, params, state: SlotState, stop_at_done):
+def _decode_chunk(
+    config: Qwen2Config,
+    settings: SamplingSettings,
+    chunk: int,
+    block: int,
+    attention: str | None,
+    mesh,
+    params,
+    state: SlotState,
+    stop_at_done,
+):
     """`chunk` decode steps. attention None: the "rows" path (params stacked, a while loop that stops
     early when every row is done or stop_at_done rows are); else the "layers" path (params unstacked, a
     fixed-length scan) with that `decode_attention` implementation, the XLA one reading the first
@@ -197,10 +229,19 @@ def _decode_chunk(config: Qwen2Config, settings: SamplingSettings, chunk: int, b
         def layers_step(s: SlotState, _):
             nxt, active, num_generated, done = _sample_step(settings, s)
             with jax.named_scope("decode_step"):
-                logits, cache = qwen2.decode_step_layers(config, params, nxt.tokens, s.cache, active=active,
-                                                         attend=attend)
-            s = SlotState(_constrain_cache(cache, mesh), logits, num_generated, s.limit, done, nxt.think_end_index,
-                          nxt.think_closed, s.keys)
+                logits, cache = qwen2.decode_step_layers(
+                    config, params, nxt.tokens, s.cache, active=active, attend=attend
+                )
+            s = SlotState(
+                _constrain_cache(cache, mesh),
+                logits,
+                num_generated,
+                s.limit,
+                done,
+                nxt.think_end_index,
+                nxt.think_closed,
+                s.keys,
+            )
             return s, (nxt.tokens, nxt.logprobs, nxt.sampling_logprobs)
 
         start = state.num_generated
@@ -209,8 +250,13 @@ def _decode_chunk(config: Qwen2Config, settings: SamplingSettings, chunk: int, b
 
     B = state.done.shape[0]
     start = state.num_generated
-    emitted = Emitted(jnp.zeros((B, chunk), jnp.int32), jnp.zeros((B, chunk), jnp.float32),
-                      jnp.zeros((B, chunk), jnp.float32), start, state.done)
+    emitted = Emitted(
+        jnp.zeros((B, chunk), jnp.int32),
+        jnp.zeros((B, chunk), jnp.float32),
+        jnp.zeros((B, chunk), jnp.float32),
+        start,
+        state.done,
+    )
 
     def go_on(carry):
         s, _, t = carry
@@ -220,11 +266,15 @@ def _decode_chunk(config: Qwen2Config, settings: SamplingSettings, chunk: int, b
     def step(carry):
         s, e, t = carry
         nxt, active, num_generated, done = _sample_step(settings, s)
-        e = e._replace(tokens=e.tokens.at[:, t].set(nxt.tokens), logprobs=e.logprobs.at[:, t].set(nxt.logprobs),
-                       sampling_logprobs=e.sampling_logprobs.at[:, t].set(nxt.sampling_logprobs))
+        e = e._replace(
+            tokens=e.tokens.at[:, t].set(nxt.tokens),
+            logprobs=e.logprobs.at[:, t].set(nxt.logprobs),
+            sampling_logprobs=e.sampling_logprobs.at[:, t].set(nxt.sampling_logprobs),
+        )
         with jax.named_scope("decode_step"):
-            logits, cache = qwen2.decode_step(config, params, nxt.tokens, s.cache, active=active,
-                                              block_size=block, row_windows=True)
+            logits, cache = qwen2.decode_step(
+                config, params, nxt.tokens, s.cache, active=active, block_size=block, row_windows=True
+            )
         s = SlotState(cache, logits, num_generated, s.limit, done, nxt.think_end_index, nxt.think_closed, s.keys)
         return s, e, t + 1
 
@@ -235,9 +285,16 @@ def _decode_chunk(config: Qwen2Config, settings: SamplingSettings, chunk: int, b
 def _compact(mesh, state: SlotState, keep) -> SlotState:
     """The slot state of the rows in `keep` [n] (slot indices) only: every per-slot array gathered along
     its batch axis, so the decode steps that follow compute n rows instead of all the slots."""
-    return SlotState(_constrain_cache(qwen2.take_rows(state.cache, keep), mesh), state.logits[keep],
-                     state.num_generated[keep], state.limit[keep], state.done[keep], state.think_end_index[keep],
-                     state.think_closed[keep], state.keys[keep])
+    return SlotState(
+        _constrain_cache(qwen2.take_rows(state.cache, keep), mesh),
+        state.logits[keep],
+        state.num_generated[keep],
+        state.limit[keep],
+        state.done[keep],
+        state.think_end_index[keep],
+        state.think_closed[keep],
+        state.keys[keep],
+    )
 
 
 # Compiled once per (config, shapes, static settings); parameters and the slot state are arguments, and
@@ -320,9 +377,18 @@ def compacted_size(live: int, slots: int, mesh) -> int | None:
     return size if size * 2 <= slots else None
 
 
-def pack_prompts(requests: Sequence[Request], waiting: collections.deque, free: list[int], *, num_samples: int,
-                 budget: int, rows: int, slots: int, row_multiple: int = 1,
-                 buckets=None) -> tuple[Pack, list[int], list[int]]:
+def pack_prompts(
+    requests: Sequence[Request],
+    waiting: collections.deque,
+    free: list[int],
+    *,
+    num_samples: int,
+    budget: int,
+    rows: int,
+    slots: int,
+    row_multiple: int = 1,
+    buckets=None,
+) -> tuple[Pack, list[int], list[int]]:
     """Take waiting prompts in order into one pack of up to `rows` rows of `budget` tokens (as many
     prompts as the free slots hold, at most budget / MIN_BUCKET a row; a prompt never straddles two
     rows). The pack has a power of two of rows (a multiple of row_multiple, the mesh's batch shards):
@@ -365,18 +431,30 @@ def pack_prompts(requests: Sequence[Request], waiting: collections.deque, free: 
     for j, (i, at) in enumerate(zip(taken, starts)):
         ids = requests[i].prompt_ids
         n = len(ids)
-        tokens[at:at + n], segments[at:at + n], positions[at:at + n] = ids, j, np.arange(n)
-        token_prompt[at:at + n] = j
+        tokens[at : at + n], segments[at : at + n], positions[at : at + n] = ids, j, np.arange(n)
+        token_prompt[at : at + n] = j
         last[j], lengths[j], limits[j] = at + n - 1, n, requests[i].max_new_tokens
     row_slots = np.full(max_prompts * num_samples, slots, np.int32)  # padding entries: out of range
-    row_slots[:len(taken_slots)] = taken_slots
+    row_slots[: len(taken_slots)] = taken_slots
     row_ids = np.zeros(max_prompts * num_samples, np.uint32)
-    row_ids[:len(taken_slots)] = [requests[i].index * num_samples + s for i in taken for s in range(num_samples)]
-    token_slots = np.where((token_prompt >= 0)[:, None],
-                           row_slots[np.maximum(token_prompt, 0)[:, None] * num_samples + np.arange(num_samples)], slots)
-    pack = Pack(tokens.reshape(R, T), segments.reshape(R, T), positions.reshape(R, T),
-                token_slots.reshape(-1).astype(np.int32), np.repeat(positions, num_samples).astype(np.int32),
-                last, lengths, limits, row_slots, row_ids)
+    row_ids[: len(taken_slots)] = [requests[i].index * num_samples + s for i in taken for s in range(num_samples)]
+    token_slots = np.where(
+        (token_prompt >= 0)[:, None],
+        row_slots[np.maximum(token_prompt, 0)[:, None] * num_samples + np.arange(num_samples)],
+        slots,
+    )
+    pack = Pack(
+        tokens.reshape(R, T),
+        segments.reshape(R, T),
+        positions.reshape(R, T),
+        token_slots.reshape(-1).astype(np.int32),
+        np.repeat(positions, num_samples).astype(np.int32),
+        last,
+        lengths,
+        limits,
+        row_slots,
+        row_ids,
+    )
     return pack, taken, taken_slots
 
 
@@ -398,11 +476,26 @@ class _HostRow:
         self.finished = False
 
 
-def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: Sequence[Request], *,
-             num_samples: int = 1, seed: int = 0, max_rows: int | None = None, mesh=None, buckets=None,
-             tokenizer=None, progress=None, block_size: int = ATTENTION_BLOCK, chunk: int = CHUNK_STEPS,
-             refill_rows: int | None = None, prefill_tokens: int | None = None, path: str | None = None,
-             stats: EngineStats | None = None) -> list[Sample]:
+def generate(
+    config: Qwen2Config,
+    settings: SamplingSettings,
+    params,
+    requests: Sequence[Request],
+    *,
+    num_samples: int = 1,
+    seed: int = 0,
+    max_rows: int | None = None,
+    mesh=None,
+    buckets=None,
+    tokenizer=None,
+    progress=None,
+    block_size: int = ATTENTION_BLOCK,
+    chunk: int = CHUNK_STEPS,
+    refill_rows: int | None = None,
+    prefill_tokens: int | None = None,
+    path: str | None = None,
+    stats: EngineStats | None = None,
+) -> list[Sample]:
     """Generate num_samples continuations of every request with continuous batching. Returns them
     request-major (request i's samples at [i * num_samples, (i + 1) * num_samples)).
 
@@ -463,7 +556,8 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
             row.sampling_logprobs.extend(slogp[slot, :k].tolist())
             if done[slot]:
                 results[row.request * num_samples + row.sample] = make_sample(
-                    settings, row.tokens, row.logprobs, row.sampling_logprobs, tokenizer)
+                    settings, row.tokens, row.logprobs, row.sampling_logprobs, tokenizer
+                )
                 row.finished = True
                 owner[slot] = None
                 free.append(slot)
@@ -479,9 +573,17 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
     while waiting or len(free) < len(owner):
         if in_flight is None:
             while waiting and len(free) >= num_samples:  # refill
-                pack, taken, rows = pack_prompts(requests, waiting, free, num_samples=num_samples, budget=row_len,
-                                                 rows=pack_rows, slots=len(owner), row_multiple=shards,
-                                                 buckets=buckets)
+                pack, taken, rows = pack_prompts(
+                    requests,
+                    waiting,
+                    free,
+                    num_samples=num_samples,
+                    budget=row_len,
+                    rows=pack_rows,
+                    slots=len(owner),
+                    row_multiple=shards,
+                    buckets=buckets,
+                )
                 pack = Pack(*(_replicate(a, mesh) for a in pack))
                 state = prefill_fn(config, num_samples, mesh, params, state, pack, _replicate(seed32, mesh))
                 for r, slot in enumerate(rows):
@@ -495,7 +597,7 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
                 live = [slot for slot, o in enumerate(owner) if o is not None]
                 size = compacted_size(len(live), len(owner), mesh)
                 if size is not None:
-                    keep = live + free[:size - len(live)]  # free slots pad it: done, limit 0
+                    keep = live + free[: size - len(live)]  # free slots pad it: done, limit 0
                     state = compact_fn(mesh, state, _replicate(np.asarray(keep, np.int32), mesh))
                     owner = [owner[slot] for slot in keep]
                     free = list(range(len(live), size))
@@ -507,8 +609,18 @@ def generate(config: Qwen2Config, settings: SamplingSettings, params, requests: 
             longest = max((o.prompt_len + len(o.tokens) for o in owner if o is not None), default=0)
             window = host_window(longest, chunk * (2 if in_flight else 1), block, capacity)
         snapshot = list(owner)
-        state, emitted, attention = _decode(config, settings, chunk, window, attention, mesh, decode_params,
-                                            state, _replicate(np.int32(stop_at_done), mesh), stats)
+        state, emitted, attention = _decode(
+            config,
+            settings,
+            chunk,
+            window,
+            attention,
+            mesh,
+            decode_params,
+            state,
+            _replicate(np.int32(stop_at_done), mesh),
+            stats,
+        )
         for a in emitted:  # queue each copy to the host behind the chunk, so none waits for the others
             if a.is_fully_addressable:
                 a.copy_to_host_async()
@@ -531,8 +643,16 @@ class FixedBatch(NamedTuple):
     decode: callable
 
 
-def fixed_batch(config: Qwen2Config, settings: SamplingSettings, params, tokens, steps: int, capacity: int,
-                block: int, path: str | None = None) -> FixedBatch:
+def fixed_batch(
+    config: Qwen2Config,
+    settings: SamplingSettings,
+    params,
+    tokens,
+    steps: int,
+    capacity: int,
+    block: int,
+    path: str | None = None,
+) -> FixedBatch:
     """Prompts tokens [B, P] (all of length P), each limited to `steps` new tokens, on the decode path
     this device takes (or `path`)."""
     B, P = tokens.shape
@@ -543,13 +663,23 @@ def fixed_batch(config: Qwen2Config, settings: SamplingSettings, params, tokens,
 
     def state():
         s = empty_state_fn(config, B, capacity, None, path)
-        pack, _, _ = pack_prompts(reqs, collections.deque(range(B)), list(range(B)), num_samples=1, budget=P,
-                                  rows=B, slots=B)
+        pack, _, _ = pack_prompts(
+            reqs, collections.deque(range(B)), list(range(B)), num_samples=1, budget=P, rows=B, slots=B
+        )
         return prefill_fn(config, 1, None, params, s, pack, np.uint32(0))
 
     def decode(s):
-        return decode_fn(config, settings, steps, capacity if attention == "xla" else block, attention, None,
-                         decode_params, s, np.int32(B))
+        return decode_fn(
+            config,
+            settings,
+            steps,
+            capacity if attention == "xla" else block,
+            attention,
+            None,
+            decode_params,
+            s,
+            np.int32(B),
+        )
 
     return FixedBatch(state, decode)
 
@@ -563,8 +693,11 @@ def _decode(config, settings, chunk, window, attention, mesh, params, state, sto
     except Exception as e:  # noqa: BLE001 - any lowering error of the kernel
         if attention in (None, "xla"):
             raise
-        warnings.warn(f"decode attention {attention!r} failed to compile ({type(e).__name__}: {str(e)[:200]}); "
-                      f"using the XLA attention (set {ATTENTION_ENV}=xla to skip the attempt)")
+        warnings.warn(
+            f"decode attention {attention!r} failed to compile ({type(e).__name__}: {str(e)[:200]}); "
+            f"using the XLA attention (set {ATTENTION_ENV}=xla to skip the attempt)",
+            stacklevel=3,
+        )
         stats.attention = "xla"
         window = state.cache.keys[0].shape[2]
         return (*decode_fn(config, settings, chunk, window, "xla", mesh, params, state, stop_at_done), "xla")

@@ -102,11 +102,14 @@ _COLUMNS = {
 }
 
 
-def read_items(path: str, fmt: str, *, dataset_config: str | None = None, dataset_split: str | None = None) -> list[Item]:
+def read_items(
+    path: str, fmt: str, *, dataset_config: str | None = None, dataset_split: str | None = None
+) -> list[Item]:
     """The evaluation items of a file (JSON list, JSONL or Parquet) or dataset in one of FORMATS."""
     _check_format(fmt)
-    rows = read_rows(path, dataset_config=dataset_config, dataset_split=dataset_split, columns=_COLUMNS[fmt],
-                     allowed=_FIELDS[fmt])
+    rows = read_rows(
+        path, dataset_config=dataset_config, dataset_split=dataset_split, columns=_COLUMNS[fmt], allowed=_FIELDS[fmt]
+    )
     return items_from_rows(rows, fmt)
 
 
@@ -120,7 +123,7 @@ def items_from_rows(rows: list[tuple[str, dict]], fmt: str) -> list[Item]:
     items = []
     for where, row in rows:
 
-        def text(key: str) -> str:
+        def text(key: str, where=where, row=row) -> str:
             return require_text(where, row, key, fields)
 
         if fmt in ("rewardbench", "pairs"):
@@ -143,7 +146,9 @@ def score_items(fmt: str, items: list[Item], judgments: list[Judgment]) -> dict:
     metrics: dict = {}
     graded = [(it, j) for it, j in zip(items, judgments) if it.label != TIE]
     if graded:
-        metrics["accuracy" if fmt != "pandalm" else "non_tie_accuracy"] = sum(j.score(it.label) for it, j in graded) / len(graded)
+        metrics["accuracy" if fmt != "pandalm" else "non_tie_accuracy"] = sum(
+            j.score(it.label) for it, j in graded
+        ) / len(graded)
     if fmt == "rewardbench":
         by_subset: dict[str, list[float]] = {}
         for it, j in graded:
@@ -163,11 +168,16 @@ def format_table(results: dict) -> str:
     rows = [(k, v) for k, v in metrics.items() if isinstance(v, float)]
     rows += [(f"subset {k}", v) for k, v in metrics.get("subsets", {}).items()]
     rows += [(f"section {k}" if k != "overall" else "overall", v) for k, v in metrics.get("sections", {}).items()]
-    rows += [("items", results["items"]), ("tied verdicts", results["tied_items"]),
-             ("unparseable samples", f"{results['unparseable_samples']} of {results['samples']}")]
+    rows += [
+        ("items", results["items"]),
+        ("tied verdicts", results["tied_items"]),
+        ("unparseable samples", f"{results['unparseable_samples']} of {results['samples']}"),
+    ]
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value * 100:6.2f}" if isinstance(value, float) else f"{name:<{width}}  {value}"
-                     for name, value in rows)
+    return "\n".join(
+        f"{name:<{width}}  {value * 100:6.2f}" if isinstance(value, float) else f"{name:<{width}}  {value}"
+        for name, value in rows
+    )
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -190,11 +200,22 @@ def evaluate(judge, items: list[Item], fmt: str) -> dict:
         "unparseable_samples": sum(j.unparseable for j in judgments),
         "samples": sum(len(j.verdicts) for j in judgments),
         # prompts_per_call too: the seed of every sampled batch comes from the batch plan it shapes
-        "judge": {"votes": judge.votes, "both_orders": judge.both_orders, "seed": judge.seed,
-                  "batch_size": judge.batch_size, "prompts_per_call": judge.prompts_per_call, **judge.decoding.options()},
+        "judge": {
+            "votes": judge.votes,
+            "both_orders": judge.both_orders,
+            "seed": judge.seed,
+            "batch_size": judge.batch_size,
+            "prompts_per_call": judge.prompts_per_call,
+            **judge.decoding.options(),
+        },
         "per_item": [
-            {"label": it.label, "subset": it.subset, "verdict": j.winner,
-             "votes": {"1": j.votes_1, "2": j.votes_2, "unparseable": j.unparseable}, "swapped": j.swapped}
+            {
+                "label": it.label,
+                "subset": it.subset,
+                "verdict": j.winner,
+                "votes": {"1": j.votes_1, "2": j.votes_2, "unparseable": j.unparseable},
+                "swapped": j.swapped,
+            }
             for it, j in zip(items, judgments)
         ],
     }
@@ -204,9 +225,13 @@ def run_eval(args: argparse.Namespace) -> int:
     _check_format(args.format)
     rows = rows_from_args(args, _COLUMNS[args.format], _FIELDS[args.format])
     items = items_from_rows(rows, args.format)  # bad input fails before the model loads
-    journal, _, results = run_journaled(args, "eval", judge_settings(args, rows, format=args.format), "items",
-                                        lambda judge: {"model": args.model, "input": args.input,
-                                                       **evaluate(judge, items, args.format)})
+    journal, _, results = run_journaled(
+        args,
+        "eval",
+        judge_settings(args, rows, format=args.format),
+        "items",
+        lambda judge: {"model": args.model, "input": args.input, **evaluate(judge, items, args.format)},
+    )
     journal.partial.finish(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     if distributed.is_main_process():
         print(format_table(results))

@@ -8,16 +8,27 @@ own position and decodes until EOS or its own `max_new_tokens`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from jax.sharding import NamedSharding
 
 from rrm_jax import engine
 from rrm_jax.errors import UserError
 from rrm_jax.model.config import Qwen2Config
-from rrm_jax.sampling import (FINISH_EOS, FINISH_LENGTH, THINK_END_TEXT, Sample, SamplingSettings,  # noqa: F401
-                              bucket_length, check_prompts, filter_logits, make_settings, request_limits,
-                              resolve_eos_ids, think_end_ids)
+from rrm_jax.sampling import (  # noqa: F401
+    FINISH_EOS,
+    FINISH_LENGTH,
+    THINK_END_TEXT,
+    Sample,
+    SamplingSettings,
+    bucket_length,
+    check_prompts,
+    filter_logits,
+    make_settings,
+    request_limits,
+    resolve_eos_ids,
+    think_end_ids,
+)
 
 # The engine's compiled programs (tests count their compilations).
 prefill_fn = engine.prefill_fn
@@ -32,12 +43,27 @@ def mesh_of(params):
     return None
 
 
-def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
-           temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, num_samples: int = 1, seed: int = 0,
-           eos_ids=None, max_think_tokens: int | None = None, tokenizer=None, think_end_ids_override=None,
-           batch_size: int | None = None, buckets: Sequence[int] | None = None, progress=None,
-           stats: engine.EngineStats | None = None, allowed_token_ids: Sequence[int] | None = None,
-           prefill_tokens: int | None = None) -> list[Sample]:
+def sample(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int | Sequence[int],
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    num_samples: int = 1,
+    seed: int = 0,
+    eos_ids=None,
+    max_think_tokens: int | None = None,
+    tokenizer=None,
+    think_end_ids_override=None,
+    batch_size: int | None = None,
+    buckets: Sequence[int] | None = None,
+    progress=None,
+    stats: engine.EngineStats | None = None,
+    allowed_token_ids: Sequence[int] | None = None,
+    prefill_tokens: int | None = None,
+) -> list[Sample]:
     """Generate from a list of token-id prompts. Returns num_samples results per prompt, prompt-major.
 
     max_new_tokens: one limit for every prompt, or a list with one per prompt.
@@ -58,13 +84,33 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int | 
     if not prompt_ids:
         return []
     limits = request_limits(max_new_tokens, len(prompt_ids))
-    settings = make_settings(config, temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids,
-                             max_think_tokens=max_think_tokens, tokenizer=tokenizer,
-                             think_end_ids_override=think_end_ids_override, allowed_token_ids=allowed_token_ids)
+    settings = make_settings(
+        config,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        eos_ids=eos_ids,
+        max_think_tokens=max_think_tokens,
+        tokenizer=tokenizer,
+        think_end_ids_override=think_end_ids_override,
+        allowed_token_ids=allowed_token_ids,
+    )
     check_prompts(config, prompt_ids, limits)
     requests = [engine.Request([int(t) for t in p], m, i) for i, (p, m) in enumerate(zip(prompt_ids, limits))]
     params = model.params()
     max_rows = None if batch_size is None else batch_size * num_samples
-    return engine.generate(config, settings, params, requests, num_samples=num_samples, seed=seed,
-                           max_rows=max_rows, mesh=mesh_of(params), buckets=buckets, tokenizer=tokenizer,
-                           progress=progress, stats=stats, prefill_tokens=prefill_tokens)
+    return engine.generate(
+        config,
+        settings,
+        params,
+        requests,
+        num_samples=num_samples,
+        seed=seed,
+        max_rows=max_rows,
+        mesh=mesh_of(params),
+        buckets=buckets,
+        tokenizer=tokenizer,
+        progress=progress,
+        stats=stats,
+        prefill_tokens=prefill_tokens,
+    )

@@ -28,17 +28,21 @@ def read_prompt_rows(path: str, *, dataset_config: str | None = None, dataset_sp
     """Rows `{"prompt": str, "chat": bool?}` or `{"input_ids": [int, ...]}`; other fields pass through.
     `path` is a JSONL, JSON-list or Parquet file, or a Hugging Face dataset with a `prompt` or `input_ids`
     column."""
-    return [row for _, row in read_located_prompt_rows(path, dataset_config=dataset_config,
-                                                        dataset_split=dataset_split)]
+    return [
+        row for _, row in read_located_prompt_rows(path, dataset_config=dataset_config, dataset_split=dataset_split)
+    ]
 
 
-def read_located_prompt_rows(path: str, *, dataset_config: str | None = None,
-                             dataset_split: str | None = None) -> list[tuple[str, dict]]:
+def read_located_prompt_rows(
+    path: str, *, dataset_config: str | None = None, dataset_split: str | None = None
+) -> list[tuple[str, dict]]:
     """read_prompt_rows, each row with where it was read (`FILE line N`, or the dataset's row)."""
     located = read_rows(path, dataset_config=dataset_config, dataset_split=dataset_split, allowed=PROMPT_FIELDS)
     if sources.is_dataset(path) and not {"prompt", "input_ids"} & set(located[0][1]):
-        raise UserError(f"{sources.describe(path, dataset_config, dataset_split)}: missing column 'prompt' "
-                        f"(it has {', '.join(located[0][1])}; rows need 'prompt' or 'input_ids')")
+        raise UserError(
+            f"{sources.describe(path, dataset_config, dataset_split)}: missing column 'prompt' "
+            f"(it has {', '.join(located[0][1])}; rows need 'prompt' or 'input_ids')"
+        )
     for where, row in located:
         if row.get("input_ids") is not None:
             ids = row["input_ids"]
@@ -67,12 +71,14 @@ def encode_rows(rows: list[dict], tokenizer, where) -> list[list[int]]:
         if row.get("chat"):
             if not tokenizer.chat_template:
                 raise UserError(f"{place}: asks for 'chat' but the tokenizer has no chat template")
-            text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
-                                                 add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True, tokenize=False
+            )
             ids = tokenizer.encode(text, add_special_tokens=False)  # the template already placed them
         else:  # BOS + text, as the toy policy trainer prompts (rrm_jax.data.prompts)
-            ids = tokenizer.encode(policy_prompt_text(tokenizer, row["prompt"], chat_template=False),
-                                   add_special_tokens=False)
+            ids = tokenizer.encode(
+                policy_prompt_text(tokenizer, row["prompt"], chat_template=False), add_special_tokens=False
+            )
         prompts.append(ids)
     return prompts
 
@@ -80,10 +86,24 @@ def encode_rows(rows: list[dict], tokenizer, where) -> list[list[int]]:
 def generate_settings(args, rows: list[dict]) -> dict:
     """What the generations depend on: stored in the partial file, compared on --resume."""
     model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
-    return {"model": model, **options.input_settings(args, [("", row) for row in rows]),
-            **{key: getattr(args, key) for key in ("max_new_tokens", "temperature", "top_p", "top_k", "num_samples",
-                                                   "seed", "batch_size", "max_think_tokens")},
-            "prompts_per_call": options.prompts_per_call(args)}
+    return {
+        "model": model,
+        **options.input_settings(args, [("", row) for row in rows]),
+        **{
+            key: getattr(args, key)
+            for key in (
+                "max_new_tokens",
+                "temperature",
+                "top_p",
+                "top_k",
+                "num_samples",
+                "seed",
+                "batch_size",
+                "max_think_tokens",
+            )
+        },
+        "prompts_per_call": options.prompts_per_call(args),
+    }
 
 
 def run(args) -> int:
@@ -96,8 +116,9 @@ def run(args) -> int:
     tokenizer = load_tokenizer(loaded["path"])
     prompts = encode_rows(rows, tokenizer, [where for where, _ in located])
     with resumable.StopSignals() as stop:
-        partial = resumable.PartialFile(args.output, "generate", generate_settings(args, rows), resume=args.resume,
-                                        model=loaded)
+        partial = resumable.PartialFile(
+            args.output, "generate", generate_settings(args, rows), resume=args.resume, model=loaded
+        )
         generated = {r["index"]: r["samples"] for r in partial.records}
         try:
             model, config = load_model(loaded["path"], mesh=options.local_mesh(args.mesh))
@@ -106,8 +127,11 @@ def run(args) -> int:
             _generate_all(args, model, tokenizer, prompts, limits, generated, partial, stop.requested)
         except resumable.Interrupted:
             if distributed.is_main_process():
-                print(f"{stop.name}: stopped with {len(generated)} prompts finished in {partial.path}; run the same "
-                      f"command with --resume to continue", file=sys.stderr)
+                print(
+                    f"{stop.name}: stopped with {len(generated)} prompts finished in {partial.path}; run the same "
+                    f"command with --resume to continue",
+                    file=sys.stderr,
+                )
             return stop.exit_code
         finally:
             partial.close()
@@ -129,15 +153,20 @@ def max_new_tokens(flag: int | None, prompts: list[list[int]], context: int) -> 
 def _show(rows: list[dict], generated: dict, num_samples: int) -> None:
     """The first few generations on stdout, each under its prompt."""
     for i in range(min(SHOWN, len(rows))):
-        prompt = rows[i]["prompt"] if rows[i].get("prompt") is not None else f"input_ids ({len(rows[i]['input_ids'])} tokens)"
+        prompt = (
+            rows[i]["prompt"]
+            if rows[i].get("prompt") is not None
+            else f"input_ids ({len(rows[i]['input_ids'])} tokens)"
+        )
         for k, sample_row in enumerate(generated[i]):
             which = f", sample {k + 1}/{num_samples}" if num_samples > 1 else ""
             answer = sample_row["text"] if sample_row["text"] is not None else sample_row["output_ids"]
             print(f"--- prompt {i + 1}/{len(rows)}{which} ({sample_row['finish_reason']}): {prompt!r} ---\n{answer}\n")
 
 
-def _generate_all(args, model, tokenizer, prompts: list[list[int]], limits, generated: dict, partial,
-                  stop_requested) -> None:
+def _generate_all(
+    args, model, tokenizer, prompts: list[list[int]], limits, generated: dict, partial, stop_requested
+) -> None:
     """Sample every prompt not in `generated` yet (planned batches split over the processes), adding
     each finished batch to `generated` and to the partial file."""
     from tqdm import tqdm
@@ -149,16 +178,33 @@ def _generate_all(args, model, tokenizer, prompts: list[list[int]], limits, gene
 
     def run_batch(b: int) -> list[list[dict]]:
         batch_limits = limits if isinstance(limits, int) else [limits[i] for i in plan[b]]
-        results = sample(model, [prompts[i] for i in plan[b]], max_new_tokens=batch_limits,
-                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, num_samples=args.num_samples,
-                         seed=worksplit.batch_seed(args.seed, 0, b), max_think_tokens=args.max_think_tokens,
-                         tokenizer=tokenizer, batch_size=args.batch_size)
-        samples = [dict(output_ids=r.output_ids, text=r.text, finish_reason=r.finish_reason, logprobs=r.logprobs)
-                   for r in results]
-        return [samples[k * args.num_samples:(k + 1) * args.num_samples] for k in range(len(plan[b]))]
+        results = sample(
+            model,
+            [prompts[i] for i in plan[b]],
+            max_new_tokens=batch_limits,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            num_samples=args.num_samples,
+            seed=worksplit.batch_seed(args.seed, 0, b),
+            max_think_tokens=args.max_think_tokens,
+            tokenizer=tokenizer,
+            batch_size=args.batch_size,
+        )
+        samples = [
+            dict(output_ids=r.output_ids, text=r.text, finish_reason=r.finish_reason, logprobs=r.logprobs)
+            for r in results
+        ]
+        return [samples[k * args.num_samples : (k + 1) * args.num_samples] for k in range(len(plan[b]))]
 
-    with tqdm(total=len(prompts), initial=len(generated), desc="generate", unit="prompt", file=sys.stderr,
-              disable=not distributed.is_main_process()) as bar:
+    with tqdm(
+        total=len(prompts),
+        initial=len(generated),
+        desc="generate",
+        unit="prompt",
+        file=sys.stderr,
+        disable=not distributed.is_main_process(),
+    ) as bar:
 
         def on_round(finished) -> None:
             new = []
@@ -190,18 +236,25 @@ def configure(parser):
     parser.add_argument("--model", required=True, help="HF folder, rrm-jax checkpoint or training output dir")
     options.add_input_arguments(parser, 'rows {"prompt": ...} or {"input_ids": [...]}')
     parser.add_argument("--output", required=True, help="JSONL file for the generations")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help=f"tokens generated per sample (default: {DEFAULT_MAX_NEW_TOKENS}, capped per prompt at "
-                             f"what the model's context leaves)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"tokens generated per sample (default: {DEFAULT_MAX_NEW_TOKENS}, capped per prompt at "
+        f"what the model's context leaves)",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     parser.add_argument("--top-k", type=int, default=0, help="top-k filter, 0 = off")
     parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     parser.add_argument("--seed", type=int, default=0, help="seeds each batch's sampling")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="prompts decoding at once (the engine's slots hold their samples)")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="prompts decoding at once (the engine's slots hold their samples)"
+    )
     options.add_prompts_per_call_argument(parser)
-    parser.add_argument("--max-think-tokens", type=int, default=None, help="force </think> after this many tokens (default: no budget)")
+    parser.add_argument(
+        "--max-think-tokens", type=int, default=None, help="force </think> after this many tokens (default: no budget)"
+    )
     options.add_mesh_argument(parser)
     options.add_resume_argument(parser)
     parser.set_defaults(run=run)

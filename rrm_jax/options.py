@@ -22,24 +22,38 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
 
 
 def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mesh", type=parse_mesh, default=None, metavar="DATA,FSDP,TP",
-                        help="mesh over this process's devices, -1 = the remaining ones (e.g. 1,1,4: tensor-parallel "
-                             "over a 4-chip host); default: the process's first device")
+    parser.add_argument(
+        "--mesh",
+        type=parse_mesh,
+        default=None,
+        metavar="DATA,FSDP,TP",
+        help="mesh over this process's devices, -1 = the remaining ones (e.g. 1,1,4: tensor-parallel "
+        "over a 4-chip host); default: the process's first device",
+    )
 
 
 def add_input_arguments(parser: argparse.ArgumentParser, what: str, *, required: bool = True) -> None:
     """--input (a file or a Hugging Face dataset) with the dataset's --dataset-config / --dataset-split."""
-    parser.add_argument("--input", required=required,
-                        help=f"{what}: a JSONL, JSON or Parquet file, a folder written by Dataset.save_to_disk, "
-                             f"or a Hugging Face dataset name (loaded from the local cache when offline)")
+    parser.add_argument(
+        "--input",
+        required=required,
+        help=f"{what}: a JSONL, JSON or Parquet file, a folder written by Dataset.save_to_disk, "
+        f"or a Hugging Face dataset name (loaded from the local cache when offline)",
+    )
     parser.add_argument("--dataset-config", default=None, help="the dataset's config (subset), e.g. for a hub dataset")
-    parser.add_argument("--dataset-split", default=None, help="the dataset's split, e.g. filtered for allenai/reward-bench "
-                        "(default: its only split)")
+    parser.add_argument(
+        "--dataset-split",
+        default=None,
+        help="the dataset's split, e.g. filtered for allenai/reward-bench (default: its only split)",
+    )
 
 
 def add_resume_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUTPUT.partial, the items an interrupted run (kill, SIGTERM) finished")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUTPUT.partial, the items an interrupted run (kill, SIGTERM) finished",
+    )
 
 
 def local_mesh(shape: tuple[int, int, int] | None):
@@ -55,21 +69,30 @@ def local_mesh(shape: tuple[int, int, int] | None):
 
 def input_settings(args: argparse.Namespace, rows: list[tuple[str, dict]]) -> dict:
     """The input's name and a hash of its rows, so an input file changed in place is noticed too."""
-    digest = hashlib.sha256(json.dumps([row for _, row in rows], sort_keys=True, ensure_ascii=False,
-                                       default=str).encode("utf-8")).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps([row for _, row in rows], sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+    ).hexdigest()
     source = os.path.abspath(args.input) if os.path.exists(args.input) else args.input
-    return {"input": source, "dataset_config": args.dataset_config, "dataset_split": args.dataset_split,
-            "input_rows_sha256": digest}
+    return {
+        "input": source,
+        "dataset_config": args.dataset_config,
+        "dataset_split": args.dataset_split,
+        "input_rows_sha256": digest,
+    }
 
 
 CALL_BATCHES = 8  # default planned batch: this many --batch-size worths of prompts per sampler call
 
 
 def add_prompts_per_call_argument(parser) -> None:
-    parser.add_argument("--prompts-per-call", type=int, default=None,
-                        help="prompts per planned batch: one sampler call, the unit split over processes and "
-                             "saved to the partial file; the engine keeps --batch-size of them decoding, refilling "
-                             f"slots as rows finish (default: {CALL_BATCHES} x --batch-size)")
+    parser.add_argument(
+        "--prompts-per-call",
+        type=int,
+        default=None,
+        help="prompts per planned batch: one sampler call, the unit split over processes and "
+        "saved to the partial file; the engine keeps --batch-size of them decoding, refilling "
+        f"slots as rows finish (default: {CALL_BATCHES} x --batch-size)",
+    )
 
 
 def prompts_per_call(args) -> int:

@@ -37,13 +37,16 @@ def mesh_shape(data: int, fsdp: int, tp: int, n_devices: int) -> tuple[int, int,
     """(data, fsdp, tp) with a -1 (at most one) replaced by what fills `n_devices` (MaxText's convention)."""
     shape = (data, fsdp, tp)
     if any(v < 1 and v != -1 for v in shape) or shape.count(-1) > 1:
-        raise UserError(f"mesh data={data} fsdp={fsdp} tp={tp}: sizes must be >= 1, with at most one -1 "
-                        f"(= all remaining devices)")
+        raise UserError(
+            f"mesh data={data} fsdp={fsdp} tp={tp}: sizes must be >= 1, with at most one -1 (= all remaining devices)"
+        )
     if -1 in shape:
         rest = math.prod(v for v in shape if v != -1)
         if n_devices % rest:
-            raise UserError(f"mesh data={data} fsdp={fsdp} tp={tp}: the other sizes ({rest}) do not divide the "
-                            f"{n_devices} devices, so -1 cannot fill them")
+            raise UserError(
+                f"mesh data={data} fsdp={fsdp} tp={tp}: the other sizes ({rest}) do not divide the "
+                f"{n_devices} devices, so -1 cannot fill them"
+            )
         shape = tuple(n_devices // rest if v == -1 else v for v in shape)
     return shape
 
@@ -55,8 +58,10 @@ def make_mesh(data: int = 1, fsdp: int = 1, tp: int = 1, *, devices=None) -> Mes
     shape = mesh_shape(data, fsdp, tp, len(devices))
     data, fsdp, tp = shape
     if math.prod(shape) != len(devices):
-        raise UserError(f"mesh data={data} fsdp={fsdp} tp={tp} has {math.prod(shape)} slots but there are "
-                        f"{len(devices)} devices; the product of data*fsdp*tp must equal {len(devices)}")
+        raise UserError(
+            f"mesh data={data} fsdp={fsdp} tp={tp} has {math.prod(shape)} slots but there are "
+            f"{len(devices)} devices; the product of data*fsdp*tp must equal {len(devices)}"
+        )
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 

@@ -103,10 +103,16 @@ def model_shape(c: TrainConfig) -> Qwen2Config:
     if m.init is None:
         from rrm_jax.rl.tokenizer import load_train_tokenizer  # the vocabulary size comes from the tokenizer
 
-        base = Qwen2Config(vocab_size=len(load_train_tokenizer(c.tokenizer)), hidden_size=m.hidden_size,
-                           intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
-                           num_kv_heads=m.num_kv_heads, tie_word_embeddings=m.tie_word_embeddings,
-                           max_position_embeddings=m.max_position_embeddings)
+        base = Qwen2Config(
+            vocab_size=len(load_train_tokenizer(c.tokenizer)),
+            hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size,
+            num_layers=m.num_layers,
+            num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads,
+            tie_word_embeddings=m.tie_word_embeddings,
+            max_position_embeddings=m.max_position_embeddings,
+        )
     elif m.init in PRESETS:
         base = PRESETS[m.init]
     else:
@@ -128,9 +134,11 @@ def _stored_model_config(path: Path, key: str = "model.init") -> Qwen2Config:
     from rrm_jax.model import hf
 
     if not path.exists():
-        raise UserError(f"{key}={str(path)!r} does not exist on this machine; to plan without the weights, "
-                        f"give the preset of the same shape, e.g. {key}=r1-distill-qwen-7b "
-                        f"(presets: {', '.join(PRESETS)})")
+        raise UserError(
+            f"{key}={str(path)!r} does not exist on this machine; to plan without the weights, "
+            f"give the preset of the same shape, e.g. {key}=r1-distill-qwen-7b "
+            f"(presets: {', '.join(PRESETS)})"
+        )
     if hf.is_hf_folder(path):
         return hf.read_hf_config(path)
     return checkpoint.read_checkpoint_config(checkpoint.resolve_checkpoint(path))
@@ -160,7 +168,12 @@ def plan_memory(c: TrainConfig, model: Qwen2Config, judge: Qwen2Config | None = 
         return n // tp if n % tp == 0 else n
 
     L, D, H = model.num_layers, model.hidden_size, model.head_dim
-    N, K, F, V = split(model.num_heads), split(model.num_kv_heads), split(model.intermediate_size), split(model.vocab_size)
+    N, K, F, V = (
+        split(model.num_heads),
+        split(model.num_kv_heads),
+        split(model.intermediate_size),
+        split(model.vocab_size),
+    )
     T = c.data.max_prompt_len + c.rollout.max_new_tokens
     rollout = c.rollout.prompts_per_step * c.rollout.samples_per_prompt
     b = math.ceil(rollout / c.loss.micro_batches / (data * fsdp))
@@ -170,23 +183,51 @@ def plan_memory(c: TrainConfig, model: Qwen2Config, judge: Qwen2Config | None = 
     activations = L * layer_input + working_set if c.loss.remat else L * working_set
     rollout_rows = math.ceil(rollout / (data * fsdp))
 
-    weights_remedy = "use more devices with a larger mesh.fsdp (parameters, gradients and optimizer state shard over fsdp*tp)"
+    weights_remedy = (
+        "use more devices with a larger mesh.fsdp (parameters, gradients and optimizer state shard over fsdp*tp)"
+    )
     per_micro_batch = "raise loss.micro_batches" if b > 1 else "lower data.max_prompt_len or rollout.max_new_tokens"
     terms = (
         Term("params", f"parameters ({model.param_dtype})", param_bytes, "both", weights_remedy),
-        Term("grads", "gradients" + (" (accumulator + micro-batch)" if c.loss.micro_batches > 1 else ""),
-             param_bytes * (2 if c.loss.micro_batches > 1 else 1), "update", weights_remedy),
+        Term(
+            "grads",
+            "gradients" + (" (accumulator + micro-batch)" if c.loss.micro_batches > 1 else ""),
+            param_bytes * (2 if c.loss.micro_batches > 1 else 1),
+            "update",
+            weights_remedy,
+        ),
         Term("optimizer", "optimizer state (AdamW, 2 moments)", 2 * param_bytes, "both", weights_remedy),
-        Term("reference", "reference model (loss.kl_coef > 0)", param_bytes if c.loss.kl_coef > 0 else 0.0, "both",
-             "set loss.kl_coef=0 (no reference model) or " + weights_remedy),
-        Term("activations", f"activations ({'remat' if c.loss.remat else 'no remat'}, {b} x {T} tokens)", activations,
-             "update", "set loss.remat=true" if not c.loss.remat else
-             f"{per_micro_batch} or raise mesh.tp (splits attention heads and MLP)"),
-        Term("logits", f"logits (float32, {b} x {T} tokens)", 2 * t * V * 4, "update",
-             f"{per_micro_batch} or raise mesh.tp (splits the vocabulary)"),
-        Term("kv_cache", f"rollout KV cache ({rollout_rows} x {T} tokens)", 2 * L * rollout_rows * T * K * H * a_bytes,
-             "rollout", "lower rollout.prompts_per_step or rollout.max_new_tokens, or use more devices "
-                        "(the cache splits its sequences over mesh.data*fsdp)"),
+        Term(
+            "reference",
+            "reference model (loss.kl_coef > 0)",
+            param_bytes if c.loss.kl_coef > 0 else 0.0,
+            "both",
+            "set loss.kl_coef=0 (no reference model) or " + weights_remedy,
+        ),
+        Term(
+            "activations",
+            f"activations ({'remat' if c.loss.remat else 'no remat'}, {b} x {T} tokens)",
+            activations,
+            "update",
+            "set loss.remat=true"
+            if not c.loss.remat
+            else f"{per_micro_batch} or raise mesh.tp (splits attention heads and MLP)",
+        ),
+        Term(
+            "logits",
+            f"logits (float32, {b} x {T} tokens)",
+            2 * t * V * 4,
+            "update",
+            f"{per_micro_batch} or raise mesh.tp (splits the vocabulary)",
+        ),
+        Term(
+            "kv_cache",
+            f"rollout KV cache ({rollout_rows} x {T} tokens)",
+            2 * L * rollout_rows * T * K * H * a_bytes,
+            "rollout",
+            "lower rollout.prompts_per_step or rollout.max_new_tokens, or use more devices "
+            "(the cache splits its sequences over mesh.data*fsdp)",
+        ),
     )
     if judge is not None:
         r, G = c.reward, c.rollout.samples_per_prompt
@@ -195,15 +236,35 @@ def plan_memory(c: TrainConfig, model: Qwen2Config, judge: Qwen2Config | None = 
             rows = min(rows, r.batch_size)
         judge_rows = math.ceil(rows * r.votes / (data * fsdp))
         new_tokens = r.max_new_tokens or 8192
-        T_j = min(c.data.max_prompt_len + 2 * c.rollout.max_new_tokens + JUDGE_TEMPLATE_TOKENS + new_tokens,
-                  judge.max_position_embeddings)
-        kv = 2 * judge.num_layers * judge_rows * T_j * split(judge.num_kv_heads) * judge.head_dim * jnp.dtype(judge.dtype).itemsize
+        T_j = min(
+            c.data.max_prompt_len + 2 * c.rollout.max_new_tokens + JUDGE_TEMPLATE_TOKENS + new_tokens,
+            judge.max_position_embeddings,
+        )
+        kv = (
+            2
+            * judge.num_layers
+            * judge_rows
+            * T_j
+            * split(judge.num_kv_heads)
+            * judge.head_dim
+            * jnp.dtype(judge.dtype).itemsize
+        )
         terms += (
-            Term("judge_params", f"judge parameters ({judge.param_dtype}, frozen)", shard_bytes(judge), "both",
-                 "set reward.dtype=bfloat16 or " + weights_remedy),
-            Term("judge_kv_cache", f"judge KV cache ({judge_rows} x {T_j} tokens)", kv, "judging",
-                 "set reward.batch_size (judge prompts decoding at once) or lower reward.max_new_tokens, or use more "
-                 "devices (the cache splits its sequences over mesh.data*fsdp)"),
+            Term(
+                "judge_params",
+                f"judge parameters ({judge.param_dtype}, frozen)",
+                shard_bytes(judge),
+                "both",
+                "set reward.dtype=bfloat16 or " + weights_remedy,
+            ),
+            Term(
+                "judge_kv_cache",
+                f"judge KV cache ({judge_rows} x {T_j} tokens)",
+                kv,
+                "judging",
+                "set reward.batch_size (judge prompts decoding at once) or lower reward.max_new_tokens, or use more "
+                "devices (the cache splits its sequences over mesh.data*fsdp)",
+            ),
         )
     return MemoryPlan(model, (data, fsdp, tp), terms, b, rollout_rows, T)
 
@@ -227,15 +288,19 @@ def check_fits(plan: MemoryPlan, device_memory: float, where: str) -> None:
     """UserError naming the largest term and what to change when the peak exceeds device_memory (bytes)."""
     if plan.peak > device_memory:
         big = plan.largest
-        raise UserError(f"{where} does not fit: {plan.peak / GB:.1f} GB per device in the {plan.peak_phase} phase "
-                        f"> {device_memory / GB:.1f} GB; largest term: {big.label} {big.bytes / GB:.1f} GB; {big.remedy}")
+        raise UserError(
+            f"{where} does not fit: {plan.peak / GB:.1f} GB per device in the {plan.peak_phase} phase "
+            f"> {device_memory / GB:.1f} GB; largest term: {big.label} {big.bytes / GB:.1f} GB; {big.remedy}"
+        )
 
 
 def check_devices(c: TrainConfig, devices: int) -> None:
     slots = c.mesh.data * c.mesh.fsdp * c.mesh.tp
     if slots != devices:
-        raise UserError(f"mesh data={c.mesh.data} fsdp={c.mesh.fsdp} tp={c.mesh.tp} has {slots} slots but there are "
-                        f"{devices} devices; the product of data*fsdp*tp must equal {devices}")
+        raise UserError(
+            f"mesh data={c.mesh.data} fsdp={c.mesh.fsdp} tp={c.mesh.tp} has {slots} slots but there are "
+            f"{devices} devices; the product of data*fsdp*tp must equal {devices}"
+        )
 
 
 def check_training_fits(c: TrainConfig, model: Qwen2Config, where: str) -> MemoryPlan:
@@ -252,10 +317,12 @@ def check_training_fits(c: TrainConfig, model: Qwen2Config, where: str) -> Memor
 
 def format_plan(plan: MemoryPlan, device_memory: float | None, title: str) -> str:
     data, fsdp, tp = plan.mesh
-    lines = [title,
-             f"model: {plan.model.num_params / 1e9:.2f}B parameters, {plan.model.num_layers} layers; "
-             f"mesh data={data} fsdp={fsdp} tp={tp} ({data * fsdp * tp} devices)",
-             f"{'per device':<58}{'GB':>9}"]
+    lines = [
+        title,
+        f"model: {plan.model.num_params / 1e9:.2f}B parameters, {plan.model.num_layers} layers; "
+        f"mesh data={data} fsdp={fsdp} tp={tp} ({data * fsdp * tp} devices)",
+        f"{'per device':<58}{'GB':>9}",
+    ]
     for phase in ("both",) + plan.phases:
         for t in plan.terms:
             if t.phase == phase and t.bytes:
@@ -266,19 +333,30 @@ def format_plan(plan: MemoryPlan, device_memory: float | None, title: str) -> st
     if device_memory is None:
         lines.append(f"peak {plan.peak / GB:.2f} GB ({plan.peak_phase}); pass --device-memory GB to check the fit")
     else:
-        lines.append(f"peak {plan.peak / GB:.2f} GB ({plan.peak_phase}) of {device_memory / GB:.2f} GB per device: "
-                     f"{'fits' if plan.peak <= device_memory else 'does NOT fit'} "
-                     f"({100 * plan.peak / device_memory:.0f}% used)")
+        lines.append(
+            f"peak {plan.peak / GB:.2f} GB ({plan.peak_phase}) of {device_memory / GB:.2f} GB per device: "
+            f"{'fits' if plan.peak <= device_memory else 'does NOT fit'} "
+            f"({100 * plan.peak / device_memory:.0f}% used)"
+        )
     return "\n".join(lines)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="training YAML (default: the embedded toy task)")
-    parser.add_argument("--devices", type=int, default=None,
-                        help="number of devices (default: the mesh's data*fsdp*tp, which must equal it; with a -1 "
-                             "mesh size, this machine's device count)")
-    parser.add_argument("--device-memory", type=float, default=None, metavar="GB",
-                        help="memory per device in GB (1e9 bytes), e.g. 95 for TPU v5p, 80 for H100 (default: none, the plan is printed without a fit check)")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="number of devices (default: the mesh's data*fsdp*tp, which must equal it; with a -1 "
+        "mesh size, this machine's device count)",
+    )
+    parser.add_argument(
+        "--device-memory",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="memory per device in GB (1e9 bytes), e.g. 95 for TPU v5p, 80 for H100 (default: none, the plan is printed without a fit check)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for rrm-jax train")
     parser.set_defaults(run=run_plan)
 

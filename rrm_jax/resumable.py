@@ -30,8 +30,8 @@ import signal
 import sys
 
 from rrm_jax import distributed, storage
-from rrm_jax.model_identity import describe
 from rrm_jax.errors import EXIT_CTRL_C, UserError
+from rrm_jax.model_identity import describe
 
 PARTIAL_SUFFIX = ".partial"
 FORMAT_VERSION = 1
@@ -72,7 +72,7 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -99,37 +99,51 @@ def _read(path: str, command: str, settings: dict, model: dict) -> tuple[list[di
     """(records, byte length of the good part) of an existing partial file, checked against this run."""
     with open(path, "rb") as f:
         data = f.read()
-    good = data[:data.rfind(b"\n") + 1]  # a last line without its newline was cut short by a kill: dropped
+    good = data[: data.rfind(b"\n") + 1]  # a last line without its newline was cut short by a kill: dropped
     lines = good.decode("utf-8", errors="replace").splitlines()
     rows = []
     for number, line in enumerate(lines, start=1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            raise UserError(f"{path} line {number} is not valid JSON (not a cut-short last line: the file is damaged); "
-                            f"delete it to start over") from None
+            raise UserError(
+                f"{path} line {number} is not valid JSON (not a cut-short last line: the file is damaged); "
+                f"delete it to start over"
+            ) from None
     header = rows[0] if rows else None
     if not isinstance(header, dict) or header.get("rrm_jax_partial") != FORMAT_VERSION:
         raise UserError(f"{path} is not an rrm-jax partial file (no header line); delete it to start over")
     if header.get("command") != command:
-        raise UserError(f"{path} was written by `rrm-jax {header.get('command')}`, not `rrm-jax {command}`; "
-                        f"delete it or choose another --output")
+        raise UserError(
+            f"{path} was written by `rrm-jax {header.get('command')}`, not `rrm-jax {command}`; "
+            f"delete it or choose another --output"
+        )
     stored = header.get("settings", {})
     compared = set(stored) | set(settings)
     if "model_loaded" in header:
         if header["model_loaded"] != model:
-            raise UserError(f"{path} holds results of {describe(header['model_loaded'])} but --model now loads "
-                            f"{describe(model)}; resume with --model {header['model_loaded']['path']} if it still "
-                            f"exists, or delete {path} to start over")
+            raise UserError(
+                f"{path} holds results of {describe(header['model_loaded'])} but --model now loads "
+                f"{describe(model)}; resume with --model {header['model_loaded']['path']} if it still "
+                f"exists, or delete {path} to start over"
+            )
         compared.discard("model")  # the path as given: the same model reached another way is the same model
-    differences = [f"{key}={stored.get(key)!r} there, {settings.get(key)!r} here"
-                   for key in sorted(compared) if stored.get(key) != settings.get(key)]
+    differences = [
+        f"{key}={stored.get(key)!r} there, {settings.get(key)!r} here"
+        for key in sorted(compared)
+        if stored.get(key) != settings.get(key)
+    ]
     if differences:
-        raise UserError(f"{path} is from a run with other settings ({'; '.join(differences)}); resume with the "
-                        f"same settings, or delete it to start over")
+        raise UserError(
+            f"{path} is from a run with other settings ({'; '.join(differences)}); resume with the "
+            f"same settings, or delete it to start over"
+        )
     if "model_loaded" not in header:
-        print(f"note: {path} was written by an older rrm-jax that did not record which checkpoint it loaded; "
-              f"resuming without checking that --model still loads the same one", file=sys.stderr)
+        print(
+            f"note: {path} was written by an older rrm-jax that did not record which checkpoint it loaded; "
+            f"resuming without checking that --model still loads the same one",
+            file=sys.stderr,
+        )
     return rows[1:], len(good)
 
 
@@ -160,8 +174,10 @@ class PartialFile:
                 raise UserError(f"output {self.output} already exists; choose a new path or remove it")
             exists = os.path.exists(self.path)
             if exists and not resume:
-                raise UserError(f"{self.path} holds the finished items of an interrupted run; pass --resume to "
-                                f"continue it, or delete it to start over")
+                raise UserError(
+                    f"{self.path} holds the finished items of an interrupted run; pass --resume to "
+                    f"continue it, or delete it to start over"
+                )
             if exists:
                 records, good = _read(self.path, command, settings, model)
                 self._file = open(self.path, "r+b")
@@ -169,8 +185,12 @@ class PartialFile:
                 self._file.seek(good)
             else:  # created with the first finished batch: a run that fails before one leaves nothing behind
                 records = []
-                self._header = {"rrm_jax_partial": FORMAT_VERSION, "command": command, "settings": settings,
-                                "model_loaded": model}
+                self._header = {
+                    "rrm_jax_partial": FORMAT_VERSION,
+                    "command": command,
+                    "settings": settings,
+                    "model_loaded": model,
+                }
         except UserError as e:
             return {"records": [], "error": str(e)}
         return {"records": records, "error": None}

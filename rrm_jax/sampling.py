@@ -9,7 +9,8 @@ depends on (seed, prompt index, sample index) only, never on the batch, slot or 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -157,21 +158,37 @@ def think_end_ids(tokenizer) -> tuple[int, ...]:
     return tuple(tokenizer.encode(THINK_END_TEXT, add_special_tokens=False))
 
 
-def make_settings(config: Qwen2Config, *, temperature, top_p, top_k, eos_ids, max_think_tokens, tokenizer,
-                  think_end_ids_override, allowed_token_ids=None) -> SamplingSettings:
+def make_settings(
+    config: Qwen2Config,
+    *,
+    temperature,
+    top_p,
+    top_k,
+    eos_ids,
+    max_think_tokens,
+    tokenizer,
+    think_end_ids_override,
+    allowed_token_ids=None,
+) -> SamplingSettings:
     """Validated settings; raises UserError naming the bad value."""
     allowed = tuple(sorted({int(i) for i in allowed_token_ids or ()}))
     if allowed and not (0 <= allowed[0] and allowed[-1] < config.vocab_size):
-        raise UserError(f"allowed_token_ids must be token ids in [0, {config.vocab_size}), got {allowed[0]}..{allowed[-1]}")
+        raise UserError(
+            f"allowed_token_ids must be token ids in [0, {config.vocab_size}), got {allowed[0]}..{allowed[-1]}"
+        )
     Decoding(temperature=temperature, top_p=top_p, top_k=top_k)  # raises on a bad value
     end_ids = ()
     if max_think_tokens is not None:
         end_ids = tuple(think_end_ids_override) if think_end_ids_override else think_end_ids(tokenizer)
     return SamplingSettings(
-        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
         eos_ids=resolve_eos_ids(config, tokenizer, eos_ids),
-        max_think_tokens=None if max_think_tokens is None else int(max_think_tokens), think_end_ids=end_ids,
-        allowed_ids=allowed)
+        max_think_tokens=None if max_think_tokens is None else int(max_think_tokens),
+        think_end_ids=end_ids,
+        allowed_ids=allowed,
+    )
 
 
 def request_limits(max_new_tokens, n_prompts: int) -> list[int]:
@@ -181,7 +198,9 @@ def request_limits(max_new_tokens, n_prompts: int) -> list[int]:
     else:
         limits = [int(m) for m in max_new_tokens]
         if len(limits) != n_prompts:
-            raise UserError(f"max_new_tokens has {len(limits)} entries for {n_prompts} prompts; give one int or one per prompt")
+            raise UserError(
+                f"max_new_tokens has {len(limits)} entries for {n_prompts} prompts; give one int or one per prompt"
+            )
     for i, m in enumerate(limits):
         if m < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {m}" + (f" for prompt {i}" if n_prompts > 1 else ""))
@@ -196,8 +215,10 @@ def check_prompts(config: Qwen2Config, prompt_ids: Sequence[Sequence[int]], max_
         if len(p) == 0:
             raise UserError(f"prompt {i} is empty")
         if len(p) + m > config.max_position_embeddings:
-            raise UserError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={m} that exceeds the "
-                            f"model's context of {config.max_position_embeddings} tokens")
+            raise UserError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={m} that exceeds the "
+                f"model's context of {config.max_position_embeddings} tokens"
+            )
 
 
 def make_sample(settings: SamplingSettings, ids, logprobs, sampling_logprobs, tokenizer) -> Sample:
@@ -206,5 +227,10 @@ def make_sample(settings: SamplingSettings, ids, logprobs, sampling_logprobs, to
     text = None
     if tokenizer is not None:
         text = tokenizer.decode(ids[:-1] if finish == FINISH_EOS else ids, skip_special_tokens=False)
-    return Sample(output_ids=ids, logprobs=[float(x) for x in logprobs], finish_reason=finish, text=text,
-                  sampling_logprobs=None if settings.temperature == 0.0 else [float(x) for x in sampling_logprobs])
+    return Sample(
+        output_ids=ids,
+        logprobs=[float(x) for x in logprobs],
+        finish_reason=finish,
+        text=text,
+        sampling_logprobs=None if settings.temperature == 0.0 else [float(x) for x in sampling_logprobs],
+    )

@@ -42,8 +42,10 @@ def as_path(path) -> Path:
 def check_support(path) -> None:
     """A bucket path needs gcsfs (etils.epath's way to gs://): without it, one line saying how to get it."""
     if is_bucket(path) and importlib.util.find_spec("gcsfs") is None:
-        raise UserError(f"{path} is on Google Cloud Storage, which needs gcsfs: pip install -e '.[gcs]' "
-                        f"(the gcs extra; launch/tpu_run.sh setup installs it)")
+        raise UserError(
+            f"{path} is on Google Cloud Storage, which needs gcsfs: pip install -e '.[gcs]' "
+            f"(the gcs extra; launch/tpu_run.sh setup installs it)"
+        )
 
 
 def renames_folders(path) -> bool:

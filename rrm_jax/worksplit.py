@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from rrm_jax import distributed
 from rrm_jax.resumable import Interrupted
@@ -48,8 +49,13 @@ def batch_seed(seed: int, call: int, batch: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def run_rounds(tasks: Sequence[T], run: Callable[[T], object], on_round: Callable[[list[tuple[T, object]]], None], *,
-               stop_requested: Callable[[], bool] | None = None) -> None:
+def run_rounds(
+    tasks: Sequence[T],
+    run: Callable[[T], object],
+    on_round: Callable[[list[tuple[T, object]]], None],
+    *,
+    stop_requested: Callable[[], bool] | None = None,
+) -> None:
     """Run `tasks` (the same list on every process) split over the processes, round by round.
 
     In each round process p runs `run(tasks[round * N + p])`; its result (JSON-able) is gathered and

@@ -30,8 +30,16 @@ TINY = dict(
 )
 
 
-def make_hf_model(tmp_path: Path, name: str = "hf", *, dtype: str = "float32", seed: int = 0,
-                  max_shard_size: str | None = None, tokenizer: bool = False, **overrides):
+def make_hf_model(
+    tmp_path: Path,
+    name: str = "hf",
+    *,
+    dtype: str = "float32",
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    tokenizer: bool = False,
+    **overrides,
+):
     """Save a random Qwen2ForCausalLM under tmp_path/name; returns (folder, torch model in float32).
 
     overrides: transformers.Qwen2Config fields (e.g. tie_word_embeddings=True, num_key_value_heads=1).
@@ -60,8 +68,10 @@ def make_hf_model(tmp_path: Path, name: str = "hf", *, dtype: str = "float32", s
 
 # Qwen2's pre-tokenizer split (as in transformers' Qwen2Tokenizer), so the tokenizer below loads the same
 # whether transformers builds it from tokenizer.json or as a Qwen2Tokenizer from its vocab and merges.
-_QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-                r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+_QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 _CORPUS = [
     "the judge reads both answers and thinks before it decides which assistant is better.",
     "assistant 1 wrote a short answer; assistant 2 wrote a longer one with 3 examples.",
@@ -77,17 +87,21 @@ def make_tokenizer(folder: Path, vocab_size: int):
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<s>", "</s>"],
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<s>", "</s>"], show_progress=False
+    )
     tok.train_from_iterator(_CORPUS, trainer)
     assert tok.get_vocab_size() == vocab_size, "corpus too small for this vocab_size"
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
     fast.save_pretrained(folder)
     config_path = Path(folder) / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
@@ -95,7 +109,7 @@ def make_tokenizer(folder: Path, vocab_size: int):
     return fast
 
 
-def torch_logits(model, tokens) -> "torch.Tensor":
+def torch_logits(model, tokens) -> torch.Tensor:
     """float32 logits [B, T, V] of the reference model for token ids [B, T]."""
     with torch.no_grad():
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float()

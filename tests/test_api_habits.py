@@ -40,7 +40,9 @@ def test_load_model_gives_the_same_parameters_for_every_dtype_spelling(tmp_path)
                 np.testing.assert_array_equal(got[path], value, err_msg=f"{path} with dtype={spelling!r}")
     _, config = rrm_jax.load_model(folder, dtype=np.dtype("float32"), compute_dtype=jnp.bfloat16)
     assert (config.param_dtype, config.dtype) == ("float32", "bfloat16")
-    with pytest.raises(UserError, match=r"dtype=<class 'jax.numpy.int32'> is not supported; use one of float32, bfloat16"):
+    with pytest.raises(
+        UserError, match=r"dtype=<class 'jax.numpy.int32'> is not supported; use one of float32, bfloat16"
+    ):
         rrm_jax.load_model(folder, dtype=jnp.int32)
 
 
@@ -50,9 +52,11 @@ def test_qwen2_config_and_dtype_flags_take_every_spelling():
         assert config.param_dtype == config.dtype == name
         hash(config)  # still a valid jit static argument
         assert json.dumps(config.to_dict())
-    for argv in (["bench", "sample", "--preset", "tiny", "--dtype", "bf16"],
-                 ["bench", "train", "--preset", "tiny", "--dtype", "jnp.bfloat16"],
-                 ["convert", "hf-to-orbax", "--hf", "a", "--out", "b", "--dtype", "bf16"]):
+    for argv in (
+        ["bench", "sample", "--preset", "tiny", "--dtype", "bf16"],
+        ["bench", "train", "--preset", "tiny", "--dtype", "jnp.bfloat16"],
+        ["convert", "hf-to-orbax", "--hf", "a", "--out", "b", "--dtype", "bf16"],
+    ):
         assert cli.build_parser(argv).parse_args(argv).dtype == "bfloat16"
 
 

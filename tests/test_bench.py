@@ -24,11 +24,29 @@ sys.exit(code)
 
 
 def test_rrm_bench_prints_achieved_bandwidth_and_both_transformers_methods_without_grain():
-    args = ["bench", "sample", "--workload", "rrm", "--preset", "tiny", "--requests", "3", "--slots", "2",
-            "--prompt-range", "8", "8", "--max-new-tokens", "4", "--no-static", "--compare-hf"]  # both methods
+    args = [
+        "bench",
+        "sample",
+        "--workload",
+        "rrm",
+        "--preset",
+        "tiny",
+        "--requests",
+        "3",
+        "--slots",
+        "2",
+        "--prompt-range",
+        "8",
+        "8",
+        "--max-new-tokens",
+        "4",
+        "--no-static",
+        "--compare-hf",
+    ]  # both methods
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, "-c", RUN_WITHOUT_GRAIN, *args], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_WITHOUT_GRAIN, *args], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr
     err = done.stderr
     assert "[bench rrm] transformers generate (length-sorted static batches of 2):" in err
@@ -36,8 +54,13 @@ def test_rrm_bench_prints_achieved_bandwidth_and_both_transformers_methods_witho
     achieved = [l for l in err.splitlines() if l.startswith("[bench rrm] engine achieved ")]
     assert len(achieved) == 1 and "% of the measured " in achieved[0], err
     row = dict(kv.split("=", 1) for kv in done.stdout.split())
-    for key in ("engine_achieved_GBps", "engine_bandwidth_fraction", "hf_tokens_per_s", "hf_batch_tokens_per_s",
-                "engine_vs_hf_batch"):
+    for key in (
+        "engine_achieved_GBps",
+        "engine_bandwidth_fraction",
+        "hf_tokens_per_s",
+        "hf_batch_tokens_per_s",
+        "engine_vs_hf_batch",
+    ):
         assert float(row[key]) > 0, key
     # the printed figure is the bytes over the time without compiling
     gb = float(row["decode_weight_GB"]) + float(row["decode_kv_GB"])
@@ -59,9 +82,11 @@ def test_decode_bytes_counts_the_weights_per_step_and_the_kv_each_live_row_holds
 def test_compare_hf_methods_that_do_not_apply_are_one_line_and_exit_2(capsys):
     from rrm_jax import cli
 
-    for extra, message in ((["--compare-hf", "generate_batch"], "--workload fixed takes generate"),
-                           (["--workload", "cache", "--compare-hf"], "no transformers baseline"),
-                           (["--compare-hf", "vllm"], "invalid choice")):
+    for extra, message in (
+        (["--compare-hf", "generate_batch"], "--workload fixed takes generate"),
+        (["--workload", "cache", "--compare-hf"], "no transformers baseline"),
+        (["--compare-hf", "vllm"], "invalid choice"),
+    ):
         try:
             code = cli.main(["bench", "sample", "--preset", "tiny", *extra])
         except SystemExit as e:  # argparse's own errors

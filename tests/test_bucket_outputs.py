@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from test_trainer import TINY
 
 from rrm_jax import checkpoint, cli, storage
 from rrm_jax.model.config import Qwen2Config
@@ -23,7 +24,6 @@ from rrm_jax.model.convert import checkpoint_to_hf, configure, hf_to_checkpoint
 from rrm_jax.model.qwen2 import Qwen2
 from rrm_jax.rl import trainer
 from rrm_jax.rl.config import load_config
-from test_trainer import TINY
 
 
 class FolderRenamed(OSError):
@@ -72,8 +72,15 @@ def test_bucket_paths_keep_their_scheme():
 def test_the_guard_catches_a_local_checkpoint_rename(tmp_path, no_folder_renames):
     """Without the bucket behaviour a checkpoint is a folder rename (Orbax's commit), so the tests
     below would fail if any writer still renamed one."""
-    config = Qwen2Config(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
-                         num_kv_heads=1, max_position_embeddings=16)
+    config = Qwen2Config(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        max_position_embeddings=16,
+    )
     with pytest.raises(FolderRenamed):
         checkpoint.save_checkpoint(Qwen2(config, rngs=nnx.Rngs(0)), config, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
@@ -126,14 +133,21 @@ def test_an_export_cut_short_is_removed_and_never_looks_complete(tmp_path, bucke
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs installed: the bucket would be reached")
-@pytest.mark.parametrize("argv", [
-    ["convert", "orbax-to-hf", "--ckpt", "gs://my-bucket/run", "--out", "{tmp}/hf"],
-    ["train", "--output-dir", "gs://my-bucket/run", "--no-progress"],
-])
+@pytest.mark.skipif(
+    importlib.util.find_spec("gcsfs") is not None, reason="gcsfs installed: the bucket would be reached"
+)
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert", "orbax-to-hf", "--ckpt", "gs://my-bucket/run", "--out", "{tmp}/hf"],
+        ["train", "--output-dir", "gs://my-bucket/run", "--no-progress"],
+    ],
+)
 def test_a_bucket_path_without_gcsfs_is_one_line(tmp_path, capsys, argv):
     assert cli.main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("rrm-jax: error: gs://my-bucket/run is on Google Cloud Storage, which needs gcsfs: "
-                   "pip install -e '.[gcs]' (the gcs extra; launch/tpu_run.sh setup installs it)")
+    assert err == (
+        "rrm-jax: error: gs://my-bucket/run is on Google Cloud Storage, which needs gcsfs: "
+        "pip install -e '.[gcs]' (the gcs extra; launch/tpu_run.sh setup installs it)"
+    )
     assert not any(tmp_path.iterdir())

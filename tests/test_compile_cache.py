@@ -12,19 +12,45 @@ from rrm_jax import cli, compile_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 # the engine on a handful of ragged requests: the path judge / eval / generate take
-BENCH = ["bench", "sample", "--workload", "rrm", "--preset", "tiny", "--requests", "4", "--slots", "2",
-         "--prompt-range", "8", "24", "--max-new-tokens", "8", "--no-static"]
+BENCH = [
+    "bench",
+    "sample",
+    "--workload",
+    "rrm",
+    "--preset",
+    "tiny",
+    "--requests",
+    "4",
+    "--slots",
+    "2",
+    "--prompt-range",
+    "8",
+    "24",
+    "--max-new-tokens",
+    "8",
+    "--no-static",
+]
 
 
 def _run(args, **env):
-    full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                compile_cache.REPORT_ENV: "1", **env}
-    done = subprocess.run([sys.executable, "-m", "rrm_jax.cli", *args], capture_output=True, text=True, env=full_env,
-                          timeout=300, cwd=ROOT)
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        compile_cache.REPORT_ENV: "1",
+        **env,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "rrm_jax.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr
     lines = [l for l in done.stderr.splitlines() if l.startswith(compile_cache.REPORT_PREFIX)]
     assert len(lines) == 1, done.stderr
-    return json.loads(lines[0][len(compile_cache.REPORT_PREFIX):])
+    return json.loads(lines[0][len(compile_cache.REPORT_PREFIX) :])
 
 
 def test_second_run_of_a_command_reads_every_program_from_the_cache(tmp_path):
@@ -33,7 +59,9 @@ def test_second_run_of_a_command_reads_every_program_from_the_cache(tmp_path):
     warm = _run([*BENCH, "--compile-cache", str(cache)], RRM_JAX_COMPILE_CACHE="off")  # ... and the flag, which wins
     assert cold["cache_dir"] == warm["cache_dir"] == str(cache)
     assert cold["cache_hits"] == 0 and cold["cache_misses"] >= 3  # prefill, decode, sampling helpers ...
-    assert warm["cache_misses"] == 0 and warm["cache_hits"] == cold["cache_misses"]  # every program, even sub-second ones
+    assert (
+        warm["cache_misses"] == 0 and warm["cache_hits"] == cold["cache_misses"]
+    )  # every program, even sub-second ones
     assert warm["backend_compile_s"] < cold["backend_compile_s"] / 4, (cold, warm)
     assert any(cache.iterdir())
 

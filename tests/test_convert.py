@@ -14,8 +14,8 @@ import pytest
 import safetensors.torch
 import torch
 import transformers
-
 from model_utils import make_hf_model, torch_logits
+
 from rrm_jax import checkpoint, parallel
 from rrm_jax.cli import main as cli_main
 from rrm_jax.errors import UserError
@@ -91,11 +91,14 @@ def test_sharded_input_converts_like_single_file_and_export_shards(tmp_path):
     assert torch.equal(torch_logits(exported, TOKENS), torch_logits(reference, TOKENS))
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(num_key_value_heads=1, tie_word_embeddings=True),
-    dict(num_key_value_heads=2),
-    dict(num_key_value_heads=4, rope_theta=1e6, rms_norm_eps=1e-6, vocab_size=131),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(num_key_value_heads=1, tie_word_embeddings=True),
+        dict(num_key_value_heads=2),
+        dict(num_key_value_heads=4, rope_theta=1e6, rms_norm_eps=1e-6, vocab_size=131),
+    ],
+)
 def test_loaded_model_matches_transformers(tmp_path, overrides):
     src, reference = make_hf_model(tmp_path, **overrides)
     expected = torch_logits(reference, TOKENS).numpy()
@@ -134,8 +137,9 @@ def test_mesh_load_puts_each_shard_straight_on_its_device(tmp_path, monkeypatch,
     expected = params_of(checkpoint.load_model(path)[0])
     requested = []
     real_region = hf.HFParams.region
-    monkeypatch.setattr(hf.HFParams, "region",
-                        lambda self, p, index: requested.append((p, index)) or real_region(self, p, index))
+    monkeypatch.setattr(
+        hf.HFParams, "region", lambda self, p, index: requested.append((p, index)) or real_region(self, p, index)
+    )
     mesh = parallel.make_mesh(data=1, fsdp=2, tp=4)
     model, _ = checkpoint.load_model(path, mesh=mesh)
     for name, value in checkpoint.flatten(model.params()).items():
@@ -176,8 +180,9 @@ def test_tokenizer_and_generation_config_travel(tmp_path):
     (bare / "generation_config.json").unlink()
     assert checkpoint.load_tokenizer(bare) is None
     assert checkpoint.load_tokenizer(hf_to_checkpoint(bare, tmp_path / "bare_ckpt")) is None
-    assert json.loads((checkpoint_to_hf(tmp_path / "bare_ckpt", tmp_path / "bare_out")
-                       / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
+    assert json.loads(
+        (checkpoint_to_hf(tmp_path / "bare_ckpt", tmp_path / "bare_out") / "generation_config.json").read_text()
+    ) == {"bos_token_id": 1, "eos_token_id": 2}
 
 
 def test_trainer_checkpoint_folder_loads_latest_step(tmp_path):
@@ -187,8 +192,12 @@ def test_trainer_checkpoint_folder_loads_latest_step(tmp_path):
     with ocp.CheckpointManager(root) as manager:
         for step in (1, 3):
             model.final_norm[...] = model.final_norm[...] + step
-            manager.save(step, args=ocp.args.Composite(**checkpoint.model_items(model),
-                                                       trainer_state=ocp.args.JsonSave({"step": step})))
+            manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **checkpoint.model_items(model), trainer_state=ocp.args.JsonSave({"step": step})
+                ),
+            )
     loaded, loaded_config = checkpoint.load_model(tmp_path / "run")  # OUTPUT_DIR with checkpoints/<step>
     assert loaded_config == config
     np.testing.assert_array_equal(np.asarray(loaded.final_norm[...]), np.asarray(model.final_norm[...]))
@@ -197,9 +206,16 @@ def test_trainer_checkpoint_folder_loads_latest_step(tmp_path):
 
 
 def test_config_json_spellings():
-    base = json.loads(transformers.Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=24,
-                                               num_hidden_layers=1, num_attention_heads=2,
-                                               num_key_value_heads=2).to_json_string())
+    base = json.loads(
+        transformers.Qwen2Config(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        ).to_json_string()
+    )
     v4 = {k: v for k, v in base.items() if k != "rope_parameters"} | {"rope_theta": 123.0}
     v5 = base | {"rope_parameters": {"rope_type": "default", "rope_theta": 456.0}}
     assert hf.config_from_hf(v4).rope_theta == 123.0
@@ -214,13 +230,19 @@ def test_config_json_spellings():
 
     ours = hf.config_from_hf(v5 | {"rms_norm_eps": 1e-5, "num_key_value_heads": 1, "eos_token_id": [2, 3]})
     back = transformers.Qwen2Config.from_dict(hf.config_to_hf(ours))
-    assert (back.rope_parameters["rope_theta"], back.rms_norm_eps, back.num_key_value_heads, back.eos_token_id,
-            back.head_dim) == (456.0, 1e-5, 1, [2, 3], 8)
+    assert (
+        back.rope_parameters["rope_theta"],
+        back.rms_norm_eps,
+        back.num_key_value_heads,
+        back.eos_token_id,
+        back.head_dim,
+    ) == (456.0, 1e-5, 1, [2, 3], 8)
     assert hf.config_from_hf(hf.config_to_hf(ours)) == ours
 
 
-@pytest.mark.parametrize("size,expected", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30),
-                                           ("1000", 1000)])
+@pytest.mark.parametrize(
+    "size,expected", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1000", 1000)]
+)
 def test_parse_size(size, expected):
     assert hf.parse_size(size) == expected
 
@@ -258,12 +280,14 @@ def _pickle_only(folder: Path):
 def _index_mapping_to(shard):
     """Move the weights out of the folder (to its parent) and write an index mapping every tensor to `shard`
     (a function of the moved file): the old loader followed '../x' and absolute paths anywhere."""
+
     def damage(folder: Path):
         moved = folder.parent / "elsewhere.safetensors"
         (folder / "model.safetensors").rename(moved)
         names = safetensors.safe_open(str(moved), "np").keys()
         index = {"metadata": {}, "weight_map": {name: shard(moved) for name in names}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
     return damage
 
 
@@ -272,18 +296,29 @@ BAD_HF = {
     "missing": (lambda f: shutil.rmtree(f), "does not exist"),
     "no_config": (lambda f: (f / "config.json").unlink(), "no config.json"),
     "pickle": (_pickle_only, "pytorch_model.bin, a pickle; only safetensors"),
-    "model_type": (lambda f: _edit_config(f, model_type="llama"), "model_type='llama' is not supported; supported: qwen2"),
-    "missing_tensor": (lambda f: _rewrite_without(f, "model.layers.1.mlp.up_proj.weight"),
-                       "tensor model.layers.1.mlp.up_proj.weight is missing"),
-    "shape": (lambda f: _edit_config(f, intermediate_size=64),
-              "tensor model.layers.0.mlp.gate_proj.weight in .*model.safetensors has shape \\[56, 32\\]"),
+    "model_type": (
+        lambda f: _edit_config(f, model_type="llama"),
+        "model_type='llama' is not supported; supported: qwen2",
+    ),
+    "missing_tensor": (
+        lambda f: _rewrite_without(f, "model.layers.1.mlp.up_proj.weight"),
+        "tensor model.layers.1.mlp.up_proj.weight is missing",
+    ),
+    "shape": (
+        lambda f: _edit_config(f, intermediate_size=64),
+        "tensor model.layers.0.mlp.gate_proj.weight in .*model.safetensors has shape \\[56, 32\\]",
+    ),
     "truncated": (_truncate, "truncated safetensors file .*model.safetensors"),
-    "index_parent": (_index_mapping_to(lambda moved: "../elsewhere.safetensors"),
-                     f"index.json: tensor .* is mapped to '../elsewhere.safetensors'; {SHARD_NAMES}"),
+    "index_parent": (
+        _index_mapping_to(lambda moved: "../elsewhere.safetensors"),
+        f"index.json: tensor .* is mapped to '../elsewhere.safetensors'; {SHARD_NAMES}",
+    ),
     "index_absolute": (_index_mapping_to(str), f"is mapped to '/.*/elsewhere.safetensors'; {SHARD_NAMES}"),
     "index_not_a_string": (_index_mapping_to(lambda moved: 7), f"is mapped to 7; {SHARD_NAMES}"),
-    "corrupt": (lambda f: (f / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}xxxxxxx"),
-                "corrupt safetensors file .*model.safetensors"),
+    "corrupt": (
+        lambda f: (f / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}xxxxxxx"),
+        "corrupt safetensors file .*model.safetensors",
+    ),
 }
 
 
@@ -313,7 +348,9 @@ def test_bad_hf_input(tmp_path, capsys, good_hf, case):
 
 def test_pickle_file_is_refused(tmp_path, capsys):
     (tmp_path / "model.pt").write_bytes(b"not read")
-    rc, err = run_cli(capsys, "convert", "hf-to-orbax", "--hf", str(tmp_path / "model.pt"), "--out", str(tmp_path / "o"))
+    rc, err = run_cli(
+        capsys, "convert", "hf-to-orbax", "--hf", str(tmp_path / "model.pt"), "--out", str(tmp_path / "o")
+    )
     assert_one_line_error(rc, err, "model.pt is a pickle file; only safetensors", tmp_path / "o")
 
 
@@ -321,8 +358,9 @@ def test_bad_orbax_input_and_flags(tmp_path, capsys, good_hf):
     rc, err = run_cli(capsys, "convert", "orbax-to-hf", "--ckpt", str(good_hf), "--out", str(tmp_path / "o"))
     assert_one_line_error(rc, err, "neither a Hugging Face folder .* nor an rrm-jax checkpoint", tmp_path / "o")
     ckpt = hf_to_checkpoint(good_hf, tmp_path / "ckpt")
-    rc, err = run_cli(capsys, "convert", "orbax-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "o"),
-                      "--max-shard-size", "lots")
+    rc, err = run_cli(
+        capsys, "convert", "orbax-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--max-shard-size", "lots"
+    )
     assert_one_line_error(rc, err, "size 'lots' is not valid", tmp_path / "o")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("keep me")
@@ -348,8 +386,9 @@ def test_failure_mid_conversion_leaves_nothing(tmp_path, monkeypatch, good_hf):
 
 
 def test_cli_converts_both_ways(tmp_path, capsys, good_hf):
-    rc, _ = run_cli(capsys, "convert", "hf-to-orbax", "--hf", str(good_hf), "--out", str(tmp_path / "ckpt"),
-                    "--dtype", "bfloat16")
+    rc, _ = run_cli(
+        capsys, "convert", "hf-to-orbax", "--hf", str(good_hf), "--out", str(tmp_path / "ckpt"), "--dtype", "bfloat16"
+    )
     assert rc == 0
     assert checkpoint.read_checkpoint_config(tmp_path / "ckpt").param_dtype == "bfloat16"
     rc, _ = run_cli(capsys, "convert", "orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"))
@@ -372,8 +411,9 @@ def test_relative_paths_everywhere(tmp_path, capsys, monkeypatch, good_hf):
     model, config = checkpoint.load_model("ckpt/toy")
     assert checkpoint.save_checkpoint(model, config, "ckpt/rel") == Path("ckpt/rel")
     again, again_config = checkpoint.load_model("ckpt/rel")
-    assert again_config == config and all(np.array_equal(a, b) for a, b in zip(params_of(model).values(),
-                                                                                params_of(again).values()))
+    assert again_config == config and all(
+        np.array_equal(a, b) for a, b in zip(params_of(model).values(), params_of(again).values())
+    )
     assert checkpoint.read_checkpoint_config(Path("ckpt/rel")) == config
     checkpoint.save_hf(again, config, "export/rel")
     assert_same_tensors(good_hf, tmp_path / "export/rel")

@@ -26,7 +26,9 @@ from rrm_jax.rrm import judge as judge_module
 ROOT = Path(__file__).resolve().parents[1]
 datasets.disable_progress_bars()  # save_to_disk's bars would land in the stderr the tests read
 PAIRS = [{"id": k, "query": f"question {k}", "response_1": f"good {k}", "response_2": f"poor {k}"} for k in range(5)]
-BENCH = [{"prompt": f"q{k}", "chosen": f"good {k}", "rejected": f"poor {k}", "subset": "llmbar-natural"} for k in range(6)]
+BENCH = [
+    {"prompt": f"q{k}", "chosen": f"good {k}", "rejected": f"poor {k}", "subset": "llmbar-natural"} for k in range(6)
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +47,11 @@ def run(monkeypatch, tokenizer, capsys):
 
 
 def saved(path: Path, rows=None, **splits) -> Path:
-    data = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}) if splits else \
-        datasets.Dataset.from_list(rows)
+    data = (
+        datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
+        if splits
+        else datasets.Dataset.from_list(rows)
+    )
     data.save_to_disk(str(path))
     return path
 
@@ -78,8 +83,10 @@ def test_eval_picks_the_split_of_a_saved_dataset_dict(run, tmp_path):
 
 
 def test_rank_reads_list_columns(run, tmp_path):
-    rows = [{"query": f"q{q}", "responses": [f"r{q}{i}" for i in range(3)], "correct": [i == 1 for i in range(3)]}
-            for q in range(2)]
+    rows = [
+        {"query": f"q{q}", "responses": [f"r{q}{i}" for i in range(3)], "correct": [i == 1 for i in range(3)]}
+        for q in range(2)
+    ]
     folder = saved(tmp_path / "cands", rows)
     out = tmp_path / "picks.jsonl"
     code, err, _ = run(["rank", "--model", "M", "--input", str(folder), "--output", str(out), "--strategy", "elo"])
@@ -88,12 +95,18 @@ def test_rank_reads_list_columns(run, tmp_path):
     assert [p["query"] for p in picks] == ["q0", "q1"] and all(len(p["ratings"]) == 3 for p in picks)
 
 
-@pytest.mark.parametrize("command, rows, message", [
-    (["eval", "--format", "rewardbench"], [{k: v for k, v in r.items() if k != "subset"} for r in BENCH],
-     "missing column 'subset'"),
-    (["judge"], [{"query": "q", "response_1": "a"}], "missing column 'response_2'"),
-    (["rank", "--strategy", "elo"], [{"query": "q", "answers": ["a", "b"]}], "missing column 'responses'"),
-])
+@pytest.mark.parametrize(
+    "command, rows, message",
+    [
+        (
+            ["eval", "--format", "rewardbench"],
+            [{k: v for k, v in r.items() if k != "subset"} for r in BENCH],
+            "missing column 'subset'",
+        ),
+        (["judge"], [{"query": "q", "response_1": "a"}], "missing column 'response_2'"),
+        (["rank", "--strategy", "elo"], [{"query": "q", "answers": ["a", "b"]}], "missing column 'responses'"),
+    ],
+)
 def test_missing_columns_name_the_column_and_the_dataset(run, tmp_path, command, rows, message):
     folder = saved(tmp_path / "ds", rows)
     out = tmp_path / "out"
@@ -113,7 +126,9 @@ def test_generate_and_train_read_datasets(tmp_path):
     pairs = read_preferences(str(folder))
     assert [(p.query, p.chosen, p.rejected) for p in pairs] == [(f"q{k}", f"b{k}", f"a{k}") for k in range(6)]
     assert pairs[0].origin.endswith("row 1")
-    config = load_config(None, [f"data.source={folder}", "data.dataset_split=train", "data.heldout=2", "warmup.steps=0"])
+    config = load_config(
+        None, [f"data.source={folder}", "data.dataset_split=train", "data.heldout=2", "warmup.steps=0"]
+    )
     train, heldout, _ = judge_task.load_pairs(config)
     assert (len(train), len(heldout)) == (4, 2)
     with pytest.raises(UserError, match="missing column 'label'"):
@@ -152,17 +167,25 @@ except UserError as e:
 def test_hub_name_loads_offline_from_the_local_cache(tmp_path):
     hf_home = tmp_path / "hf"
     fake_cache_entry(hf_home, "someone/reward-mini", {"raw": BENCH, "filtered": BENCH[:3]})
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HOME": str(hf_home), "HF_DATASETS_OFFLINE": "1",
-           "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HOME": str(hf_home),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
 
     def read(name, split):
-        done = subprocess.run([sys.executable, "-c", OFFLINE_READ, name, split], env=env, capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", OFFLINE_READ, name, split], env=env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout.strip().splitlines()[-1]
 
     assert json.loads(read("someone/reward-mini", "filtered")) == ["q0", "q1", "q2"]
-    assert read("someone/reward-mini", "test").startswith('error: someone/reward-mini (split test): Unknown split "test"')
+    assert read("someone/reward-mini", "test").startswith(
+        'error: someone/reward-mini (split test): Unknown split "test"'
+    )
     missing = read("someone/not-cached", "filtered")
     assert missing.startswith("error: someone/not-cached: no such file or folder, and no dataset of that name")
 
@@ -184,8 +207,9 @@ def test_unreachable_hub_reads_the_cache_and_fails_fast_without_offline_mode(tmp
 
     def read(name):
         start = time.monotonic()
-        done = subprocess.run([sys.executable, "-c", OFFLINE_READ, name, ""], env=env, capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", OFFLINE_READ, name, ""], env=env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
         assert f"treating {name} as a Hugging Face dataset" in done.stderr
         return done.stdout.strip().splitlines()[-1], time.monotonic() - start
@@ -193,8 +217,10 @@ def test_unreachable_hub_reads_the_cache_and_fails_fast_without_offline_mode(tmp
     found, _ = read("someone/reward-mini")
     assert json.loads(found) == ["q0", "q1", "q2"]
     missing, seconds = read("someone/not-cached")
-    assert missing == (f"error: someone/not-cached: no such file or folder, and no dataset of that name in the local "
-                       f"Hugging Face cache ({hf_home}); the Hub ({endpoint}) cannot be reached")
+    assert missing == (
+        f"error: someone/not-cached: no such file or folder, and no dataset of that name in the local "
+        f"Hugging Face cache ({hf_home}); the Hub ({endpoint}) cannot be reached"
+    )
     assert seconds < 20  # interpreter and `datasets` start-up; the retries alone took about 25 s
 
 

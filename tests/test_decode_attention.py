@@ -46,8 +46,10 @@ def test_xla_attention_equals_a_numpy_softmax_over_each_rows_length():
     np.testing.assert_allclose(decode_attention.attend(q, k, v, lengths, impl="xla", window=S), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl,dtype,atol", [("pallas-gpu", jnp.float32, 1e-5), ("pallas-gpu", jnp.bfloat16, 2e-2),
-                                             ("pallas-tpu", jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize(
+    "impl,dtype,atol",
+    [("pallas-gpu", jnp.float32, 1e-5), ("pallas-gpu", jnp.bfloat16, 2e-2), ("pallas-tpu", jnp.bfloat16, 2e-2)],
+)
 def test_kernels_in_interpret_mode_equal_the_reference(impl, dtype, atol):
     """The TPU kernel computes in bfloat16, so it is compared on bfloat16 inputs."""
     q, k, v, lengths = _inputs(dtype)
@@ -104,14 +106,17 @@ def test_layers_step_reads_each_rows_own_length(impl):
     tokens = jnp.asarray([3, 4, 5], jnp.int32)
 
     def layer_cache(k, v, n):
-        return qwen2.LayerCache(tuple(k[l].transpose(2, 0, 1, 3) for l in range(L)),
-                                tuple(v[l].transpose(2, 0, 1, 3) for l in range(L)), n)
+        return qwen2.LayerCache(
+            tuple(k[l].transpose(2, 0, 1, 3) for l in range(L)), tuple(v[l].transpose(2, 0, 1, 3) for l in range(L)), n
+        )
 
     attend = lambda q, k, v, n: decode_attention.attend(q, k, v, n, impl=impl, window=window, interpret=True)
-    step = jax.jit(lambda c, a: qwen2.decode_step_layers(config, qwen2.unstack_layers(params), tokens, c,
-                                                         active=a, attend=attend))
-    logits, new = step(layer_cache(jnp.where(unread, jnp.nan, keys), jnp.where(unread, jnp.nan, values), lengths),
-                       active)
+    step = jax.jit(
+        lambda c, a: qwen2.decode_step_layers(config, qwen2.unstack_layers(params), tokens, c, active=a, attend=attend)
+    )
+    logits, new = step(
+        layer_cache(jnp.where(unread, jnp.nan, keys), jnp.where(unread, jnp.nan, values), lengths), active
+    )
     reference, ref_cache = qwen2.decode_step(config, params, tokens, qwen2.KVCache(keys, values, lengths))
     assert np.isfinite(np.asarray(logits)).all()
     tol = 2e-2 if impl == "pallas-tpu" else 1e-5  # the TPU kernel computes in bfloat16
@@ -138,21 +143,31 @@ def test_accelerator_decode_program_has_no_conditional_and_only_known_trip_count
     CPU "rows" program, for contrast, has both (its early-exit chunk loop and its per-row windows)."""
     config = preset("tiny")
     params = qwen2.Qwen2(config, rngs=nnx.Rngs(0)).params()
-    settings = make_settings(config, temperature=1.0, top_p=0.9, top_k=5, eos_ids=[3], max_think_tokens=4,
-                             tokenizer=None, think_end_ids_override=(5, 6))
+    settings = make_settings(
+        config,
+        temperature=1.0,
+        top_p=0.9,
+        top_k=5,
+        eos_ids=[3],
+        max_think_tokens=4,
+        tokenizer=None,
+        think_end_ids_override=(5, 6),
+    )
     state = engine.empty_state_fn(config, 4, 256, None, "layers")
-    text = engine.decode_fn.lower(config, settings, 8, 128, "xla", None, qwen2.unstack_layers(params), state,
-                                  np.int32(4)).compile().as_text()
+    text = (
+        engine.decode_fn.lower(config, settings, 8, 128, "xla", None, qwen2.unstack_layers(params), state, np.int32(4))
+        .compile()
+        .as_text()
+    )
     whiles, conditional = _whiles_and_conditionals(text)
     assert not conditional
-    assert whiles and all('known_trip_count' in w for w in whiles)
+    assert whiles and all("known_trip_count" in w for w in whiles)
     assert any('"known_trip_count":{"n":"8"}' in w for w in whiles)  # the chunk of 8 steps
 
     state = engine.empty_state_fn(config, 4, 256, None, "rows")
-    text = engine.decode_fn.lower(config, settings, 8, 128, None, None, params, state,
-                                  np.int32(4)).compile().as_text()
+    text = engine.decode_fn.lower(config, settings, 8, 128, None, None, params, state, np.int32(4)).compile().as_text()
     whiles, conditional = _whiles_and_conditionals(text)
-    assert conditional and not all('known_trip_count' in w for w in whiles)
+    assert conditional and not all("known_trip_count" in w for w in whiles)
 
 
 def test_decode_path_and_attention_by_backend(monkeypatch):

@@ -21,8 +21,10 @@ LOCAL_POD = ROOT / "launch" / "local_pod.sh"
 
 def run_pod(args, tmp_path, script=None, timeout=120, env=None):
     """launch/local_pod.sh ARGS [python script.py] with the repository importable; -> (rc, stdout, stderr)."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RRM_JAX_", "XLA_FLAGS", "JAX_COORD"))},
-           **(env or {})}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("RRM_JAX_", "XLA_FLAGS", "JAX_COORD"))},
+        **(env or {}),
+    }
     env["PYTHONPATH"] = str(ROOT)
     cmd = [str(LOCAL_POD), *args]
     if script is not None:
@@ -35,12 +37,15 @@ def run_pod(args, tmp_path, script=None, timeout=120, env=None):
 
 def lines_of(process, stdout):
     prefix = f"[{process}] "
-    return [line[len(prefix):] for line in stdout.splitlines() if line.startswith(prefix)]
+    return [line[len(prefix) :] for line in stdout.splitlines() if line.startswith(prefix)]
 
 
 def test_psum_across_two_processes(tmp_path):
     # process i contributes i + 1 on each of its 2 devices: the global sum is 2 * (1 + 2) = 6
-    rc, out, err = run_pod(["--devices-per-process", "2", "2"], tmp_path, script="""
+    rc, out, err = run_pod(
+        ["--devices-per-process", "2", "2"],
+        tmp_path,
+        script="""
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         from rrm_jax import distributed
@@ -50,7 +55,8 @@ def test_psum_across_two_processes(tmp_path):
         x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), local)
         total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
         print("result", jax.process_count(), jax.device_count(), float(total), distributed.is_main_process())
-    """)
+    """,
+    )
     assert rc == 0, err + out
     assert "result 2 4 6.0 True" in lines_of(0, out)
     assert "result 2 4 6.0 False" in lines_of(1, out)
@@ -59,7 +65,10 @@ def test_psum_across_two_processes(tmp_path):
 def test_collectives_between_processes(tmp_path):
     # any_process: a flag raised on process 1 only (a preemption signal) is seen by both;
     # gather_processes stacks each process's array; gather_to_host brings a sharded array whole to each process
-    rc, out, err = run_pod(["--devices-per-process", "2", "2"], tmp_path, script="""
+    rc, out, err = run_pod(
+        ["--devices-per-process", "2", "2"],
+        tmp_path,
+        script="""
         import jax, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         from rrm_jax import distributed
@@ -72,7 +81,8 @@ def test_collectives_between_processes(tmp_path):
         whole = distributed.gather_to_host({"x": sharded})["x"]
         distributed.barrier("done")
         print("result", raised, quiet, stacked.tolist(), whole.tolist())
-    """)
+    """,
+    )
     assert rc == 0, err + out
     for process in range(2):
         assert "result True False [[0, 0], [1, 10]] [0, 1, 2, 3, 4, 5, 6, 7]" in lines_of(process, out)
@@ -81,7 +91,10 @@ def test_collectives_between_processes(tmp_path):
 def test_missing_process_fails_clearly_within_timeout(tmp_path):
     # process 1 exits without ever joining; process 0 must report it instead of waiting
     start = time.monotonic()
-    rc, out, err = run_pod(["--timeout", "3", "2"], tmp_path, script="""
+    rc, out, err = run_pod(
+        ["--timeout", "3", "2"],
+        tmp_path,
+        script="""
         import os, sys
         if os.environ["RRM_JAX_PROCESS_ID"] == "1":
             sys.exit(0)
@@ -92,7 +105,8 @@ def test_missing_process_fails_clearly_within_timeout(tmp_path):
         except UserError as e:
             print(f"error: {e}")
             sys.exit(2)
-    """)
+    """,
+    )
     elapsed = time.monotonic() - start
     assert rc == 2
     assert "process 0 exited with status 2" in err
@@ -103,8 +117,16 @@ def test_missing_process_fails_clearly_within_timeout(tmp_path):
 
 
 def test_local_pod_prefixes_output_and_returns_first_failure(tmp_path):
-    rc, out, err = run_pod(["3", "sh", "-c", 'echo "hello from $RRM_JAX_PROCESS_ID of $RRM_JAX_NUM_PROCESSES"; '
-                                              'test "$RRM_JAX_PROCESS_ID" != 1 || exit 7'], tmp_path)
+    rc, out, err = run_pod(
+        [
+            "3",
+            "sh",
+            "-c",
+            'echo "hello from $RRM_JAX_PROCESS_ID of $RRM_JAX_NUM_PROCESSES"; '
+            'test "$RRM_JAX_PROCESS_ID" != 1 || exit 7',
+        ],
+        tmp_path,
+    )
     assert rc == 7
     assert "process 1 exited with status 7" in err and "process 0" not in err and "process 2" not in err
     for i in range(3):
@@ -119,9 +141,19 @@ def free_port() -> int:
 
 def test_local_pod_sets_coordinator_and_cpu_devices(tmp_path):
     port = free_port()
-    rc, out, err = run_pod(["--devices-per-process", "3", "--port", str(port), "1", "sh", "-c",
-                            'echo "$RRM_JAX_COORDINATOR $JAX_COORDINATOR_BIND_ADDRESS $JAX_PLATFORMS $XLA_FLAGS"'],
-                           tmp_path)
+    rc, out, err = run_pod(
+        [
+            "--devices-per-process",
+            "3",
+            "--port",
+            str(port),
+            "1",
+            "sh",
+            "-c",
+            'echo "$RRM_JAX_COORDINATOR $JAX_COORDINATOR_BIND_ADDRESS $JAX_PLATFORMS $XLA_FLAGS"',
+        ],
+        tmp_path,
+    )
     assert rc == 0, err
     # the coordinator binds loopback only (JAX binds every interface without JAX_COORDINATOR_BIND_ADDRESS)
     assert lines_of(0, out) == [f"127.0.0.1:{port} 127.0.0.1:{port} cpu --xla_force_host_platform_device_count=3"]
@@ -144,8 +176,10 @@ def test_local_pod_refuses_a_port_in_use(tmp_path):
         port = listening.getsockname()[1]
         rc, out, err = run_pod(["--port", str(port), "1", "true"], tmp_path, env=env)
     assert rc == 2 and out == ""
-    assert err == (f"local_pod.sh: error: --port {port} is in use (by another local pod or program); "
-                   f"choose another or leave --port out\n")
+    assert err == (
+        f"local_pod.sh: error: --port {port} is in use (by another local pod or program); "
+        f"choose another or leave --port out\n"
+    )
     port = free_port()
     with hold_port_lock(tmp_path, port):  # another local pod, whose coordinator has not bound it yet
         rc, _, err = run_pod(["--port", str(port), "1", "true"], tmp_path, env=env)
@@ -180,8 +214,12 @@ def test_local_pod_rejects_bad_process_count(tmp_path):
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in (distributed.COORDINATOR_ENV, distributed.NUM_PROCESSES_ENV, distributed.PROCESS_ID_ENV,
-                 distributed.TIMEOUT_ENV):
+    for name in (
+        distributed.COORDINATOR_ENV,
+        distributed.NUM_PROCESSES_ENV,
+        distributed.PROCESS_ID_ENV,
+        distributed.TIMEOUT_ENV,
+    ):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -192,13 +230,16 @@ def test_single_process_starts_nothing(clean_env):
     assert distributed.is_main_process()
 
 
-@pytest.mark.parametrize("args, message", [
-    (("127.0.0.1:1234", 2, None), "missing --process-id"),
-    ((None, 2, 0), "missing --coordinator"),
-    (("127.0.0.1", 2, 0), "must be HOST:PORT"),
-    (("127.0.0.1:1234", 2, 2), "--process-id 2 must be in 0..1"),
-    (("127.0.0.1:1234", 0, 0), "--num-processes 0 must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("127.0.0.1:1234", 2, None), "missing --process-id"),
+        ((None, 2, 0), "missing --coordinator"),
+        (("127.0.0.1", 2, 0), "must be HOST:PORT"),
+        (("127.0.0.1:1234", 2, 2), "--process-id 2 must be in 0..1"),
+        (("127.0.0.1:1234", 0, 0), "--num-processes 0 must be at least 1"),
+    ],
+)
 def test_inconsistent_settings_are_refused(clean_env, args, message):
     with pytest.raises(UserError, match=message):
         distributed.initialize(*args)
@@ -216,10 +257,12 @@ def test_environment_settings_are_validated(clean_env):
 
 def test_cli_flags_reach_initialize(clean_env):
     import argparse
+
     parser = argparse.ArgumentParser()
     distributed.add_cli_flags(parser)
-    args = parser.parse_args(["--coordinator", "h:1", "--num-processes", "4", "--process-id", "5",
-                              "--distributed-timeout", "9"])
+    args = parser.parse_args(
+        ["--coordinator", "h:1", "--num-processes", "4", "--process-id", "5", "--distributed-timeout", "9"]
+    )
     assert (args.coordinator, args.num_processes, args.process_id, args.distributed_timeout) == ("h:1", 4, 5, 9.0)
     with pytest.raises(UserError, match="--process-id 5 must be in 0..3"):
         distributed.initialize_from_args(args)

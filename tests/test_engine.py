@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from model_utils import make_hf_model
+
 from rrm_jax import engine, generate, load_model, parallel, static_sampler
 from rrm_jax.model import qwen2
 from rrm_jax.model.config import preset
@@ -29,8 +29,16 @@ def model(tmp_path_factory):
 
 
 def settings_for(model, **kw):
-    kw = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "eos_ids": [], "max_think_tokens": None,
-          "tokenizer": None, "think_end_ids_override": None, **kw}
+    kw = {
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "eos_ids": [],
+        "max_think_tokens": None,
+        "tokenizer": None,
+        "think_end_ids_override": None,
+        **kw,
+    }
     return make_settings(model.config, **kw)
 
 
@@ -40,16 +48,33 @@ def requests_for(prompts=PROMPTS, limits=LIMITS):
 
 def static_reference(model, settings, prompts, limits, num_samples=1, seed=0):
     """All requests as one static batch (one compilation), each row stopping at its own limit."""
-    return static_sampler.sample_batch(model.config, settings, model.params(), prompts, max(LIMITS + limits),
-                                       limits=limits, num_samples=num_samples, seed=seed)
+    return static_sampler.sample_batch(
+        model.config,
+        settings,
+        model.params(),
+        prompts,
+        max(LIMITS + limits),
+        limits=limits,
+        num_samples=num_samples,
+        seed=seed,
+    )
 
 
 @pytest.mark.parametrize("num_samples,max_rows", [(1, 4), (2, 4)])
 def test_greedy_equals_static_sampler_with_refilled_slots(model, num_samples, max_rows):
     settings = settings_for(model)
     stats = engine.EngineStats()
-    got = engine.generate(model.config, settings, model.params(), requests_for(), num_samples=num_samples,
-                          max_rows=max_rows, block_size=16, chunk=8, stats=stats)
+    got = engine.generate(
+        model.config,
+        settings,
+        model.params(),
+        requests_for(),
+        num_samples=num_samples,
+        max_rows=max_rows,
+        block_size=16,
+        chunk=8,
+        stats=stats,
+    )
     want = static_reference(model, settings, PROMPTS, LIMITS, num_samples)
     assert stats.slots == max_rows < len(PROMPTS) * num_samples  # slots were refilled
     assert stats.prefills == len(PROMPTS)  # each prompt prefilled once, whatever num_samples
@@ -61,8 +86,17 @@ def test_greedy_equals_static_sampler_with_refilled_slots(model, num_samples, ma
 
 def test_sampled_logprobs_equal_static_sampler(model):
     settings = settings_for(model, temperature=0.8, top_k=20, top_p=0.9)
-    got = engine.generate(model.config, settings, model.params(), requests_for(), num_samples=2, seed=5,
-                          max_rows=4, block_size=16, chunk=8)
+    got = engine.generate(
+        model.config,
+        settings,
+        model.params(),
+        requests_for(),
+        num_samples=2,
+        seed=5,
+        max_rows=4,
+        block_size=16,
+        chunk=8,
+    )
     want = static_reference(model, settings, PROMPTS, LIMITS, num_samples=2, seed=5)
     for g, w in zip(got, want):
         assert g.output_ids == w.output_ids
@@ -86,8 +120,19 @@ def test_accelerator_path_equals_static_sampler_with_refills_eos_and_a_chunk_in_
     free = generate.sample(model, PROMPTS, max_new_tokens=LIMITS, eos_ids=[])
     settings = settings_for(model, temperature=0.7, eos_ids=[free[6].output_ids[4]])
     stats = engine.EngineStats()
-    got = engine.generate(model.config, settings, model.params(), requests_for(), num_samples=2, seed=4, max_rows=6,
-                          block_size=16, chunk=4, path="layers", stats=stats)
+    got = engine.generate(
+        model.config,
+        settings,
+        model.params(),
+        requests_for(),
+        num_samples=2,
+        seed=4,
+        max_rows=6,
+        block_size=16,
+        chunk=4,
+        path="layers",
+        stats=stats,
+    )
     want = static_reference(model, settings, PROMPTS, LIMITS, num_samples=2, seed=4)
     assert stats.path == "layers" and stats.attention == "xla" and stats.compactions >= 1
     for g, w in zip(got, want):
@@ -101,13 +146,31 @@ def test_seeded_samples_do_not_depend_on_slots_or_arrival_order(model):
     runs = []
     for max_rows, order in [(2, 1), (3, 1), (8, 1), (3, -1)]:
         reqs = requests_for()[::order]
-        out = engine.generate(model.config, settings, model.params(), reqs, num_samples=2, seed=11,
-                              max_rows=max_rows, block_size=16, chunk=5)
+        out = engine.generate(
+            model.config,
+            settings,
+            model.params(),
+            reqs,
+            num_samples=2,
+            seed=11,
+            max_rows=max_rows,
+            block_size=16,
+            chunk=5,
+        )
         by_key = {(r.index, j): out[k * 2 + j].output_ids for k, r in enumerate(reqs) for j in range(2)}
         runs.append(by_key)
     assert all(r == runs[0] for r in runs[1:])
-    other = engine.generate(model.config, settings, model.params(), requests_for(), num_samples=2, seed=12,
-                            max_rows=3, block_size=16, chunk=5)
+    other = engine.generate(
+        model.config,
+        settings,
+        model.params(),
+        requests_for(),
+        num_samples=2,
+        seed=12,
+        max_rows=3,
+        block_size=16,
+        chunk=5,
+    )
     assert [o.output_ids for o in other] != [runs[0][(i, j)] for i in range(len(PROMPTS)) for j in range(2)]
 
 
@@ -116,8 +179,16 @@ def test_thinking_budget_in_refilled_slots(model):
     settings = settings_for(model, max_think_tokens=4, think_end_ids_override=forced)
     limits = [20] * len(PROMPTS)
     stats = engine.EngineStats()
-    got = engine.generate(model.config, settings, model.params(), requests_for(limits=limits), max_rows=2,
-                          block_size=16, chunk=3, stats=stats)
+    got = engine.generate(
+        model.config,
+        settings,
+        model.params(),
+        requests_for(limits=limits),
+        max_rows=2,
+        block_size=16,
+        chunk=3,
+        stats=stats,
+    )
     want = static_reference(model, settings, PROMPTS, limits)
     free = static_reference(model, settings_for(model), PROMPTS, limits)
     assert stats.prefills > stats.slots  # most rows ran in refilled slots
@@ -136,8 +207,9 @@ def test_compilations_stay_flat_over_varied_lengths_and_counts(model):
         prompts = [list(rng.integers(3, 100, rng.integers(1, 60))) for _ in range(count)]  # 1-59 tokens
         reqs = [engine.Request(p, 6, i) for i, p in enumerate(prompts)]
         stats = engine.EngineStats()
-        engine.generate(model.config, settings, model.params(), reqs, max_rows=4, block_size=16, stats=stats,
-                        prefill_tokens=64)
+        engine.generate(
+            model.config, settings, model.params(), reqs, max_rows=4, block_size=16, stats=stats, prefill_tokens=64
+        )
         assert stats.prefills == count and stats.prefill_calls < count  # packs of several prompts
     # one decode program for the whole stream, plus one per compacted batch size of the tail (2, 1 slots)
     assert engine.decode_fn._cache_size() - decode_before <= 1 + 2
@@ -151,6 +223,7 @@ def test_prefill_packs_prompts_into_the_token_budget(model):
     result equals the static sampler's whatever the budget."""
     reqs = requests_for()
     waiting, free = collections.deque(range(len(reqs))), list(range(8))
+
     def take(rows):
         free[:] = range(8)
         return engine.pack_prompts(reqs, waiting, free, num_samples=2, budget=32, rows=rows, slots=8)
@@ -169,8 +242,9 @@ def test_prefill_packs_prompts_into_the_token_budget(model):
     settings = settings_for(model)
     want = static_reference(model, settings, PROMPTS, LIMITS)
     for budget in (16, 64, 256):
-        got = engine.generate(model.config, settings, model.params(), reqs, max_rows=4, block_size=16, chunk=8,
-                              prefill_tokens=budget)
+        got = engine.generate(
+            model.config, settings, model.params(), reqs, max_rows=4, block_size=16, chunk=8, prefill_tokens=budget
+        )
         assert [g.output_ids for g in got] == [w.output_ids for w in want], budget
 
 
@@ -184,14 +258,41 @@ def test_per_request_limits_through_sample(model):
 def test_sharded_engine_equals_one_device():
     config = preset("tiny").replace(num_heads=8, num_kv_heads=4, hidden_size=64)
     reqs = requests_for([[t % 120 + 1 for t in p] for p in PROMPTS])
-    settings = make_settings(config, temperature=1.0, top_p=1.0, top_k=0, eos_ids=[], max_think_tokens=None,
-                             tokenizer=None, think_end_ids_override=None)
-    single = engine.generate(config, settings, qwen2.Qwen2(config, rngs=nnx.Rngs(0)).params(), reqs,
-                             num_samples=2, seed=3, max_rows=8, block_size=16, chunk=6)
+    settings = make_settings(
+        config,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        eos_ids=[],
+        max_think_tokens=None,
+        tokenizer=None,
+        think_end_ids_override=None,
+    )
+    single = engine.generate(
+        config,
+        settings,
+        qwen2.Qwen2(config, rngs=nnx.Rngs(0)).params(),
+        reqs,
+        num_samples=2,
+        seed=3,
+        max_rows=8,
+        block_size=16,
+        chunk=6,
+    )
     mesh = parallel.make_mesh(2, 2, 2)
     sharded_model = parallel.shard_model(qwen2.Qwen2(config, rngs=nnx.Rngs(0)), mesh)
-    sharded = engine.generate(config, settings, sharded_model.params(), reqs, num_samples=2, seed=3,
-                              max_rows=8, mesh=mesh, block_size=16, chunk=6)
+    sharded = engine.generate(
+        config,
+        settings,
+        sharded_model.params(),
+        reqs,
+        num_samples=2,
+        seed=3,
+        max_rows=8,
+        mesh=mesh,
+        block_size=16,
+        chunk=6,
+    )
     assert [r.output_ids for r in sharded] == [r.output_ids for r in single]
 
 
@@ -220,8 +321,9 @@ def test_row_windows_read_each_rows_own_prefix_only():
     keys = jnp.where(filled, jax.random.normal(jax.random.key(0), shape), jnp.nan)
     values = jnp.where(filled, jax.random.normal(jax.random.key(1), shape), jnp.nan)
     tokens = jnp.asarray([3, 4, 5], jnp.int32)
-    step = jax.jit(lambda c: qwen2.decode_step(config, params, tokens, c, active=active, block_size=block,
-                                               row_windows=True))
+    step = jax.jit(
+        lambda c: qwen2.decode_step(config, params, tokens, c, active=active, block_size=block, row_windows=True)
+    )
     logits, new = step(qwen2.KVCache(keys, values, lengths))
     assert np.isfinite(np.asarray(logits)).all()
     assert np.asarray(new.lengths).tolist() == [6, 71, 34]
@@ -235,8 +337,19 @@ def test_row_windows_read_each_rows_own_prefix_only():
 
 # The labels a profile of `bench` shows for each piece of a prefill and of a decode step.
 PREFILL_SCOPES = {"prefill", "embed", "norm", "qkv", "rope", "attention", "attn_out", "mlp", "logits", "cache_write"}
-DECODE_SCOPES = {"decode_step", "embed", "norm", "qkv", "rope", "attention", "attn_out", "mlp", "logits",
-                 "cache_write", "sampling"}
+DECODE_SCOPES = {
+    "decode_step",
+    "embed",
+    "norm",
+    "qkv",
+    "rope",
+    "attention",
+    "attn_out",
+    "mlp",
+    "logits",
+    "cache_write",
+    "sampling",
+}
 
 
 def scope_names(lowered) -> set[str]:
@@ -251,12 +364,21 @@ def scope_names(lowered) -> set[str]:
 def test_prefill_and_decode_step_carry_their_stage_names(path):
     config = preset("tiny")
     params = qwen2.Qwen2(config, rngs=nnx.Rngs(0)).params()
-    settings = make_settings(config, temperature=1.0, top_p=0.9, top_k=5, eos_ids=[1], max_think_tokens=4,
-                             tokenizer=None, think_end_ids_override=[2, 3])
+    settings = make_settings(
+        config,
+        temperature=1.0,
+        top_p=0.9,
+        top_k=5,
+        eos_ids=[1],
+        max_think_tokens=4,
+        tokenizer=None,
+        think_end_ids_override=[2, 3],
+    )
     reqs = [engine.Request([3, 4, 5], 4, 0), engine.Request([6, 7], 4, 1)]
     state = engine.empty_state_fn(config, 2, 32, None, path)
-    pack, _, _ = engine.pack_prompts(reqs, collections.deque(range(2)), [0, 1], num_samples=1, budget=16, rows=2,
-                                     slots=2)
+    pack, _, _ = engine.pack_prompts(
+        reqs, collections.deque(range(2)), [0, 1], num_samples=1, budget=16, rows=2, slots=2
+    )
     prefill = engine.prefill_fn.lower(config, 1, None, params, state, pack, np.uint32(0))
     assert PREFILL_SCOPES <= scope_names(prefill), PREFILL_SCOPES - scope_names(prefill)
     attention = None if path == "rows" else "xla"

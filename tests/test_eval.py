@@ -141,10 +141,15 @@ def test_llmbar_jsonl_with_unparseable_outputs_scores_half(tmp_path, use_script)
 def test_rewardbench_format_on_its_llmbar_subsets(tmp_path, use_script):
     """RewardBench's llmbar-natural / llmbar-adver-neighbor subsets are these LLMBar items with chosen = the label."""
     rows = []
-    for name, subset in (("LLMBar_Natural_sample.json", "llmbar-natural"), ("LLMBar_Adversarial_Neighbor_sample.json", "llmbar-adver-neighbor")):
+    for name, subset in (
+        ("LLMBar_Natural_sample.json", "llmbar-natural"),
+        ("LLMBar_Adversarial_Neighbor_sample.json", "llmbar-adver-neighbor"),
+    ):
         for r in load(name):
             chosen, rejected = r[f"output_{r['label']}"], r[f"output_{3 - r['label']}"]
-            rows.append({"prompt": r["input"], "chosen": chosen, "rejected": rejected, "subset": subset, "id": len(rows)})
+            rows.append(
+                {"prompt": r["input"], "chosen": chosen, "rejected": rejected, "subset": subset, "id": len(rows)}
+            )
     src = tmp_path / "rb.json"
     src.write_text(json.dumps(rows))
     use_script(lambda q, first, second, s: boxed(1 if len(first) > len(second) else 2))
@@ -154,14 +159,19 @@ def test_rewardbench_format_on_its_llmbar_subsets(tmp_path, use_script):
         by_subset.setdefault(r["subset"], []).append(float(len(r["chosen"]) > len(r["rejected"])))
     natural = sum(by_subset["llmbar-natural"]) / 12
     neighbor = sum(by_subset["llmbar-adver-neighbor"]) / 12
-    assert results["metrics"]["subsets"] == {"llmbar-adver-neighbor": pytest.approx(neighbor), "llmbar-natural": pytest.approx(natural)}
+    assert results["metrics"]["subsets"] == {
+        "llmbar-adver-neighbor": pytest.approx(neighbor),
+        "llmbar-natural": pytest.approx(natural),
+    }
     # Chat Hard weights its subsets by RewardBench's example counts (natural 100, neighbor 134).
     assert results["metrics"]["sections"] == {"Chat Hard": pytest.approx((100 * natural + 134 * neighbor) / 234)}
 
 
 def test_pairs_format_and_judge_settings_in_results(tmp_path, use_script):
     src = tmp_path / "pairs.jsonl"
-    src.write_text('{"prompt": "2+2?", "chosen": "4", "rejected": "5"}\n{"prompt": "3+3?", "chosen": "6", "rejected": "7"}\n')
+    src.write_text(
+        '{"prompt": "2+2?", "chosen": "4", "rejected": "5"}\n{"prompt": "3+3?", "chosen": "6", "rejected": "7"}\n'
+    )
     generate = use_script(lambda q, first, second, s: boxed(1 if first in ("4", "6") else 2))
     results = run_eval(tmp_path, src, "pairs", "--both-orders", "--max-think-tokens", "100", "--temperature", "0.3")
     assert results["metrics"] == {"accuracy": 1.0}
@@ -181,9 +191,21 @@ def exit_code(argv):
 @pytest.mark.parametrize(
     "fmt, content, message",
     [
-        ("llmbar", '[{"input": "q", "output_1": "a", "output_2": "b", "label": 3}]', "in.json line 1: 'label' must be 1 or 2, got 3"),
-        ("rewardbench", '{"prompt": "q", "chosen": "a", "rejected": "b"}\n', "in.json line 1: missing field 'subset' (rows need prompt, chosen, rejected, subset)"),
-        ("pandalm", '[{"instruction": "q", "input": "", "response1": "a"}]', "in.json line 1: missing field 'response2'"),
+        (
+            "llmbar",
+            '[{"input": "q", "output_1": "a", "output_2": "b", "label": 3}]',
+            "in.json line 1: 'label' must be 1 or 2, got 3",
+        ),
+        (
+            "rewardbench",
+            '{"prompt": "q", "chosen": "a", "rejected": "b"}\n',
+            "in.json line 1: missing field 'subset' (rows need prompt, chosen, rejected, subset)",
+        ),
+        (
+            "pandalm",
+            '[{"instruction": "q", "input": "", "response1": "a"}]',
+            "in.json line 1: missing field 'response2'",
+        ),
         ("pairs", "", "in.json: no rows"),
         ("pairz", '{"prompt": "q", "chosen": "a", "rejected": "b"}\n', "argument --format: invalid choice: 'pairz'"),
     ],
@@ -207,9 +229,17 @@ def tiny_judge_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-judge")
     tok = build_test_tokenizer(folder)
     config = transformers.Qwen2Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     transformers.Qwen2ForCausalLM(config).save_pretrained(folder)
     return folder
@@ -235,8 +265,22 @@ def test_default_max_new_tokens_fits_a_small_models_context(tiny_judge_folder, t
     spy = SpySample()
     monkeypatch.setattr(rrm_jax, "sample", spy)
     # no --max-new-tokens: 8192 would not fit this model's context; each prompt gets what its context leaves
-    assert cli.main(["judge", "--model", str(tiny_judge_folder), "--input", str(rows), "--output", str(judged),
-                     "--temperature", "0"]) == 0
+    assert (
+        cli.main(
+            [
+                "judge",
+                "--model",
+                str(tiny_judge_folder),
+                "--input",
+                str(rows),
+                "--output",
+                str(judged),
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     ((prompts, limits, (result,)),) = spy.calls
     (prompt,) = prompts
     assert context == 4096 < 8192 and limits == [context - len(prompt)]
@@ -248,7 +292,9 @@ def test_default_max_new_tokens_fits_a_small_models_context(tiny_judge_folder, t
 
 def test_judge_and_eval_through_a_tiny_real_model(tiny_judge_folder, tmp_path, monkeypatch):
     src = tmp_path / "pairs.jsonl"
-    src.write_text('{"prompt": "2+2?", "chosen": "4", "rejected": "5"}\n{"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven"}\n')
+    src.write_text(
+        '{"prompt": "2+2?", "chosen": "4", "rejected": "5"}\n{"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven"}\n'
+    )
     common = ["--model", str(tiny_judge_folder), "--max-new-tokens", "12", "--max-think-tokens", "4", "--votes", "2"]
 
     out = tmp_path / "results.json"
@@ -270,7 +316,7 @@ def test_judge_and_eval_through_a_tiny_real_model(tiny_judge_folder, tmp_path, m
     assert cli.main(["judge", "--input", str(rows), "--output", str(judged), *common]) == 0
     (record,) = [json.loads(line) for line in judged.read_text().splitlines()]
     assert len(record["reasoning"]) == 2
-    for text, swapped in zip(record["reasoning"], record["swapped"]):
+    for text in record["reasoning"]:
         # The thinking budget closed the thinking block after 4 generated tokens (one byte each).
         assert "\n</think>\n\n" in text and len(text.split("</think>")[0]) <= 4 + 1
     verdicts = [parse_verdict(t) for t in record["reasoning"]]

@@ -7,15 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
+from model_utils import make_hf_model
 from scipy import stats
 
-from model_utils import make_hf_model
 from rrm_jax import checkpoint, cli, generate, load_model, parallel
 from rrm_jax.errors import UserError
 from rrm_jax.model import qwen2
@@ -33,9 +32,15 @@ def hf_pair(tmp_path_factory):
 
 def hf_greedy(ref, prompt, n, eos=None):
     with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
-                           pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
+        out = ref.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def full_logprobs(ref, prompt, output):
@@ -116,8 +121,17 @@ def test_sampling_distribution_matches_exact_filtered_distribution(temperature, 
     want = exact_next_token_probs(logits, temperature, top_k, top_p)
 
     n = 4000
-    results = generate.sample(model, [prompt], max_new_tokens=1, temperature=temperature, top_k=top_k,
-                              top_p=top_p, num_samples=n, seed=7, eos_ids=[])
+    results = generate.sample(
+        model,
+        [prompt],
+        max_new_tokens=1,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_samples=n,
+        seed=7,
+        eos_ids=[],
+    )
     counts = np.bincount([r.output_ids[0] for r in results], minlength=config.vocab_size)
     assert counts[want == 0].sum() == 0, "sampled a token the filters remove"
     support = want > 0
@@ -155,8 +169,18 @@ def test_later_tokens_follow_the_exact_joint_distribution_after_a_forced_token()
     joint = p0[:, None, None] * p2[:, :, None] * p3  # [t0, t2, t3]
 
     n = 16384
-    results = generate.sample(model, [prompt], max_new_tokens=4, temperature=1.0, num_samples=n, seed=7, eos_ids=[],
-                              max_think_tokens=1, think_end_ids_override=(forced,), allowed_token_ids=allowed)
+    results = generate.sample(
+        model,
+        [prompt],
+        max_new_tokens=4,
+        temperature=1.0,
+        num_samples=n,
+        seed=7,
+        eos_ids=[],
+        max_think_tokens=1,
+        think_end_ids_override=(forced,),
+        allowed_token_ids=allowed,
+    )
     out = np.array([r.output_ids for r in results])
     assert out.shape == (n, 4) and (out[:, 1] == forced).all() and np.isin(out[:, [0, 2, 3]], allowed).all()
     t0, t2, t3 = (np.searchsorted(allowed, out[:, k]) for k in (0, 2, 3))
@@ -177,9 +201,11 @@ def test_later_tokens_follow_the_exact_joint_distribution_after_a_forced_token()
     # Successive draws repeat as often as the exact distribution says (a reused key repeats them far more
     # often): each rate within 5 standard errors, a false failure about 6e-7 each.
     same = np.eye(A, dtype=bool)
-    for name, hits, p in [("t0 == t2", t0 == t2, (joint * same[:, :, None]).sum()),
-                          ("t2 == t3", t2 == t3, (joint * same[None]).sum()),
-                          ("t0 == t3", t0 == t3, (joint * same[:, None, :]).sum())]:
+    for name, hits, p in [
+        ("t0 == t2", t0 == t2, (joint * same[:, :, None]).sum()),
+        ("t2 == t3", t2 == t3, (joint * same[None]).sum()),
+        ("t0 == t3", t0 == t3, (joint * same[:, None, :]).sum()),
+    ]:
         assert abs(hits.mean() - p) <= 5 * np.sqrt(p * (1 - p) / n), (name, hits.mean(), p)
 
 
@@ -190,9 +216,15 @@ def test_allowed_tokens_greedy_equals_transformers_with_the_rest_suppressed(hf_p
     results = generate.sample(model, PROMPTS, max_new_tokens=12, eos_ids=[], allowed_token_ids=allowed)
     for prompt, r in zip(PROMPTS, results):
         with torch.no_grad():
-            out = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0,
-                               suppress_tokens=suppressed, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-        assert r.output_ids == out[0, len(prompt):].tolist()
+            out = ref.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=12,
+                do_sample=False,
+                pad_token_id=0,
+                suppress_tokens=suppressed,
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            )
+        assert r.output_ids == out[0, len(prompt) :].tolist()
         with torch.no_grad():  # logprobs: the model renormalised over the allowed tokens
             logits = ref(torch.tensor([prompt + r.output_ids])).logits[0].double()[:, allowed]
         lp = torch.log_softmax(logits, -1)
@@ -209,8 +241,9 @@ def test_allowed_tokens_sampling_follows_the_renormalised_distribution():
     want = np.zeros(config.vocab_size)
     want[allowed] = z / z.sum()
     n = 4000
-    results = generate.sample(model, [prompt], max_new_tokens=1, temperature=1.0, num_samples=n, seed=5,
-                              eos_ids=[], allowed_token_ids=allowed)
+    results = generate.sample(
+        model, [prompt], max_new_tokens=1, temperature=1.0, num_samples=n, seed=5, eos_ids=[], allowed_token_ids=allowed
+    )
     counts = np.bincount([r.output_ids[0] for r in results], minlength=config.vocab_size)
     assert counts[want == 0].sum() == 0, "sampled a token outside the allowed set"
     support = want > 1e-6
@@ -238,8 +271,9 @@ def test_thinking_budget_forces_end_of_thinking_then_continues(hf_pair):
     _, ref, model = hf_pair
     forced = (50, 51, 52)  # stands for the tokens of "\n</think>\n\n"; the last one closes thinking
     free = generate.sample(model, PROMPTS, max_new_tokens=20, eos_ids=[])
-    results = generate.sample(model, PROMPTS, max_new_tokens=20, eos_ids=[], max_think_tokens=5,
-                              think_end_ids_override=forced)
+    results = generate.sample(
+        model, PROMPTS, max_new_tokens=20, eos_ids=[], max_think_tokens=5, think_end_ids_override=forced
+    )
     checked = 0
     for prompt, f, r in zip(PROMPTS, free, results):
         if 52 in f.output_ids[:5]:  # closed its thinking on its own before the budget: nothing forced
@@ -288,8 +322,9 @@ def test_generate_cli_writes_rows(hf_pair, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"input_ids": PROMPTS[0], "id": "a"}) + "\n" + json.dumps({"prompt": "the judge"}) + "\n")
     out = tmp_path / "out.jsonl"
-    proc = run_cli("generate", "--model", str(folder), "--input", str(src), "--output", str(out),
-                   "--max-new-tokens", "8")
+    proc = run_cli(
+        "generate", "--model", str(folder), "--input", str(src), "--output", str(out), "--max-new-tokens", "8"
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[0]["id"] == "a" and len(rows) == 2
@@ -324,12 +359,15 @@ def test_generate_text_prompts_start_with_bos_as_the_toy_policy_trains():
     assert ids == prompt.encode(tokenizer, tokenizer.bos_token + "Q: 3+4?")  # rrm_jax.data.toy's policy prompts
 
 
-@pytest.mark.parametrize("content,message", [
-    ('{"prompt": "ok"}\n{not json\n', "in.jsonl line 2: not valid JSON"),
-    ('\n{"prompt": "ok"}\n\n{"prompt": ""}\n', "in.jsonl line 4: an empty prompt"),  # blank lines still count
-    ('{"input_ids": [' + ",".join(["1"] * 300) + ']}\n', "exceeds the model's context"),
-    ('{"text": "no prompt"}\n', "in.jsonl line 1: needs a string 'prompt'"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"prompt": "ok"}\n{not json\n', "in.jsonl line 2: not valid JSON"),
+        ('\n{"prompt": "ok"}\n\n{"prompt": ""}\n', "in.jsonl line 4: an empty prompt"),  # blank lines still count
+        ('{"input_ids": [' + ",".join(["1"] * 300) + "]}\n", "exceeds the model's context"),
+        ('{"text": "no prompt"}\n', "in.jsonl line 1: needs a string 'prompt'"),
+    ],
+)
 def test_generate_cli_bad_input(hf_pair, tmp_path, content, message):
     folder, _, _ = hf_pair
     src = tmp_path / "in.jsonl"
@@ -347,13 +385,24 @@ def test_generate_cli_unknown_flag(tmp_path):
     assert proc.returncode == 2 and "--beam-size" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("signum, exit_code", [pytest.param(signal.SIGTERM, 0, id="SIGTERM"),
-                                               pytest.param(signal.SIGINT, 130, id="SIGINT")])
+@pytest.mark.parametrize(
+    "signum, exit_code", [pytest.param(signal.SIGTERM, 0, id="SIGTERM"), pytest.param(signal.SIGINT, 130, id="SIGINT")]
+)
 def test_generate_cli_stops_on_a_signal_and_resumes(hf_pair, tmp_path, monkeypatch, capsys, signum, exit_code):
     folder, _, _ = hf_pair
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS))
-    common = ["generate", "--model", str(folder), "--input", str(src), "--max-new-tokens", "4", "--prompts-per-call", "2"]
+    common = [
+        "generate",
+        "--model",
+        str(folder),
+        "--input",
+        str(src),
+        "--max-new-tokens",
+        "4",
+        "--prompts-per-call",
+        "2",
+    ]
     reference, out = tmp_path / "reference.jsonl", tmp_path / "out.jsonl"
     assert cli.main([*common, "--output", str(reference)]) == 0
     capsys.readouterr()
@@ -378,8 +427,19 @@ def test_generate_cli_resume_refuses_a_partial_file_of_another_model(hf_pair, tm
     folder, _, _ = hf_pair
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS))
-    common = ["generate", "--model", str(folder), "--input", str(src), "--max-new-tokens", "4", "--prompts-per-call", "2",
-              "--output", str(out)]
+    common = [
+        "generate",
+        "--model",
+        str(folder),
+        "--input",
+        str(src),
+        "--max-new-tokens",
+        "4",
+        "--prompts-per-call",
+        "2",
+        "--output",
+        str(out),
+    ]
     sample = generate.sample
 
     def sample_then_signal(*args, **kwargs):
@@ -392,7 +452,10 @@ def test_generate_cli_resume_refuses_a_partial_file_of_another_model(hf_pair, tm
     header, *rest = partial.read_text().splitlines(keepends=True)
     header = json.loads(header)
     assert header["model_loaded"]["path"] == str(folder.absolute())
-    header["model_loaded"] = {"path": "/runs/a/checkpoints/100", "config_sha256": "ab" * 32}  # what an earlier step recorded
+    header["model_loaded"] = {
+        "path": "/runs/a/checkpoints/100",
+        "config_sha256": "ab" * 32,
+    }  # what an earlier step recorded
     partial.write_text(json.dumps(header) + "\n" + "".join(rest))
     capsys.readouterr()
 
@@ -413,11 +476,14 @@ def test_generate_reads_json_lists_and_parquet_like_jsonl(tmp_path):
     rows = [{"prompt": "Q: 3+4?", "id": 1}, {"input_ids": [1, 2, 3], "id": 2}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "in.json").write_text(json.dumps(rows, indent=1))
-    pq.write_table(pa.Table.from_pylist([{"prompt": "Q: 3+4?", "id": 1}, {"prompt": "Q: 1+1?", "id": 2}]),
-                   tmp_path / "in.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "Q: 3+4?", "id": 1}, {"prompt": "Q: 1+1?", "id": 2}]), tmp_path / "in.parquet"
+    )
     assert [r for _, r in read_located_prompt_rows(str(tmp_path / "in.json"))] == rows
     assert [w for w, _ in read_located_prompt_rows(str(tmp_path / "in.json"))] == [
-        f"{tmp_path / 'in.json'} line 2", f"{tmp_path / 'in.json'} line 6"]  # where each item starts
+        f"{tmp_path / 'in.json'} line 2",
+        f"{tmp_path / 'in.json'} line 6",
+    ]  # where each item starts
     assert [r for _, r in read_located_prompt_rows(str(tmp_path / "in.jsonl"))] == rows
     parquet = read_located_prompt_rows(str(tmp_path / "in.parquet"))
     assert [r["prompt"] for _, r in parquet] == ["Q: 3+4?", "Q: 1+1?"] and parquet[1][0].endswith("in.parquet row 2")

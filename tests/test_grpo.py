@@ -16,6 +16,7 @@ ESTIMATORS = ("k1", "k2", "k3")
 
 # ---------- advantages ----------
 
+
 def test_group_advantages_hand_computed():
     # group [1, -1, -1, -1]: mean -0.5, sample std (ddof=1) = 1; group [1, 1, -1, 3]: mean 1, std sqrt(8/3)
     adv = grpo.group_advantages(jnp.array([1.0, -1, -1, -1, 1, 1, -1, 3]), 4, eps=0.0)
@@ -40,7 +41,23 @@ def test_group_advantages_edge_cases():
 
 # ---------- an independent reference: plain Python loops over tokens ----------
 
-def reference_loss(logp, old, ref, adv, mask, *, clip_low, clip_high, kl_coef, estimator, agg, entropy=None, entropy_mask=None, entropy_coef=0.0):
+
+def reference_loss(
+    logp,
+    old,
+    ref,
+    adv,
+    mask,
+    *,
+    clip_low,
+    clip_high,
+    kl_coef,
+    estimator,
+    agg,
+    entropy=None,
+    entropy_mask=None,
+    entropy_coef=0.0,
+):
     def kl(lp, rf):
         if estimator == "k1":
             return lp - rf
@@ -87,10 +104,30 @@ def random_batch(seed, B=4, T=6):
 @pytest.mark.parametrize("clip", [(0.2, 0.2), (0.2, 0.28), (0.05, 0.1)])
 def test_policy_loss_matches_reference(agg, estimator, clip):
     logp, old, ref, adv, mask = random_batch(0)
-    got, metrics = grpo.policy_loss(jnp.array(logp), jnp.array(old), jnp.array(ref), jnp.array(adv), jnp.array(mask),
-                                    clip_low=clip[0], clip_high=clip[1], kl_coef=0.3, kl_estimator=estimator, agg=agg)
-    want = reference_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(),
-                          clip_low=clip[0], clip_high=clip[1], kl_coef=0.3, estimator=estimator, agg=agg)
+    got, metrics = grpo.policy_loss(
+        jnp.array(logp),
+        jnp.array(old),
+        jnp.array(ref),
+        jnp.array(adv),
+        jnp.array(mask),
+        clip_low=clip[0],
+        clip_high=clip[1],
+        kl_coef=0.3,
+        kl_estimator=estimator,
+        agg=agg,
+    )
+    want = reference_loss(
+        logp.tolist(),
+        old.tolist(),
+        ref.tolist(),
+        adv.tolist(),
+        mask.tolist(),
+        clip_low=clip[0],
+        clip_high=clip[1],
+        kl_coef=0.3,
+        estimator=estimator,
+        agg=agg,
+    )
     np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5, atol=1e-6)
 
@@ -103,7 +140,9 @@ def test_policy_loss_literal_values():
     # token 1: max(-1.5, -1.2) = -1.2 (clipped); token 2: max(-0.5, -0.8) = -0.5 -> mean -0.85
     np.testing.assert_allclose(float(loss), -0.85, rtol=1e-6)
     np.testing.assert_allclose(float(m["clip_fraction"]), 0.5)
-    np.testing.assert_allclose([float(m["ratio_mean"]), float(m["ratio_min"]), float(m["ratio_max"])], [1.0, 0.5, 1.5], rtol=1e-6)
+    np.testing.assert_allclose(
+        [float(m["ratio_mean"]), float(m["ratio_min"]), float(m["ratio_max"])], [1.0, 0.5, 1.5], rtol=1e-6
+    )
     # negative advantage: token 1 max(1.5, 1.2) = 1.5, token 2 max(0.5, 0.8) = 0.8 (clipped) -> 1.15
     loss, m = grpo.policy_loss(logp, zeros, zeros, jnp.array([-1.0]), jnp.ones((1, 2)))
     np.testing.assert_allclose(float(loss), 1.15, rtol=1e-6)
@@ -136,7 +175,9 @@ def test_fully_masked_row_counts_for_nothing():
         want, _ = grpo.policy_loss(*(jnp.array(x[keep]) for x in (logp, old, ref, adv, mask)), kl_coef=0.1, agg=agg)
         np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
         assert all(np.isfinite(float(v)) for v in metrics.values())
-        grads = jax.grad(lambda lp: grpo.policy_loss(lp, *map(jnp.array, (old, ref, adv, mask)), agg=agg)[0])(jnp.array(logp))
+        grads = jax.grad(lambda lp, agg=agg: grpo.policy_loss(lp, *map(jnp.array, (old, ref, adv, mask)), agg=agg)[0])(
+            jnp.array(logp)
+        )
         assert np.all(np.isfinite(grads)) and np.all(grads[1] == 0)
 
 
@@ -161,10 +202,28 @@ def test_entropy_bonus_on_verdict_position():
     verdict_mask = np.zeros_like(mask)
     verdict_mask[[0, 1, 3], [2, 5, 0]] = 1
     for agg in AGGS:
-        got, m = grpo.policy_loss(*map(jnp.array, (logp, old, ref, adv, mask)), agg=agg, entropy=jnp.array(entropy),
-                                  entropy_mask=jnp.array(verdict_mask), entropy_coef=0.1)
-        want = reference_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), clip_low=0.2, clip_high=0.2,
-                              kl_coef=0.0, estimator="k3", agg=agg, entropy=entropy.tolist(), entropy_mask=verdict_mask.tolist(), entropy_coef=0.1)
+        got, m = grpo.policy_loss(
+            *map(jnp.array, (logp, old, ref, adv, mask)),
+            agg=agg,
+            entropy=jnp.array(entropy),
+            entropy_mask=jnp.array(verdict_mask),
+            entropy_coef=0.1,
+        )
+        want = reference_loss(
+            logp.tolist(),
+            old.tolist(),
+            ref.tolist(),
+            adv.tolist(),
+            mask.tolist(),
+            clip_low=0.2,
+            clip_high=0.2,
+            kl_coef=0.0,
+            estimator="k3",
+            agg=agg,
+            entropy=entropy.tolist(),
+            entropy_mask=verdict_mask.tolist(),
+            entropy_coef=0.1,
+        )
         np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
     # one verdict token per row: every aggregation gives the plain mean of the three entropies
     np.testing.assert_allclose(float(m["entropy"]), entropy[[0, 1, 3], [2, 5, 0]].mean(), rtol=1e-5)
@@ -186,7 +245,9 @@ def test_micro_batches_reproduce_full_batch(agg):
     coefs = dict(kl_coef=0.05, entropy_coef=0.1)
 
     def terms(lp, rows):
-        return grpo.policy_loss_terms(lp[rows], old[rows], ref[rows], adv[rows], mask[rows], entropy=entropy[rows], **opts)
+        return grpo.policy_loss_terms(
+            lp[rows], old[rows], ref[rows], adv[rows], mask[rows], entropy=entropy[rows], **opts
+        )
 
     full_loss, full_metrics = grpo.finalize_terms(terms(logp, slice(None)), **coefs)
     parts = [slice(i, i + 4) for i in range(0, B, 4)]
@@ -224,8 +285,11 @@ def test_aggregation_count():
 def test_jit_and_bad_names():
     logp, old, ref, adv, mask = map(jnp.array, random_batch(5))
     jitted = jax.jit(grpo.policy_loss, static_argnames=("agg", "kl_estimator"))
-    np.testing.assert_allclose(jitted(logp, old, ref, adv, mask, agg="seq-mean-token-sum")[0],
-                               grpo.policy_loss(logp, old, ref, adv, mask, agg="seq-mean-token-sum")[0], rtol=1e-6)
+    np.testing.assert_allclose(
+        jitted(logp, old, ref, adv, mask, agg="seq-mean-token-sum")[0],
+        grpo.policy_loss(logp, old, ref, adv, mask, agg="seq-mean-token-sum")[0],
+        rtol=1e-6,
+    )
     with pytest.raises(UserError, match="agg='sum'.*token-mean"):
         grpo.policy_loss(logp, old, ref, adv, mask, agg="sum")
     with pytest.raises(UserError, match="kl_estimator='k4'"):
@@ -235,6 +299,7 @@ def test_jit_and_bad_names():
 
 
 # ---------- reward ----------
+
 
 def test_rrm_reward_on_real_verdict_strings():
     from rrm_jax.rl import reward

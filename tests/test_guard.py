@@ -10,15 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from test_step import grouped_batch
+from test_trainer import TINY
 
 from rrm_jax.model.config import preset
 from rrm_jax.model.qwen2 import Qwen2
 from rrm_jax.rl import grpo, guard, step, trainer
 from rrm_jax.rl.config import load_config
 from rrm_jax.rl.reward import compute_rewards
-
-from test_step import grouped_batch
-from test_trainer import TINY
 
 
 def test_penalised_advantages_by_hand():
@@ -43,7 +42,9 @@ def test_format_signal_gives_a_gradient_when_every_sample_is_unparseable():
     optimizer = optax.sgd(1.0)
     results = {}
     for penalty in (0.0, 0.5):
-        adv = guard.penalised_advantages(plain, unparseable, np.zeros(R), format_penalty=penalty, truncation_penalty=0.0)
+        adv = guard.penalised_advantages(
+            plain, unparseable, np.zeros(R), format_penalty=penalty, truncation_penalty=0.0
+        )
         batch = step.RolloutBatch(prompt_tokens, lengths, tokens, mask, old, old, jnp.asarray(adv), mask)
         p = jax.tree.map(jnp.copy, params)
         new, _, metrics = step.update_fn(config, step.LossSettings(), optimizer, 1, p, optimizer.init(p), batch)
@@ -104,12 +105,19 @@ def test_collapse_stops_with_one_line_naming_the_last_good_checkpoint(tmp_path, 
     assert trainer.train(config, out, progress=False) == trainer.EXIT_COLLAPSE
     err = [line for line in capsys.readouterr().err.splitlines() if "collapse" in line]
     assert len(err) == 1
-    assert "collapse at step 6" in err[0] and "unparseable" in err[0] and f"{out / 'checkpoints' / '2'} (step 2)" in err[0]
+    assert (
+        "collapse at step 6" in err[0] and "unparseable" in err[0] and f"{out / 'checkpoints' / '2'} (step 2)" in err[0]
+    )
     assert _steps_saved(out) == [2]  # the save due at step 4 waited for a healthy step that never came
     rows = _rows(out)
     assert [r["collapse_streak"] for r in rows if "reward_mean" in r] == [0, 0, 0, 1, 2, 3]
     event = rows[-1]
-    assert (event["step"], event["collapse"], event["action"], event["last_good_checkpoint"]) == (6, "unparseable", "stop", 2)
+    assert (event["step"], event["collapse"], event["action"], event["last_good_checkpoint"]) == (
+        6,
+        "unparseable",
+        "stop",
+        2,
+    )
 
 
 def test_collapse_rolls_back_to_the_last_good_checkpoint_with_a_new_seed(tmp_path, monkeypatch, capsys):
@@ -122,7 +130,7 @@ def test_collapse_rolls_back_to_the_last_good_checkpoint_with_a_new_seed(tmp_pat
     event = next(r for r in rows if "collapse" in r)
     assert (event["step"], event["action"], event["rolled_back_to"], event["rollbacks"]) == (6, "rollback", 2, 1)
     assert event["rollout_seed"] != config.seed
-    after = [r for r in rows[rows.index(event) + 1:]]
+    after = [r for r in rows[rows.index(event) + 1 :]]
     assert [r["step"] for r in after] == [3, 4, 5, 6, 7, 8] and max(r["unparseable"] for r in after) < 1.0
     assert [r["step"] for r in trainer.current_attempt(rows)] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert _steps_saved(out)[-1] == 8

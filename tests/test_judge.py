@@ -103,15 +103,35 @@ def test_decoding_defaults_follow_the_spec_and_are_overridable(tokenizer):
     Judge(generate, tokenizer)(COMPARISONS[:1])
     call = generate.calls[-1]
     assert (call["temperature"], call["top_p"], call["top_k"], call["max_new_tokens"], call["max_think_tokens"]) == (
-        0.6, 1.0, 0, 8192, None)
+        0.6,
+        1.0,
+        0,
+        8192,
+        None,
+    )
     assert call["num_samples"] == 1
-    judge = Judge(generate, tokenizer, temperature=0.0, top_p=0.9, top_k=5, max_new_tokens=64, max_think_tokens=16,
-                  votes=3, seed=11, batch_size=2)
+    judge = Judge(
+        generate,
+        tokenizer,
+        temperature=0.0,
+        top_p=0.9,
+        top_k=5,
+        max_new_tokens=64,
+        max_think_tokens=16,
+        votes=3,
+        seed=11,
+        batch_size=2,
+    )
     judge(COMPARISONS[:1])
     judge(COMPARISONS[1:2])
     first, second = generate.calls[-2], generate.calls[-1]
-    assert (first["temperature"], first["top_p"], first["top_k"], first["max_new_tokens"], first["max_think_tokens"]) == (
-        0.0, 0.9, 5, 64, 16)
+    assert (
+        first["temperature"],
+        first["top_p"],
+        first["top_k"],
+        first["max_new_tokens"],
+        first["max_think_tokens"],
+    ) == (0.0, 0.9, 5, 64, 16)
     assert (first["num_samples"], first["batch_size"]) == (3, 2)
     # every judge call (and every batch of its plan) draws fresh, reproducible randomness
     assert (first["seed"], second["seed"]) == (worksplit.batch_seed(11, 0, 0), worksplit.batch_seed(11, 1, 0))
@@ -129,8 +149,12 @@ def test_results_return_to_input_order_when_prompts_are_sorted_by_length(tokeniz
 
 @pytest.mark.parametrize(
     "option, message",
-    [({"votes": 0}, "votes must be >= 1"), ({"top_p": 0.0}, "top_p must be in"), ({"temperature": -1}, "temperature"),
-     ({"max_think_tokens": 0}, "max_think_tokens must be >= 1")],
+    [
+        ({"votes": 0}, "votes must be >= 1"),
+        ({"top_p": 0.0}, "top_p must be in"),
+        ({"temperature": -1}, "temperature"),
+        ({"max_think_tokens": 0}, "max_think_tokens must be >= 1"),
+    ],
 )
 def test_bad_judge_options_are_user_errors(tokenizer, option, message):
     with pytest.raises(UserError, match=message):
@@ -150,13 +174,16 @@ def test_judgment_counts():
 def scripted_backend(monkeypatch, tokenizer):
     generate = ScriptedGenerate(tokenizer, prefers("good"))
     loaded = []
-    monkeypatch.setattr(judge_module, "load_backend", lambda path, **options: loaded.append(path) or (generate, tokenizer))
+    monkeypatch.setattr(
+        judge_module, "load_backend", lambda path, **options: loaded.append(path) or (generate, tokenizer)
+    )
     return loaded
 
 
 def test_judge_command_single_pair_prints_reasoning_and_verdict(scripted_backend, capsys):
-    code = cli.main(["judge", "--model", "M", "--query", "Which?", "--response-1", "poor", "--response-2", "good",
-                     "--votes", "3"])
+    code = cli.main(
+        ["judge", "--model", "M", "--query", "Which?", "--response-1", "poor", "--response-2", "good", "--votes", "3"]
+    )
     out = capsys.readouterr().out
     assert code == 0 and scripted_backend == ["M"]
     assert out.count("Let me compare them.") == 3
@@ -164,19 +191,40 @@ def test_judge_command_single_pair_prints_reasoning_and_verdict(scripted_backend
 
 
 def test_judge_command_labels_each_vote_with_the_response_it_means(scripted_backend, capsys):
-    assert cli.main(["judge", "--model", "M", "--query", "Which?", "--response-1", "poor", "--response-2", "good",
-                     "--both-orders"]) == 0
+    assert (
+        cli.main(
+            [
+                "judge",
+                "--model",
+                "M",
+                "--query",
+                "Which?",
+                "--response-1",
+                "poor",
+                "--response-2",
+                "good",
+                "--both-orders",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    blocks = re.findall(r"\(Assistant 1 = response (\d), Assistant 2 = response (\d)\) ---\n.*?\\boxed\{Assistant (\d)\}.*?"
-                        r"=> vote \d: response (\d)", out, flags=re.S)
+    blocks = re.findall(
+        r"\(Assistant 1 = response (\d), Assistant 2 = response (\d)\) ---\n.*?\\boxed\{Assistant (\d)\}.*?"
+        r"=> vote \d: response (\d)",
+        out,
+        flags=re.S,
+    )
     assert sorted(b[:2] for b in blocks) == [("1", "2"), ("2", "1")]  # one judgment in each A/B order
-    for first, second, boxed, vote in blocks:
-        assert vote == (first, second)[int(boxed) - 1] == "2"  # "good" is response 2 whatever its position
+    for first, second, chosen, vote in blocks:
+        assert vote == (first, second)[int(chosen) - 1] == "2"  # "good" is response 2 whatever its position
 
 
 def test_judge_command_jsonl(scripted_backend, tmp_path, capsys):
-    rows = [{"id": 1, "query": "q1", "response_1": "good one", "response_2": "bad one"},
-            {"id": 2, "query": "q2", "response_1": "meh", "response_2": "good"}]
+    rows = [
+        {"id": 1, "query": "q1", "response_1": "good one", "response_2": "bad one"},
+        {"id": 2, "query": "q2", "response_1": "meh", "response_2": "good"},
+    ]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert cli.main(["judge", "--model", "M", "--input", str(src), "--output", str(out), "--votes", "2"]) == 0
@@ -190,11 +238,19 @@ def test_judge_command_jsonl(scripted_backend, tmp_path, capsys):
 @pytest.mark.parametrize(
     "rows, message",
     [
-        ('{"query": "q", "response_1": "a"}\n', "in.jsonl line 1: missing field 'response_2' (rows need query, response_1, response_2)"),
-        ('{"query": "q", "response_1": "a", "response_2": "b"}\n\n{"query": 3, "response_1": "a", "response_2": "b"}\n',
-         "in.jsonl line 3: field must be a string: 'query'"),
+        (
+            '{"query": "q", "response_1": "a"}\n',
+            "in.jsonl line 1: missing field 'response_2' (rows need query, response_1, response_2)",
+        ),
+        (
+            '{"query": "q", "response_1": "a", "response_2": "b"}\n\n{"query": 3, "response_1": "a", "response_2": "b"}\n',
+            "in.jsonl line 3: field must be a string: 'query'",
+        ),
         ('{"query": "q", "response_1": "a", "response_2": "b"}\n{oops\n', "in.jsonl line 2: not valid JSON"),
-        ('["not", "objects"]', "in.jsonl line 1: expected an object with fields query, response_1, response_2; got str"),
+        (
+            '["not", "objects"]',
+            "in.jsonl line 1: expected an object with fields query, response_1, response_2; got str",
+        ),
     ],
 )
 def test_judge_command_bad_rows_fail_in_one_line_before_loading(scripted_backend, tmp_path, capsys, rows, message):
@@ -213,7 +269,10 @@ def test_judge_command_bad_rows_fail_in_one_line_before_loading(scripted_backend
         (["--query", "q", "--response-1", "a"], "give --query, --response-1 and --response-2"),
         (["--input", "x.jsonl"], "--input needs --output"),
         (["--query", "q", "--response-1", "a", "--response-2", "b", "--votes", "0"], "votes must be >= 1"),
-        (["--query", "q", "--response-1", "a", "--response-2", "b", "--chat-template", "chatml"], "unknown chat template"),
+        (
+            ["--query", "q", "--response-1", "a", "--response-2", "b", "--chat-template", "chatml"],
+            "unknown chat template",
+        ),
     ],
 )
 def test_judge_command_bad_flags(scripted_backend, capsys, argv, message):

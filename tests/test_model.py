@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-
 from model_utils import make_hf_model
+
 from rrm_jax import load_model, parallel
 from rrm_jax.errors import UserError
 from rrm_jax.model import hf
@@ -96,7 +96,7 @@ def test_bfloat16_matches_transformers_in_bfloat16(tmp_path):
     ours = np.asarray(model(jnp.asarray([ids], jnp.int32)))[0].astype(np.float64)
     want = torch_logits(ref_bf16, ids).astype(np.float64)  # the bf16 run's logits, exactly (bf16 -> float32)
     exact = torch_logits(ref, ids).astype(np.float64)
-    rms = lambda x: np.sqrt(np.mean(x ** 2))
+    rms = lambda x: np.sqrt(np.mean(x**2))
     assert rms(ours - want) <= 1.5e-2 * rms(want)
     assert np.abs(ours - want).max() <= 2e-2 * np.abs(want).max()
     assert rms(ours - exact) <= 1.25 * rms(want - exact)
@@ -142,10 +142,20 @@ def test_presets_have_the_released_shapes():
 
 def test_fresh_matrices_are_drawn_with_std_one_over_sqrt_fan_in():
     # widths told apart: D = 96, N * H = 8 * 16 = 128, F = 320
-    c = Qwen2Config(vocab_size=400, hidden_size=96, intermediate_size=320, num_layers=2, num_heads=8, num_kv_heads=2,
-                    head_dim=16)
-    fan_in = {"embed": 96, "lm_head": 96, "q_proj": 96, "k_proj": 96, "v_proj": 96, "gate_proj": 96, "up_proj": 96,
-              "o_proj": 128, "down_proj": 320}
+    c = Qwen2Config(
+        vocab_size=400, hidden_size=96, intermediate_size=320, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16
+    )
+    fan_in = {
+        "embed": 96,
+        "lm_head": 96,
+        "q_proj": 96,
+        "k_proj": 96,
+        "v_proj": 96,
+        "gate_proj": 96,
+        "up_proj": 96,
+        "o_proj": 128,
+        "down_proj": 320,
+    }
     for init in ("fan-in", "normal-0.02"):
         p = Qwen2(c, rngs=nnx.Rngs(0), init=init).params()
         flat = {**{k: v for k, v in p.items() if k != "layers"}, **p["layers"]}
@@ -171,7 +181,9 @@ def test_a_seeded_fresh_model_keeps_its_values():
     np.testing.assert_array_equal(first3(p["lm_head"]), np.float32([-0.11717761, -0.23780745, -0.013619836]))
     np.testing.assert_array_equal(first3(p["layers"]["q_proj"]), np.float32([0.16195449, 0.16937631, -0.051200695]))
     np.testing.assert_array_equal(first3(p["layers"]["o_proj"]), np.float32([-0.08073219, -0.1908739, 0.079872094]))
-    np.testing.assert_array_equal(first3(p["layers"]["down_proj"]), np.float32([-0.045415916, -0.0029752958, 0.1150668]))
+    np.testing.assert_array_equal(
+        first3(p["layers"]["down_proj"]), np.float32([-0.045415916, -0.0029752958, 0.1150668])
+    )
     p = Qwen2(c, rngs=nnx.Rngs(0), init="normal-0.02").params()
     np.testing.assert_array_equal(first3(p["layers"]["o_proj"]), np.float32([-0.01291715, -0.030539824, 0.012779535]))
 
@@ -185,4 +197,4 @@ def test_hf_tensor_names_and_shapes_are_transformers_own(tied):
     # and each maps onto a parameter of ours with the same number of values
     shapes = param_shapes(c)
     for t in hf.hf_tensors(c):
-        assert math.prod(t.shape) == math.prod(shapes[t.weight.path][1 if t.layer is not None else 0:]), t.name
+        assert math.prod(t.shape) == math.prod(shapes[t.weight.path][1 if t.layer is not None else 0 :]), t.name

@@ -27,11 +27,24 @@ LOCAL_POD = ROOT / "launch" / "local_pod.sh"
 DEVICES = 4
 STEPS = 4
 SETTINGS = [
-    "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
-    "model.intermediate_size=64", "data.train_size=512", "data.heldout=16",
-    "warmup.steps=40", "warmup.batch_size=32", "warmup.lr=1e-2",  # enough format for rewards of both signs
-    "rollout.prompts_per_step=16", "rollout.samples_per_prompt=4", "optimizer.warmup_steps=0",
-    "loss.micro_batches=2", "eval_every=2", "checkpoint_every=2", "mesh.data=2", "mesh.fsdp=2",
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.intermediate_size=64",
+    "data.train_size=512",
+    "data.heldout=16",
+    "warmup.steps=40",
+    "warmup.batch_size=32",
+    "warmup.lr=1e-2",  # enough format for rewards of both signs
+    "rollout.prompts_per_step=16",
+    "rollout.samples_per_prompt=4",
+    "optimizer.warmup_steps=0",
+    "loss.micro_batches=2",
+    "eval_every=2",
+    "checkpoint_every=2",
+    "mesh.data=2",
+    "mesh.fsdp=2",
 ]
 
 
@@ -41,10 +54,23 @@ def train_pod(processes: int, output_dir: Path, *extra: str, program=("-m", "rrm
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RRM_JAX_", "XLA_FLAGS"))}
     # every run of the session shares one compilation cache in pytest's base temp folder, so runs with
     # the same process count reuse compiled programs
-    env.update(JAX_COMPILATION_CACHE_DIR=str(output_dir.parent.parent / "jax-cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    cmd = [str(LOCAL_POD), "--devices-per-process", str(DEVICES // processes), str(processes),
-           sys.executable, *program, "train", "--output-dir", str(output_dir), "--no-progress", *extra]
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=str(output_dir.parent.parent / "jax-cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    cmd = [
+        str(LOCAL_POD),
+        "--devices-per-process",
+        str(DEVICES // processes),
+        str(processes),
+        sys.executable,
+        *program,
+        "train",
+        "--output-dir",
+        str(output_dir),
+        "--no-progress",
+        *extra,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=output_dir.parent)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
@@ -135,8 +161,16 @@ def test_sigterm_on_one_host_stops_every_process_at_the_same_step(tmp_path):
     script = tmp_path / "preempt_one.py"
     script.write_text(PREEMPT_ONE_PROCESS)
     run = tmp_path / "run"
-    output = train_pod(2, run, *SETTINGS, "max_steps=20", "checkpoint_every=0", "eval_every=0", "warmup.steps=2",
-                       program=(str(script),))
+    output = train_pod(
+        2,
+        run,
+        *SETTINGS,
+        "max_steps=20",
+        "checkpoint_every=0",
+        "eval_every=0",
+        "warmup.steps=2",
+        program=(str(script),),
+    )
     assert "[0] SIGTERM: saved step 2" in output and "[1] SIGTERM" not in output  # reported by process 0
     assert [p.name for p in (run / trainer.CHECKPOINTS).iterdir() if p.name.isdigit()] == ["2"]
     assert max(r["step"] for r in metrics(run)) == 2

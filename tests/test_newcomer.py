@@ -16,8 +16,8 @@ import pytest
 from packaging.requirements import Requirement
 
 from rrm_jax import cli
-from rrm_jax.rl.config import load_config, parse_overrides
 from rrm_jax.errors import UserError
+from rrm_jax.rl.config import load_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 # a process in which `import torch` fails, as after `make demo` (which installs no torch)
@@ -26,18 +26,27 @@ NOTICE = "PyTorch was not found"
 
 
 def without_torch(*argv, cwd=ROOT):
-    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *argv], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, *argv], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def test_compare_hf_without_torch_is_one_line_before_any_jax_work():
-    code = WITHOUT_TORCH.replace("sys.exit(main(sys.argv[1:]))",
-                                 "rc = main(sys.argv[1:])") + "\nprint('jax' in sys.modules)\nsys.exit(rc)"
-    done = subprocess.run([sys.executable, "-c", code, "bench", "sample", "--preset", "tiny", "--compare-hf"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    code = (
+        WITHOUT_TORCH.replace("sys.exit(main(sys.argv[1:]))", "rc = main(sys.argv[1:])")
+        + "\nprint('jax' in sys.modules)\nsys.exit(rc)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "bench", "sample", "--preset", "tiny", "--compare-hf"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stdout.split() == []  # argparse exits while parsing: nothing else ran
-    assert done.stderr == ("rrm-jax: error: --compare-hf times transformers on torch, which is not installed: "
-                           "pip install -e '.[hf]'\n")
+    assert done.stderr == (
+        "rrm-jax: error: --compare-hf times transformers on torch, which is not installed: pip install -e '.[hf]'\n"
+    )
     assert "torch==" in " ".join(setup_kwargs()["extras_require"]["hf"])
 
 
@@ -46,22 +55,36 @@ def test_commands_without_torch_do_not_print_transformers_notice(tmp_path):
 
     folder, _ = make_hf_model(tmp_path, tokenizer=True)
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "the judge"}) + "\n")
-    done = without_torch("generate", "--model", str(folder), "--input", str(tmp_path / "in.jsonl"),
-                         "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "2")
+    done = without_torch(
+        "generate",
+        "--model",
+        str(folder),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--output",
+        str(tmp_path / "out.jsonl"),
+        "--max-new-tokens",
+        "2",
+    )
     assert done.returncode == 0, done.stderr
     assert NOTICE not in done.stderr and (tmp_path / "out.jsonl").exists()
     # the notice is transformers' own (so the check above means something)
-    bare = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None; import transformers"],
-                          capture_output=True, text=True, timeout=120)
+    bare = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['torch'] = None; import transformers"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert NOTICE in bare.stderr
 
 
 def test_flag_prefixes_are_refused_everywhere(capsys):
-    for argv, typo in ((["judge", "--model", "M", "--query", "q", "--response-1", "a", "--response-2", "b",
-                         "--vote", "3"], "--vote"),
-                       (["convert", "hf-to-orbax", "--hf", "a", "--out", "b", "--dty", "bf16"], "--dty"),
-                       (["bench", "sample", "--preset", "tiny", "--compare"], "--compare"),
-                       (["train", "--output", "runs/x"], "--output")):
+    for argv, typo in (
+        (["judge", "--model", "M", "--query", "q", "--response-1", "a", "--response-2", "b", "--vote", "3"], "--vote"),
+        (["convert", "hf-to-orbax", "--hf", "a", "--out", "b", "--dty", "bf16"], "--dty"),
+        (["bench", "sample", "--preset", "tiny", "--compare"], "--compare"),
+        (["train", "--output", "runs/x"], "--output"),
+    ):
         with pytest.raises(SystemExit) as e:
             cli.build_parser(argv).parse_args(argv)
         assert e.value.code == 2 and f"unrecognized arguments: {typo}" in capsys.readouterr().err
@@ -92,13 +115,16 @@ def test_help_shows_every_default_and_never_none():
                 assert "default: " in match.group(1), f"{parser.prog} {flag}: {match.group(1)}"
 
 
-@pytest.mark.parametrize("key, message", [
-    ("rollout.temprature", "did you mean rollout.temperature?"),
-    ("max_step", "did you mean max_steps?"),
-    ("data.seed", "did you mean seed?"),  # the right name in the wrong section
-    ("rollout.zzz", "rollout has prompts_per_step, samples_per_prompt, temperature"),
-    ("zzz", "keys start with one of checkpoint_every, data,"),
-])
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("rollout.temprature", "did you mean rollout.temperature?"),
+        ("max_step", "did you mean max_steps?"),
+        ("data.seed", "did you mean seed?"),  # the right name in the wrong section
+        ("rollout.zzz", "rollout has prompts_per_step, samples_per_prompt, temperature"),
+        ("zzz", "keys start with one of checkpoint_every, data,"),
+    ],
+)
 def test_unknown_config_key_suggests_the_closest(tmp_path, key, message):
     with pytest.raises(UserError) as e:
         parse_overrides([f"{key}=1"])
@@ -106,8 +132,11 @@ def test_unknown_config_key_suggests_the_closest(tmp_path, key, message):
     assert len(str(e.value)) < 250  # not the ~2,000 characters of ~80 keys
     yaml = tmp_path / "run.yaml"
     yaml.write_text("rollout:\n  temprature: 0.5\n")
-    with pytest.raises(UserError, match=r"unknown config key 'rollout\.temprature' in .*run\.yaml; did you mean "
-                                        r"rollout\.temperature\?$"):
+    with pytest.raises(
+        UserError,
+        match=r"unknown config key 'rollout\.temprature' in .*run\.yaml; did you mean "
+        r"rollout\.temperature\?$",
+    ):
         load_config(str(yaml), [])
 
 
@@ -168,9 +197,26 @@ def setup_kwargs() -> dict:
 
 def _dry_run(requirements: list[str], tmp_path) -> subprocess.CompletedProcess:
     report = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed",
-                           "--quiet", "--timeout", "20", "--report", str(report), *requirements],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--no-deps",
+            "--ignore-installed",
+            "--quiet",
+            "--timeout",
+            "20",
+            "--report",
+            str(report),
+            *requirements,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     done.report = json.loads(report.read_text()) if report.exists() else None
     return done
 
@@ -187,8 +233,11 @@ def test_accelerator_extras_pin_the_same_jax_and_resolve(tmp_path, extra, jax_ex
     assert importlib.metadata.version("jax") == version  # the installed jax describes its own extras
     # what `jax[<extra>]==version` brings besides jaxlib (already pinned): its plugin / runtime, one level
     # deep (--no-deps: the CUDA wheels alone are gigabytes of metadata to fetch)
-    wanted = [Requirement(r) for r in importlib.metadata.requires("jax")
-              if Requirement(r).marker and Requirement(r).marker.evaluate({"extra": jax_extra})]
+    wanted = [
+        Requirement(r)
+        for r in importlib.metadata.requires("jax")
+        if Requirement(r).marker and Requirement(r).marker.evaluate({"extra": jax_extra})
+    ]
     plugins = [f"{r.name}{r.specifier}" for r in wanted if r.name not in ("jaxlib", "requests")]
     assert plugins
     probe = _dry_run([f"jax=={version}"], tmp_path)
@@ -240,8 +289,9 @@ def test_readme_follow_on_commands_are_what_make_demo_prints():
 
     c = load_config()
     out = Path("runs/toy")
-    printed = summary_lines(JudgeTask(c, load_train_tokenizer(c.tokenizer)), [], out, out / "checkpoints" / "400",
-                            ".venv/bin/rrm-jax", 64)
+    printed = summary_lines(
+        JudgeTask(c, load_train_tokenizer(c.tokenizer)), [], out, out / "checkpoints" / "400", ".venv/bin/rrm-jax", 64
+    )
     commands = [line.strip() for line in printed if line.strip().startswith(".venv/bin/rrm-jax ")]
     assert len(commands) == 3
     text = (ROOT / "README.md").read_text()

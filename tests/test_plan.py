@@ -14,8 +14,11 @@ from rrm_jax.rl.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_7B = str(ROOT / "configs" / "rrm_7b_v5p.yaml")
-WITHOUT_WEIGHTS = {"rrm_7b_v5p": "r1-distill-qwen-7b", "rrm_32b_v5p": "r1-distill-qwen-32b",
-                   "rrm_7b_8xh100": "r1-distill-qwen-7b"}
+WITHOUT_WEIGHTS = {
+    "rrm_7b_v5p": "r1-distill-qwen-7b",
+    "rrm_32b_v5p": "r1-distill-qwen-32b",
+    "rrm_7b_8xh100": "r1-distill-qwen-7b",
+}
 
 
 def test_7b_v5p_figures_match_hand_computation():
@@ -58,38 +61,77 @@ def test_parameter_bytes_match_real_sharded_model():
     c = load_config(None, ["model.init=tiny", "mesh.data=2", "mesh.fsdp=2", "mesh.tp=2"])
     config = plan.model_shape(c)
     from flax import nnx
+
     model = parallel.shard_model(Qwen2(config, rngs=nnx.Rngs(0)), parallel.make_mesh(2, 2, 2))
     first = jax.devices()[0]
-    on_first = sum(s.data.nbytes for leaf in jax.tree.leaves(model.params())
-                   for s in leaf.addressable_shards if s.device == first)
+    on_first = sum(
+        s.data.nbytes for leaf in jax.tree.leaves(model.params()) for s in leaf.addressable_shards if s.device == first
+    )
     assert plan.plan_memory(c, config).term("params") == on_first
 
 
-@pytest.mark.parametrize("name, devices, memory", [("rrm_7b_v5p", 64, 95), ("rrm_32b_v5p", 128, 95),
-                                                   ("rrm_7b_8xh100", 8, 80)])
+@pytest.mark.parametrize(
+    "name, devices, memory", [("rrm_7b_v5p", 64, 95), ("rrm_32b_v5p", 128, 95), ("rrm_7b_8xh100", 8, 80)]
+)
 def test_shipped_configs_fit(name, devices, memory, capsys):
     path = ROOT / "configs" / f"{name}.yaml"
-    rc = main(["plan", "--config", str(path), "--devices", str(devices), "--device-memory", str(memory),
-               f"model.init={WITHOUT_WEIGHTS[name]}"])
+    rc = main(
+        [
+            "plan",
+            "--config",
+            str(path),
+            "--devices",
+            str(devices),
+            "--device-memory",
+            str(memory),
+            f"model.init={WITHOUT_WEIGHTS[name]}",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and " fits (" in out
     c = load_config(str(path))  # the recipe
-    assert (c.rollout.samples_per_prompt, c.rollout.temperature, c.rollout.max_new_tokens, c.optimizer.lr,
-            c.reward.type) == (16, 0.8, 8192, 1e-6, "rrm")
+    assert (
+        c.rollout.samples_per_prompt,
+        c.rollout.temperature,
+        c.rollout.max_new_tokens,
+        c.optimizer.lr,
+        c.reward.type,
+    ) == (16, 0.8, 8192, 1e-6, "rrm")
     assert c.loss.remat and c.model.dtype == "bfloat16"
 
 
-@pytest.mark.parametrize("overrides, memory, largest, remedy", [
-    # one device holds the whole 7B: float32 weights 30.5 GB + gradients 30.5 + AdamW 61 > 80
-    (["mesh.fsdp=1", "mesh.tp=1", "rollout.prompts_per_step=1", "rollout.samples_per_prompt=1", "loss.micro_batches=1",
-      "data.max_prompt_len=256", "rollout.max_new_tokens=256"], 80, "optimizer state", "mesh.fsdp"),
-    # 16384 rollouts: 512 sequences of 12288 tokens per device in the KV cache
-    (["rollout.prompts_per_step=1024", "loss.micro_batches=512"], 95, "rollout KV cache", "rollout.prompts_per_step"),
-    (["loss.remat=false"], 95, "activations", "loss.remat=true"),
-])
+@pytest.mark.parametrize(
+    "overrides, memory, largest, remedy",
+    [
+        # one device holds the whole 7B: float32 weights 30.5 GB + gradients 30.5 + AdamW 61 > 80
+        (
+            [
+                "mesh.fsdp=1",
+                "mesh.tp=1",
+                "rollout.prompts_per_step=1",
+                "rollout.samples_per_prompt=1",
+                "loss.micro_batches=1",
+                "data.max_prompt_len=256",
+                "rollout.max_new_tokens=256",
+            ],
+            80,
+            "optimizer state",
+            "mesh.fsdp",
+        ),
+        # 16384 rollouts: 512 sequences of 12288 tokens per device in the KV cache
+        (
+            ["rollout.prompts_per_step=1024", "loss.micro_batches=512"],
+            95,
+            "rollout KV cache",
+            "rollout.prompts_per_step",
+        ),
+        (["loss.remat=false"], 95, "activations", "loss.remat=true"),
+    ],
+)
 def test_config_that_cannot_fit_is_refused(overrides, memory, largest, remedy, capsys):
-    rc = main(["plan", "--config", CONFIG_7B, "--device-memory", str(memory), "model.init=r1-distill-qwen-7b",
-               *overrides])
+    rc = main(
+        ["plan", "--config", CONFIG_7B, "--device-memory", str(memory), "model.init=r1-distill-qwen-7b", *overrides]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.count("\n") == 0 and err.startswith("rrm-jax: error: ") and "does not fit" in err
@@ -102,8 +144,18 @@ WITHOUT_POLICY_WEIGHTS = ["model.init=r1-distill-qwen-7b", "reward.judge=r1-dist
 
 @pytest.mark.parametrize("name, devices, memory", [("policy_7b_8xh100", 8, 80), ("policy_7b_v5p", 64, 95)])
 def test_shipped_policy_configs_fit(name, devices, memory, capsys):
-    rc = main(["plan", "--config", str(ROOT / "configs" / f"{name}.yaml"), "--devices", str(devices), "--device-memory",
-               str(memory), *WITHOUT_POLICY_WEIGHTS])
+    rc = main(
+        [
+            "plan",
+            "--config",
+            str(ROOT / "configs" / f"{name}.yaml"),
+            "--devices",
+            str(devices),
+            "--device-memory",
+            str(memory),
+            *WITHOUT_POLICY_WEIGHTS,
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and " fits (" in out and "judge KV cache" in out and "judging phase total" in out
 
@@ -119,14 +171,26 @@ def test_judge_terms_match_hand_computation():
     # elo: 16 prompts x 28 pairs = 448 comparisons, one order, at most batch_size 128 decoding, 1 vote, over
     # data*fsdp = 4 shards: 32 rows of 1024 + 2 x 4096 + 640 + 4096 tokens, 2 of the 4 kv heads each
     assert p.term("judge_kv_cache") == 2 * 28 * 32 * 13952 * 2 * 128 * 2
-    assert p.phase_total("judging") == (p.term("params") + p.term("optimizer") + p.term("judge_params")
-                                        + p.term("judge_kv_cache"))
+    assert p.phase_total("judging") == (
+        p.term("params") + p.term("optimizer") + p.term("judge_params") + p.term("judge_kv_cache")
+    )
     assert p.phase_total("update") >= p.term("judge_params") + p.term("grads")  # the judge stays on the devices
 
 
 def test_judge_cache_that_cannot_fit_is_refused(capsys):
-    rc = main(["plan", "--config", POLICY_8XH100, "--device-memory", "80", *WITHOUT_POLICY_WEIGHTS,
-               "reward.batch_size=2048", "reward.both_orders=true", "reward.max_new_tokens=8192"])
+    rc = main(
+        [
+            "plan",
+            "--config",
+            POLICY_8XH100,
+            "--device-memory",
+            "80",
+            *WITHOUT_POLICY_WEIGHTS,
+            "reward.batch_size=2048",
+            "reward.both_orders=true",
+            "reward.max_new_tokens=8192",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "judging phase" in err
     assert "largest term: judge KV cache" in err and "reward.batch_size" in err

@@ -54,46 +54,104 @@ def setup(tmp_path_factory):
     folder = root / "hf"
     tok = build_test_tokenizer(folder)
     config = transformers.Qwen2Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     transformers.Qwen2ForCausalLM(config).save_pretrained(folder)
     hf_to_checkpoint(folder, root / "ckpt")
     (root / "script.py").write_text(COUNTING)
     pairs = [{"query": f"q{k}", "response_1": f"a{k}", "response_2": f"b{k}" * k} for k in range(5)]
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    (root / "eval.jsonl").write_text("".join(
-        json.dumps({"prompt": r["query"], "chosen": r["response_1"], "rejected": r["response_2"]}) + "\n" for r in pairs))
-    (root / "questions.jsonl").write_text("".join(
-        json.dumps({"query": f"pick {q}", "responses": [f"r{q}{i}" for i in range(4)]}) + "\n" for q in range(3)))
+    (root / "eval.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": r["query"], "chosen": r["response_1"], "rejected": r["response_2"]}) + "\n"
+            for r in pairs
+        )
+    )
+    (root / "questions.jsonl").write_text(
+        "".join(
+            json.dumps({"query": f"pick {q}", "responses": [f"r{q}{i}" for i in range(4)]}) + "\n" for q in range(3)
+        )
+    )
     return root
 
 
 COMMANDS = {
     # 5 pairs, 2 votes, 2 prompts per batch: a plan of 3 batches
     "judge": lambda root: ["judge", "--model", str(root / "hf"), "--input", str(root / "pairs.jsonl")],
-    "eval": lambda root: ["eval", "--model", str(root / "ckpt"), "--input", str(root / "eval.jsonl"), "--format", "pairs"],
+    "eval": lambda root: [
+        "eval",
+        "--model",
+        str(root / "ckpt"),
+        "--input",
+        str(root / "eval.jsonl"),
+        "--format",
+        "pairs",
+    ],
     # 3 questions of 4 candidates: knockout rounds of 6 and 3 matches (3 and 2 batches)
-    "rank": lambda root: ["rank", "--model", str(root / "ckpt"), "--input", str(root / "questions.jsonl"),
-                          "--strategy", "knockout"],
+    "rank": lambda root: [
+        "rank",
+        "--model",
+        str(root / "ckpt"),
+        "--input",
+        str(root / "questions.jsonl"),
+        "--strategy",
+        "knockout",
+    ],
 }
 
 
-def run_pod(processes: int, command: str, root: Path, name: str, *extra: str, preempt_process_1: bool = False,
-            ) -> tuple[str, Path, dict[int, int]]:
+def run_pod(
+    processes: int,
+    command: str,
+    root: Path,
+    name: str,
+    *extra: str,
+    preempt_process_1: bool = False,
+) -> tuple[str, Path, dict[int, int]]:
     """(stdout, output path, prompts sampled per process) of `command` on `processes` local processes."""
     out, counts = root / f"{name}.out", root / f"{name}.counts{len(extra)}"
     counts.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RRM_JAX_", "XLA_FLAGS"))}
-    env.update(PYTHONPATH=str(ROOT), COUNT_DIR=str(counts), JAX_COMPILATION_CACHE_DIR=str(root / "jax-cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PREEMPT_PROCESS_1="1" if preempt_process_1 else "")
-    cmd = [str(LOCAL_POD), str(processes), sys.executable, str(root / "script.py"), *COMMANDS[command](root),
-           "--output", str(out), "--votes", "2", "--batch-size", "2", "--prompts-per-call", "2", "--max-new-tokens", "6", *extra]
+    env.update(
+        PYTHONPATH=str(ROOT),
+        COUNT_DIR=str(counts),
+        JAX_COMPILATION_CACHE_DIR=str(root / "jax-cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        PREEMPT_PROCESS_1="1" if preempt_process_1 else "",
+    )
+    cmd = [
+        str(LOCAL_POD),
+        str(processes),
+        sys.executable,
+        str(root / "script.py"),
+        *COMMANDS[command](root),
+        "--output",
+        str(out),
+        "--votes",
+        "2",
+        "--batch-size",
+        "2",
+        "--prompts-per-call",
+        "2",
+        "--max-new-tokens",
+        "6",
+        *extra,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    per_process = {int(p.stem.split("-")[1]): sum(json.loads(line) for line in p.read_text().split())
-                   for p in counts.iterdir()}
+    per_process = {
+        int(p.stem.split("-")[1]): sum(json.loads(line) for line in p.read_text().split()) for p in counts.iterdir()
+    }
     return done.stdout + done.stderr, out, per_process
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from train_utils import split_flags, train_subprocess
 
 from rrm_jax import checkpoint, cli
 from rrm_jax.data import toy
@@ -26,17 +27,42 @@ from rrm_jax.rl.config import load_config
 from rrm_jax.rrm.judge import Comparison, is_swapped
 from rrm_jax.rrm.prompt import parse_verdict
 from rrm_jax.sampling import FINISH_EOS, Sample
-from train_utils import split_flags, train_subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY_CONFIG = str(REPO / "rrm_jax" / "configs" / "toy_policy.yaml")
-TINY_JUDGE = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
-              "model.intermediate_size=64", "data.train_size=256", "data.heldout=16", "warmup.steps=30",
-              "warmup.batch_size=32", "warmup.lr=1e-2", "max_steps=0", "eval_every=0", "mesh.fsdp=1"]
-TINY_POLICY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2",
-               "model.intermediate_size=64", "data.train_size=512", "data.heldout=32", "warmup.steps=20",
-               "warmup.batch_size=32", "warmup.lr=1e-2", "rollout.prompts_per_step=8", "max_steps=4",
-               "eval_every=2", "checkpoint_every=2", "mesh.fsdp=1", "reward.temperature=1.0"]
+TINY_JUDGE = [
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.intermediate_size=64",
+    "data.train_size=256",
+    "data.heldout=16",
+    "warmup.steps=30",
+    "warmup.batch_size=32",
+    "warmup.lr=1e-2",
+    "max_steps=0",
+    "eval_every=0",
+    "mesh.fsdp=1",
+]
+TINY_POLICY = [
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.num_kv_heads=2",
+    "model.intermediate_size=64",
+    "data.train_size=512",
+    "data.heldout=32",
+    "warmup.steps=20",
+    "warmup.batch_size=32",
+    "warmup.lr=1e-2",
+    "rollout.prompts_per_step=8",
+    "max_steps=4",
+    "eval_every=2",
+    "checkpoint_every=2",
+    "mesh.fsdp=1",
+    "reward.temperature=1.0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +119,9 @@ def scripted_judge(monkeypatch):
     return calls
 
 
-def test_scripted_judge_rewards_follow_the_formula_and_the_policy_learns(judge_dir, tmp_path, scripted_judge, monkeypatch):
+def test_scripted_judge_rewards_follow_the_formula_and_the_policy_learns(
+    judge_dir, tmp_path, scripted_judge, monkeypatch
+):
     seen = []
     group_rewards = strategies.group_rewards
 
@@ -120,17 +148,29 @@ def test_scripted_judge_rewards_follow_the_formula_and_the_policy_learns(judge_d
         return score(self, queries, groups, references, **kw)
 
     monkeypatch.setattr(judge_reward.JudgeReward, "rewards", keep_responses)
-    config = policy_config(judge_dir, "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
-                           "model.num_kv_heads=2", "model.intermediate_size=128", "rollout.prompts_per_step=32",
-                           "max_steps=40", "eval_every=20", "checkpoint_every=0", "optimizer.lr=3e-3",
-                           "data.heldout=128", "loss.entropy_coef=0", "warmup.steps=40",
-                           "reward.both_orders=false")  # one seeded coin per comparison
+    config = policy_config(
+        judge_dir,
+        "model.hidden_size=64",
+        "model.num_layers=2",
+        "model.num_heads=4",
+        "model.num_kv_heads=2",
+        "model.intermediate_size=128",
+        "rollout.prompts_per_step=32",
+        "max_steps=40",
+        "eval_every=20",
+        "checkpoint_every=0",
+        "optimizer.lr=3e-3",
+        "data.heldout=128",
+        "loss.entropy_coef=0",
+        "warmup.steps=40",
+        "reward.both_orders=false",
+    )  # one seeded coin per comparison
     assert trainer.train(config, tmp_path / "run", progress=False) == 0
 
     # the first step's rewards by hand: each pair's coin, the stand-in's verdict, win rates over 3 comparisons
     tokenizer = toy.toy_tokenizer()
     (batches, got, seed), (queries, groups) = seen[0], responses[0]
-    (batch, winners), = batches
+    ((batch, winners),) = batches
     assert len(batch) == len(queries) * 6
     expected = np.zeros((len(queries), 4))
     for g, i, j in batch:
@@ -165,8 +205,14 @@ def test_judge_sampler_calls_per_step_equal_the_rounds(judge_dir, tmp_path, stra
         return sample(self, prompts, max_new_tokens, seed)
 
     monkeypatch.setattr(judge_reward.JudgeReward, "sample", counted)
-    config = policy_config(judge_dir, f"reward.strategy={strategy}", f"rollout.samples_per_prompt={G}", "max_steps=2",
-                           "eval_every=0", "checkpoint_every=0")
+    config = policy_config(
+        judge_dir,
+        f"reward.strategy={strategy}",
+        f"rollout.samples_per_prompt={G}",
+        "max_steps=2",
+        "eval_every=0",
+        "checkpoint_every=0",
+    )
     assert trainer.train(config, tmp_path / "run", progress=False) == 0
     rounds = strategies.rounds(strategy, G)
     assert len(calls) == 2 * rounds
@@ -186,8 +232,9 @@ def test_both_orders_and_votes_count_samples_and_flips(judge_dir, tmp_path, monk
         return results
 
     monkeypatch.setattr(judge_reward.JudgeReward, "sample", recorded)
-    config = policy_config(judge_dir, "reward.both_orders=true", "reward.votes=2", "max_steps=1", "eval_every=0",
-                           "checkpoint_every=0")
+    config = policy_config(
+        judge_dir, "reward.both_orders=true", "reward.votes=2", "max_steps=1", "eval_every=0", "checkpoint_every=0"
+    )
     assert trainer.train(config, tmp_path / "run", progress=False) == 0
     row = next(r for r in rows(tmp_path / "run") if "reward_mean" in r)
     assert row["judge_comparisons"] == 8 * 6 and row["judge_samples"] == 8 * 6 * 2 * 2
@@ -204,7 +251,7 @@ def test_both_orders_and_votes_count_samples_and_flips(judge_dir, tmp_path, monk
             assert shown_toy_pair(prompts[k + 1]) == (query, second, first)
             majorities = []
             for p, swapped in ((k, False), (k + 1, True)):
-                verdicts = [parse_verdict(t) for t in texts[2 * p:2 * p + 2]]
+                verdicts = [parse_verdict(t) for t in texts[2 * p : 2 * p + 2]]
                 unparseable += verdicts.count(None)
                 ones, twos = verdicts.count(1), verdicts.count(2)
                 shown = None if ones == twos else 1 if ones > twos else 2
@@ -245,8 +292,21 @@ def test_sharded_policy_and_judge_equal_one_device(judge_dir, tmp_path):
 
 def _train_subprocess(out: Path, judge: Path, *extra: str, crash_after: int | None = None):
     flags, overrides = split_flags(extra)
-    return train_subprocess(["train", "--config", POLICY_CONFIG, "--output-dir", str(out), "--no-progress", *flags,
-                             *TINY_POLICY, f"reward.judge={judge}", *overrides], crash_after)
+    return train_subprocess(
+        [
+            "train",
+            "--config",
+            POLICY_CONFIG,
+            "--output-dir",
+            str(out),
+            "--no-progress",
+            *flags,
+            *TINY_POLICY,
+            f"reward.judge={judge}",
+            *overrides,
+        ],
+        crash_after,
+    )
 
 
 def test_resume_after_kill_is_exact(judge_dir, tmp_path):
@@ -276,10 +336,29 @@ def test_two_processes_train_like_one(judge_dir, tmp_path):
     outputs = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
-        done = subprocess.run([str(pod), "--devices-per-process", str(2 // processes), str(processes), sys.executable,
-                               "-m", "rrm_jax.cli", "train", "--config", POLICY_CONFIG, "--output-dir", str(out),
-                               "--no-progress", *settings], capture_output=True, text=True, env=env, timeout=600,
-                              cwd=tmp_path)
+        done = subprocess.run(
+            [
+                str(pod),
+                "--devices-per-process",
+                str(2 // processes),
+                str(processes),
+                sys.executable,
+                "-m",
+                "rrm_jax.cli",
+                "train",
+                "--config",
+                POLICY_CONFIG,
+                "--output-dir",
+                str(out),
+                "--no-progress",
+                *settings,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         outputs[processes] = without_timing(rows(out))
     assert [r["step"] for r in outputs[2]] == [r["step"] for r in outputs[1]] == [0, 1, 2]
@@ -298,8 +377,17 @@ def _cli_error(capsys, argv) -> str:
 
 def test_bad_input_is_one_line_exit_2(judge_dir, tmp_path, capsys):
     def run(name, *overrides):
-        return ["train", "--config", POLICY_CONFIG, "--no-progress", "--output-dir", str(tmp_path / name), *TINY_POLICY,
-                f"reward.judge={judge_dir}", *overrides]
+        return [
+            "train",
+            "--config",
+            POLICY_CONFIG,
+            "--no-progress",
+            "--output-dir",
+            str(tmp_path / name),
+            *TINY_POLICY,
+            f"reward.judge={judge_dir}",
+            *overrides,
+        ]
 
     no_tokenizer = tmp_path / "judge-no-tokenizer"
     shutil.copytree(checkpoint.resolve_checkpoint(judge_dir), no_tokenizer)

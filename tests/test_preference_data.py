@@ -26,15 +26,23 @@ def write_lines(path, lines):
 
 # ---------- readers ----------
 
+
 def test_jsonl_both_row_shapes(tmp_path):
-    path = write_lines(tmp_path / "d.jsonl", [
-        json.dumps({"prompt": "q1", "chosen": "good", "rejected": "bad", "extra": 1}),
-        "",
-        json.dumps({"query": "q2", "response_1": "worse", "response_2": "better", "label": 2}),
-        json.dumps({"query": "q3", "response_1": "better", "response_2": "worse", "label": 1}),
-    ])
+    path = write_lines(
+        tmp_path / "d.jsonl",
+        [
+            json.dumps({"prompt": "q1", "chosen": "good", "rejected": "bad", "extra": 1}),
+            "",
+            json.dumps({"query": "q2", "response_1": "worse", "response_2": "better", "label": 2}),
+            json.dumps({"query": "q3", "response_1": "better", "response_2": "worse", "label": 1}),
+        ],
+    )
     pairs = preference.read_preferences(path)
-    assert [(p.query, p.chosen, p.rejected) for p in pairs] == [("q1", "good", "bad"), ("q2", "better", "worse"), ("q3", "better", "worse")]
+    assert [(p.query, p.chosen, p.rejected) for p in pairs] == [
+        ("q1", "good", "bad"),
+        ("q2", "better", "worse"),
+        ("q3", "better", "worse"),
+    ]
     assert [p.origin for p in pairs] == [f"{path} line 1", f"{path} line 3", f"{path} line 4"]
 
 
@@ -54,14 +62,20 @@ def test_json_list_and_parquet(tmp_path):
     assert pairs[1].origin.endswith("d.parquet row 2")
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    ('{"prompt": "q", "chosen": "a"', "not valid JSON"),
-    ('{"prompt": "q", "chosen": "a"}', "needs the fields prompt, chosen, rejected or query, response_1, response_2, label; it has chosen, prompt"),
-    ('{"query": "q", "response_1": "a", "response_2": "b", "label": 3}', "label must be 1 or 2"),
-    ('{"query": "q", "response_1": "a", "response_2": "b", "label": true}', "label must be 1 or 2"),
-    ('{"prompt": "q", "chosen": 5, "rejected": "b"}', "field 'chosen' must be a string"),
-    ('["q", "a", "b"]', "expected an object"),
-])
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ('{"prompt": "q", "chosen": "a"', "not valid JSON"),
+        (
+            '{"prompt": "q", "chosen": "a"}',
+            "needs the fields prompt, chosen, rejected or query, response_1, response_2, label; it has chosen, prompt",
+        ),
+        ('{"query": "q", "response_1": "a", "response_2": "b", "label": 3}', "label must be 1 or 2"),
+        ('{"query": "q", "response_1": "a", "response_2": "b", "label": true}', "label must be 1 or 2"),
+        ('{"prompt": "q", "chosen": 5, "rejected": "b"}', "field 'chosen' must be a string"),
+        ('["q", "a", "b"]', "expected an object"),
+    ],
+)
 def test_bad_jsonl_row_names_file_and_line(tmp_path, bad_line, message):
     good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
     path = write_lines(tmp_path / "bad.jsonl", [good, good, bad_line, good])
@@ -129,9 +143,13 @@ def test_split_heldout():
 
 # ---------- prompts ----------
 
+
 def letter_pairs(n):
     rng = np.random.default_rng(0)
-    return [PreferencePair(f"q{i}", "".join(rng.choice(list("abc"), 4)), "".join(rng.choice(list("xyz"), 4)), f"item {i}") for i in range(n)]
+    return [
+        PreferencePair(f"q{i}", "".join(rng.choice(list("abc"), 4)), "".join(rng.choice(list("xyz"), 4)), f"item {i}")
+        for i in range(n)
+    ]
 
 
 def test_positions_are_seeded_and_labels_point_at_the_chosen_response(tokenizer):
@@ -141,7 +159,9 @@ def test_positions_are_seeded_and_labels_point_at_the_chosen_response(tokenizer)
     labels = np.array([e.label for e in examples])
     assert 160 < (labels == 1).sum() < 240  # a fair coin per pair
     for pair, e in zip(pairs, examples):
-        assert (e.response_1, e.response_2)[e.label - 1] == pair.chosen and (e.response_1, e.response_2)[2 - e.label] == pair.rejected
+        assert (e.response_1, e.response_2)[e.label - 1] == pair.chosen and (e.response_1, e.response_2)[
+            2 - e.label
+        ] == pair.rejected
         assert e.prompt == prompt.render(tokenizer, pair.query, e.response_1, e.response_2)
         assert e.prompt_ids == prompt.encode(tokenizer, e.prompt)
     again = preference.PreferenceDataset(pairs, tokenizer=tokenizer, render=prompt.render, max_prompt_len=64, seed=7)
@@ -151,24 +171,33 @@ def test_positions_are_seeded_and_labels_point_at_the_chosen_response(tokenizer)
 
 
 def test_both_orders(tokenizer):
-    ds = preference.PreferenceDataset(letter_pairs(3), tokenizer=tokenizer, render=prompt.render, max_prompt_len=64, orders="both")
+    ds = preference.PreferenceDataset(
+        letter_pairs(3), tokenizer=tokenizer, render=prompt.render, max_prompt_len=64, orders="both"
+    )
     first, second = ds[1]
     assert (first.label, second.label) == (1, 2)
     assert (first.response_1, first.response_2) == (second.response_2, second.response_1)
     with pytest.raises(UserError, match="orders='all'"):
-        preference.PreferenceDataset(letter_pairs(3), tokenizer=tokenizer, render=prompt.render, max_prompt_len=64, orders="all")
+        preference.PreferenceDataset(
+            letter_pairs(3), tokenizer=tokenizer, render=prompt.render, max_prompt_len=64, orders="all"
+        )
 
 
 def test_over_length_items_dropped_and_counted(tokenizer):
     pairs = letter_pairs(10)
     long = {2, 5, 6}
-    pairs = [PreferencePair(p.query, p.chosen + "z" * 30 if i in long else p.chosen, p.rejected, p.origin) for i, p in enumerate(pairs)]
+    pairs = [
+        PreferencePair(p.query, p.chosen + "z" * 30 if i in long else p.chosen, p.rejected, p.origin)
+        for i, p in enumerate(pairs)
+    ]
     # prompts: <s> q<i> : 4 letters | 4 letters <think> = 1 + 2 + 1 + 4 + 1 + 4 + 1 = 14 tokens; long ones 44
     ds = preference.PreferenceDataset(pairs, tokenizer=tokenizer, render=prompt.render, max_prompt_len=14)
     assert ds.dropped_over_length == 3 and len(ds) == 7
     assert {ds[i][0].origin for i in range(len(ds))} == {f"item {i}" for i in range(10) if i not in long}
     assert max(len(ds[i][0].prompt_ids) for i in range(len(ds))) == 14
-    both = preference.PreferenceDataset(pairs, tokenizer=tokenizer, render=prompt.render, max_prompt_len=14, orders="both")
+    both = preference.PreferenceDataset(
+        pairs, tokenizer=tokenizer, render=prompt.render, max_prompt_len=14, orders="both"
+    )
     assert both.dropped_over_length == 3
     with pytest.raises(UserError, match="all 10 preference pairs render to prompts longer than max_prompt_len=13"):
         preference.PreferenceDataset(pairs, tokenizer=tokenizer, render=prompt.render, max_prompt_len=13)
@@ -177,6 +206,7 @@ def test_over_length_items_dropped_and_counted(tokenizer):
 
 
 # ---------- grain pipeline ----------
+
 
 def origins(batch):
     return [e.origin for e in batch]
@@ -193,9 +223,14 @@ def test_epochs_are_reshuffled(tokenizer):
 
 
 def test_process_shards_partition_the_global_batch(tokenizer):
-    ds = preference.PreferenceDataset(letter_pairs(10), tokenizer=tokenizer, render=prompt.render, max_prompt_len=64, orders="both")
+    ds = preference.PreferenceDataset(
+        letter_pairs(10), tokenizer=tokenizer, render=prompt.render, max_prompt_len=64, orders="both"
+    )
     whole = iter(preference.preference_batches(ds, batch_size=8, seed=0, process_index=0, process_count=1))
-    shards = [iter(preference.preference_batches(ds, batch_size=8, seed=0, process_index=p, process_count=2)) for p in range(2)]
+    shards = [
+        iter(preference.preference_batches(ds, batch_size=8, seed=0, process_index=p, process_count=2))
+        for p in range(2)
+    ]
     for _ in range(5):  # across an epoch boundary (10 pairs, 4 per step)
         parts = [next(s) for s in shards]
         assert all(len(p) == 4 for p in parts)

@@ -25,7 +25,10 @@ def test_package_constants_equal_the_spec():
     assert spec.DEEPSEEK_R1_DISTILL_CHAT_TEMPLATE == SPEC["chat_template_deepseek_r1_distill"]
     decoding = SPEC["decoding_for_evaluation"]
     assert (spec.EVAL_TEMPERATURE, spec.EVAL_TOP_P, spec.EVAL_MAX_NEW_TOKENS) == (
-        decoding["temperature"], decoding["top_p"], decoding["max_new_tokens"])
+        decoding["temperature"],
+        decoding["top_p"],
+        decoding["max_new_tokens"],
+    )
 
 
 def test_render_is_byte_identical_to_the_spec_example(tokenizer):
@@ -61,7 +64,10 @@ def test_tokenizer_without_chat_template_is_a_user_error_unless_one_is_named(tmp
         render(plain, "q", "a", "b")
     example = SPEC["rendered_example"]
     named = chat_template_named("deepseek-r1-distill")
-    assert render(plain, example["question"], example["answer1"], example["answer2"], chat_template=named) == example["rendered_prompt"]
+    assert (
+        render(plain, example["question"], example["answer1"], example["answer2"], chat_template=named)
+        == example["rendered_prompt"]
+    )
     with pytest.raises(UserError, match="unknown chat template 'chatml'; known: deepseek-r1-distill"):
         chat_template_named("chatml")
 

@@ -86,7 +86,9 @@ def test_elo_round_robin_many_sends_every_question_in_one_batch():
 
     results = elo_round_robin_many([3, 2, 4], compare, seed=0)
     assert len(calls) == 1
-    assert sorted(calls[0]) == sorted([(0, i, j) for i, j in round_robin_order(3)] + [(1, 0, 1)] + [(2, i, j) for i, j in round_robin_order(4)])
+    assert sorted(calls[0]) == sorted(
+        [(0, i, j) for i, j in round_robin_order(3)] + [(1, 0, 1)] + [(2, i, j) for i, j in round_robin_order(4)]
+    )
     assert [r.best for r in results] == [0, 0, 0]
 
 
@@ -199,7 +201,11 @@ def exit_code(argv):
 
 
 ROWS = [
-    {"query": "q1", "responses": ["bad a", "good", "bad b", "bad c", "bad d"], "correct": [False, True, False, False, False]},
+    {
+        "query": "q1",
+        "responses": ["bad a", "good", "bad b", "bad c", "bad d"],
+        "correct": [False, True, False, False, False],
+    },
     {"query": "q2", "responses": ["bad", "worse", "good"], "correct": [False, False, True]},
     {"query": "q3", "responses": ["good", "bad"]},
 ]
@@ -209,7 +215,12 @@ ROWS = [
 def test_rank_command(good_judge, tmp_path, capsys, strategy, comparisons):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    assert exit_code(["rank", "--model", "M", "--input", str(src), "--strategy", strategy, "--output", str(out), "--votes", "3"]) == 0
+    assert (
+        exit_code(
+            ["rank", "--model", "M", "--input", str(src), "--strategy", strategy, "--output", str(out), "--votes", "3"]
+        )
+        == 0
+    )
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [w["pick"] for w in written] == [1, 2, 0]
     assert [w.get("pick_correct") for w in written] == [True, True, None]
@@ -230,7 +241,19 @@ def test_rank_command_with_the_official_bracket(good_judge, tmp_path):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text(json.dumps({"query": "q", "responses": responses}) + "\n")
     bracket = Path(__file__).parent / "data" / "tournament.json"
-    argv = ["rank", "--model", "M", "--input", str(src), "--strategy", "knockout", "--output", str(out), "--bracket", str(bracket)]
+    argv = [
+        "rank",
+        "--model",
+        "M",
+        "--input",
+        str(src),
+        "--strategy",
+        "knockout",
+        "--output",
+        str(out),
+        "--bracket",
+        str(bracket),
+    ]
     assert exit_code(argv) == 0
     (written,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert written["pick"] == 17
@@ -240,7 +263,11 @@ def test_rank_command_with_the_official_bracket(good_judge, tmp_path):
 @pytest.mark.parametrize(
     "rows, extra, message",
     [
-        ([{"query": "q", "responses": ["only one"]}], [], "in.jsonl line 1: 'responses' has 1 entries; ranking needs at least 2"),
+        (
+            [{"query": "q", "responses": ["only one"]}],
+            [],
+            "in.jsonl line 1: 'responses' has 1 entries; ranking needs at least 2",
+        ),
         ([ROWS[0], {"responses": ["a", "b"]}], [], "in.jsonl line 2: missing field 'query'"),
         ([{"query": "q", "responses": "a b"}], [], "in.jsonl line 1: 'responses' must be a list of strings"),
         ([{"query": "q", "responses": ["a", "b"], "correct": [True]}], [], "'correct' must be a list of 2 booleans"),
@@ -252,7 +279,16 @@ def test_rank_command_bad_input(good_judge, tmp_path, capsys, monkeypatch, rows,
     monkeypatch.chdir(Path(__file__).parent / "data")
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = ["rank", "--model", "M", "--input", str(src), "--output", str(out), *(extra if "--strategy" in extra else ["--strategy", "knockout", *extra])]
+    argv = [
+        "rank",
+        "--model",
+        "M",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        *(extra if "--strategy" in extra else ["--strategy", "knockout", *extra]),
+    ]
     assert exit_code(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("rrm-jax: error: ") and message in err and err.count("\n") == 1

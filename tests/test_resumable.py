@@ -20,10 +20,18 @@ from rrm_jax.rrm import judge as judge_module
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 # 6 pairs of different lengths: with --prompts-per-call 2 the plan has 3 batches (one sampler call each)
-PAIRS = [{"id": k, "query": f"question {k}" + "?" * (3 * k), "response_1": f"good {k}", "response_2": f"poor {k}"}
-         for k in range(6)]
-QUESTIONS = [{"query": f"pick one {q}", "responses": [f"answer {q}.{r}" + "!" * r for r in range(4)],
-              "correct": [r == 2 for r in range(4)]} for q in range(3)]
+PAIRS = [
+    {"id": k, "query": f"question {k}" + "?" * (3 * k), "response_1": f"good {k}", "response_2": f"poor {k}"}
+    for k in range(6)
+]
+QUESTIONS = [
+    {
+        "query": f"pick one {q}",
+        "responses": [f"answer {q}.{r}" + "!" * r for r in range(4)],
+        "correct": [r == 2 for r in range(4)],
+    }
+    for q in range(3)
+]
 COMMON = ["--model", "M", "--votes", "2", "--batch-size", "2", "--prompts-per-call", "2"]
 
 
@@ -38,8 +46,12 @@ def files(tmp_path):
     pairs.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
     questions.write_text("".join(json.dumps(r) + "\n" for r in QUESTIONS))
     evals = tmp_path / "eval.jsonl"
-    evals.write_text("".join(json.dumps({"prompt": r["query"], "chosen": r["response_1"], "rejected": r["response_2"]}) + "\n"
-                     for r in PAIRS))
+    evals.write_text(
+        "".join(
+            json.dumps({"prompt": r["query"], "chosen": r["response_1"], "rejected": r["response_2"]}) + "\n"
+            for r in PAIRS
+        )
+    )
     return {"judge": pairs, "eval": evals, "rank": questions}
 
 
@@ -69,6 +81,7 @@ def sigterm_on_call(n, signum=signal.SIGTERM):
     def on_call(call):
         if call == n:
             os.kill(os.getpid(), signum)  # a preemption (or Ctrl-C) arriving while batch n is being sampled
+
     return on_call
 
 
@@ -78,8 +91,9 @@ STOPS = [pytest.param(signal.SIGTERM, 0, id="SIGTERM"), pytest.param(signal.SIGI
 
 @pytest.mark.parametrize("signum, exit_code", STOPS)
 @pytest.mark.parametrize("command", ["judge", "eval", "rank"])
-def test_a_stop_signal_ends_after_the_batch_in_flight_and_resume_completes(run, files, tmp_path, command, signum,
-                                                                           exit_code):
+def test_a_stop_signal_ends_after_the_batch_in_flight_and_resume_completes(
+    run, files, tmp_path, command, signum, exit_code
+):
     reference, out = tmp_path / "reference", tmp_path / "out"
     code, _, uninterrupted = run(argv(command, files, reference))
     assert code == 0
@@ -138,23 +152,29 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 # kill -9 loses the batch in flight; Ctrl-C lets it finish, exits 130 with one line and no traceback
-@pytest.mark.parametrize("signum, returncode, finished_batches", [
-    pytest.param(signal.SIGKILL, -signal.SIGKILL, 1, id="SIGKILL"), pytest.param(signal.SIGINT, 130, 2, id="SIGINT")])
-def test_a_judge_process_killed_or_interrupted_then_resumed_equals_an_uninterrupted_run(run, files, tmp_path, tokenizer,
-                                                                                       signum, returncode,
-                                                                                       finished_batches):
+@pytest.mark.parametrize(
+    "signum, returncode, finished_batches",
+    [pytest.param(signal.SIGKILL, -signal.SIGKILL, 1, id="SIGKILL"), pytest.param(signal.SIGINT, 130, 2, id="SIGINT")],
+)
+def test_a_judge_process_killed_or_interrupted_then_resumed_equals_an_uninterrupted_run(
+    run, files, tmp_path, tokenizer, signum, returncode, finished_batches
+):
     reference, out = tmp_path / "reference.jsonl", tmp_path / "out.jsonl"
     assert run(argv("judge", files, reference))[0] == 0
     tokenizer.save_pretrained(tmp_path / "tok")
     script = tmp_path / "kill.py"
-    script.write_text(KILL_AT_CALL.format(tests=str(TESTS), tokenizer=str(tmp_path / "tok"), kill_at=2,
-                                          signum=int(signum)))
+    script.write_text(
+        KILL_AT_CALL.format(tests=str(TESTS), tokenizer=str(tmp_path / "tok"), kill_at=2, signum=int(signum))
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(script), *argv("judge", files, out)], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(script), *argv("judge", files, out)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == returncode, done.stderr
     if signum == signal.SIGINT:
-        assert done.stderr.splitlines()[-1].startswith("SIGINT: stopped with 4 pairs") and "Traceback" not in done.stderr
+        assert (
+            done.stderr.splitlines()[-1].startswith("SIGINT: stopped with 4 pairs") and "Traceback" not in done.stderr
+        )
     assert not out.exists()
     header, *finished = records(Path(f"{out}.partial"))
     assert len(finished) == 2 * finished_batches  # SIGKILL: batch 0 was written, batch 1 died in flight
@@ -174,7 +194,7 @@ def test_cut_short_last_line_is_dropped_on_resume(run, files, tmp_path):
     assert run(argv("judge", files, out), on_call=sigterm_on_call(2))[0] == 0
     partial = Path(f"{out}.partial")
     data = partial.read_bytes()
-    partial.write_bytes(data[:len(data) - 40])  # the last record's write was cut short by a kill
+    partial.write_bytes(data[: len(data) - 40])  # the last record's write was cut short by a kill
     code, _, resumed = run(argv("judge", files, out, "--resume"))
     assert code == 0 and out.read_bytes() == reference.read_bytes()
     assert len(resumed.prompts_sampled) == 4  # the batch of the cut record again, and the batch never started
@@ -191,11 +211,14 @@ def test_a_damaged_line_before_the_last_is_refused(run, files, tmp_path):
     assert code == 2 and err.count("\n") == 1 and "line 2 is not valid JSON" in err and generate.calls == []
 
 
-@pytest.mark.parametrize("change, message", [
-    (["--votes", "3"], "votes=2 there, 3 here"),
-    (["--seed", "5"], "seed=0 there, 5 here"),
-    (["--temperature", "0.9"], "temperature=0.6 there, 0.9 here"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--votes", "3"], "votes=2 there, 3 here"),
+        (["--seed", "5"], "seed=0 there, 5 here"),
+        (["--temperature", "0.9"], "temperature=0.6 there, 0.9 here"),
+    ],
+)
 def test_partial_from_other_settings_is_refused_in_one_line(run, files, tmp_path, change, message):
     out = tmp_path / "out.jsonl"
     assert run(argv("judge", files, out), on_call=sigterm_on_call(1))[0] == 0
@@ -249,7 +272,13 @@ def fake_step(run_dir: Path, step: int, commit_time: int = 1) -> Path:
     folder = run_dir / "checkpoints" / str(step)
     (folder / "params").mkdir(parents=True)
     (folder / "model_config").mkdir()
-    (folder / "model_config" / "metadata").write_text(json.dumps(Qwen2Config(vocab_size=262, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1).to_dict()))
+    (folder / "model_config" / "metadata").write_text(
+        json.dumps(
+            Qwen2Config(
+                vocab_size=262, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1
+            ).to_dict()
+        )
+    )
     (folder / "_CHECKPOINT_METADATA").write_text(json.dumps({"commit_timestamp_nsecs": commit_time}))
     return folder
 
@@ -260,7 +289,9 @@ def run_loading(monkeypatch, tokenizer, capsys):
 
     def go(args, on_call=None):
         generate, loaded = SeededGenerate(tokenizer, on_call), []
-        monkeypatch.setattr(judge_module, "load_backend", lambda path, **options: loaded.append(path) or (generate, tokenizer))
+        monkeypatch.setattr(
+            judge_module, "load_backend", lambda path, **options: loaded.append(path) or (generate, tokenizer)
+        )
         code = cli.main(list(args))
         return code, capsys.readouterr().err, generate, loaded
 

@@ -13,6 +13,7 @@ from rrm_jax.rrm import rank
 def scripted(preferences, calls=None):
     """compare() from a table {(g, i, j): winner or None}, missing keys by the lower index of
     `preferences["order"][g]` (a ranking: earlier wins); records each call's batch."""
+
     def compare(batch):
         if calls is not None:
             calls.append(list(batch))
@@ -27,6 +28,7 @@ def scripted(preferences, calls=None):
                 order = preferences["order"][g] + [strategies.REFERENCE]  # the reference ranks last
                 out.append(i if order.index(i) < order.index(j) else j)
         return out
+
     return compare
 
 
@@ -89,7 +91,7 @@ def test_knockout_rounds_and_byes_for_g_not_a_power_of_two():
                 w = min(e, key=order.index)
                 won[w] += 1
                 advancing.append(w)
-        entries = [tuple(advancing[p:p + 2]) for p in range(0, len(advancing), 2)]
+        entries = [tuple(advancing[p : p + 2]) for p in range(0, len(advancing), 2)]
     np.testing.assert_allclose(rewards[0], [won[c] / 3 for c in range(G)])
     assert rewards[0][4] == 1.0  # the best sample wins every round it plays
 
@@ -110,8 +112,13 @@ def test_circular_two_comparisons_each():
 
 
 def test_reference_plus_minus_one_and_tie():
-    compare = scripted({(0, 0, strategies.REFERENCE): 0, (0, 1, strategies.REFERENCE): strategies.REFERENCE,
-                        (0, 2, strategies.REFERENCE): None})
+    compare = scripted(
+        {
+            (0, 0, strategies.REFERENCE): 0,
+            (0, 1, strategies.REFERENCE): strategies.REFERENCE,
+            (0, 2, strategies.REFERENCE): None,
+        }
+    )
     rewards = strategies.group_rewards("reference", 1, 3, compare)
     np.testing.assert_array_equal(rewards, [[1, -1, 0]])
 

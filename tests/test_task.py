@@ -22,13 +22,27 @@ METHODS = sorted(name for name, value in vars(Task).items() if inspect.isfunctio
 
 def _parameters(function) -> list[tuple[object, str | None]]:
     """Each parameter's kind, and the names of those the trainer passes by keyword."""
-    return [(p.kind, p.name if p.kind == p.KEYWORD_ONLY else None)
-            for p in inspect.signature(function).parameters.values() if p.name != "self"]
+    return [
+        (p.kind, p.name if p.kind == p.KEYWORD_ONLY else None)
+        for p in inspect.signature(function).parameters.values()
+        if p.name != "self"
+    ]
 
 
 def test_the_protocol_declares_what_the_issue_names():
-    assert METHODS == sorted(["next_batch", "score", "evaluate", "step_progress", "eval_progress", "warmup_batch",
-                              "write_heldout", "summary", "plot"])
+    assert METHODS == sorted(
+        [
+            "next_batch",
+            "score",
+            "evaluate",
+            "step_progress",
+            "eval_progress",
+            "warmup_batch",
+            "write_heldout",
+            "summary",
+            "plot",
+        ]
+    )
     assert Task.__annotations__ == {"batches": "ResumableIterator"}
 
 
@@ -49,8 +63,13 @@ def test_a_tasks_batch_stream_is_resumable():
     assert [e.prompt_ids for e in next(task.batches)] == first
     # the policy's task sets its stream the same way (building one needs a judge model)
     init = ast.parse(textwrap.dedent(inspect.getsource(PolicyTask.__init__)))
-    assigned = {t.attr for node in ast.walk(init) if isinstance(node, ast.Assign) for t in node.targets
-                if isinstance(t, ast.Attribute)}
+    assigned = {
+        t.attr
+        for node in ast.walk(init)
+        if isinstance(node, ast.Assign)
+        for t in node.targets
+        if isinstance(t, ast.Attribute)
+    }
     assert "batches" in assigned
 
 
@@ -61,7 +80,8 @@ def _task_members_used(path: Path) -> set[str]:
         if isinstance(node, ast.Attribute):
             owner = node.value
             if (isinstance(owner, ast.Name) and owner.id == "task") or (
-                    isinstance(owner, ast.Attribute) and owner.attr == "task"):
+                isinstance(owner, ast.Attribute) and owner.attr == "task"
+            ):
                 used.add(node.attr)
     return used
 
@@ -72,8 +92,23 @@ def test_the_trainer_asks_its_task_only_for_the_protocols_members():
     assert {"next_batch", "score", "evaluate", "batches", "summary", "plot"} <= used
 
 
-@pytest.mark.parametrize("module", ["task", "checkpoints", "metrics", "plot", "step", "config", "judge_task",
-                                    "policy", "judge_reward", "guard", "grpo", "rollout_stats"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "task",
+        "checkpoints",
+        "metrics",
+        "plot",
+        "step",
+        "config",
+        "judge_task",
+        "policy",
+        "judge_reward",
+        "guard",
+        "grpo",
+        "rollout_stats",
+    ],
+)
 def test_modules_below_the_trainer_do_not_import_it(module):
     imported = set()
     for node in ast.walk(ast.parse((RL / f"{module}.py").read_text())):

@@ -29,15 +29,25 @@ def test_characters_round_trip(tokenizer):
 
 
 def test_special_tokens_and_vocabulary(tokenizer):
-    assert [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id] == [0, 1, 2, 3]
+    assert [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id] == [
+        0,
+        1,
+        2,
+        3,
+    ]
     assert len(tokenizer) == 4 + 96 + 5 + 1  # specials, printable ASCII and newline, marker tokens, "avoid "
     # plain calls add nothing: the chat template writes the BOS token itself
     assert tokenizer("ab")["input_ids"] == tokenizer("ab", add_special_tokens=False)["input_ids"]
-    assert char_tokenizer.verdict_token_ids(tokenizer) == (tokenizer.convert_tokens_to_ids("Assistant 1"), tokenizer.convert_tokens_to_ids("Assistant 2"))
+    assert char_tokenizer.verdict_token_ids(tokenizer) == (
+        tokenizer.convert_tokens_to_ids("Assistant 1"),
+        tokenizer.convert_tokens_to_ids("Assistant 2"),
+    )
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    without_verdicts = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")), unk_token="<unk>")
+    without_verdicts = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")), unk_token="<unk>"
+    )
     with pytest.raises(ValueError, match="no single verdict tokens"):
         char_tokenizer.verdict_token_ids(without_verdicts)
 
@@ -84,9 +94,13 @@ def test_generated_items_follow_the_rule():
         assert p.query.startswith("avoid ") and len(p.query) == 7
         x = p.query[-1]
         banned.append(x)
-        assert len(p.chosen) == len(p.rejected) == 5 and (p.chosen + p.rejected).isalpha() and (p.chosen + p.rejected).islower()
+        assert (
+            len(p.chosen) == len(p.rejected) == 5
+            and (p.chosen + p.rejected).isalpha()
+            and (p.chosen + p.rejected).islower()
+        )
         assert x not in p.chosen and p.rejected.count(x) == 1
-    choices = "abcdefghijklmnopqrstuvwxyz"[-toy.BANNED_CHOICES:]
+    choices = "abcdefghijklmnopqrstuvwxyz"[-toy.BANNED_CHOICES :]
     assert set(banned) == set(choices)
     assert toy.BANNED_CHOICES == 26  # the full task
     counts = np.array([banned.count(c) for c in choices])
@@ -112,7 +126,7 @@ def _verdicts_and_truths(tokenizer, batch):
     for row, row_mask in zip(tokens, mask):
         assert row_mask.tolist() == [0.0] * 16 + [1.0] * 5  # only the answer is learnt
         text = tokenizer.decode(row[:16])
-        query, responses = text[len("<s>"):-len("<think>")].split(":")
+        query, responses = text[len("<s>") : -len("<think>")].split(":")
         first, second = responses.split("|")
         yield parse_verdict(tokenizer.decode(row[16:], skip_special_tokens=True)), 1 if query[-1] not in first else 2
 
@@ -143,11 +157,23 @@ def test_write_heldout_is_readable_pairs_file(tmp_path):
 def test_toy_config_carries_the_measured_settings():
     config = yaml.safe_load(resources.files("rrm_jax").joinpath("configs/toy.yaml").read_text())
     model, rollout, loss, opt, warmup = (config[k] for k in ("model", "rollout", "loss", "optimizer", "warmup"))
-    assert (model["hidden_size"], model["num_layers"], model["num_heads"], model["num_kv_heads"], model["intermediate_size"]) == (128, 2, 4, 2, 336)
+    assert (
+        model["hidden_size"],
+        model["num_layers"],
+        model["num_heads"],
+        model["num_kv_heads"],
+        model["intermediate_size"],
+    ) == (128, 2, 4, 2, 336)
     assert model["tie_word_embeddings"] is True
     assert (warmup["steps"], warmup["batch_size"], warmup["lr"]) == (60, 256, 1e-3)
     assert (rollout["prompts_per_step"], rollout["samples_per_prompt"], rollout["temperature"]) == (256, 4, 1.0)
-    assert (loss["clip_low"], loss["clip_high"], loss["kl_coef"], loss["entropy_coef"], loss["entropy_on"]) == (0.2, 0.2, 0.0, 0.1, "verdict")
+    assert (loss["clip_low"], loss["clip_high"], loss["kl_coef"], loss["entropy_coef"], loss["entropy_on"]) == (
+        0.2,
+        0.2,
+        0.0,
+        0.1,
+        "verdict",
+    )
     assert (opt["lr"], opt["warmup_steps"], opt["grad_clip"]) == (1e-3, 20, 1.0)
     assert config["data"]["max_prompt_len"] >= 16
     assert (config["guard"]["format_penalty"], config["guard"]["truncation_penalty"]) == (0.5, 0.5)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +17,7 @@ import optax
 import pytest
 import yaml
 from flax import nnx
+from train_utils import split_flags, train_subprocess
 
 from rrm_jax import checkpoint, cli, parallel
 from rrm_jax.model.config import Qwen2Config
@@ -25,17 +26,26 @@ from rrm_jax.rl import step, trainer
 from rrm_jax.rl.config import load_config
 from rrm_jax.rl.reward import register_reward
 from rrm_jax.rrm.prompt import parse_verdict
-from train_utils import split_flags, train_subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 
 # A tiny model and batch: the whole pipeline (warm-up, rollout, update, eval, checkpoint) in seconds.
 TINY = [
-    "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
-    "model.intermediate_size=64", "data.train_size=512", "data.heldout=200",
-    "warmup.steps=40", "warmup.batch_size=32", "warmup.lr=1e-2",
-    "rollout.prompts_per_step=16", "rollout.samples_per_prompt=4", "optimizer.warmup_steps=0",
-    "eval_every=3", "checkpoint_every=3",
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.intermediate_size=64",
+    "data.train_size=512",
+    "data.heldout=200",
+    "warmup.steps=40",
+    "warmup.batch_size=32",
+    "warmup.lr=1e-2",
+    "rollout.prompts_per_step=16",
+    "rollout.samples_per_prompt=4",
+    "optimizer.warmup_steps=0",
+    "eval_every=3",
+    "checkpoint_every=3",
     "mesh.fsdp=1",  # one device: the default fsdp=-1 would shard these tiny runs over conftest's 8 CPU devices
 ]
 
@@ -55,8 +65,18 @@ def _without_timing(rows):
 
 
 def test_grpo_steps_raise_reward_on_trivial_rule(tmp_path):
-    config = load_config(None, TINY + ["reward=test-always-first", "max_steps=6", "loss.entropy_coef=0",
-                                       "optimizer.lr=5e-3", "eval_every=0", "checkpoint_every=0"])
+    config = load_config(
+        None,
+        TINY
+        + [
+            "reward=test-always-first",
+            "max_steps=6",
+            "loss.entropy_coef=0",
+            "optimizer.lr=5e-3",
+            "eval_every=0",
+            "checkpoint_every=0",
+        ],
+    )
     assert trainer.train(config, tmp_path / "run", progress=False) == 0
     rows = [r for r in _rows(tmp_path / "run") if "reward_mean" in r]
     assert rows[0]["unparseable"] < 0.2  # the warm-up taught the format
@@ -64,11 +84,13 @@ def test_grpo_steps_raise_reward_on_trivial_rule(tmp_path):
     assert last > first + 0.4, (first, last)
 
 
-def _train_subprocess(out: Path, *extra: str, crash_after: int | None = None,
-                      signum: int = signal.SIGKILL) -> subprocess.CompletedProcess:
+def _train_subprocess(
+    out: Path, *extra: str, crash_after: int | None = None, signum: int = signal.SIGKILL
+) -> subprocess.CompletedProcess:
     flags, overrides = split_flags(extra)
-    return train_subprocess(["train", "--output-dir", str(out), "--no-progress", *flags, *TINY, *overrides], crash_after,
-                            signum)
+    return train_subprocess(
+        ["train", "--output-dir", str(out), "--no-progress", *flags, *TINY, *overrides], crash_after, signum
+    )
 
 
 def test_resume_after_kill_is_exact(tmp_path):
@@ -146,14 +168,12 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
 
     bad = tmp_path / "prefs.jsonl"
     bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
-    err = _cli_error(capsys, base("c") + [f"data.source={bad}", "data.heldout=0.5",
-                                     "loss.entropy_on=completion"])
+    err = _cli_error(capsys, base("c") + [f"data.source={bad}", "data.heldout=0.5", "loss.entropy_on=completion"])
     assert f"{bad} line 2:" in err
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    err = _cli_error(capsys, base("d") + [f"data.source={empty}",
-                                     "loss.entropy_on=completion"])
+    err = _cli_error(capsys, base("d") + [f"data.source={empty}", "loss.entropy_on=completion"])
     assert str(empty) in err and "no preference rows" in err
 
     err = _cli_error(capsys, ["train", "--config", str(tmp_path / "missing.yaml"), "--output-dir", str(tmp_path / "e")])
@@ -175,13 +195,18 @@ def _run_files(out: Path) -> dict:
     return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("extra, named", [
-    # the issue's cases: a policy config on a judge run, a model shape, a seed (which would redraw heldout.jsonl)
-    ([f"--config={REPO / 'rrm_jax/configs/toy_policy.yaml'}", "reward.judge={run}"],
-     "reward.type: 'rrm' saved, 'judge' given"),
-    (["model.hidden_size=64", "max_steps=410"], "model.hidden_size: 32 saved, 64 given"),
-    (["seed=5"], "seed: 0 saved, 5 given"),
-])
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        # the issue's cases: a policy config on a judge run, a model shape, a seed (which would redraw heldout.jsonl)
+        (
+            [f"--config={REPO / 'rrm_jax/configs/toy_policy.yaml'}", "reward.judge={run}"],
+            "reward.type: 'rrm' saved, 'judge' given",
+        ),
+        (["model.hidden_size=64", "max_steps=410"], "model.hidden_size: 32 saved, 64 given"),
+        (["seed=5"], "seed: 0 saved, 5 given"),
+    ],
+)
 def test_resume_that_changes_the_run_is_refused_and_writes_nothing(finished_run, capsys, extra, named):
     before = _run_files(finished_run)
     extra = [e.format(run=finished_run) for e in extra]
@@ -198,8 +223,17 @@ def test_resume_may_change_the_cadence_and_keeps_the_heldout_set(finished_run, t
     (out / trainer.HELDOUT).write_text(kept)  # regenerating it would bring the other rows back
     # the same config again, from a --config file plus overrides as `make demo-policy` passes it, with allowed changes
     same = [f"--config={REPO / 'rrm_jax/configs/toy.yaml'}", *TINY, "max_steps=0", "warmup.steps=0", "eval_every=0"]
-    argv = ["train", "--output-dir", str(out), "--resume", "--no-progress", *same,
-            "checkpoint_every=7", "guard.on_collapse=rollback", "keep_checkpoints=2"]
+    argv = [
+        "train",
+        "--output-dir",
+        str(out),
+        "--resume",
+        "--no-progress",
+        *same,
+        "checkpoint_every=7",
+        "guard.on_collapse=rollback",
+        "keep_checkpoints=2",
+    ]
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert (out / trainer.HELDOUT).read_text() == kept
     saved = load_config(base=yaml.safe_load((out / trainer.RUN_CONFIG).read_text()))
@@ -208,8 +242,18 @@ def test_resume_may_change_the_cadence_and_keeps_the_heldout_set(finished_run, t
 
 def test_relative_output_and_export_folders(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    argv = ["train", "--output-dir", "runs/rel", "--export-hf", "export/rel", "--no-progress", *TINY,
-            "max_steps=0", "warmup.steps=0", "eval_every=0"]
+    argv = [
+        "train",
+        "--output-dir",
+        "runs/rel",
+        "--export-hf",
+        "export/rel",
+        "--no-progress",
+        *TINY,
+        "max_steps=0",
+        "warmup.steps=0",
+        "eval_every=0",
+    ]
     assert cli.main(argv) == 0, capsys.readouterr().err
     model, config = checkpoint.load_model("runs/rel")
     exported, exported_config = checkpoint.load_model("export/rel")
@@ -232,8 +276,16 @@ def _sharded_step(mesh, config, params, batch, optimizer, loss):
 
 @pytest.mark.parametrize("shape", [(1, 8, 1), (1, 2, 4)])
 def test_sharded_update_equals_single_device(shape):
-    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
-                         num_kv_heads=4, tie_word_embeddings=False, max_position_embeddings=64)
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=4,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+    )
     params = Qwen2(config, rngs=nnx.Rngs(1)).params()
     rng = np.random.default_rng(0)
     P, G, Tp, Tc = 8, 2, 8, 6
@@ -243,8 +295,16 @@ def test_sharded_update_equals_single_device(shape):
     loss_mask = jnp.asarray(np.arange(Tc)[None] < rng.integers(2, Tc + 1, (P * G, 1)), jnp.float32)
     old = step.logprobs_fn(config, params, prompt_tokens, prompt_lengths, tokens)
     old = old + jnp.asarray(rng.normal(0, 0.1, old.shape), jnp.float32)
-    batch = step.RolloutBatch(prompt_tokens, prompt_lengths, tokens, loss_mask, old, old - 0.05,
-                              jnp.asarray(rng.normal(size=P * G), jnp.float32), loss_mask)
+    batch = step.RolloutBatch(
+        prompt_tokens,
+        prompt_lengths,
+        tokens,
+        loss_mask,
+        old,
+        old - 0.05,
+        jnp.asarray(rng.normal(size=P * G), jnp.float32),
+        loss_mask,
+    )
     # plain SGD: the update is the gradient itself (Adam would blow float noise in near-zero gradients up to lr)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))
     loss = step.LossSettings(kl_coef=0.1, entropy_coef=0.05)
@@ -285,10 +345,24 @@ def test_a_damaged_metrics_line_before_the_last_is_one_line_exit_2(finished_run,
     shutil.copytree(finished_run, out)
     damaged = _metrics_lines(0) + '{"step": 1, "lo\n' + _metrics_lines(2)
     (out / trainer.METRICS).write_text(damaged)
-    err = _cli_error(capsys, ["train", "--output-dir", str(out), "--resume", "--no-progress", *TINY,
-                              "max_steps=0", "warmup.steps=0", "eval_every=0"])
-    assert err == (f"rrm-jax: error: {out / trainer.METRICS} line 2 is not valid JSON (not a cut-short last line: "
-                   f"the file is damaged); repair or delete that line, then --resume again")
+    err = _cli_error(
+        capsys,
+        [
+            "train",
+            "--output-dir",
+            str(out),
+            "--resume",
+            "--no-progress",
+            *TINY,
+            "max_steps=0",
+            "warmup.steps=0",
+            "eval_every=0",
+        ],
+    )
+    assert err == (
+        f"rrm-jax: error: {out / trainer.METRICS} line 2 is not valid JSON (not a cut-short last line: "
+        f"the file is damaged); repair or delete that line, then --resume again"
+    )
     assert (out / trainer.METRICS).read_text() == damaged  # nothing rewritten
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def train_subprocess(argv: list[str], crash_after: int | None = None,
-                     signum: int = signal.SIGKILL) -> subprocess.CompletedProcess:
+def train_subprocess(
+    argv: list[str], crash_after: int | None = None, signum: int = signal.SIGKILL
+) -> subprocess.CompletedProcess:
     """`rrm-jax <argv>`; crash_after=N sends `signum` to the process right after step N is logged: by
     default SIGKILL, no chance to clean up, exactly like kill -9."""
     hook = ""

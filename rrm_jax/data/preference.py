@@ -14,7 +14,7 @@ every epoch, one shard per JAX process, with an iterator state that goes into ch
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import grain
 import jax
@@ -56,6 +56,7 @@ class JudgeExample:
 
 # ---------- reading ----------
 
+
 def pair_from_row(row: dict, origin: str) -> PreferencePair:
     """Validate one row of either shape; a bad row is a UserError naming `origin` (FILE line N)."""
     if all(k in row for k in PAIR_FIELDS):
@@ -66,15 +67,15 @@ def pair_from_row(row: dict, origin: str) -> PreferencePair:
         if isinstance(label, bool) or label not in (1, 2):
             raise UserError(f"{origin}: label must be 1 or 2 (the better response); got {label!r}")
     else:
-        raise UserError(
-            f"{origin}: a row needs the fields {ROW_SHAPES}; it has {', '.join(sorted(row)) or 'none'}"
-        )
+        raise UserError(f"{origin}: a row needs the fields {ROW_SHAPES}; it has {', '.join(sorted(row)) or 'none'}")
     for key in fields:
         if not isinstance(row[key], str):
             raise UserError(f"{origin}: field {key!r} must be a string; got {type(row[key]).__name__}")
     if fields == PAIR_FIELDS:
         return PreferencePair(row["prompt"], row["chosen"], row["rejected"], origin)
-    better, worse = (row["response_1"], row["response_2"]) if row["label"] == 1 else (row["response_2"], row["response_1"])
+    better, worse = (
+        (row["response_1"], row["response_2"]) if row["label"] == 1 else (row["response_2"], row["response_1"])
+    )
     return PreferencePair(row["query"], better, worse, origin)
 
 
@@ -83,11 +84,15 @@ def _check_dataset_columns(source: str, config: str | None, split: str | None, c
     if not (set(PAIR_FIELDS) <= columns or set(LABELLED_FIELDS) <= columns):
         shape = max((PAIR_FIELDS, LABELLED_FIELDS), key=lambda fields: len(columns & set(fields)))
         missing = next(f for f in shape if f not in columns)
-        raise UserError(f"{sources.describe(source, config, split)}: missing column {missing!r} (it has "
-                        f"{', '.join(sorted(columns))}; rows need {ROW_SHAPES})")
+        raise UserError(
+            f"{sources.describe(source, config, split)}: missing column {missing!r} (it has "
+            f"{', '.join(sorted(columns))}; rows need {ROW_SHAPES})"
+        )
 
 
-def read_preferences(path: str, *, dataset_config: str | None = None, dataset_split: str | None = None) -> list[PreferencePair]:
+def read_preferences(
+    path: str, *, dataset_config: str | None = None, dataset_split: str | None = None
+) -> list[PreferencePair]:
     """All pairs of a .jsonl, .json or .parquet file or of a Hugging Face dataset (rrm_jax.data.rows);
     an empty input or a bad row is a UserError."""
     rows = read_rows(path, dataset_config=dataset_config, dataset_split=dataset_split, allowed=ROW_SHAPES)
@@ -96,16 +101,21 @@ def read_preferences(path: str, *, dataset_config: str | None = None, dataset_sp
     return [pair_from_row(row, origin) for origin, row in rows]
 
 
-def split_heldout(pairs: list[PreferencePair], heldout: int | float, *, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+def split_heldout(
+    pairs: list[PreferencePair], heldout: int | float, *, seed: int
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(train, held-out): `heldout` items (an int) or that fraction (a float in (0, 1)), chosen with `seed`."""
     n_heldout = round(heldout * len(pairs)) if isinstance(heldout, float) else int(heldout)
     if not 0 <= n_heldout < len(pairs) or (isinstance(heldout, float) and not 0 < heldout < 1):
-        raise UserError(f"heldout={heldout} must leave some of the {len(pairs)} pairs for training (a count, or a fraction in (0, 1))")
+        raise UserError(
+            f"heldout={heldout} must leave some of the {len(pairs)} pairs for training (a count, or a fraction in (0, 1))"
+        )
     order = np.random.default_rng(seed).permutation(len(pairs))
     return [pairs[i] for i in sorted(order[n_heldout:])], [pairs[i] for i in sorted(order[:n_heldout])]
 
 
 # ---------- prompts ----------
+
 
 def token_counts(tokenizer, texts: list[str]) -> list[int]:
     """Token counts of rendered prompts (no special tokens added)."""
@@ -128,7 +138,16 @@ class PreferenceDataset:
     markers written in them are counted in `markers_neutralised`.
     """
 
-    def __init__(self, pairs: list[PreferencePair], *, tokenizer, render: RenderFn, max_prompt_len: int, seed: int = 0, orders: str = "random"):
+    def __init__(
+        self,
+        pairs: list[PreferencePair],
+        *,
+        tokenizer,
+        render: RenderFn,
+        max_prompt_len: int,
+        seed: int = 0,
+        orders: str = "random",
+    ):
         if orders not in ORDERS:
             raise UserError(f"orders={orders!r} is not supported; use one of {', '.join(ORDERS)}")
         if not pairs:
@@ -155,7 +174,9 @@ class PreferenceDataset:
         self.kept = np.flatnonzero(fits)
         self.dropped_over_length = int(len(pairs) - len(self.kept))
         if not len(self.kept):
-            raise UserError(f"all {len(pairs)} preference pairs render to prompts longer than max_prompt_len={max_prompt_len} tokens; raise max_prompt_len")
+            raise UserError(
+                f"all {len(pairs)} preference pairs render to prompts longer than max_prompt_len={max_prompt_len} tokens; raise max_prompt_len"
+            )
 
     @staticmethod
     def _shown(pair: PreferencePair, chosen_first: bool) -> tuple[str, str, str]:
@@ -181,7 +202,14 @@ class PreferenceDataset:
         return len(self._chosen_first[0])
 
 
-def preference_batches(dataset: PreferenceDataset, *, batch_size: int, seed: int, process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+def preference_batches(
+    dataset: PreferenceDataset,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
     """An endless grain stream of this process's batches: lists of `batch_size / process_count` prompts.
 
     The whole dataset is shuffled with `seed` and reshuffled differently every epoch; global batch k

@@ -37,8 +37,10 @@ class PolicyPrompt:
 
 def prompt_from_row(row: dict, origin: str) -> PromptRow:
     if "prompt" not in row:
-        raise UserError(f"{origin}: a prompt row needs the field 'prompt' (optionally 'reference'); it has "
-                        f"{', '.join(sorted(row)) or 'none'}")
+        raise UserError(
+            f"{origin}: a prompt row needs the field 'prompt' (optionally 'reference'); it has "
+            f"{', '.join(sorted(row)) or 'none'}"
+        )
     for key in ("prompt", "reference"):
         if key in row and row[key] is not None and not isinstance(row[key], str):
             raise UserError(f"{origin}: field {key!r} must be a string; got {type(row[key]).__name__}")
@@ -46,16 +48,18 @@ def prompt_from_row(row: dict, origin: str) -> PromptRow:
 
 
 def read_prompts(path: str, *, dataset_config: str | None = None, dataset_split: str | None = None) -> list[PromptRow]:
-    rows = read_rows(path, dataset_config=dataset_config, dataset_split=dataset_split,
-                     allowed="'prompt' (optionally 'reference')")
+    rows = read_rows(
+        path, dataset_config=dataset_config, dataset_split=dataset_split, allowed="'prompt' (optionally 'reference')"
+    )
     return [prompt_from_row(row, origin) for origin, row in rows]
 
 
 def policy_prompt_text(tokenizer, prompt: str, *, chat_template: bool) -> str:
     """The text the policy is prompted with (special tokens included, so encode it without adding them)."""
     if chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return (tokenizer.bos_token or "") + prompt
 
 
@@ -68,8 +72,10 @@ class PromptDataset:
         self.kept = [i for i, n in enumerate(token_counts(tokenizer, texts)) if n <= max_prompt_len]
         self.dropped_over_length = len(rows) - len(self.kept)
         if not self.kept:
-            raise UserError(f"all {len(rows)} prompts are longer than data.max_prompt_len={max_prompt_len} tokens; "
-                            f"raise data.max_prompt_len")
+            raise UserError(
+                f"all {len(rows)} prompts are longer than data.max_prompt_len={max_prompt_len} tokens; "
+                f"raise data.max_prompt_len"
+            )
 
     def __len__(self) -> int:
         return len(self.kept)

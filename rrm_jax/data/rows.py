@@ -18,8 +18,14 @@ from rrm_jax.data import sources
 from rrm_jax.errors import UserError
 
 
-def read_rows(path: str, *, dataset_config: str | None = None, dataset_split: str | None = None,
-              columns: tuple[str, ...] = (), allowed: str = "") -> list[tuple[str, dict]]:
+def read_rows(
+    path: str,
+    *,
+    dataset_config: str | None = None,
+    dataset_split: str | None = None,
+    columns: tuple[str, ...] = (),
+    allowed: str = "",
+) -> list[tuple[str, dict]]:
     """(location, row) for each row of `path`, a file or a dataset; every row is a JSON object.
 
     `columns`: those a dataset's rows need, checked up front (a file's rows are checked by the caller,

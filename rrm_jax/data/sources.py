@@ -49,16 +49,24 @@ def describe(source: str, config: str | None = None, split: str | None = None) -
     return f"{source} ({', '.join(details)})" if details else source
 
 
-def load_rows(source: str, *, config: str | None = None, split: str | None = None,
-              columns: tuple[str, ...] = (), allowed: str = "") -> list[tuple[str, dict]]:
+def load_rows(
+    source: str,
+    *,
+    config: str | None = None,
+    split: str | None = None,
+    columns: tuple[str, ...] = (),
+    allowed: str = "",
+) -> list[tuple[str, dict]]:
     """(location, row) for every row of the dataset `source`. `columns`: those every row needs; a
     missing one is a UserError naming the column and the dataset (`allowed` says what rows need)."""
     dataset = _load(source, config, split)
     name = describe(source, config, split)
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
-        raise UserError(f"{name}: missing column {missing[0]!r} (it has {', '.join(dataset.column_names) or 'none'}; "
-                        f"rows need {allowed or ', '.join(columns)})")
+        raise UserError(
+            f"{name}: missing column {missing[0]!r} (it has {', '.join(dataset.column_names) or 'none'}; "
+            f"rows need {allowed or ', '.join(columns)})"
+        )
     rows = [(f"{name} row {number}", row) for number, row in enumerate(dataset.to_list(), start=1)]
     if not rows:
         raise UserError(f"{name}: no rows")
@@ -85,8 +93,10 @@ def _load_quietly(datasets, source: str, config: str | None, split: str | None):
         try:
             loaded = datasets.load_from_disk(source)
         except FileNotFoundError:
-            raise UserError(f"{source}: a folder, but not one written by Dataset.save_to_disk "
-                            f"(no dataset_info.json / dataset_dict.json)") from None
+            raise UserError(
+                f"{source}: a folder, but not one written by Dataset.save_to_disk "
+                f"(no dataset_info.json / dataset_dict.json)"
+            ) from None
         if config:
             raise UserError(f"{source}: a dataset saved to disk has no configs; drop {CONFIG_OPTION}")
         return _pick_split(source, loaded, split)
@@ -100,11 +110,15 @@ def _load_quietly(datasets, source: str, config: str | None, split: str | None):
         raise UserError(f"{describe(source, config, split)}: {str(e).splitlines()[0]}") from None
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         if endpoint:
-            raise UserError(f"{source}: no such file or folder, and no dataset of that name in the local Hugging Face "
-                            f"cache ({cache}); the Hub ({endpoint}) cannot be reached") from None
-        raise UserError(f"{source}: no such file or folder, and no dataset of that name in the local Hugging Face "
-                        f"cache ({cache}) or on the Hub "
-                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise UserError(
+                f"{source}: no such file or folder, and no dataset of that name in the local Hugging Face "
+                f"cache ({cache}); the Hub ({endpoint}) cannot be reached"
+            ) from None
+        raise UserError(
+            f"{source}: no such file or folder, and no dataset of that name in the local Hugging Face "
+            f"cache ({cache}) or on the Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     return loaded if split else _pick_split(source, loaded, None)  # with a split, load_dataset returns just that
 
 
@@ -117,8 +131,9 @@ def _unreachable_hub(datasets) -> str | None:
         return None
     url = urlsplit(constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=HUB_CHECK_TIMEOUT_S).close()
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=HUB_CHECK_TIMEOUT_S
+        ).close()
     except OSError:
         return constants.ENDPOINT
     return None

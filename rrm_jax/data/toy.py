@@ -40,7 +40,11 @@ TOY_USER_FORMAT = "{question}:{answer1}|{answer2}"
 def _rrm_user_markers() -> tuple[str, str, str, str]:
     """The fixed text around question, answer1 and answer2 in the RRM user message."""
     before_q, after_q, after_a1, after_a2 = re.split(r"\{question\}|\{answer1\}|\{answer2\}", spec.USER_TEMPLATE)
-    assert spec.USER_TEMPLATE.index("{question}") < spec.USER_TEMPLATE.index("{answer1}") < spec.USER_TEMPLATE.index("{answer2}")
+    assert (
+        spec.USER_TEMPLATE.index("{question}")
+        < spec.USER_TEMPLATE.index("{answer1}")
+        < spec.USER_TEMPLATE.index("{answer2}")
+    )
     return before_q, after_q, after_a1, after_a2 + spec.USER_SUFFIX
 
 
@@ -86,7 +90,11 @@ def toy_tokenizer():
 def render_toy(tokenizer, question: str, answer1: str, answer2: str) -> str:
     """Exactly what `rrm_jax.rrm.prompt.render` gives with the toy tokenizer, about 100x faster
     (no chat-template machinery); the tests hold the two equal. Use it to render toy data in bulk."""
-    return tokenizer.bos_token + TOY_USER_FORMAT.format(question=question, answer1=answer1, answer2=answer2) + spec.THINK_OPEN
+    return (
+        tokenizer.bos_token
+        + TOY_USER_FORMAT.format(question=question, answer1=answer1, answer2=answer2)
+        + spec.THINK_OPEN
+    )
 
 
 def question_for(letter: str) -> str:
@@ -104,7 +112,9 @@ def _draw_pairs(rng: np.random.Generator, n: int) -> list[PreferencePair]:
     # letter indices -> ASCII bytes -> one 5-byte string per response, without a Python loop per letter
     words = (letters + ord(LETTERS[0])).astype(np.uint8).view(f"S{RESPONSE_LENGTH}")[..., 0]
     return [
-        PreferencePair(query=question_for(LETTERS[x]), chosen=good.decode(), rejected=bad.decode(), origin=f"toy item {i}")
+        PreferencePair(
+            query=question_for(LETTERS[x]), chosen=good.decode(), rejected=bad.decode(), origin=f"toy item {i}"
+        )
         for i, (x, (good, bad)) in enumerate(zip(banned.tolist(), words))
     ]
 
@@ -121,8 +131,9 @@ def verdict_completion(tokenizer, verdict: int) -> str:
     return spec.THINK_CLOSE + BOXED_OPEN + VERDICT_TOKENS[verdict - 1] + "}" + tokenizer.eos_token
 
 
-def format_warmup_batch(tokenizer, batch_size: int, rng: np.random.Generator, *,
-                        true_verdicts: bool = False) -> dict[str, np.ndarray]:
+def format_warmup_batch(
+    tokenizer, batch_size: int, rng: np.random.Generator, *, true_verdicts: bool = False
+) -> dict[str, np.ndarray]:
     """Phase A of the recipe: supervised transcripts that teach the answer FORMAT only.
 
     Fresh toy items in random A/B order, each followed by a RANDOM verdict, so a model trained on
@@ -159,8 +170,13 @@ def write_heldout(path: str, n: int = 500, seed: int = 0) -> str:
     from rrm_jax import resumable
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    resumable.write_output(path, "".join(json.dumps({"prompt": p.query, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
-                                         for p in make_toy_pairs(n, seed, split="heldout")))
+    resumable.write_output(
+        path,
+        "".join(
+            json.dumps({"prompt": p.query, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+            for p in make_toy_pairs(n, seed, split="heldout")
+        ),
+    )
     return path
 
 
@@ -177,10 +193,12 @@ def policy_rows(n: int, seed: int, *, split: str = "train"):
 
 
 def banned_letter(query: str) -> str:
-    return query[len(QUERY_PREFIX):]
+    return query[len(QUERY_PREFIX) :]
 
 
-def policy_warmup_batch(tokenizer, batch_size: int, rng: np.random.Generator, *, banned_fraction: float = 0.75) -> dict[str, np.ndarray]:
+def policy_warmup_batch(
+    tokenizer, batch_size: int, rng: np.random.Generator, *, banned_fraction: float = 0.75
+) -> dict[str, np.ndarray]:
     """Supervised transcripts that teach the policy the answer FORMAT (5 letters, then </s>) but not the
     task: a response carries the banned letter with probability `banned_fraction`, so the policy starts
     writing it about that often and only the judge's reward can teach it to stop. Same layout as
@@ -195,6 +213,6 @@ def policy_warmup_batch(tokenizer, batch_size: int, rng: np.random.Generator, *,
     tokens = np.full((batch_size, max(map(len, rows))), tokenizer.pad_token_id, np.int32)
     loss_mask = np.zeros(tokens.shape, np.float32)
     for b, (row, mask) in enumerate(zip(rows, masks)):
-        tokens[b, :len(row)] = row
-        loss_mask[b, :len(mask)] = mask
+        tokens[b, : len(row)] = row
+        loss_mask[b, : len(mask)] = mask
     return {"tokens": tokens, "loss_mask": loss_mask}

@@ -8,8 +8,7 @@ from rrm_jax.errors import UserError
 
 DTYPES = ("float32", "bfloat16")
 INITIALIZERS = ("fan-in", "normal-0.02")  # how qwen2.Qwen2 draws random weights
-_DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "f32": "float32",
-                  "bfloat16": "bfloat16", "bf16": "bfloat16"}
+_DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 def dtype_name(value, what: str = "dtype") -> str:
@@ -29,8 +28,10 @@ def dtype_name(value, what: str = "dtype") -> str:
             except TypeError:
                 name = None
     if name not in _DTYPE_ALIASES:
-        raise UserError(f"{what}={value!r} is not supported; use one of {', '.join(DTYPES)} "
-                        f"(a name, jnp.{DTYPES[1]} or np.dtype({DTYPES[0]!r}) alike)")
+        raise UserError(
+            f"{what}={value!r} is not supported; use one of {', '.join(DTYPES)} "
+            f"(a name, jnp.{DTYPES[1]} or np.dtype({DTYPES[0]!r}) alike)"
+        )
     return _DTYPE_ALIASES[name]
 
 
@@ -72,7 +73,7 @@ class Qwen2Config:
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 
-    def replace(self, **changes) -> "Qwen2Config":
+    def replace(self, **changes) -> Qwen2Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -87,7 +88,7 @@ class Qwen2Config:
         return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Qwen2Config":
+    def from_dict(cls, d: dict) -> Qwen2Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -106,33 +107,78 @@ class Qwen2Config:
 # DeepSeek-R1-Distill-Qwen shapes (RRM-7B / RRM-32B are fine-tunes of the 7B / 32B ones).
 PRESETS: dict[str, Qwen2Config] = {
     "r1-distill-qwen-1.5b": Qwen2Config(
-        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
-        num_kv_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        max_position_embeddings=131072, bos_token_id=151646, eos_token_id=151643,
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_layers=28,
+        num_heads=12,
+        num_kv_heads=2,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+        bos_token_id=151646,
+        eos_token_id=151643,
     ),
     "r1-distill-qwen-7b": Qwen2Config(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-        num_kv_heads=4, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        max_position_embeddings=131072, bos_token_id=151646, eos_token_id=151643,
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+        bos_token_id=151646,
+        eos_token_id=151643,
     ),
     "r1-distill-qwen-32b": Qwen2Config(
-        vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_layers=64, num_heads=40,
-        num_kv_heads=8, rope_theta=1000000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        max_position_embeddings=131072, bos_token_id=151646, eos_token_id=151643,
+        vocab_size=152064,
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_layers=64,
+        num_heads=40,
+        num_kv_heads=8,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+        bos_token_id=151646,
+        eos_token_id=151643,
     ),
     # A ~100M-parameter shape for CPU sampling benchmarks.
     "qwen2-100m": Qwen2Config(
-        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
-        num_kv_heads=2, tie_word_embeddings=True, max_position_embeddings=4096,
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
     ),
     # A ~40M-parameter shape for the CPU benchmark of ragged, RRM-shaped generation.
     "qwen2-40m": Qwen2Config(
-        vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
-        num_kv_heads=2, tie_word_embeddings=True, max_position_embeddings=4096,
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
     ),
     "tiny": Qwen2Config(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-        num_kv_heads=2, tie_word_embeddings=True, max_position_embeddings=512,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
     ),
 }
 

@@ -22,8 +22,9 @@ from rrm_jax.errors import UserError
 from rrm_jax.model.config import dtype_arg
 
 
-def hf_to_checkpoint(hf_dir: Path | str, out_dir: Path | str, *, dtype: str | None = None,
-                     progress: bool = False) -> Path:
+def hf_to_checkpoint(
+    hf_dir: Path | str, out_dir: Path | str, *, dtype: str | None = None, progress: bool = False
+) -> Path:
     """Convert an HF Qwen2 folder into an rrm-jax checkpoint. dtype None keeps the stored dtype."""
     from tqdm import tqdm
 
@@ -55,8 +56,9 @@ def hf_to_checkpoint(hf_dir: Path | str, out_dir: Path | str, *, dtype: str | No
     return storage.as_path(out_dir)
 
 
-def checkpoint_to_hf(ckpt_dir: Path | str, out_dir: Path | str, *, max_shard_size: int | str = "5GB",
-                     progress: bool = False) -> Path:
+def checkpoint_to_hf(
+    ckpt_dir: Path | str, out_dir: Path | str, *, max_shard_size: int | str = "5GB", progress: bool = False
+) -> Path:
     """Convert an rrm-jax checkpoint (or the latest step of a checkpoint folder) into an HF folder that
     transformers.AutoModelForCausalLM.from_pretrained loads."""
     from tqdm import tqdm
@@ -69,18 +71,29 @@ def checkpoint_to_hf(ckpt_dir: Path | str, out_dir: Path | str, *, max_shard_siz
     arrays = checkpoint.open_param_arrays(ckpt, config)
     dtypes = {np.dtype(a.dtype.numpy_dtype) for a in arrays.values()}
     if len(dtypes) != 1:
-        raise UserError(f"parameters in {ckpt / checkpoint.PARAMS_ITEM} mix dtypes {sorted(map(str, dtypes))}; "
-                           f"an HF folder needs one")
+        raise UserError(
+            f"parameters in {ckpt / checkpoint.PARAMS_ITEM} mix dtypes {sorted(map(str, dtypes))}; "
+            f"an HF folder needs one"
+        )
     max_bytes = hf.parse_size(max_shard_size)
 
     def region(path, index):
         return checkpoint.read_region(arrays[path], index, f"parameter {path} of {ckpt}")
 
-    with checkpoint.staged_output_dir(out_dir) as stage, \
-            tqdm(total=len(hf.hf_tensors(config)), desc="orbax-to-hf", unit="tensor", disable=not progress) as bar:
+    with (
+        checkpoint.staged_output_dir(out_dir) as stage,
+        tqdm(total=len(hf.hf_tensors(config)), desc="orbax-to-hf", unit="tensor", disable=not progress) as bar,
+    ):
         stage.mkdir(parents=True, exist_ok=True)
-        hf.write_hf_folder(stage, config, region, dtype=dtypes.pop(), max_shard_size=max_bytes,
-                           assets_from=ckpt / checkpoint.ASSETS_DIR, progress=bar.update)
+        hf.write_hf_folder(
+            stage,
+            config,
+            region,
+            dtype=dtypes.pop(),
+            max_shard_size=max_bytes,
+            assets_from=ckpt / checkpoint.ASSETS_DIR,
+            progress=bar.update,
+        )
     return storage.as_path(out_dir)
 
 
@@ -100,19 +113,26 @@ def _run_orbax_to_hf(args) -> int:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="direction", metavar="{hf-to-orbax,orbax-to-hf}", required=True,
-                                parser_class=type(parser))
+    sub = parser.add_subparsers(
+        dest="direction", metavar="{hf-to-orbax,orbax-to-hf}", required=True, parser_class=type(parser)
+    )
     to_orbax = sub.add_parser("hf-to-orbax", help="Hugging Face folder (safetensors) -> rrm-jax checkpoint")
     to_orbax.add_argument("--hf", required=True, type=Path, help="Hugging Face model folder (local)")
     to_orbax.add_argument("--out", required=True, type=storage.as_path, help="new checkpoint folder")
-    to_orbax.add_argument("--dtype", type=dtype_arg, default=None,
-                          help="parameter dtype to store, float32 or bfloat16 (default: the stored one; float16 "
-                               "becomes float32)")
+    to_orbax.add_argument(
+        "--dtype",
+        type=dtype_arg,
+        default=None,
+        help="parameter dtype to store, float32 or bfloat16 (default: the stored one; float16 becomes float32)",
+    )
     to_orbax.set_defaults(run=_run_hf_to_orbax)
     to_hf = sub.add_parser("orbax-to-hf", help="rrm-jax checkpoint -> Hugging Face folder")
-    to_hf.add_argument("--ckpt", required=True, type=storage.as_path,
-                       help="rrm-jax checkpoint, or a folder of checkpoint steps (the latest is used)")
+    to_hf.add_argument(
+        "--ckpt",
+        required=True,
+        type=storage.as_path,
+        help="rrm-jax checkpoint, or a folder of checkpoint steps (the latest is used)",
+    )
     to_hf.add_argument("--out", required=True, type=storage.as_path, help="new Hugging Face folder")
-    to_hf.add_argument("--max-shard-size", default="5GB",
-                       help="largest safetensors file before sharding with an index")
+    to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors file before sharding with an index")
     to_hf.set_defaults(run=_run_orbax_to_hf)

@@ -46,8 +46,9 @@ def default_impl(backend: str | None = None) -> str:
 
 
 @jax.named_scope("attention")
-def attend(q, keys, values, lengths, *, impl: str = "xla", window: int | None = None, mesh=None,
-           interpret: bool = False):
+def attend(
+    q, keys, values, lengths, *, impl: str = "xla", window: int | None = None, mesh=None, interpret: bool = False
+):
     """q [B, N, H], keys / values [K, B, S, H], lengths [B] int32 -> [B, N, H] in q's dtype.
 
     window: the positions the "xla" path reads (>= every length; default all S); the kernels read each
@@ -63,14 +64,15 @@ def attend(q, keys, values, lengths, *, impl: str = "xla", window: int | None = 
     # their kv head (head n = k * G + g, so contiguous blocks of N go with blocks of K)
     kv_spec = parallel.logical_to_spec(("kv_heads", "batch", "length", "head_dim"), mesh, keys.shape)
     q_spec, len_spec = PartitionSpec(kv_spec[1], kv_spec[0], None), PartitionSpec(kv_spec[1])
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, len_spec), out_specs=q_spec,
-                         check_vma=False)(q, keys, values, lengths)
+    return jax.shard_map(
+        kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, len_spec), out_specs=q_spec, check_vma=False
+    )(q, keys, values, lengths)
 
 
 def _xla(q, keys, values, lengths, window: int):
     B, N, H = q.shape
     K = keys.shape[0]
-    qf = q.reshape(B, K, N // K, H).astype(jnp.float32) * (H ** -0.5)
+    qf = q.reshape(B, K, N // K, H).astype(jnp.float32) * (H**-0.5)
     k = keys[:, :, :window].astype(jnp.float32)  # [K, B, W, H]
     v = values[:, :, :window].astype(jnp.float32)
     s = jnp.einsum("bkgh,kbsh->bkgs", qf, k)
@@ -119,9 +121,17 @@ def _gpu(q, keys, values, lengths, *, interpret: bool):
     G = N // K
     k_splits, block_k = gpu_splits(S)
     qk = q.reshape(B, K, G, H).transpose(1, 0, 2, 3).reshape(K * B, G, H)  # row (k, b): kv head k of row b
-    out = _gpu_mqa()(qk, keys.reshape(K * B, S, H), values.reshape(K * B, S, H),
-                     kv_seq_len=jnp.tile(lengths, K), sm_scale=H ** -0.5, k_splits=k_splits, block_k=block_k,
-                     block_h=max(16, next_power_of_two(G)), interpret=interpret)
+    out = _gpu_mqa()(
+        qk,
+        keys.reshape(K * B, S, H),
+        values.reshape(K * B, S, H),
+        kv_seq_len=jnp.tile(lengths, K),
+        sm_scale=H**-0.5,
+        k_splits=k_splits,
+        block_k=block_k,
+        block_h=max(16, next_power_of_two(G)),
+        interpret=interpret,
+    )
     return out.reshape(K, B, G, H).transpose(1, 0, 2, 3).reshape(B, N, H).astype(q.dtype)
 
 
@@ -136,7 +146,7 @@ def _tpu(q, keys, values, lengths, *, interpret: bool):
     pages = [K, B * per_row, page, H]
     table = jnp.arange(B * per_row, dtype=jnp.int32).reshape(B, per_row)  # row b owns its own contiguous pages
     run = functools.partial(paged_attention, pages_per_compute_block=per_block)
-    qs = (q.astype(jnp.float32) * H ** -0.5).astype(q.dtype)  # the kernel does not scale its queries
+    qs = (q.astype(jnp.float32) * H**-0.5).astype(q.dtype)  # the kernel does not scale its queries
     args = (qs, keys.reshape(pages), values.reshape(pages), lengths.astype(jnp.int32), table)
     if interpret:
         with pltpu.force_tpu_interpret_mode():

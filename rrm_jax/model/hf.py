@@ -21,8 +21,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -38,8 +38,15 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Files copied verbatim between HF folders and checkpoints: the tokenizer and the sampling defaults.
 ASSET_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
     "generation_config.json",
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one makes a loadable tokenizer
@@ -76,8 +83,10 @@ def config_from_hf(hf: dict, *, source: str = "config.json", param_dtype: str = 
     """Translate an HF Qwen2 config.json dict; `source` names the file in error messages."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"{source}: model_type={model_type!r} is not supported; supported: "
-                        f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2ForCausalLM: DeepSeek-R1-Distill-Qwen, RRM)")
+        raise UserError(
+            f"{source}: model_type={model_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2ForCausalLM: DeepSeek-R1-Distill-Qwen, RRM)"
+        )
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported; Qwen2 uses 'silu'")
     if hf.get("use_sliding_window"):
@@ -232,8 +241,10 @@ def _folder_problem(path: Path) -> str | None:
         return None
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        return (f"{path} holds {pickles[0]}, a pickle; only safetensors weights are read "
-                f"(re-save the model with safe_serialization=True)")
+        return (
+            f"{path} holds {pickles[0]}, a pickle; only safetensors weights are read "
+            f"(re-save the model with safe_serialization=True)"
+        )
     return f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} in {path}"
 
 
@@ -282,8 +293,9 @@ def _read_header(file: Path) -> dict[str, _Entry]:
             raise UserError(f"truncated safetensors file {file}: {size} bytes, shorter than its 8-byte header length")
         n = int.from_bytes(head, "little")
         if n > _MAX_HEADER_BYTES or 8 + n > size:
-            raise UserError(f"corrupt or truncated safetensors file {file}: header length {n} does not fit "
-                            f"in its {size} bytes")
+            raise UserError(
+                f"corrupt or truncated safetensors file {file}: header length {n} does not fit in its {size} bytes"
+            )
         raw = f.read(n)
     try:
         header = json.loads(raw)
@@ -300,15 +312,18 @@ def _read_header(file: Path) -> dict[str, _Entry]:
         except (KeyError, TypeError, ValueError):
             raise UserError(f"corrupt safetensors file {file}: bad header entry for tensor {name}") from None
         if dtype_name not in _ST_TO_NUMPY:
-            raise UserError(f"tensor {name} in {file} has dtype {dtype_name}; only "
-                            f"{', '.join(_ST_TO_NUMPY)} are read")
+            raise UserError(f"tensor {name} in {file} has dtype {dtype_name}; only {', '.join(_ST_TO_NUMPY)} are read")
         dtype = _ST_TO_NUMPY[dtype_name]
         if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
-            raise UserError(f"corrupt safetensors file {file}: tensor {name} has {end - begin} bytes "
-                            f"for shape {list(shape)} {dtype_name}")
+            raise UserError(
+                f"corrupt safetensors file {file}: tensor {name} has {end - begin} bytes "
+                f"for shape {list(shape)} {dtype_name}"
+            )
         if data_start + end > size:
-            raise UserError(f"truncated safetensors file {file}: tensor {name} ends at byte {data_start + end} "
-                            f"but the file has {size} bytes")
+            raise UserError(
+                f"truncated safetensors file {file}: tensor {name} ends at byte {data_start + end} "
+                f"but the file has {size} bytes"
+            )
         entries[name] = _Entry(file, dtype, shape, data_start + begin, data_start + end)
     return entries
 
@@ -316,8 +331,10 @@ def _read_header(file: Path) -> dict[str, _Entry]:
 def _check_shard_name(file: object, tensor: str, index: Path) -> None:
     """A shard is a file of the model's own folder: a path elsewhere ('../x', '/x') would read any file."""
     if not isinstance(file, str) or file in ("", ".", "..") or file != Path(file).name or "\\" in file:
-        raise UserError(f"{index}: tensor {tensor} is mapped to {file!r}; shards must be plain file names in "
-                        f"the same folder (like 'model-00001-of-00002.safetensors')")
+        raise UserError(
+            f"{index}: tensor {tensor} is mapped to {file!r}; shards must be plain file names in "
+            f"the same folder (like 'model-00001-of-00002.safetensors')"
+        )
 
 
 class SafetensorsFolder:
@@ -359,8 +376,9 @@ class SafetensorsFolder:
             if e is None:
                 raise UserError(f"tensor {t.name} is missing from the safetensors files; {config_path} needs it")
             if e.shape != t.shape:
-                raise UserError(f"tensor {t.name} in {e.file} has shape {list(e.shape)} but {config_path} "
-                                f"implies {list(t.shape)}")
+                raise UserError(
+                    f"tensor {t.name} in {e.file} has shape {list(e.shape)} but {config_path} implies {list(t.shape)}"
+                )
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """The tensor (or rows r0:r1 of its first axis) as a fresh array in its stored dtype."""
@@ -414,8 +432,9 @@ class HFParams:
         hf_config = read_json(config_path)
         embed = BY_PATH["embed"].hf_name
         stored = self.files.dtype(embed) if embed in self.files.entries else _ST_TO_NUMPY["F32"]
-        self.config = config_from_hf(hf_config, source=str(config_path),
-                                     param_dtype=dtype or default_param_dtype(stored))
+        self.config = config_from_hf(
+            hf_config, source=str(config_path), param_dtype=dtype or default_param_dtype(stored)
+        )
         self.tensors = hf_tensors(self.config)
         self.files.check(self.tensors, config_path)
         self.shapes = param_shapes(self.config)
@@ -438,7 +457,7 @@ class HFParams:
             axis = t.row_axis()
             rows = index[axis]
             block = t.swap_rows_layout(self.files.read(t.name, (rows.start, rows.stop)))
-            out[...] = block[index[:axis] + (slice(None),) + index[axis + 1:]]
+            out[...] = block[index[:axis] + (slice(None),) + index[axis + 1 :]]
         return out
 
     def close(self) -> None:
@@ -449,8 +468,18 @@ class HFParams:
 # Writing HF folders
 
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -501,8 +530,11 @@ def write_safetensors_folder(
     `max_shard_size` bytes. `blocks(i)` yields tensor i's data as consecutive row blocks, so only one
     block is in memory at a time. Returns the written file names."""
     shards = _plan_shards(tensors, max_shard_size)
-    names = ([SAFETENSORS_FILE] if len(shards) == 1 else
-             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    names = (
+        [SAFETENSORS_FILE]
+        if len(shards) == 1
+        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
     weight_map = {}
     for file_name, members in zip(names, shards):
         entries = [tensors[i] for i in members]

@@ -25,8 +25,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rrm_jax.model.config import INITIALIZERS, Qwen2Config
-from rrm_jax.model.weights import LOGICAL_AXES, Weight, weights
-from rrm_jax.model.weights import param_shapes  # noqa: F401 - qwen2.param_shapes, as before the table moved
+from rrm_jax.model.weights import (
+    LOGICAL_AXES,
+    Weight,
+    param_shapes,  # noqa: F401 - qwen2.param_shapes, as before the table moved
+    weights,
+)
 
 # Additive mask value: finite, so a fully masked row (a padding query) softmaxes to uniform instead of NaN.
 _MASKED = -1e30
@@ -118,7 +122,7 @@ def _scores(q, k):
     B, T, N, H = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, N // K, H)
-    return jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (H ** -0.5)
+    return jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (H**-0.5)
 
 
 def _weighted_values(probs, v, dtype):
@@ -142,7 +146,7 @@ def _prefix_attention(q, cache_k, cache_v, layer, lengths, window: int, row=0):
     memory-bound, and a batched matmul would make XLA's CPU backend transpose the slice first."""
     B, _, N, H = q.shape
     _, _, _, K, _ = cache_k.shape
-    qf = q.reshape(B, 1, K, N // K, H).astype(jnp.float32) * (H ** -0.5)
+    qf = q.reshape(B, 1, K, N // K, H).astype(jnp.float32) * (H**-0.5)
     at, size = (layer, row, 0, 0, 0), (1, B, window, K, H)
     k = jax.lax.dynamic_slice(cache_k, at, size)[0].astype(jnp.float32)
     v = jax.lax.dynamic_slice(cache_v, at, size)[0].astype(jnp.float32)
@@ -155,7 +159,7 @@ def _prefix_attention(q, cache_k, cache_v, layer, lengths, window: int, row=0):
 
 
 @jax.named_scope("attention")
-def _attend_cached(q, k_new, v_new, cache: "KVCache", layer, windows: tuple[int, ...], window_index, dtype):
+def _attend_cached(q, k_new, v_new, cache: KVCache, layer, windows: tuple[int, ...], window_index, dtype):
     """The new token's attention over its cached prefix (the first windows[window_index] positions) plus
     itself -> [B, 1, N, H]. window_index: a scalar with a single window (every row reads it), or [B], one
     per row (a loop over the rows, each reading its own window)."""
@@ -166,15 +170,18 @@ def _attend_cached(q, k_new, v_new, cache: "KVCache", layer, windows: tuple[int,
         lengths = jax.lax.dynamic_slice_in_dim(cache.lengths, row, q.shape[0])
         if len(windows) == 1:  # no switch: the whole batch reads the one window
             return _prefix_attention(q, cache.keys, cache.values, layer, lengths, windows[0], row)
-        branches = [lambda q, w=w: _prefix_attention(q, cache.keys, cache.values, layer, lengths, w, row) for w in windows]
+        branches = [
+            lambda q, w=w: _prefix_attention(q, cache.keys, cache.values, layer, lengths, w, row) for w in windows
+        ]
         return jax.lax.switch(index, branches, q)
 
     if jnp.ndim(window_index) == 0:
         m, l, acc = prefix(q, window_index)
     else:  # one row at a time: [1, ...] in, the row's pieces out
-        m, l, acc = jax.lax.map(lambda xs: jax.tree.map(lambda a: a[0], prefix(xs[0][None], xs[1], xs[2])),
-                                (q, window_index, jnp.arange(B)))
-    qf = q.reshape(B, K, N // K, H).astype(jnp.float32) * (H ** -0.5)
+        m, l, acc = jax.lax.map(
+            lambda xs: jax.tree.map(lambda a: a[0], prefix(xs[0][None], xs[1], xs[2])), (q, window_index, jnp.arange(B))
+        )
+    qf = q.reshape(B, K, N // K, H).astype(jnp.float32) * (H**-0.5)
     s_self = jnp.sum(qf * k_new[:, 0, :, None, :].astype(jnp.float32), axis=-1)  # [B, K, G]
     m_all = jnp.maximum(m, s_self)
     prefix_scale, self_p = jnp.exp(m - m_all), jnp.exp(s_self - m_all)
@@ -249,8 +256,9 @@ def _self_attention_layer(c: Qwen2Config, p, x, positions, mask):
     return _mlp_block(c, p, x), k, v
 
 
-def hidden_states(c: Qwen2Config, params, tokens, *, attention_mask=None, positions=None, segment_ids=None,
-                  remat=False):
+def hidden_states(
+    c: Qwen2Config, params, tokens, *, attention_mask=None, positions=None, segment_ids=None, remat=False
+):
     """Full-sequence pass (training, scoring, prefill). Returns (final hidden [B,T,D], keys, values),
     where keys / values [L, B, T, K, H] are what a KV cache stores for these tokens. segment_ids [B, T]:
     several sequences packed in a row, a token attending only to earlier tokens of its own segment."""
@@ -302,8 +310,7 @@ def grouped_hidden_states(c: Qwen2Config, params, prompt_tokens, prompt_lengths,
             s_prefix = jnp.where(prefix_mask, _scores(qc, kp), _MASKED)
             s_own = jnp.where(causal, _scores(qc, kc), _MASKED)
             probs = jax.nn.softmax(jnp.concatenate([s_prefix, s_own], axis=-1), axis=-1)
-            attn = (_weighted_values(probs[..., :Tp], vp, xc.dtype)
-                    + _weighted_values(probs[..., Tp:], vc, xc.dtype))
+            attn = _weighted_values(probs[..., :Tp], vp, xc.dtype) + _weighted_values(probs[..., Tp:], vc, xc.dtype)
         xc = _mlp_block(c, p, _attn_out(p, xc, attn))
         return (xp, xc), None
 
@@ -355,8 +362,16 @@ def prefill_packed(c: Qwen2Config, params, tokens, segment_ids, positions, last)
     return logits, flat(keys), flat(values)
 
 
-def decode_step(c: Qwen2Config, params, tokens, cache: KVCache, *, active=None, block_size: int | None = None,
-                row_windows: bool = False):
+def decode_step(
+    c: Qwen2Config,
+    params,
+    tokens,
+    cache: KVCache,
+    *,
+    active=None,
+    block_size: int | None = None,
+    row_windows: bool = False,
+):
     """One new token per row, tokens [B], written at cache.lengths -> (logits [B, V], updated cache).
 
     Each layer attends over the cached prefix (read-only inside the scan, sliced out of the stacked
@@ -384,8 +399,9 @@ def decode_step(c: Qwen2Config, params, tokens, cache: KVCache, *, active=None, 
         x = _attn_out(p, x, attn)
         return _mlp_block(c, p, x), (k[:, 0], v[:, 0])
 
-    x, (new_k, new_v) = jax.lax.scan(layer, _embed(c, params, tokens[:, None]),
-                                     (params["layers"], jnp.arange(c.num_layers)))
+    x, (new_k, new_v) = jax.lax.scan(
+        layer, _embed(c, params, tokens[:, None]), (params["layers"], jnp.arange(c.num_layers))
+    )
     with jax.named_scope("cache_write"):
         rows = jnp.arange(B)
         write_at = jnp.where(active, cache.lengths, S)  # out of range -> dropped
@@ -414,8 +430,11 @@ class LayerCache(NamedTuple):
 def empty_layer_cache(c: Qwen2Config, batch: int, capacity: int) -> LayerCache:
     shape = (c.num_kv_heads, batch, capacity, c.head_dim)
     dt = jnp.dtype(c.dtype)
-    return LayerCache(tuple(jnp.zeros(shape, dt) for _ in range(c.num_layers)),
-                      tuple(jnp.zeros(shape, dt) for _ in range(c.num_layers)), jnp.zeros(batch, jnp.int32))
+    return LayerCache(
+        tuple(jnp.zeros(shape, dt) for _ in range(c.num_layers)),
+        tuple(jnp.zeros(shape, dt) for _ in range(c.num_layers)),
+        jnp.zeros(batch, jnp.int32),
+    )
 
 
 def unstack_layers(params) -> dict:
@@ -462,8 +481,10 @@ def insert_tokens(cache, slots, positions, keys, values):
     the caller's to set."""
     if isinstance(cache, LayerCache):
         put = lambda dst, src: dst.at[:, slots, positions].set(src.swapaxes(0, 1).astype(dst.dtype), mode="drop")
-        return cache._replace(keys=tuple(put(d, keys[l]) for l, d in enumerate(cache.keys)),
-                              values=tuple(put(d, values[l]) for l, d in enumerate(cache.values)))
+        return cache._replace(
+            keys=tuple(put(d, keys[l]) for l, d in enumerate(cache.keys)),
+            values=tuple(put(d, values[l]) for l, d in enumerate(cache.values)),
+        )
     put = lambda dst, src: dst.at[:, slots, positions].set(src.astype(dst.dtype), mode="drop")
     return cache._replace(keys=put(cache.keys, keys), values=put(cache.values, values))
 
@@ -471,6 +492,7 @@ def insert_tokens(cache, slots, positions, keys, values):
 def take_rows(cache, rows):
     """The cache of the rows `rows` [n] only (their batch entries gathered)."""
     if isinstance(cache, LayerCache):
-        return LayerCache(tuple(k[:, rows] for k in cache.keys), tuple(v[:, rows] for v in cache.values),
-                          cache.lengths[rows])
+        return LayerCache(
+            tuple(k[:, rows] for k in cache.keys), tuple(v[:, rows] for v in cache.values), cache.lengths[rows]
+        )
     return KVCache(cache.keys[:, rows], cache.values[:, rows], cache.lengths[rows])

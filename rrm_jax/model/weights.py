@@ -27,8 +27,15 @@ from rrm_jax.model.config import Qwen2Config
 
 
 def _dim_sizes(c: Qwen2Config) -> dict[str, int]:
-    return {"L": c.num_layers, "D": c.hidden_size, "N": c.num_heads, "K": c.num_kv_heads, "H": c.head_dim,
-            "F": c.intermediate_size, "V": c.vocab_size}
+    return {
+        "L": c.num_layers,
+        "D": c.hidden_size,
+        "N": c.num_heads,
+        "K": c.num_kv_heads,
+        "H": c.head_dim,
+        "F": c.intermediate_size,
+        "V": c.vocab_size,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +77,13 @@ class Weight:
         return math.prod(sizes[d] for d in self.fan_in)
 
 
-def _layer(name: str, dims: str, axes: tuple[str, ...], hf: str, layout: str, init: str, fan_in: str = "",
-           hf_in_dims: int = 1) -> Weight:
+def _layer(
+    name: str, dims: str, axes: tuple[str, ...], hf: str, layout: str, init: str, fan_in: str = "", hf_in_dims: int = 1
+) -> Weight:
     """A per-layer parameter: stacked along [L], the HF tensor named model.layers.{i}.<hf>."""
-    return Weight(f"layers.{name}", "L" + dims, ("layers", *axes), f"model.layers.{{i}}.{hf}", layout, init,
-                  fan_in, hf_in_dims)
+    return Weight(
+        f"layers.{name}", "L" + dims, ("layers", *axes), f"model.layers.{{i}}.{hf}", layout, init, fan_in, hf_in_dims
+    )
 
 
 # In the order parameters are created (each draws the next key of a fresh model's rngs: reordering this
@@ -88,8 +97,16 @@ WEIGHTS = (
     _layer("k_bias", "KH", ("kv_heads", "head_dim"), "self_attn.k_proj.bias", "flat", "zeros"),
     _layer("v_proj", "DKH", ("embed", "kv_heads", "head_dim"), "self_attn.v_proj.weight", "linear", "normal", "D"),
     _layer("v_bias", "KH", ("kv_heads", "head_dim"), "self_attn.v_proj.bias", "flat", "zeros"),
-    _layer("o_proj", "NHD", ("q_heads", "head_dim", "embed"), "self_attn.o_proj.weight", "linear", "normal", "NH",
-           hf_in_dims=2),
+    _layer(
+        "o_proj",
+        "NHD",
+        ("q_heads", "head_dim", "embed"),
+        "self_attn.o_proj.weight",
+        "linear",
+        "normal",
+        "NH",
+        hf_in_dims=2,
+    ),
     _layer("mlp_norm", "D", ("norm",), "post_attention_layernorm.weight", "same", "ones"),
     _layer("gate_proj", "DF", ("embed", "mlp"), "mlp.gate_proj.weight", "linear", "normal", "D"),
     _layer("up_proj", "DF", ("embed", "mlp"), "mlp.up_proj.weight", "linear", "normal", "D"),

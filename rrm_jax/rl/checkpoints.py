@@ -22,9 +22,13 @@ class Checkpoints:
     """Orbax CheckpointManager over OUTPUT_DIR/checkpoints; each step is also an rrm-jax model checkpoint."""
 
     def __init__(self, output_dir: Path, keep: int):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True,
-                                               atomicity_options=checkpoint.atomicity_options(output_dir))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,
+            atomicity_options=checkpoint.atomicity_options(output_dir),
+        )
         self.root = output_dir / CHECKPOINTS
         self.manager = ocp.CheckpointManager(checkpoint.orbax_path(self.root), options=options)
 
@@ -32,8 +36,12 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step_number: int, model, opt_state, ref_params, train_state: dict, config: TrainConfig, tokenizer):
-        items = dict(checkpoint.model_items(model), opt_state=ocp.args.PyTreeSave(opt_state),
-                     train_state=ocp.args.JsonSave(train_state), config=ocp.args.JsonSave(config.to_dict()))
+        items = dict(
+            checkpoint.model_items(model),
+            opt_state=ocp.args.PyTreeSave(opt_state),
+            train_state=ocp.args.JsonSave(train_state),
+            config=ocp.args.JsonSave(config.to_dict()),
+        )
         if ref_params is not None:
             items["ref_params"] = ocp.args.PyTreeSave(ref_params)
         self.manager.save(step_number, args=ocp.args.Composite(**items), force=True)  # every process, collectively

@@ -76,7 +76,9 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 8
-    stop_at_eos: bool = True  # false: every sample is exactly max_new_tokens long (the toy policy's fixed-length answers)
+    stop_at_eos: bool = (
+        True  # false: every sample is exactly max_new_tokens long (the toy policy's fixed-length answers)
+    )
     # A constrained vocabulary (space-separated token strings): the policy samples only these tokens and
     # the loss sees the same renormalised distribution; "" = the whole vocabulary.
     allowed_tokens: str = ""
@@ -111,7 +113,9 @@ class OptimizerConfig:
 class GuardConfig:
     """Defences against a run that fails silently (rrm_jax/rl/guard.py)."""
 
-    format_penalty: float = 0.5  # subtracted from the advantage of each unparseable sample, after the group normalisation
+    format_penalty: float = (
+        0.5  # subtracted from the advantage of each unparseable sample, after the group normalisation
+    )
     truncation_penalty: float = 0.0  # the same for samples cut off at rollout.max_new_tokens (no end-of-sequence token)
     truncation_warning: float = 0.5  # warn when truncated_fraction reaches this (0 = never)
     collapse_steps: int = 10  # K: collapse when a signal stays at collapse_threshold this many steps (0 = off)
@@ -165,7 +169,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def with_mesh_for(self, n_devices: int) -> "TrainConfig":
+    def with_mesh_for(self, n_devices: int) -> TrainConfig:
         """This config with a -1 mesh size resolved for `n_devices` devices."""
         from rrm_jax.parallel import mesh_shape  # jax: only when a mesh is built
 
@@ -187,9 +191,20 @@ ALIASES = {
 # the guard does on a collapse. Every other key (model, seed, data, reward, task, tokenizer, optimizer,
 # loss, rollout) defines the run, so a resume that changes one is refused (`resume_conflicts`).
 RESUME_MAY_CHANGE = (
-    "max_steps", "eval_every", "checkpoint_every", "keep_checkpoints",
-    "mesh.data", "mesh.fsdp", "mesh.tp", "loss.micro_batches", "loss.remat", "reward.batch_size",
-    "guard.truncation_warning", "guard.collapse_steps", "guard.collapse_threshold", "guard.on_collapse",
+    "max_steps",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "mesh.data",
+    "mesh.fsdp",
+    "mesh.tp",
+    "loss.micro_batches",
+    "loss.remat",
+    "reward.batch_size",
+    "guard.truncation_warning",
+    "guard.collapse_steps",
+    "guard.collapse_threshold",
+    "guard.on_collapse",
     "guard.max_rollbacks",
 )
 
@@ -232,9 +247,11 @@ def _unknown(key: str, where: str) -> UserError:
     by_name = {}  # last part -> the keys ending in it (aliases: themselves)
     for k in keys + list(ALIASES):
         by_name.setdefault(k.rpartition(".")[2], []).append(k)
-    close = ([inside[m] for m in difflib.get_close_matches(name, inside, n=1)]  # a typo within its section
-             or by_name.get(name)  # the right name in the wrong section
-             or [k for m in difflib.get_close_matches(name, by_name, n=1) for k in by_name[m]])
+    close = (
+        [inside[m] for m in difflib.get_close_matches(name, inside, n=1)]  # a typo within its section
+        or by_name.get(name)  # the right name in the wrong section
+        or [k for m in difflib.get_close_matches(name, by_name, n=1) for k in by_name[m]]
+    )
     if close:
         return UserError(f"unknown config key {key!r} in {where}; did you mean {' or '.join(close)}?")
     if section and inside:
@@ -264,7 +281,9 @@ def _coerce(key: str, value: Any, hint, where: str):
 def _build(cls, values: dict, prefix: str, where: str, overridden: frozenset = frozenset()):
     """The dataclass of `values`; a key in `overridden` (dotted) came from the command line and errors say so."""
     if not isinstance(values, dict):
-        raise UserError(f"config section {prefix.rstrip('.') or '(top level)'} in {where} must be a mapping, got {values!r}")
+        raise UserError(
+            f"config section {prefix.rstrip('.') or '(top level)'} in {where} must be a mapping, got {values!r}"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -339,47 +358,82 @@ def validate(c: TrainConfig) -> TrainConfig:
         (c.eval_every >= 0, "eval_every must be >= 0 (0 = never)"),
         (c.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 = only at the end)"),
         (c.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
-        (c.rollout.prompts_per_step >= 1 and c.rollout.samples_per_prompt >= 1,
-         "rollout.prompts_per_step and rollout.samples_per_prompt must be >= 1"),
+        (
+            c.rollout.prompts_per_step >= 1 and c.rollout.samples_per_prompt >= 1,
+            "rollout.prompts_per_step and rollout.samples_per_prompt must be >= 1",
+        ),
         (c.loss.ppo_epochs >= 1, "loss.ppo_epochs must be >= 1"),
-        (c.loss.micro_batches >= 1 and (c.rollout.prompts_per_step * c.rollout.samples_per_prompt) % c.loss.micro_batches == 0,
-         f"loss.micro_batches={c.loss.micro_batches} must divide prompts_per_step*samples_per_prompt="
-         f"{c.rollout.prompts_per_step * c.rollout.samples_per_prompt}"),
-        (c.loss.entropy_on in ("verdict", "completion"), f"loss.entropy_on={c.loss.entropy_on!r}: use verdict or completion"),
-        (not (c.rollout.allowed_tokens.strip() and c.loss.entropy_on == "verdict" and c.loss.entropy_coef > 0),
-         "rollout.allowed_tokens goes with loss.entropy_on=completion (the verdict bonus reads the verdict tokens)"),
-        (c.model.initializer in INITIALIZERS,
-         f"model.initializer={c.model.initializer!r}: use one of {', '.join(INITIALIZERS)}"),
+        (
+            c.loss.micro_batches >= 1
+            and (c.rollout.prompts_per_step * c.rollout.samples_per_prompt) % c.loss.micro_batches == 0,
+            f"loss.micro_batches={c.loss.micro_batches} must divide prompts_per_step*samples_per_prompt="
+            f"{c.rollout.prompts_per_step * c.rollout.samples_per_prompt}",
+        ),
+        (
+            c.loss.entropy_on in ("verdict", "completion"),
+            f"loss.entropy_on={c.loss.entropy_on!r}: use verdict or completion",
+        ),
+        (
+            not (c.rollout.allowed_tokens.strip() and c.loss.entropy_on == "verdict" and c.loss.entropy_coef > 0),
+            "rollout.allowed_tokens goes with loss.entropy_on=completion (the verdict bonus reads the verdict tokens)",
+        ),
+        (
+            c.model.initializer in INITIALIZERS,
+            f"model.initializer={c.model.initializer!r}: use one of {', '.join(INITIALIZERS)}",
+        ),
         (c.data.orders in ("random", "both"), f"data.orders={c.data.orders!r}: use random or both"),
-        (c.warmup.steps == 0 or c.data.source == "toy",
-         "warmup.steps > 0 (the format warm-up) needs data.source=toy; set warmup.steps=0 for other data"),
+        (
+            c.warmup.steps == 0 or c.data.source == "toy",
+            "warmup.steps > 0 (the format warm-up) needs data.source=toy; set warmup.steps=0 for other data",
+        ),
         (c.data.heldout > 0, "data.heldout must be > 0"),
-        (all(v >= 1 or v == -1 for v in (c.mesh.data, c.mesh.fsdp, c.mesh.tp))
-         and (c.mesh.data, c.mesh.fsdp, c.mesh.tp).count(-1) <= 1,
-         f"mesh data={c.mesh.data} fsdp={c.mesh.fsdp} tp={c.mesh.tp}: sizes must be >= 1 with at most one -1 "
-         f"(all remaining devices; the default is fsdp=-1, so set mesh.fsdp=1 when another axis is -1)"),
-        (c.guard.on_collapse in ON_COLLAPSE, f"guard.on_collapse={c.guard.on_collapse!r}: use {' or '.join(ON_COLLAPSE)}"),
-        (c.guard.collapse_steps >= 0 and c.guard.max_rollbacks >= 0,
-         "guard.collapse_steps and guard.max_rollbacks must be >= 0"),
+        (
+            all(v >= 1 or v == -1 for v in (c.mesh.data, c.mesh.fsdp, c.mesh.tp))
+            and (c.mesh.data, c.mesh.fsdp, c.mesh.tp).count(-1) <= 1,
+            f"mesh data={c.mesh.data} fsdp={c.mesh.fsdp} tp={c.mesh.tp}: sizes must be >= 1 with at most one -1 "
+            f"(all remaining devices; the default is fsdp=-1, so set mesh.fsdp=1 when another axis is -1)",
+        ),
+        (
+            c.guard.on_collapse in ON_COLLAPSE,
+            f"guard.on_collapse={c.guard.on_collapse!r}: use {' or '.join(ON_COLLAPSE)}",
+        ),
+        (
+            c.guard.collapse_steps >= 0 and c.guard.max_rollbacks >= 0,
+            "guard.collapse_steps and guard.max_rollbacks must be >= 0",
+        ),
         (0 < c.guard.collapse_threshold <= 1, "guard.collapse_threshold must be in (0, 1]"),
-        (c.reward.type == JUDGE_REWARD or c.reward.type in REWARDS,
-         f"reward.type={c.reward.type!r}: use {JUDGE_REWARD} (a judge compares the samples) or a reward of "
-         f"rrm_jax.rl.reward.REWARDS ({', '.join(sorted(REWARDS))})"),
-        (c.reward.type != JUDGE_REWARD or bool(c.reward.judge),
-         "reward.type=judge needs reward.judge=PATH (an RRM: HF folder, rrm-jax checkpoint or run folder)"),
+        (
+            c.reward.type == JUDGE_REWARD or c.reward.type in REWARDS,
+            f"reward.type={c.reward.type!r}: use {JUDGE_REWARD} (a judge compares the samples) or a reward of "
+            f"rrm_jax.rl.reward.REWARDS ({', '.join(sorted(REWARDS))})",
+        ),
+        (
+            c.reward.type != JUDGE_REWARD or bool(c.reward.judge),
+            "reward.type=judge needs reward.judge=PATH (an RRM: HF folder, rrm-jax checkpoint or run folder)",
+        ),
         (c.reward.votes >= 1, f"reward.votes must be >= 1, got {c.reward.votes}"),
         (c.reward.batch_size is None or c.reward.batch_size >= 1, "reward.batch_size must be >= 1"),
-        (c.reward.dtype in (None, "float32", "bfloat16", "float16"),
-         f"reward.dtype={c.reward.dtype!r}: use float32, bfloat16 or float16 (or leave it unset: as stored)"),
-        (c.guard.format_penalty >= 0 and c.guard.truncation_penalty >= 0,
-         "guard.format_penalty and guard.truncation_penalty must be >= 0 (they are subtracted)"),
+        (
+            c.reward.dtype in (None, "float32", "bfloat16", "float16"),
+            f"reward.dtype={c.reward.dtype!r}: use float32, bfloat16 or float16 (or leave it unset: as stored)",
+        ),
+        (
+            c.guard.format_penalty >= 0 and c.guard.truncation_penalty >= 0,
+            "guard.format_penalty and guard.truncation_penalty must be >= 0 (they are subtracted)",
+        ),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
     # the policy's and the judge's sampling: a bad value is a UserError naming its key (reward.top_p ...)
-    decoding.check("rollout", temperature=c.rollout.temperature, top_p=c.rollout.top_p,
-                   max_new_tokens=c.rollout.max_new_tokens)
-    decoding.check("reward", temperature=c.reward.temperature, top_p=c.reward.top_p,
-                   max_new_tokens=c.reward.max_new_tokens, max_think_tokens=c.reward.max_think_tokens)
+    decoding.check(
+        "rollout", temperature=c.rollout.temperature, top_p=c.rollout.top_p, max_new_tokens=c.rollout.max_new_tokens
+    )
+    decoding.check(
+        "reward",
+        temperature=c.reward.temperature,
+        top_p=c.reward.top_p,
+        max_new_tokens=c.reward.max_new_tokens,
+        max_think_tokens=c.reward.max_think_tokens,
+    )
     return c

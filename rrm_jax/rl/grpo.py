@@ -189,7 +189,9 @@ def policy_loss_terms(
 def merge_terms(a: LossTerms, b: LossTerms) -> LossTerms:
     """Combine the terms of two disjoint parts of a batch (sums add, extremes take min / max)."""
     merged = jax.tree.map(jnp.add, a, b)
-    return merged._replace(ratio_min=jnp.minimum(a.ratio_min, b.ratio_min), ratio_max=jnp.maximum(a.ratio_max, b.ratio_max))
+    return merged._replace(
+        ratio_min=jnp.minimum(a.ratio_min, b.ratio_min), ratio_max=jnp.maximum(a.ratio_max, b.ratio_max)
+    )
 
 
 def merge_stacked_terms(stacked: LossTerms) -> LossTerms:
@@ -202,7 +204,9 @@ def _safe_div(num, den):
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
 
 
-def micro_batch_objective(terms: LossTerms, *, count, entropy_count=0.0, kl_coef: float = 0.0, entropy_coef: float = 0.0):
+def micro_batch_objective(
+    terms: LossTerms, *, count, entropy_count=0.0, kl_coef: float = 0.0, entropy_coef: float = 0.0
+):
     """This micro-batch's share of the full-batch loss, given the full batch's counts.
 
     Summed over the micro-batches of a batch it equals `finalize_terms(all terms)[0]` exactly, and
@@ -214,7 +218,9 @@ def micro_batch_objective(terms: LossTerms, *, count, entropy_count=0.0, kl_coef
 
 def finalize_terms(terms: LossTerms, *, kl_coef: float = 0.0, entropy_coef: float = 0.0):
     """(loss, metrics) from the terms of a whole batch: loss = policy + kl_coef·KL − entropy_coef·entropy."""
-    loss = micro_batch_objective(terms, count=terms.count, entropy_count=terms.entropy_count, kl_coef=kl_coef, entropy_coef=entropy_coef)
+    loss = micro_batch_objective(
+        terms, count=terms.count, entropy_count=terms.entropy_count, kl_coef=kl_coef, entropy_coef=entropy_coef
+    )
     no_tokens = terms.tokens == 0
     metrics = {
         "loss": loss,
@@ -256,7 +262,16 @@ def policy_loss(
     if kl_coef and ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp")
     terms = policy_loss_terms(
-        logp, old_logp, ref_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-        kl_estimator=kl_estimator, agg=agg, entropy=entropy, entropy_mask=entropy_mask,
+        logp,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        kl_estimator=kl_estimator,
+        agg=agg,
+        entropy=entropy,
+        entropy_mask=entropy_mask,
     )
     return finalize_terms(terms, kl_coef=kl_coef, entropy_coef=entropy_coef)

@@ -28,7 +28,9 @@ SIGNALS = {
 def penalised_advantages(advantages, unparseable, truncated, *, format_penalty: float, truncation_penalty: float):
     """advantages [N] minus the format penalties of unparseable [N] and truncated [N] (0/1) samples."""
     advantages = np.asarray(advantages, np.float32)
-    penalty = format_penalty * np.asarray(unparseable, np.float32) + truncation_penalty * np.asarray(truncated, np.float32)
+    penalty = format_penalty * np.asarray(unparseable, np.float32) + truncation_penalty * np.asarray(
+        truncated, np.float32
+    )
     return advantages - penalty
 
 
@@ -49,8 +51,10 @@ class Collapse:
     since: int  # the first step of the streak
 
     def describe(self) -> str:
-        return f"collapse at step {self.step}: {SIGNALS[self.signal]} for {self.step - self.since + 1} steps " \
-               f"(since step {self.since}; {self.signal} at 1.0)"
+        return (
+            f"collapse at step {self.step}: {SIGNALS[self.signal]} for {self.step - self.since + 1} steps "
+            f"(since step {self.since}; {self.signal} at 1.0)"
+        )
 
 
 class CollapseDetector:
@@ -91,6 +95,8 @@ class TruncationWatch:
         if self.warned_at is not None and level <= self.warned_at:
             return None
         self.warned_at = level
-        return (f"warning: step {step_number}: {truncated_fraction:.0%} of the samples ran to rollout.max_new_tokens="
-                f"{self.max_new_tokens} without an end-of-sequence token (truncated_fraction); their rewards read "
-                f"cut-off text. Raise rollout.max_new_tokens, or push back with guard.truncation_penalty")
+        return (
+            f"warning: step {step_number}: {truncated_fraction:.0%} of the samples ran to rollout.max_new_tokens="
+            f"{self.max_new_tokens} without an end-of-sequence token (truncated_fraction); their rewards read "
+            f"cut-off text. Raise rollout.max_new_tokens, or push back with guard.truncation_penalty"
+        )

@@ -44,10 +44,12 @@ def check_judge_mesh(judge, policy, tp: int) -> None:
     judge's would silently replicate the judge's weights on every tp device."""
     if tp > 1 and splits_by(policy, tp) and not splits_by(judge, tp):
         common = [t for t in range(1, tp + 1) if splits_by(judge, t) and splits_by(policy, t)]
-        raise UserError(f"reward.judge: the judge's {judge.num_heads} heads / {judge.num_kv_heads} kv heads / "
-                        f"{judge.intermediate_size} MLP width do not split over mesh.tp={tp} as the policy's do; the "
-                        f"judge runs on the policy's mesh, so choose a mesh.tp that divides both (e.g. "
-                        f"{', '.join(map(str, common))})")
+        raise UserError(
+            f"reward.judge: the judge's {judge.num_heads} heads / {judge.num_kv_heads} kv heads / "
+            f"{judge.intermediate_size} MLP width do not split over mesh.tp={tp} as the policy's do; the "
+            f"judge runs on the policy's mesh, so choose a mesh.tp that divides both (e.g. "
+            f"{', '.join(map(str, common))})"
+        )
 
 
 def splits_by(m, tp: int) -> bool:
@@ -60,8 +62,10 @@ def load_judge(path: str, mesh, *, dtype: str | None = None):
     if tokenizer is None:
         raise UserError(f"reward.judge={path}: no tokenizer files; the judge needs its tokenizer next to its weights")
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"reward.judge={path}: the tokenizer has no chat template; RRM prompts are rendered through it "
-                        f"(set tokenizer.chat_template in its tokenizer_config.json)")
+        raise UserError(
+            f"reward.judge={path}: the tokenizer has no chat template; RRM prompts are rendered through it "
+            f"(set tokenizer.chat_template in its tokenizer_config.json)"
+        )
     model, _ = checkpoint.load_model(path, dtype=dtype, mesh=mesh)
     return model, tokenizer
 
@@ -80,9 +84,15 @@ class RoundLog:
     seconds: float = 0.0
 
     def metrics(self, both_orders: bool) -> dict:
-        row = {"judge_calls": self.calls, "judge_comparisons": self.comparisons, "judge_samples": self.samples,
-               "judge_unparseable": self.unparseable / max(self.samples, 1), "judge_over_context": self.over_context,
-               "judge_markers_neutralised": self.neutralised, "judge_time": self.seconds}
+        row = {
+            "judge_calls": self.calls,
+            "judge_comparisons": self.comparisons,
+            "judge_samples": self.samples,
+            "judge_unparseable": self.unparseable / max(self.samples, 1),
+            "judge_over_context": self.over_context,
+            "judge_markers_neutralised": self.neutralised,
+            "judge_time": self.seconds,
+        }
         if both_orders:
             row["order_flip_rate"] = self.flips / max(self.comparisons, 1)
         return row
@@ -95,8 +105,15 @@ class JudgeReward:
         self.context = model.config.max_position_embeddings
         self.prompts = PromptEncoder(tokenizer)
 
-    def rewards(self, queries: list[str], responses: list[list[str]], references: list[str | None], *,
-                seed: int, strategy: str | None = None) -> tuple[np.ndarray, dict]:
+    def rewards(
+        self,
+        queries: list[str],
+        responses: list[list[str]],
+        references: list[str | None],
+        *,
+        seed: int,
+        strategy: str | None = None,
+    ) -> tuple[np.ndarray, dict]:
         """Rewards [len(queries) * G] (prompt-major) of the groups' responses, and the judging metrics.
         strategy: another than the configured one (the held-out evaluation's "reference")."""
         strategy = strategy or self.settings.strategy
@@ -105,9 +122,13 @@ class JudgeReward:
         t0 = time.perf_counter()
 
         def compare(batch):
-            comparisons = [Comparison(queries[g], responses[g][i], references[g] if j == strategies.REFERENCE
-                                      else responses[g][j]) for g, i, j in batch]
-            verdicts = self.judge(comparisons, coin_seed=seed, sample_seed=worksplit.batch_seed(seed, log.calls, 0), log=log)
+            comparisons = [
+                Comparison(queries[g], responses[g][i], references[g] if j == strategies.REFERENCE else responses[g][j])
+                for g, i, j in batch
+            ]
+            verdicts = self.judge(
+                comparisons, coin_seed=seed, sample_seed=worksplit.batch_seed(seed, log.calls, 0), log=log
+            )
             return [None if v is None else (i if v == 1 else j) for (_, i, j), v in zip(batch, verdicts)]
 
         rewards = strategies.group_rewards(strategy, len(queries), group_size, compare, seed=seed)
@@ -117,11 +138,22 @@ class JudgeReward:
     def sample(self, prompts: list[list[int]], max_new_tokens: list[int], seed: int):
         """The judge's `votes` samples per prompt, prompt-major: the one sampler call of a round."""
         s = self.settings
-        return generate.sample(self.model, prompts, max_new_tokens=max_new_tokens, temperature=s.temperature,
-                               top_p=s.top_p, num_samples=s.votes, seed=seed, max_think_tokens=s.max_think_tokens,
-                               tokenizer=self.tokenizer, batch_size=s.batch_size)
+        return generate.sample(
+            self.model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            num_samples=s.votes,
+            seed=seed,
+            max_think_tokens=s.max_think_tokens,
+            tokenizer=self.tokenizer,
+            batch_size=s.batch_size,
+        )
 
-    def judge(self, comparisons: list[Comparison], *, coin_seed: int, sample_seed: int, log: RoundLog) -> list[int | None]:
+    def judge(
+        self, comparisons: list[Comparison], *, coin_seed: int, sample_seed: int, log: RoundLog
+    ) -> list[int | None]:
         """The majority verdict (1, 2 or None for a tie) of each comparison: one sampler call for all of them.
         coin_seed: the A/B coin's (`is_swapped`); sample_seed: the judge's sampling."""
         s = self.settings
@@ -141,11 +173,13 @@ class JudgeReward:
                 prompts.append(list(ids))
                 owners.append(owner)
         limit = spec.EVAL_MAX_NEW_TOKENS if s.max_new_tokens is None else s.max_new_tokens
-        results = self.sample(prompts, [min(limit, self.context - len(p)) for p in prompts], sample_seed) if prompts else []
+        results = (
+            self.sample(prompts, [min(limit, self.context - len(p)) for p in prompts], sample_seed) if prompts else []
+        )
         texts: list[list[str]] = [[] for _ in comparisons]
         shown_orders: list[list[bool]] = [[] for _ in comparisons]
         for p, (k, swapped) in enumerate(owners):
-            texts[k] += [r.text for r in results[p * s.votes:(p + 1) * s.votes]]
+            texts[k] += [r.text for r in results[p * s.votes : (p + 1) * s.votes]]
             shown_orders[k].append(swapped)
         log.calls += 1
         log.comparisons += len(comparisons)
@@ -159,8 +193,10 @@ class JudgeReward:
             j = judgment_from_texts(texts[k], tuple(shown_orders[k]), s.votes)
             log.unparseable += j.unparseable
             if s.both_orders and len(shown_orders[k]) == 2:
-                per_order = [judgment_from_texts(texts[k][o * s.votes:(o + 1) * s.votes], (shown_orders[k][o],), s.votes)
-                             for o in range(2)]
+                per_order = [
+                    judgment_from_texts(texts[k][o * s.votes : (o + 1) * s.votes], (shown_orders[k][o],), s.votes)
+                    for o in range(2)
+                ]
                 log.flips += per_order[0].winner != per_order[1].winner
             verdicts.append(j.winner)
         return verdicts

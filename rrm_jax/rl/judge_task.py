@@ -34,22 +34,28 @@ def load_pairs(c: TrainConfig):
     """(train pairs, held-out pairs, render function)."""
     if c.data.source == "toy":
         heldout = int(c.data.heldout)
-        return (toy.make_toy_pairs(c.data.train_size, c.seed), toy.make_toy_pairs(heldout, c.seed, split="heldout"),
-                toy.render_toy)
+        return (
+            toy.make_toy_pairs(c.data.train_size, c.seed),
+            toy.make_toy_pairs(heldout, c.seed, split="heldout"),
+            toy.render_toy,
+        )
     pairs = read_preferences(c.data.source, dataset_config=c.data.dataset_config, dataset_split=c.data.dataset_split)
     # the config stores heldout as a float: 500 (a count) arrives as 500.0, which split_heldout reads as a fraction
     count_or_fraction = int(c.data.heldout) if c.data.heldout >= 1 else c.data.heldout
     train, heldout = split_heldout(pairs, count_or_fraction, seed=c.seed)
     if not train or not heldout:
-        raise UserError(f"{c.data.source}: {len(pairs)} pairs leave {len(train)} for training and {len(heldout)} "
-                        f"held out (data.heldout={c.data.heldout}); both need at least one")
+        raise UserError(
+            f"{c.data.source}: {len(pairs)} pairs leave {len(train)} for training and {len(heldout)} "
+            f"held out (data.heldout={c.data.heldout}); both need at least one"
+        )
     return train, heldout, render
 
 
 def write_pairs(path: Path, pairs) -> None:
     """`{prompt, chosen, rejected}` JSONL, written to a temp file and renamed (as config.yaml is)."""
-    storage.write_text(path, "".join(json.dumps({"prompt": p.query, "chosen": p.chosen, "rejected": p.rejected})
-                                    + "\n" for p in pairs))
+    storage.write_text(
+        path, "".join(json.dumps({"prompt": p.query, "chosen": p.chosen, "rejected": p.rejected}) + "\n" for p in pairs)
+    )
 
 
 def heldout_examples(pairs, tokenizer, render_fn, max_prompt_len: int) -> list[JudgeExample]:
@@ -74,7 +80,7 @@ def global_batch(examples, width: int) -> tuple[list[list[int]], list[int]]:
     ids = np.zeros((len(examples), width), np.int32)
     lengths = np.array([len(e.prompt_ids) for e in examples], np.int32)
     for i, e in enumerate(examples):
-        ids[i, :len(e.prompt_ids)] = e.prompt_ids
+        ids[i, : len(e.prompt_ids)] = e.prompt_ids
     labels = np.array([e.label for e in examples], np.int32)
     ids, lengths, labels = (distributed.gather_processes(a).reshape(-1, *a.shape[1:]) for a in (ids, lengths, labels))
     return [row[:n].tolist() for row, n in zip(ids, lengths)], labels.tolist()
@@ -82,11 +88,14 @@ def global_batch(examples, width: int) -> tuple[list[list[int]], list[int]]:
 
 def evaluate(model, examples, tokenizer, max_new_tokens: int) -> dict:
     """Held-out accuracy of greedy verdicts parsed by the RRM parser."""
-    outs = generate.sample(model, [e.prompt_ids for e in examples], max_new_tokens=max_new_tokens, temperature=0.0,
-                           tokenizer=tokenizer)
+    outs = generate.sample(
+        model, [e.prompt_ids for e in examples], max_new_tokens=max_new_tokens, temperature=0.0, tokenizer=tokenizer
+    )
     verdicts = [parse_verdict(o.text) for o in outs]
-    return {"eval_accuracy": float(np.mean([v == e.label for v, e in zip(verdicts, examples)])),
-            "eval_unparseable": float(np.mean([v is None for v in verdicts]))}
+    return {
+        "eval_accuracy": float(np.mean([v == e.label for v, e in zip(verdicts, examples)])),
+        "eval_unparseable": float(np.mean([v is None for v in verdicts])),
+    }
 
 
 class JudgeTask:
@@ -95,14 +104,27 @@ class JudgeTask:
     def __init__(self, c: TrainConfig, tokenizer):
         self.c, self.tokenizer = c, tokenizer
         train_pairs, self.heldout_pairs, render_fn = load_pairs(c)
-        dataset = PreferenceDataset(train_pairs, tokenizer=tokenizer, render=render_fn,
-                                    max_prompt_len=c.data.max_prompt_len, seed=c.seed, orders=c.data.orders)
-        self.heldout = heldout_examples(self.heldout_pairs, tokenizer, render_fn, c.data.max_prompt_len)  # every process: all
+        dataset = PreferenceDataset(
+            train_pairs,
+            tokenizer=tokenizer,
+            render=render_fn,
+            max_prompt_len=c.data.max_prompt_len,
+            seed=c.seed,
+            orders=c.data.orders,
+        )
+        self.heldout = heldout_examples(
+            self.heldout_pairs, tokenizer, render_fn, c.data.max_prompt_len
+        )  # every process: all
         if dataset.markers_neutralised and distributed.is_main_process():
-            print(f"warning: {dataset.markers_neutralised} control markers (such as <｜User｜>, </think> or the "
-                  f"end-of-sentence token) written in the training pairs' queries or responses are tokenized as "
-                  f"plain text, not as control tokens", file=sys.stderr)
-        self.batches = iter(preference_batches(dataset, batch_size=c.rollout.prompts_per_step, seed=c.seed))  # this process's slice
+            print(
+                f"warning: {dataset.markers_neutralised} control markers (such as <｜User｜>, </think> or the "
+                f"end-of-sentence token) written in the training pairs' queries or responses are tokenized as "
+                f"plain text, not as control tokens",
+                file=sys.stderr,
+            )
+        self.batches = iter(
+            preference_batches(dataset, batch_size=c.rollout.prompts_per_step, seed=c.seed)
+        )  # this process's slice
 
     def next_batch(self) -> tuple[list[list[int]], list[int]]:
         return global_batch(next(self.batches), self.c.data.max_prompt_len)
@@ -116,8 +138,12 @@ class JudgeTask:
         verdicts = [parse_verdict(t) for t in texts]
         unparseable = np.array([v is None for v in verdicts])
         advantages = guard.penalised_advantages(
-            np.asarray(grpo.group_advantages(rewards, G, normalize_std=c.loss.normalize_std)), unparseable,
-            truncated(samples), format_penalty=c.guard.format_penalty, truncation_penalty=c.guard.truncation_penalty)
+            np.asarray(grpo.group_advantages(rewards, G, normalize_std=c.loss.normalize_std)),
+            unparseable,
+            truncated(samples),
+            format_penalty=c.guard.format_penalty,
+            truncation_penalty=c.guard.truncation_penalty,
+        )
         stats = {
             "reward_mean": float(rewards.mean()),
             "accuracy": float(np.mean([v == p for v, p in zip(verdicts, preferred)])),
@@ -151,31 +177,45 @@ class JudgeTask:
         if evals:
             best = max(evals, key=lambda r: r["eval_accuracy"])
             reached = next((r for r in evals if r["eval_accuracy"] >= 0.9), None)
-            lines.append(f"held-out accuracy (greedy, {len(self.heldout)} pairs of {output_dir / 'heldout.jsonl'}, each in "
-                         f"the A/B order `rrm-jax eval` shows it): {evals[0]['eval_accuracy']:.3f} at step "
-                         f"{evals[0]['step']} -> {evals[-1]['eval_accuracy']:.3f} at step {evals[-1]['step']} "
-                         f"(best {best['eval_accuracy']:.3f})")
+            lines.append(
+                f"held-out accuracy (greedy, {len(self.heldout)} pairs of {output_dir / 'heldout.jsonl'}, each in "
+                f"the A/B order `rrm-jax eval` shows it): {evals[0]['eval_accuracy']:.3f} at step "
+                f"{evals[0]['step']} -> {evals[-1]['eval_accuracy']:.3f} at step {evals[-1]['step']} "
+                f"(best {best['eval_accuracy']:.3f})"
+            )
             if reached:
                 lines.append(f"first >= 0.90 at step {reached['step']}, {reached['elapsed']:.0f} s after start")
-            lines.append(f"  `rrm-jax eval` below reads the same prompts from the latest checkpoint; it credits an "
-                         f"unparseable verdict 0.5 where this counts 0 (unparseable at step {evals[-1]['step']}: "
-                         f"{evals[-1]['eval_unparseable']:.1%}), so the two agree up to that and float rounding")
-        lines.append(f"checkpoint: {step_dir}  (metrics: {output_dir / 'metrics.jsonl'}, curve: {output_dir / 'curve.png'})")
+            lines.append(
+                f"  `rrm-jax eval` below reads the same prompts from the latest checkpoint; it credits an "
+                f"unparseable verdict 0.5 where this counts 0 (unparseable at step {evals[-1]['step']}: "
+                f"{evals[-1]['eval_unparseable']:.1%}), so the two agree up to that and float rounding"
+            )
+        lines.append(
+            f"checkpoint: {step_dir}  (metrics: {output_dir / 'metrics.jsonl'}, curve: {output_dir / 'curve.png'})"
+        )
         tokens = self.c.rollout.max_new_tokens
-        lines.append(f"try it (--max-new-tokens {tokens}: the toy judge's answer is 5 tokens and its context {context}):")
+        lines.append(
+            f"try it (--max-new-tokens {tokens}: the toy judge's answer is 5 tokens and its context {context}):"
+        )
         if self.c.data.source == "toy":
             e = self.heldout[0]  # a letter the task trains on
-            lines.append(f"  {exe} judge --model {out} --query {shlex.quote(e.query)} --response-1 {e.response_1} "
-                         f"--response-2 {e.response_2} --temperature 0 --max-new-tokens {tokens}")
-        lines.append(f"  {exe} eval --model {out} --input {output_dir / 'heldout.jsonl'} --format pairs --output "
-                     f"{output_dir / 'eval.json'} --temperature 0 --max-new-tokens {tokens}")
+            lines.append(
+                f"  {exe} judge --model {out} --query {shlex.quote(e.query)} --response-1 {e.response_1} "
+                f"--response-2 {e.response_2} --temperature 0 --max-new-tokens {tokens}"
+            )
+        lines.append(
+            f"  {exe} eval --model {out} --input {output_dir / 'heldout.jsonl'} --format pairs --output "
+            f"{output_dir / 'eval.json'} --temperature 0 --max-new-tokens {tokens}"
+        )
         return lines
 
     def plot(self, rows: list[dict], ax) -> None:
         train = [r for r in rows if "reward_mean" in r]
         evals = [r for r in rows if "eval_accuracy" in r]
         ax.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train accuracy (sampled)", alpha=0.6)
-        ax.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out accuracy (greedy)")
+        ax.plot(
+            [r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out accuracy (greedy)"
+        )
         ax.axhline(0.9, color="gray", ls="--", lw=0.8)
         ax.axhline(0.5, color="gray", ls=":", lw=0.8)
         ax.set_xlabel("GRPO step")

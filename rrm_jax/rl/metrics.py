@@ -22,14 +22,16 @@ def read_metrics(path: Path) -> list[dict]:
     (the resume writes that step again); any other unreadable line is refused."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     rows = []
-    for number, line in enumerate(text[:text.rfind("\n") + 1].splitlines(), start=1):
+    for number, line in enumerate(text[: text.rfind("\n") + 1].splitlines(), start=1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            raise UserError(f"{path} line {number} is not valid JSON (not a cut-short last line: the file is damaged); "
-                            f"repair or delete that line, then --resume again") from None
+            raise UserError(
+                f"{path} line {number} is not valid JSON (not a cut-short last line: the file is damaged); "
+                f"repair or delete that line, then --resume again"
+            ) from None
     return rows
 
 

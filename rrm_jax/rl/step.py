@@ -35,8 +35,9 @@ class LossSettings(LossConfig):
     allowed_token_ids: tuple[int, ...] = ()  # the policy's constrained vocabulary, as its rollout samples it
 
     @classmethod
-    def from_config(cls, loss: LossConfig, *, entropy_token_ids: tuple[int, ...] = (),
-                    allowed_token_ids: tuple[int, ...] = ()) -> LossSettings:
+    def from_config(
+        cls, loss: LossConfig, *, entropy_token_ids: tuple[int, ...] = (), allowed_token_ids: tuple[int, ...] = ()
+    ) -> LossSettings:
         section = {f.name: getattr(loss, f.name) for f in dataclasses.fields(LossConfig)}
         return cls(**section, entropy_token_ids=tuple(entropy_token_ids), allowed_token_ids=tuple(allowed_token_ids))
 
@@ -68,8 +69,18 @@ def token_logprobs(config: Qwen2Config, params, tokens, attention_mask, *, remat
     return jnp.pad(_take_logprobs(logits, tokens[:, 1:]), ((0, 0), (1, 0)))
 
 
-def continuation_logprobs(config: Qwen2Config, params, prompt_tokens, prompt_lengths, tokens, *,
-                          entropy_token_ids=(), allowed_token_ids=(), remat=False, with_entropy=False):
+def continuation_logprobs(
+    config: Qwen2Config,
+    params,
+    prompt_tokens,
+    prompt_lengths,
+    tokens,
+    *,
+    entropy_token_ids=(),
+    allowed_token_ids=(),
+    remat=False,
+    with_entropy=False,
+):
     """logp [R, Tc] of each continuation token (see the module docstring); with_entropy also returns the
     entropy [R, Tc] of each predicted distribution (over entropy_token_ids only, when given).
     allowed_token_ids: the model restricted to that vocabulary, as the sampler restricts it (its
@@ -85,14 +96,31 @@ def continuation_logprobs(config: Qwen2Config, params, prompt_tokens, prompt_len
 
 def _terms(config: Qwen2Config, loss: LossSettings, params, mb: RolloutBatch) -> grpo.LossTerms:
     use_entropy = loss.entropy_coef > 0
-    out = continuation_logprobs(config, params, mb.prompt_tokens, mb.prompt_lengths, mb.tokens,
-                                entropy_token_ids=loss.entropy_token_ids, allowed_token_ids=loss.allowed_token_ids,
-                                remat=loss.remat, with_entropy=use_entropy)
+    out = continuation_logprobs(
+        config,
+        params,
+        mb.prompt_tokens,
+        mb.prompt_lengths,
+        mb.tokens,
+        entropy_token_ids=loss.entropy_token_ids,
+        allowed_token_ids=loss.allowed_token_ids,
+        remat=loss.remat,
+        with_entropy=use_entropy,
+    )
     logp, entropy = out if use_entropy else (out, None)
     return grpo.policy_loss_terms(
-        logp, mb.old_logp, mb.ref_logp if loss.kl_coef else None, mb.advantages, mb.loss_mask,
-        clip_low=loss.clip_low, clip_high=loss.clip_high, kl_estimator=loss.kl_estimator, agg=loss.agg,
-        entropy=entropy, entropy_mask=mb.entropy_mask if use_entropy else None)
+        logp,
+        mb.old_logp,
+        mb.ref_logp if loss.kl_coef else None,
+        mb.advantages,
+        mb.loss_mask,
+        clip_low=loss.clip_low,
+        clip_high=loss.clip_high,
+        kl_estimator=loss.kl_estimator,
+        agg=loss.agg,
+        entropy=entropy,
+        entropy_mask=mb.entropy_mask if use_entropy else None,
+    )
 
 
 def _split(batch: RolloutBatch, micro_batches: int) -> RolloutBatch:
@@ -100,8 +128,15 @@ def _split(batch: RolloutBatch, micro_batches: int) -> RolloutBatch:
     return jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
 
 
-def update(config: Qwen2Config, loss: LossSettings, optimizer: optax.GradientTransformation, micro_batches: int,
-           params, opt_state, batch: RolloutBatch):
+def update(
+    config: Qwen2Config,
+    loss: LossSettings,
+    optimizer: optax.GradientTransformation,
+    micro_batches: int,
+    params,
+    opt_state,
+    batch: RolloutBatch,
+):
     """One optimizer step on a rollout batch -> (params, opt_state, metrics)."""
     count = grpo.aggregation_count(batch.loss_mask, loss.agg)
     entropy_count = grpo.aggregation_count(batch.entropy_mask, loss.agg) if loss.entropy_coef > 0 else 0.0
@@ -109,8 +144,9 @@ def update(config: Qwen2Config, loss: LossSettings, optimizer: optax.GradientTra
     def micro_step(grads, mb):
         def objective(p):
             terms = _terms(config, loss, p, mb)
-            value = grpo.micro_batch_objective(terms, count=count, entropy_count=entropy_count,
-                                               kl_coef=loss.kl_coef, entropy_coef=loss.entropy_coef)
+            value = grpo.micro_batch_objective(
+                terms, count=count, entropy_count=entropy_count, kl_coef=loss.kl_coef, entropy_coef=loss.entropy_coef
+            )
             return value, terms
 
         (_, terms), g = jax.value_and_grad(objective, has_aux=True)(params)
@@ -118,7 +154,9 @@ def update(config: Qwen2Config, loss: LossSettings, optimizer: optax.GradientTra
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     grads, terms = jax.lax.scan(micro_step, zeros, _split(batch, micro_batches))
-    merged = jax.tree.map(lambda x: x.sum(0), terms)._replace(ratio_min=terms.ratio_min.min(), ratio_max=terms.ratio_max.max())
+    merged = jax.tree.map(lambda x: x.sum(0), terms)._replace(
+        ratio_min=terms.ratio_min.min(), ratio_max=terms.ratio_max.max()
+    )
     _, metrics = grpo.finalize_terms(merged, kl_coef=loss.kl_coef, entropy_coef=loss.entropy_coef)
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -126,5 +164,8 @@ def update(config: Qwen2Config, loss: LossSettings, optimizer: optax.GradientTra
 
 
 update_fn = jax.jit(update, static_argnums=(0, 1, 2, 3), donate_argnums=(4, 5))
-logprobs_fn = jax.jit(continuation_logprobs, static_argnums=(0,),
-                      static_argnames=("entropy_token_ids", "allowed_token_ids", "remat", "with_entropy"))
+logprobs_fn = jax.jit(
+    continuation_logprobs,
+    static_argnums=(0,),
+    static_argnames=("entropy_token_ids", "allowed_token_ids", "remat", "with_entropy"),
+)

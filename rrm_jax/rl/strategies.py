@@ -21,7 +21,7 @@ The rewards then go through the usual group advantages (rrm_jax.rl.grpo.group_ad
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -39,9 +39,11 @@ def check_strategy(strategy: str, group_size: int) -> None:
     if strategy not in STRATEGIES:
         raise UserError(f"reward.strategy={strategy!r} is not a strategy; use one of {', '.join(STRATEGIES)}")
     if strategy in PAIRWISE and group_size < 2:
-        raise UserError(f"reward.strategy={strategy} compares the samples of one group with each other: "
-                        f"rollout.samples_per_prompt must be >= 2 (got {group_size}); strategy=reference "
-                        f"compares each sample with the row's reference and works with one")
+        raise UserError(
+            f"reward.strategy={strategy} compares the samples of one group with each other: "
+            f"rollout.samples_per_prompt must be >= 2 (got {group_size}); strategy=reference "
+            f"compares each sample with the row's reference and works with one"
+        )
 
 
 def rounds(strategy: str, group_size: int) -> int:

@@ -31,7 +31,9 @@ def token_ids_of(tokenizer, tokens: str, key: str) -> tuple[int, ...]:
     for token in tokens.split():
         i = tokenizer.convert_tokens_to_ids(token)
         if i is None or (i == tokenizer.unk_token_id and token != tokenizer.unk_token):
-            raise UserError(f"{key}: {token!r} is not a token of this tokenizer; give space-separated token "
-                            f"strings of its vocabulary (e.g. {key}='a b c')")
+            raise UserError(
+                f"{key}: {token!r} is not a token of this tokenizer; give space-separated token "
+                f"strings of its vocabulary (e.g. {key}='a b c')"
+            )
         ids.append(int(i))
     return tuple(sorted(set(ids)))

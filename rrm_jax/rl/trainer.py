@@ -69,8 +69,13 @@ from rrm_jax.rl import grpo, guard, policy, step
 from rrm_jax.rl.checkpoints import CHECKPOINTS, Checkpoints
 from rrm_jax.rl.config import JUDGE_REWARD, RESUME_MAY_CHANGE, TrainConfig, load_config, resume_conflicts
 from rrm_jax.rl.judge_task import JudgeTask
-from rrm_jax.rl.metrics import TIMING_KEYS  # noqa: F401 (part of this module's API)
-from rrm_jax.rl.metrics import METRICS, MetricsLog, current_attempt, read_metrics
+from rrm_jax.rl.metrics import (
+    METRICS,
+    TIMING_KEYS,  # noqa: F401 (part of this module's API)
+    MetricsLog,
+    current_attempt,
+    read_metrics,
+)
 from rrm_jax.rl.plot import plot_curve
 from rrm_jax.rl.task import Task
 from rrm_jax.rl.tokenizer import TOY_TOKENIZER, load_train_tokenizer, token_ids_of  # noqa: F401 (part of this module's API)
@@ -90,16 +95,28 @@ def build_model(c: TrainConfig, tokenizer, mesh) -> Qwen2:
         if m.init is None:
             eos = tokenizer.eos_token_id
             config = Qwen2Config(
-                vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-                num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, rope_theta=m.rope_theta,
-                tie_word_embeddings=m.tie_word_embeddings, max_position_embeddings=m.max_position_embeddings,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, param_dtype=m.param_dtype, dtype=m.dtype)
+                vocab_size=len(tokenizer),
+                hidden_size=m.hidden_size,
+                intermediate_size=m.intermediate_size,
+                num_layers=m.num_layers,
+                num_heads=m.num_heads,
+                num_kv_heads=m.num_kv_heads,
+                rope_theta=m.rope_theta,
+                tie_word_embeddings=m.tie_word_embeddings,
+                max_position_embeddings=m.max_position_embeddings,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=eos,
+                param_dtype=m.param_dtype,
+                dtype=m.dtype,
+            )
         else:
             config = PRESETS[m.init].replace(param_dtype=m.param_dtype, dtype=m.dtype)
         model = Qwen2(config, rngs=nnx.Rngs(c.seed), init=m.initializer)
         return parallel.shard_model(model, mesh) if mesh is not None else model
     if not Path(m.init).exists():
-        raise UserError(f"model.init={m.init!r} is neither a preset ({', '.join(PRESETS)}) nor an existing model folder")
+        raise UserError(
+            f"model.init={m.init!r} is neither a preset ({', '.join(PRESETS)}) nor an existing model folder"
+        )
     return checkpoint.load_model(m.init, dtype=m.param_dtype, compute_dtype=m.dtype, mesh=mesh)[0]
 
 
@@ -143,8 +160,10 @@ def check_resume(output_dir: Path, c: TrainConfig, resume: bool) -> None:
     changes = "; ".join(f"{key}: {saved!r} saved, {given!r} given" for key, saved, given in conflicts[:shown])
     if len(conflicts) > shown:
         changes += f"; and {len(conflicts) - shown} more ({', '.join(key for key, _, _ in conflicts[shown:])})"
-    raise UserError(f"--resume of {output_dir} would change what the run is ({changes}); --resume may change only "
-                    f"{', '.join(RESUME_MAY_CHANGE)}; for another run choose another --output-dir")
+    raise UserError(
+        f"--resume of {output_dir} would change what the run is ({changes}); --resume may change only "
+        f"{', '.join(RESUME_MAY_CHANGE)}; for another run choose another --output-dir"
+    )
 
 
 def _prepare_output(output_dir: Path, resume: bool, c: TrainConfig, task: Task) -> None:
@@ -152,8 +171,9 @@ def _prepare_output(output_dir: Path, resume: bool, c: TrainConfig, task: Task) 
     the task's held-out items (kept as they are when a resume continues the run: its evaluations used them)."""
     previous = (output_dir / METRICS).exists() or (output_dir / CHECKPOINTS).exists()
     if previous and not resume:
-        raise UserError(f"{output_dir} already holds a training run; pass --resume to continue it or choose "
-                        f"another --output-dir")
+        raise UserError(
+            f"{output_dir} already holds a training run; pass --resume to continue it or choose another --output-dir"
+        )
     keep_heldout = _continues_a_run(output_dir, resume) and (output_dir / HELDOUT).exists()
     distributed.barrier("output-dir-checked")  # before process 0 writes anything the others would see
     if distributed.is_main_process():
@@ -213,20 +233,28 @@ def setup(c: TrainConfig, output_dir: Path, *, resume: bool, progress: bool) -> 
     model = build_model(c, tokenizer, mesh)
     allowed_ids = token_ids_of(tokenizer, c.rollout.allowed_tokens, "rollout.allowed_tokens")
     if c.reward.type == JUDGE_REWARD:
-        task = policy.PolicyTask(c, tokenizer, mesh, model.config, allowed_ids)  # loads the frozen judge onto the same mesh
+        task = policy.PolicyTask(
+            c, tokenizer, mesh, model.config, allowed_ids
+        )  # loads the frozen judge onto the same mesh
     else:
         task = JudgeTask(c, tokenizer)
     mcfg = model.config
-    plan.check_training_fits(c.with_mesh_for(jax.device_count()), mcfg, "this training config")  # the `rrm-jax plan` check, on these devices
+    plan.check_training_fits(
+        c.with_mesh_for(jax.device_count()), mcfg, "this training config"
+    )  # the `rrm-jax plan` check, on these devices
     if c.data.max_prompt_len + c.rollout.max_new_tokens > mcfg.max_position_embeddings:
-        raise UserError(f"data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len + c.rollout.max_new_tokens} "
-                        f"exceeds the model's context of {mcfg.max_position_embeddings} tokens")
+        raise UserError(
+            f"data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len + c.rollout.max_new_tokens} "
+            f"exceeds the model's context of {mcfg.max_position_embeddings} tokens"
+        )
     loss, verdict_open_id = _loss_settings(c, tokenizer, allowed_ids)
     grpo.aggregation_count(np.ones((1, 1)), c.loss.agg)  # unknown names fail now, not after the warm-up
     grpo.kl_penalty(jnp.zeros(1), jnp.zeros(1), c.loss.kl_estimator)
     _prepare_output(output_dir, resume, c, task)
     main = distributed.is_main_process()
-    return Run(c, output_dir, mesh, tokenizer, task, model, grpo_optimizer(c), loss, verdict_open_id, main, progress and main)
+    return Run(
+        c, output_dir, mesh, tokenizer, task, model, grpo_optimizer(c), loss, verdict_open_id, main, progress and main
+    )
 
 
 def _loss_settings(c: TrainConfig, tokenizer, allowed_ids: tuple[int, ...]) -> tuple[step.LossSettings, int | None]:
@@ -237,8 +265,10 @@ def _loss_settings(c: TrainConfig, tokenizer, allowed_ids: tuple[int, ...]) -> t
         try:
             entropy_ids = verdict_token_ids(tokenizer)
         except ValueError:
-            raise UserError("loss.entropy_on=verdict needs a tokenizer with single verdict tokens (the toy's); "
-                            "use loss.entropy_on=completion") from None
+            raise UserError(
+                "loss.entropy_on=verdict needs a tokenizer with single verdict tokens (the toy's); "
+                "use loss.entropy_on=completion"
+            ) from None
         verdict_open_id = tokenizer.convert_tokens_to_ids(BOXED_OPEN)
     loss = step.LossSettings.from_config(c.loss, entropy_token_ids=entropy_ids, allowed_token_ids=allowed_ids)
     return loss, verdict_open_id
@@ -251,6 +281,7 @@ def _loss_settings(c: TrainConfig, tokenizer, allowed_ids: tuple[int, ...]) -> t
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
 def supervised_step(config: Qwen2Config, optimizer, params, opt_state, tokens, attention_mask, loss_mask):
     """One cross-entropy step on transcripts; loss_mask [B, T] marks the tokens to predict."""
+
     def loss_fn(p):
         logp = step.token_logprobs(config, p, tokens, attention_mask)
         return -jnp.sum(logp * loss_mask) / jnp.maximum(loss_mask.sum(), 1.0)
@@ -260,8 +291,9 @@ def supervised_step(config: Qwen2Config, optimizer, params, opt_state, tokens, a
     return optax.apply_updates(params, updates), opt_state, loss
 
 
-def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, task: Task, tokenizer, progress: bool,
-            stop: resumable.StopSignals):
+def _warmup(
+    c: TrainConfig, mcfg: Qwen2Config, params, task: Task, tokenizer, progress: bool, stop: resumable.StopSignals
+):
     """Phase A: supervised format warm-up on the task's transcripts (judge: random verdicts; policy:
     letter strings, 3 in 4 of them carrying the banned letter). None when a stop signal ended it."""
     w = c.warmup
@@ -278,8 +310,9 @@ def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, task: Task, tokenizer, pr
             return None
         batch = task.warmup_batch(w.batch_size, rng)
         attention = (batch["tokens"] != tokenizer.pad_token_id).astype(np.int32)
-        params, opt_state, loss_value = supervised_step(mcfg, optimizer, params, opt_state, batch["tokens"], attention,
-                                                        batch["loss_mask"])
+        params, opt_state, loss_value = supervised_step(
+            mcfg, optimizer, params, opt_state, batch["tokens"], attention, batch["loss_mask"]
+        )
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss_value):.3f}", refresh=False)
     bar.close()
@@ -293,10 +326,18 @@ def _warmup(c: TrainConfig, mcfg: Qwen2Config, params, task: Task, tokenizer, pr
 def rollout(run: Run, state: State, prompts: list[list[int]]):
     """G samples per prompt from the current weights, prompt-major."""
     r = run.config.rollout
-    return generate.sample(run.model, prompts, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                           num_samples=r.samples_per_prompt, seed=_step_seed(state.rollout_seed, state.step),
-                           eos_ids=None if r.stop_at_eos else [], tokenizer=run.tokenizer,
-                           allowed_token_ids=run.loss.allowed_token_ids)
+    return generate.sample(
+        run.model,
+        prompts,
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        num_samples=r.samples_per_prompt,
+        seed=_step_seed(state.rollout_seed, state.step),
+        eos_ids=None if r.stop_at_eos else [],
+        tokenizer=run.tokenizer,
+        allowed_token_ids=run.loss.allowed_token_ids,
+    )
 
 
 def rollout_arrays(prompts: list[list[int]], samples, width: int, *, verdict_open_id: int | None):
@@ -309,7 +350,7 @@ def rollout_arrays(prompts: list[list[int]], samples, width: int, *, verdict_ope
     P, R = len(prompts), len(samples)
     prompt_tokens = np.zeros((P, 4 * math.ceil(max(map(len, prompts)) / 4)), np.int32)
     for i, p in enumerate(prompts):
-        prompt_tokens[i, :len(p)] = p
+        prompt_tokens[i, : len(p)] = p
     prompt_lengths = np.array([len(p) for p in prompts], np.int32)
     tokens = np.zeros((R, width), np.int32)
     loss_mask = np.zeros((R, width), np.float32)
@@ -332,22 +373,45 @@ def _device_batch(arrays, mesh):
     """Batch-shard each array over (data, fsdp) on its leading axis."""
     if mesh is None:
         return arrays
-    return tuple(jax.device_put(a, parallel.logical_sharding(("batch",) + ("length",) * (a.ndim - 1), mesh))
-                 for a in arrays)
+    return tuple(
+        jax.device_put(a, parallel.logical_sharding(("batch",) + ("length",) * (a.ndim - 1), mesh)) for a in arrays
+    )
 
 
 def update(run: Run, state: State, prompts, samples, advantages) -> dict:
     """`ppo_epochs` clipped-policy updates on one rollout; the model the sampler reads gets the new weights."""
-    arrays = (*rollout_arrays(prompts, samples, run.config.rollout.max_new_tokens, verdict_open_id=run.verdict_open_id),
-              advantages)
-    prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask, advantages = _device_batch(arrays, run.mesh)
-    ref_logp = (step.logprobs_fn(run.model_config, state.ref_params, prompt_tokens, prompt_lengths, tokens,
-                                 allowed_token_ids=run.loss.allowed_token_ids)
-                if state.ref_params is not None else jnp.zeros_like(old_logp))
-    batch = step.RolloutBatch(prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, ref_logp, advantages, entropy_mask)
+    arrays = (
+        *rollout_arrays(prompts, samples, run.config.rollout.max_new_tokens, verdict_open_id=run.verdict_open_id),
+        advantages,
+    )
+    prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, entropy_mask, advantages = _device_batch(
+        arrays, run.mesh
+    )
+    ref_logp = (
+        step.logprobs_fn(
+            run.model_config,
+            state.ref_params,
+            prompt_tokens,
+            prompt_lengths,
+            tokens,
+            allowed_token_ids=run.loss.allowed_token_ids,
+        )
+        if state.ref_params is not None
+        else jnp.zeros_like(old_logp)
+    )
+    batch = step.RolloutBatch(
+        prompt_tokens, prompt_lengths, tokens, loss_mask, old_logp, ref_logp, advantages, entropy_mask
+    )
     for _ in range(run.config.loss.ppo_epochs):
-        state.params, state.opt_state, metrics = step.update_fn(run.model_config, run.loss, run.optimizer, run.config.loss.micro_batches,
-                                                                state.params, state.opt_state, batch)
+        state.params, state.opt_state, metrics = step.update_fn(
+            run.model_config,
+            run.loss,
+            run.optimizer,
+            run.config.loss.micro_batches,
+            state.params,
+            state.opt_state,
+            batch,
+        )
     nnx.update(run.model, state.params)  # the sampler reads the new weights; no second copy
     return {k: float(v) for k, v in distributed.gather_to_host(metrics).items()}
 
@@ -363,8 +427,15 @@ def grpo_step(run: Run, state: State) -> dict:
     update_metrics = update(run, state, prompts, samples, advantages)
     step_time = time.perf_counter() - t0
     tokens = stats.pop("tokens_generated")
-    return {"step": state.step, **stats, **update_metrics, "tokens_per_s": float(tokens / step_time),
-            "rollout_time": t_rollout, "update_time": time.perf_counter() - t_update, "step_time": step_time}
+    return {
+        "step": state.step,
+        **stats,
+        **update_metrics,
+        "tokens_per_s": float(tokens / step_time),
+        "rollout_time": t_rollout,
+        "update_time": time.perf_counter() - t_update,
+        "step_time": step_time,
+    }
 
 
 def _step_seed(seed: int, step_number: int) -> int:
@@ -404,8 +475,9 @@ def _restore(run: Run, ckpts: Checkpoints, step_number: int, state: State) -> di
     return saved
 
 
-def _initial_state(run: Run, ckpts: Checkpoints, start: int | None,
-                   stop: resumable.StopSignals) -> tuple[State | None, float]:
+def _initial_state(
+    run: Run, ckpts: Checkpoints, start: int | None, stop: resumable.StopSignals
+) -> tuple[State | None, float]:
     """(state, elapsed before this process started): the warm-up's result for a new run, the latest
     checkpoint for a resumed one; None when a stop signal arrived during the warm-up."""
     c = run.config
@@ -425,9 +497,12 @@ def _initial_state(run: Run, ckpts: Checkpoints, start: int | None,
     if run.main:
         print(f"resuming {run.output_dir} from step {start}", file=sys.stderr)
         if start >= c.max_steps:
-            print(f"{run.output_dir} is already trained to step {start} (max_steps={c.max_steps}); its summary follows. "
-                  f"For a new run: rm -rf {run.output_dir}, or --output-dir elsewhere; for more steps: --resume "
-                  f"max_steps=N", file=sys.stderr)
+            print(
+                f"{run.output_dir} is already trained to step {start} (max_steps={c.max_steps}); its summary follows. "
+                f"For a new run: rm -rf {run.output_dir}, or --output-dir elsewhere; for more steps: --resume "
+                f"max_steps=N",
+                file=sys.stderr,
+            )
     return state, saved["elapsed"]
 
 
@@ -435,8 +510,9 @@ def _new_rollout_seed(seed: int, rollbacks: int) -> int:
     return int(np.random.SeedSequence([seed, 1 << 20, rollbacks]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def train(c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: str | None = None,
-          progress: bool = True) -> int:
+def train(
+    c: TrainConfig, output_dir: Path, *, resume: bool = False, export_hf: str | None = None, progress: bool = True
+) -> int:
     """The whole run; returns the exit code (0; EXIT_COLLAPSE when the guard stopped it; after SIGTERM or
     Ctrl-C, which save the step in flight, 0 or EXIT_CTRL_C: resumable.StopSignals)."""
     t_start = time.perf_counter()
@@ -477,8 +553,17 @@ class GrpoLoop:
     logged (with the held-out evaluation every eval_every steps), the guard watches it for a collapse
     (stop, or roll back to the last good checkpoint) and a checkpoint is written when one is due."""
 
-    def __init__(self, run: Run, state: State, ckpts: Checkpoints, metrics: MetricsLog,
-                 stop: resumable.StopSignals, *, start: int | None, clock0: float):
+    def __init__(
+        self,
+        run: Run,
+        state: State,
+        ckpts: Checkpoints,
+        metrics: MetricsLog,
+        stop: resumable.StopSignals,
+        *,
+        start: int | None,
+        clock0: float,
+    ):
         self.run, self.state, self.ckpts, self.metrics, self.stop = run, state, ckpts, metrics, stop
         self.start = start  # the restored step; None for a new run
         self.clock0 = clock0  # perf_counter() at the run's start: elapsed time counts across resumes
@@ -494,11 +579,17 @@ class GrpoLoop:
 
     def save(self) -> Path:
         run, state = self.run, self.state
-        train_state = {"step": state.step, "seed": run.config.seed, "rollout_seed": state.rollout_seed,
-                       "rollbacks": state.rollbacks, "data_iterator": run.task.batches.get_state(),
-                       "elapsed": self.elapsed()}
-        return self.ckpts.save(state.step, run.model, state.opt_state, state.ref_params, train_state, run.config,
-                               run.tokenizer)
+        train_state = {
+            "step": state.step,
+            "seed": run.config.seed,
+            "rollout_seed": state.rollout_seed,
+            "rollbacks": state.rollbacks,
+            "data_iterator": run.task.batches.get_state(),
+            "elapsed": self.elapsed(),
+        }
+        return self.ckpts.save(
+            state.step, run.model, state.opt_state, state.ref_params, train_state, run.config, run.tokenizer
+        )
 
     def execute(self) -> Ending:
         """The loop; the signal handlers, the metrics log and the checkpoint manager are released
@@ -580,13 +671,17 @@ class GrpoLoop:
     def _save_for_resume(self) -> None:
         step_dir = self.save()
         if self.run.main:
-            print(f"\n{self.stop.name}: saved step {self.state.step} to {step_dir}; resume with --resume",
-                  file=sys.stderr)
+            print(
+                f"\n{self.stop.name}: saved step {self.state.step} to {step_dir}; resume with --resume", file=sys.stderr
+            )
 
     def _may_roll_back(self) -> bool:
         g = self.run.config.guard
-        return (g.on_collapse == "rollback" and self.state.rollbacks < g.max_rollbacks
-                and self.ckpts.latest_step() is not None)
+        return (
+            g.on_collapse == "rollback"
+            and self.state.rollbacks < g.max_rollbacks
+            and self.ckpts.latest_step() is not None
+        )
 
     def _roll_back(self, collapse: guard.Collapse) -> None:
         """Restore the latest (good) checkpoint and go on from it with a new rollout seed."""
@@ -596,13 +691,23 @@ class GrpoLoop:
         _restore(run, ckpts, good, state)
         state.rollbacks = rollbacks
         state.rollout_seed = _new_rollout_seed(run.config.seed, rollbacks)
-        self.metrics.log({"step": collapse.step, "collapse": collapse.signal, "collapse_since": collapse.since,
-                          "action": "rollback", "rolled_back_to": good, "rollbacks": rollbacks,
-                          "rollout_seed": state.rollout_seed})
+        self.metrics.log(
+            {
+                "step": collapse.step,
+                "collapse": collapse.signal,
+                "collapse_since": collapse.since,
+                "action": "rollback",
+                "rolled_back_to": good,
+                "rollbacks": rollbacks,
+                "rollout_seed": state.rollout_seed,
+            }
+        )
         if run.main:
-            self.bar.write(f"{collapse.describe()}; rolled back to checkpoint step {good} ({ckpts.root / str(good)}) "
-                           f"with a new rollout seed (rollback {rollbacks} of at most {run.config.guard.max_rollbacks})",
-                           file=sys.stderr)
+            self.bar.write(
+                f"{collapse.describe()}; rolled back to checkpoint step {good} ({ckpts.root / str(good)}) "
+                f"with a new rollout seed (rollback {rollbacks} of at most {run.config.guard.max_rollbacks})",
+                file=sys.stderr,
+            )
         self.detector.reset()
         self.bar.reset(total=max(run.config.max_steps - state.step, 0))
         self.save_due = False
@@ -610,15 +715,29 @@ class GrpoLoop:
     def _stop_on_collapse(self, collapse: guard.Collapse) -> int:
         run, state, ckpts = self.run, self.state, self.ckpts
         good = ckpts.latest_step()
-        self.metrics.log({"step": collapse.step, "collapse": collapse.signal, "collapse_since": collapse.since,
-                          "action": "stop", "last_good_checkpoint": good, "rollbacks": state.rollbacks})
+        self.metrics.log(
+            {
+                "step": collapse.step,
+                "collapse": collapse.signal,
+                "collapse_since": collapse.since,
+                "action": "stop",
+                "last_good_checkpoint": good,
+                "rollbacks": state.rollbacks,
+            }
+        )
         if run.main:
-            where = (f"last good checkpoint: {ckpts.root / str(good)} (step {good})" if good is not None else
-                     f"no checkpoint was saved before it (checkpoint_every={run.config.checkpoint_every})")
+            where = (
+                f"last good checkpoint: {ckpts.root / str(good)} (step {good})"
+                if good is not None
+                else f"no checkpoint was saved before it (checkpoint_every={run.config.checkpoint_every})"
+            )
             after = f" after {state.rollbacks} rollback(s)" if state.rollbacks else ""
-            print(f"\nrrm-jax train: stopped{after}: {collapse.describe()}; {where}; metrics: "
-                  f"{run.output_dir / METRICS}. guard.on_collapse=rollback retries from the last good checkpoint "
-                  f"with a new rollout seed", file=sys.stderr)
+            print(
+                f"\nrrm-jax train: stopped{after}: {collapse.describe()}; {where}; metrics: "
+                f"{run.output_dir / METRICS}. guard.on_collapse=rollback retries from the last good checkpoint "
+                f"with a new rollout seed",
+                file=sys.stderr,
+            )
         return EXIT_COLLAPSE
 
 
@@ -643,8 +762,10 @@ def finish(run: Run, ckpts: Checkpoints, ending: Ending, export_hf: str | None) 
 def summary_lines(task: Task, rows: list[dict], output_dir: Path, step_dir: Path, exe: str, context: int) -> list[str]:
     """What a finished run prints: the task's summary and follow-on commands, then the export command
     (the README shows these lines as `make demo` prints them; a test keeps the two equal)."""
-    return [*task.summary(rows, output_dir, step_dir, exe, context),
-            f"  {exe} convert orbax-to-hf --ckpt {output_dir} --out {output_dir}-hf"]
+    return [
+        *task.summary(rows, output_dir, step_dir, exe, context),
+        f"  {exe} convert orbax-to-hf --ckpt {output_dir} --out {output_dir}-hf",
+    ]
 
 
 def cli_prefix() -> str:

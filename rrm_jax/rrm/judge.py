@@ -40,8 +40,8 @@ import functools
 import hashlib
 import json
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from rrm_jax import distributed, options, resumable, worksplit
 from rrm_jax.decoding import Decoding
@@ -50,8 +50,12 @@ from rrm_jax.rrm import spec
 from rrm_jax.rrm.prompt import PromptEncoder, parse_verdict
 
 # the decoding of the published evaluations
-EVAL_DECODING = Decoding(temperature=spec.EVAL_TEMPERATURE, top_p=spec.EVAL_TOP_P, top_k=spec.EVAL_TOP_K,
-                         max_new_tokens=spec.EVAL_MAX_NEW_TOKENS)
+EVAL_DECODING = Decoding(
+    temperature=spec.EVAL_TEMPERATURE,
+    top_p=spec.EVAL_TOP_P,
+    top_k=spec.EVAL_TOP_K,
+    max_new_tokens=spec.EVAL_MAX_NEW_TOKENS,
+)
 
 
 @dataclass(frozen=True)
@@ -153,9 +157,11 @@ class Judge:
         orders = [(False, True) if self.both_orders else (is_swapped(c, self.seed),) for c in comparisons]
         prompts = [[self._prompt_ids(c, swapped) for swapped in o] for c, o in zip(comparisons, orders)]
         judgments: list[Judgment | None] = [
-            self.journal.get(call, i) if self.journal is not None else None for i in range(len(comparisons))]
-        plan = worksplit.plan_batches([max(map(len, p)) for p in prompts], [len(p) for p in prompts],
-                                     self.prompts_per_call)
+            self.journal.get(call, i) if self.journal is not None else None for i in range(len(comparisons))
+        ]
+        plan = worksplit.plan_batches(
+            [max(map(len, p)) for p in prompts], [len(p) for p in prompts], self.prompts_per_call
+        )
         todo = [b for b, items in enumerate(plan) if any(judgments[i] is None for i in items)]
 
         with self._progress_bar(prompts, judgments) as bar:
@@ -173,20 +179,32 @@ class Judge:
                 if self.journal is not None:
                     self.journal.record(call, new)
 
-            worksplit.run_rounds(todo, lambda b: self._sample(call, b, [prompts[i] for i in plan[b]]), on_round,
-                                 stop_requested=self.stop_requested)
+            worksplit.run_rounds(
+                todo,
+                lambda b: self._sample(call, b, [prompts[i] for i in plan[b]]),
+                on_round,
+                stop_requested=self.stop_requested,
+            )
         return judgments
 
     def _sample(self, call: int, batch: int, item_prompts: list[list[list[int]]]) -> list[list[str]]:
         """The texts of one planned batch, per comparison: `votes` per shown order, in order."""
         flat = [p for prompts in item_prompts for p in prompts]
-        results = self.generate(flat, num_samples=self.votes, seed=worksplit.batch_seed(self.seed, call, batch),
-                                batch_size=self.batch_size, progress=None, **self.decoding.options())
+        results = self.generate(
+            flat,
+            num_samples=self.votes,
+            seed=worksplit.batch_seed(self.seed, call, batch),
+            batch_size=self.batch_size,
+            progress=None,
+            **self.decoding.options(),
+        )
         if len(results) != len(flat) * self.votes:
-            raise RuntimeError(f"generate returned {len(results)} results for {len(flat)} prompts x {self.votes} samples")
+            raise RuntimeError(
+                f"generate returned {len(results)} results for {len(flat)} prompts x {self.votes} samples"
+            )
         texts, start = [], 0
         for prompts in item_prompts:  # results are prompt-major
-            texts.append([r.text for r in results[start:start + len(prompts) * self.votes]])
+            texts.append([r.text for r in results[start : start + len(prompts) * self.votes]])
             start += len(prompts) * self.votes
         return texts
 
@@ -194,8 +212,14 @@ class Judge:
         from tqdm import tqdm
 
         done = sum(len(p) for p, j in zip(prompts, judgments) if j is not None)
-        return tqdm(total=sum(map(len, prompts)), initial=done, desc="judging", unit="prompt", file=sys.stderr,
-                    disable=not (self.progress and distributed.is_main_process()))
+        return tqdm(
+            total=sum(map(len, prompts)),
+            initial=done,
+            desc="judging",
+            unit="prompt",
+            file=sys.stderr,
+            disable=not (self.progress and distributed.is_main_process()),
+        )
 
     def _prompt_ids(self, c: Comparison, swapped: bool) -> list[int]:
         first, second = (c.response_2, c.response_1) if swapped else (c.response_1, c.response_2)
@@ -205,9 +229,12 @@ class Judge:
 def warn_neutralised(judge: Judge) -> None:
     """One line on stderr when control markers written in the inputs were tokenized as plain text."""
     if judge.prompts.neutralised and distributed.is_main_process():
-        print(f"warning: {judge.prompts.neutralised} control markers (such as <｜User｜>, </think> or the "
-              f"end-of-sentence token) written in queries or responses were tokenized as plain text, not as "
-              f"control tokens", file=sys.stderr)
+        print(
+            f"warning: {judge.prompts.neutralised} control markers (such as <｜User｜>, </think> or the "
+            f"end-of-sentence token) written in queries or responses were tokenized as plain text, not as "
+            f"control tokens",
+            file=sys.stderr,
+        )
 
 
 def judgment_from_texts(texts: list[str], orders: tuple[bool, ...], votes: int) -> Judgment:
@@ -230,7 +257,9 @@ class JudgmentJournal:
 
     def __init__(self, partial: resumable.PartialFile):
         self.partial = partial
-        self._done = {(r["call"], r["index"]): Judgment(r["verdicts"], r["texts"], r["swapped"]) for r in partial.records}
+        self._done = {
+            (r["call"], r["index"]): Judgment(r["verdicts"], r["texts"], r["swapped"]) for r in partial.records
+        }
 
     def __len__(self) -> int:
         return len(self._done)
@@ -241,8 +270,12 @@ class JudgmentJournal:
     def record(self, call: int, judged: list[tuple[int, Judgment]]) -> None:
         for index, j in judged:
             self._done[(call, index)] = j
-        self.partial.append([{"call": call, "index": index, "verdicts": j.verdicts, "texts": j.texts,
-                              "swapped": j.swapped} for index, j in judged])
+        self.partial.append(
+            [
+                {"call": call, "index": index, "verdicts": j.verdicts, "texts": j.texts, "swapped": j.swapped}
+                for index, j in judged
+            ]
+        )
 
 
 def check_votes_and_batch_size(votes: int, batch_size: int) -> None:

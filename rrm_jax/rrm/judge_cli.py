@@ -10,7 +10,13 @@ from rrm_jax import distributed, options
 from rrm_jax.data.rows import require_text
 from rrm_jax.errors import UserError
 from rrm_jax.rrm.judge import Comparison, Judgment, warn_neutralised
-from rrm_jax.rrm.judge_commands import add_judge_arguments, judge_from_args, judge_settings, rows_from_args, run_journaled
+from rrm_jax.rrm.judge_commands import (
+    add_judge_arguments,
+    judge_from_args,
+    judge_settings,
+    rows_from_args,
+    run_journaled,
+)
 
 _JUDGE_FIELDS = "query, response_1, response_2"
 _JUDGE_COLUMNS = ("query", "response_1", "response_2")
@@ -50,11 +56,15 @@ def run_judge(args: argparse.Namespace) -> int:
         if distributed.is_main_process():
             for number, (text, swapped, verdict) in enumerate(zip(j.texts, j.swapped, j.verdicts), start=1):
                 first, second = (2, 1) if swapped else (1, 2)
-                print(f"--- judgment {number}/{len(j.texts)} (Assistant 1 = response {first}, Assistant 2 = "
-                      f"response {second}) ---\n{text}\n")
+                print(
+                    f"--- judgment {number}/{len(j.texts)} (Assistant 1 = response {first}, Assistant 2 = "
+                    f"response {second}) ---\n{text}\n"
+                )
                 print(f"=> vote {number}: " + (f"response {verdict}" if verdict else "unparseable") + "\n")
             verdict = "tie" if j.winner is None else f"response {j.winner}"
-            print(f"verdict: {verdict} (votes: response 1 {j.votes_1}, response 2 {j.votes_2}, unparseable {j.unparseable})")
+            print(
+                f"verdict: {verdict} (votes: response 1 {j.votes_1}, response 2 {j.votes_2}, unparseable {j.unparseable})"
+            )
         return 0
 
     if any(v is not None for v in single):
@@ -62,15 +72,23 @@ def run_judge(args: argparse.Namespace) -> int:
     if args.output is None:
         raise UserError("--input needs --output FILE.jsonl for the verdicts")
     rows = rows_from_args(args, _JUDGE_COLUMNS, _JUDGE_FIELDS)
-    comparisons = [Comparison(*(require_text(where, row, k, _JUDGE_FIELDS) for k in _JUDGE_COLUMNS)) for where, row in rows]
-    journal, judge, judgments = run_journaled(args, "judge", judge_settings(args, rows), "pairs",
-                                              lambda judge: judge(comparisons))
-    lines = [json.dumps({**row, **judgment_record(j)}, ensure_ascii=False, default=str) for (_, row), j in zip(rows, judgments)]
+    comparisons = [
+        Comparison(*(require_text(where, row, k, _JUDGE_FIELDS) for k in _JUDGE_COLUMNS)) for where, row in rows
+    ]
+    journal, judge, judgments = run_journaled(
+        args, "judge", judge_settings(args, rows), "pairs", lambda judge: judge(comparisons)
+    )
+    lines = [
+        json.dumps({**row, **judgment_record(j)}, ensure_ascii=False, default=str)
+        for (_, row), j in zip(rows, judgments)
+    ]
     journal.partial.finish("\n".join(lines) + "\n")
     if distributed.is_main_process():
         ties = sum(j.tie for j in judgments)
         unparseable = sum(j.unparseable for j in judgments)
         resumed = len(judgments) - judge.comparisons_judged
-        print(f"judged {len(judgments)} pairs ({judge.samples_drawn} samples{f'; {resumed} pairs from the partial file' if resumed else ''}): "
-              f"{ties} ties, {unparseable} unparseable samples -> {args.output}")
+        print(
+            f"judged {len(judgments)} pairs ({judge.samples_drawn} samples{f'; {resumed} pairs from the partial file' if resumed else ''}): "
+            f"{ties} ties, {unparseable} unparseable samples -> {args.output}"
+        )
     return 0

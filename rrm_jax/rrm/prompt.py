@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from rrm_jax.errors import UserError
 from rrm_jax.rrm import spec
@@ -132,8 +132,13 @@ class PromptEncoder:
     SLOTS = ("\x00question\x00", "\x00answer1\x00", "\x00answer2\x00")
     PROBE = (" Which one? ", "first answer\n", "\n second  answer ")  # blanks at the edges: any merge across shows
 
-    def __init__(self, tokenizer, *, chat_template: str | None = None,
-                 render_fn: Callable[[object, str, str, str], str] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        chat_template: str | None = None,
+        render_fn: Callable[[object, str, str, str], str] | None = None,
+    ):
         self.tokenizer = tokenizer
         self.render_fn = render_fn or (lambda tok, q, a1, a2: render(tok, q, a1, a2, chat_template=chat_template))
         self.neutralised = 0
@@ -155,8 +160,11 @@ class PromptEncoder:
         self.neutralised = 0
 
     def _unprotected(self, why: str) -> None:
-        print(f"warning: {why}: judge prompts are tokenized whole, and control markers written in a query or "
-              f"response become control tokens", file=sys.stderr)
+        print(
+            f"warning: {why}: judge prompts are tokenized whole, and control markers written in a query or "
+            f"response become control tokens",
+            file=sys.stderr,
+        )
 
     def _fill(self, skeleton: str, texts: Sequence[str]) -> str:
         for slot, text in zip(self.SLOTS, texts):
@@ -176,8 +184,11 @@ class PromptEncoder:
         return [item for item in layout if item != ()]
 
     def _stretch(self, text: str):
-        parts = [self.SLOTS.index(p) if p in self.SLOTS else p
-                 for p in re.split("(" + "|".join(map(re.escape, self.SLOTS)) + ")", text) if p]
+        parts = [
+            self.SLOTS.index(p) if p in self.SLOTS else p
+            for p in re.split("(" + "|".join(map(re.escape, self.SLOTS)) + ")", text)
+            if p
+        ]
         if all(isinstance(p, str) for p in parts):
             return tuple(self.backend.encode(text, add_special_tokens=False).ids) if text else ()
         return parts
@@ -205,7 +216,9 @@ class PromptEncoder:
             texts = [self.render_fn(self.tokenizer, *c) for c in comparisons]
             return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
         stretches = [item for item in self.layout if isinstance(item, list)]
-        texts = ["".join(c[p] if isinstance(p, int) else p for p in stretch) for c in comparisons for stretch in stretches]
+        texts = [
+            "".join(c[p] if isinstance(p, int) else p for p in stretch) for c in comparisons for stretch in stretches
+        ]
         encode_fast = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)  # no offsets needed
         filled = []
         for text, encoding in zip(texts, encode_fast(texts, add_special_tokens=False) if texts else []):

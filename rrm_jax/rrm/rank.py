@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from rrm_jax import distributed, options
 from rrm_jax.data.rows import require_text
@@ -68,7 +68,11 @@ class EloResult:
 
 
 def elo_round_robin_many(
-    sizes: Sequence[int], compare: Callable[[list[QuestionPair]], list[int | None]], *, seed: int = 0, k: float = spec.ELO_K
+    sizes: Sequence[int],
+    compare: Callable[[list[QuestionPair]], list[int | None]],
+    *,
+    seed: int = 0,
+    k: float = spec.ELO_K,
 ) -> list[EloResult]:
     """Round robin for several questions (`sizes[q]` candidates each) with all n(n-1)/2 pairs in one batch."""
     orders = [round_robin_order(n, seed) for n in sizes]
@@ -86,7 +90,9 @@ def _elo_score(i: int, winner: int | None) -> float:
     return 0.5 if winner is None else float(winner == i)
 
 
-def elo_round_robin(n: int, compare: Callable[[list[Pair]], list[int | None]], *, seed: int = 0, k: float = spec.ELO_K) -> EloResult:
+def elo_round_robin(
+    n: int, compare: Callable[[list[Pair]], list[int | None]], *, seed: int = 0, k: float = spec.ELO_K
+) -> EloResult:
     """`elo_round_robin_many` for one question; `compare` gets plain (i, j) pairs."""
     return elo_round_robin_many([n], _single_question(compare), seed=seed, k=k)[0]
 
@@ -227,9 +233,14 @@ def configure(parser) -> None:
     add_judge_arguments(parser)
     options.add_input_arguments(parser, "rows {query, responses: [...], correct: [...] (optional)}")
     parser.add_argument("--strategy", required=True, choices=("elo", "knockout"), help="ELO round robin or knockout")
-    parser.add_argument("--output", required=True, help="JSONL file for each question's pick with its ratings or bracket")
-    parser.add_argument("--bracket", help="knockout: JSON first round for every question, a list of pairs (1-entry "
-                        "lists are byes) or an object with 'round_1' like the official tournament.json")
+    parser.add_argument(
+        "--output", required=True, help="JSONL file for each question's pick with its ratings or bracket"
+    )
+    parser.add_argument(
+        "--bracket",
+        help="knockout: JSON first round for every question, a list of pairs (1-entry "
+        "lists are byes) or an object with 'round_1' like the official tournament.json",
+    )
     options.add_resume_argument(parser)
     parser.set_defaults(run=run_rank)
 
@@ -254,7 +265,9 @@ def _read_questions(rows: list[tuple[str, dict]]) -> list[_Question]:
             raise UserError(f"{where}: 'responses' has {len(responses)} entries; ranking needs at least 2")
         correct = row.get("correct")
         if correct is not None and (
-            not isinstance(correct, list) or len(correct) != len(responses) or not all(isinstance(c, bool) for c in correct)
+            not isinstance(correct, list)
+            or len(correct) != len(responses)
+            or not all(isinstance(c, bool) for c in correct)
         ):
             raise UserError(f"{where}: 'correct' must be a list of {len(responses)} booleans, one per response")
         questions.append(_Question(where, row, query, responses, correct))
@@ -268,7 +281,9 @@ def _read_bracket(path: str, questions: list[_Question]) -> list[list[int]]:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot read a JSON bracket ({e})") from None
     entries = data.get("round_1") if isinstance(data, dict) else data
-    if not isinstance(entries, list) or not all(isinstance(e, list) and all(isinstance(c, int) for c in e) for e in entries):
+    if not isinstance(entries, list) or not all(
+        isinstance(e, list) and all(isinstance(c, int) for c in e) for e in entries
+    ):
         raise UserError(f"{path}: a bracket is a list of [i, j] pairs and [i] byes, or an object with 'round_1'")
     for q in questions:
         try:
@@ -285,8 +300,9 @@ def run_rank(args) -> int:
         raise UserError("--bracket is for --strategy knockout")
     bracket = _read_bracket(args.bracket, questions) if args.bracket else None
     settings = judge_settings(args, rows, strategy=args.strategy, bracket=bracket)
-    journal, judge, results = run_journaled(args, "rank", settings, "comparisons",
-                                            lambda judge: _tournaments(args, questions, judge, bracket))
+    journal, judge, results = run_journaled(
+        args, "rank", settings, "comparisons", lambda judge: _tournaments(args, questions, judge, bracket)
+    )
 
     lines = []
     for q, result in zip(questions, results):
@@ -310,11 +326,15 @@ def _tournaments(args, questions: list[_Question], judge, bracket) -> list[dict]
     comparisons over all questions are one judge call."""
 
     def compare(batch: list[QuestionPair]) -> list[int | None]:
-        judgments = judge([Comparison(questions[q].query, questions[q].responses[i], questions[q].responses[j]) for q, i, j in batch])
+        judgments = judge(
+            [Comparison(questions[q].query, questions[q].responses[i], questions[q].responses[j]) for q, i, j in batch]
+        )
         return [None if jd.winner is None else (i, j)[jd.winner - 1] for (_, i, j), jd in zip(batch, judgments)]
 
     sizes = [len(q.responses) for q in questions]
     if args.strategy == "elo":
         return [{"pick": r.best, "ratings": r.ratings} for r in elo_round_robin_many(sizes, compare, seed=args.seed)]
-    return [{"pick": r.winner, "rounds": r.rounds, "byes": r.byes}
-            for r in knockout_many(sizes, compare, bracket=bracket, seed=args.seed)]
+    return [
+        {"pick": r.winner, "rounds": r.rounds, "byes": r.byes}
+        for r in knockout_many(sizes, compare, bracket=bracket, seed=args.seed)
+    ]
