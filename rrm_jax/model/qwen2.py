@@ -210,9 +210,6 @@ def row_window_indices(lengths, active, windows: tuple[int, ...]):
     return _smallest_window_index(jnp.where(active, lengths, 0), windows)
 
 
-row_attention_windows = row_window_indices  # its name before it said that it returns indices
-
-
 def _smallest_window_index(n, windows: tuple[int, ...]):
     return sum((n > w).astype(jnp.int32) for w in windows[:-1]) if len(windows) > 1 else jnp.zeros_like(n)
 
