@@ -507,39 +507,200 @@ def generate(
     programs). prefill_tokens: the prefill pack's token budget (default per backend, PREFILL_TOKENS).
     path: "rows" or "layers" (default `decode_path(mesh)`). progress(k) is called as k more requests
     complete."""
-    n_rows = len(requests) * num_samples
-    slots = slot_count(n_rows, max_rows, num_samples, mesh)
-    capacity, block = capacity_and_block(requests, buckets, block_size)
-    refill_rows = max(num_samples, refill_rows or slots // 16, 1)
-    budget = prefill_tokens or PREFILL_TOKENS.get(jax.default_backend(), DEFAULT_PREFILL_TOKENS)
-    shards = batch_shards(mesh)  # pack rows: a multiple of them
-    # Rows only as long as this call's longest prompt needs (a power of two up to the budget), and as
-    # many more of them: the attention inside a row costs its length squared, so short prompts get short
-    # rows; a prefill call holds at most PREFILL_ROWS x budget tokens.
-    row_len = min(budget, bucket_length(max(len(r.prompt_ids) for r in requests)))
-    pack_rows = shards * PREFILL_ROWS * (budget // row_len)
-    path = path or decode_path(mesh)
-    attention = attention_impl() if path == "layers" else None
-    stats = stats if stats is not None else EngineStats()
-    stats.slots, stats.capacity, stats.path, stats.attention = slots, capacity, path, attention or ""
+    run = _Generation(
+        config,
+        settings,
+        params,
+        requests,
+        num_samples=num_samples,
+        seed=seed,
+        max_rows=max_rows,
+        mesh=mesh,
+        buckets=buckets,
+        tokenizer=tokenizer,
+        progress=progress,
+        block_size=block_size,
+        chunk=chunk,
+        refill_rows=refill_rows,
+        prefill_tokens=prefill_tokens,
+        path=path,
+        stats=stats if stats is not None else EngineStats(),
+    )
+    # On the "layers" path, once no prompt waits, a chunk stays in flight: the next one is dispatched
+    # before its tokens are read, so the device never waits for the host (no refill or compaction
+    # decision needs them; the calls are drained before either).
+    in_flight: tuple[Emitted, list] | None = None
+    while run.waiting or run.busy():
+        if in_flight is None:
+            run.refill()
+            if not run.waiting:
+                run.compact()
+        emitted, snapshot = run.dispatch_decode(in_flight is not None)
+        if in_flight is not None:
+            run.read(*in_flight)  # while the chunk just dispatched runs
+            in_flight = None
+        if run.keeps_chunk_in_flight():
+            in_flight = (emitted, snapshot)
+        else:
+            run.read(emitted, snapshot)
+    return run.results
 
-    state = empty_state_fn(config, slots, capacity, mesh, path)
-    if mesh is None:  # committed like every later state, so the first refill reuses the same compilation
-        state = jax.device_put(state, next(iter(jax.tree.leaves(params)[0].devices())))
-    decode_params = unstack_fn(params) if path == "layers" else params
-    waiting = collections.deque(range(len(requests)))
-    free = list(range(slots))
-    owner: list[_HostRow | None] = [None] * slots
-    results: list[Sample | None] = [None] * n_rows
-    unfinished = [num_samples] * len(requests)
-    seed32 = np.uint32(seed % 2**32)
 
-    def read(emitted: Emitted, snapshot: list) -> None:
+class _Generation:
+    """The host side of one `generate` call, in stages: `refill` prefills waiting prompts into free slots,
+    `compact` shrinks the running batch once no prompt waits, `dispatch_decode` starts a chunk of decode
+    steps, `read` takes its tokens into the rows and frees the slots of finished rows."""
+
+    def __init__(
+        self,
+        config,
+        settings,
+        params,
+        requests,
+        *,
+        num_samples,
+        seed,
+        max_rows,
+        mesh,
+        buckets,
+        tokenizer,
+        progress,
+        block_size,
+        chunk,
+        refill_rows,
+        prefill_tokens,
+        path,
+        stats: EngineStats,
+    ):
+        self.config, self.settings, self.params, self.requests = config, settings, params, requests
+        self.num_samples, self.mesh, self.buckets, self.tokenizer, self.progress = (
+            num_samples,
+            mesh,
+            buckets,
+            tokenizer,
+            progress,
+        )
+        self.chunk, self.stats = chunk, stats
+        n_rows = len(requests) * num_samples
+        slots = slot_count(n_rows, max_rows, num_samples, mesh)
+        self.capacity, self.block = capacity_and_block(requests, buckets, block_size)
+        self.refill_rows = max(num_samples, refill_rows or slots // 16, 1)
+        budget = prefill_tokens or PREFILL_TOKENS.get(jax.default_backend(), DEFAULT_PREFILL_TOKENS)
+        self.shards = batch_shards(mesh)  # pack rows: a multiple of them
+        # Rows only as long as this call's longest prompt needs (a power of two up to the budget), and as
+        # many more of them: the attention inside a row costs its length squared, so short prompts get
+        # short rows; a prefill call holds at most PREFILL_ROWS x budget tokens.
+        self.row_len = min(budget, bucket_length(max(len(r.prompt_ids) for r in requests)))
+        self.pack_rows = self.shards * PREFILL_ROWS * (budget // self.row_len)
+        self.path = path or decode_path(mesh)
+        self.attention = attention_impl() if self.path == "layers" else None
+        stats.slots, stats.capacity, stats.path, stats.attention = slots, self.capacity, self.path, self.attention or ""
+
+        self.state = empty_state_fn(config, slots, self.capacity, mesh, self.path)
+        if mesh is None:  # committed like every later state, so the first refill reuses the same compilation
+            self.state = jax.device_put(self.state, next(iter(jax.tree.leaves(params)[0].devices())))
+        self.decode_params = unstack_fn(params) if self.path == "layers" else params
+        self.waiting = collections.deque(range(len(requests)))
+        self.free = list(range(slots))
+        self.owner: list[_HostRow | None] = [None] * slots
+        self.results: list[Sample | None] = [None] * n_rows
+        self.unfinished = [num_samples] * len(requests)
+        self.seed32 = np.uint32(seed % 2**32)
+
+    def busy(self) -> bool:
+        """Whether any slot holds a row that has not finished."""
+        return len(self.free) < len(self.owner)
+
+    def refill(self) -> None:
+        """Prefill waiting prompts, a pack per call, while free slots hold a prompt's samples."""
+        stats = self.stats
+        while self.waiting and len(self.free) >= self.num_samples:
+            pack, taken, rows = pack_prompts(
+                self.requests,
+                self.waiting,
+                self.free,
+                num_samples=self.num_samples,
+                budget=self.row_len,
+                rows=self.pack_rows,
+                slots=len(self.owner),
+                row_multiple=self.shards,
+                buckets=self.buckets,
+            )
+            pack = Pack(*(_replicate(a, self.mesh) for a in pack))
+            self.state = prefill_fn(
+                self.config,
+                self.num_samples,
+                self.mesh,
+                self.params,
+                self.state,
+                pack,
+                _replicate(self.seed32, self.mesh),
+            )
+            for r, slot in enumerate(rows):
+                i = taken[r // self.num_samples]
+                self.owner[slot] = _HostRow(i, r % self.num_samples, len(self.requests[i].prompt_ids))
+            stats.prefills += len(taken)
+            stats.prefill_calls += 1
+            stats.prefill_tokens += pack.tokens.size
+
+    def compact(self) -> None:
+        """Gather the live rows into a running batch of half the slots or less, when they fit in one."""
+        live = [slot for slot, o in enumerate(self.owner) if o is not None]
+        size = compacted_size(len(live), len(self.owner), self.mesh)
+        if size is None:
+            return
+        keep = live + self.free[: size - len(live)]  # free slots pad it: done, limit 0
+        self.state = compact_fn(self.mesh, self.state, _replicate(np.asarray(keep, np.int32), self.mesh))
+        self.owner = [self.owner[slot] for slot in keep]
+        self.free = list(range(len(live), size))
+        self.stats.compactions += 1
+
+    def dispatch_decode(self, another_in_flight: bool) -> tuple[Emitted, list]:
+        """Start a chunk of decode steps; returns what it will emit and the slots' owners at dispatch. Its
+        outputs start copying to the host at once, each behind the chunk, so none waits for the others."""
+        slots = len(self.owner)
+        stop_at_done = len(self.free) + self.refill_rows if self.waiting else slots
+        window = self.block
+        if self.attention == "xla":  # rows grow by up to a chunk in this call, and in the one in flight
+            longest = max((o.prompt_len + len(o.tokens) for o in self.owner if o is not None), default=0)
+            window = host_window(longest, self.chunk * (2 if another_in_flight else 1), self.block, self.capacity)
+        snapshot = list(self.owner)
+        self.state, emitted, self.attention = _decode(
+            self.config,
+            self.settings,
+            self.chunk,
+            window,
+            self.attention,
+            self.mesh,
+            self.decode_params,
+            self.state,
+            _replicate(np.int32(stop_at_done), self.mesh),
+            self.capacity,
+            self.stats,
+        )
+        for a in emitted:
+            if a.is_fully_addressable:
+                a.copy_to_host_async()
+        return emitted, snapshot
+
+    def keeps_chunk_in_flight(self) -> bool:
+        """Whether the chunk just dispatched may be read after the next one starts: on the "layers" path,
+        once no prompt waits and no compaction is due (both need its tokens first)."""
+        live = sum(o is not None for o in self.owner)
+        return (
+            self.path == "layers"
+            and not self.waiting
+            and live > 0
+            and compacted_size(live, len(self.owner), self.mesh) is None
+        )
+
+    def read(self, emitted: Emitted, snapshot: list) -> None:
         """The host's side of one decode call: its tokens appended to the rows of `snapshot` (the slots'
         owners when it was dispatched), finished rows turned into results and their slots freed."""
+        stats, num_samples = self.stats, self.num_samples
         tokens, logp, slogp, count, done = distributed.gather_to_host(tuple(emitted))
         count = np.where([o is not None for o in snapshot], count, 0)
-        steps = chunk if path == "layers" else int(count.max(initial=0))  # a "layers" chunk runs every step
+        steps = self.chunk if self.path == "layers" else int(count.max(initial=0))  # a "layers" chunk runs every step
         stats.decode_calls += 1
         stats.decode_steps += steps
         stats.computed_row_steps += steps * len(snapshot)
@@ -555,84 +716,16 @@ def generate(
             row.logprobs.extend(logp[slot, :k].tolist())
             row.sampling_logprobs.extend(slogp[slot, :k].tolist())
             if done[slot]:
-                results[row.request * num_samples + row.sample] = make_sample(
-                    settings, row.tokens, row.logprobs, row.sampling_logprobs, tokenizer
+                self.results[row.request * num_samples + row.sample] = make_sample(
+                    self.settings, row.tokens, row.logprobs, row.sampling_logprobs, self.tokenizer
                 )
                 row.finished = True
-                owner[slot] = None
-                free.append(slot)
-                unfinished[row.request] -= 1
-                completed += unfinished[row.request] == 0
-        if progress is not None and completed:
-            progress(completed)
-
-    # On the "layers" path, once no prompt waits, a chunk stays in flight: the next one is dispatched
-    # before its tokens are read, so the device never waits for the host (no refill or compaction
-    # decision needs them; the calls are drained before either).
-    in_flight: tuple[Emitted, list] | None = None
-    while waiting or len(free) < len(owner):
-        if in_flight is None:
-            while waiting and len(free) >= num_samples:  # refill
-                pack, taken, rows = pack_prompts(
-                    requests,
-                    waiting,
-                    free,
-                    num_samples=num_samples,
-                    budget=row_len,
-                    rows=pack_rows,
-                    slots=len(owner),
-                    row_multiple=shards,
-                    buckets=buckets,
-                )
-                pack = Pack(*(_replicate(a, mesh) for a in pack))
-                state = prefill_fn(config, num_samples, mesh, params, state, pack, _replicate(seed32, mesh))
-                for r, slot in enumerate(rows):
-                    i = taken[r // num_samples]
-                    owner[slot] = _HostRow(i, r % num_samples, len(requests[i].prompt_ids))
-                stats.prefills += len(taken)
-                stats.prefill_calls += 1
-                stats.prefill_tokens += pack.tokens.size
-
-            if not waiting:
-                live = [slot for slot, o in enumerate(owner) if o is not None]
-                size = compacted_size(len(live), len(owner), mesh)
-                if size is not None:
-                    keep = live + free[: size - len(live)]  # free slots pad it: done, limit 0
-                    state = compact_fn(mesh, state, _replicate(np.asarray(keep, np.int32), mesh))
-                    owner = [owner[slot] for slot in keep]
-                    free = list(range(len(live), size))
-                    stats.compactions += 1
-        slots = len(owner)
-        stop_at_done = len(free) + refill_rows if waiting else slots
-        window = block
-        if attention == "xla":  # rows grow by up to a chunk in this call, and in the one in flight
-            longest = max((o.prompt_len + len(o.tokens) for o in owner if o is not None), default=0)
-            window = host_window(longest, chunk * (2 if in_flight else 1), block, capacity)
-        snapshot = list(owner)
-        state, emitted, attention = _decode(
-            config,
-            settings,
-            chunk,
-            window,
-            attention,
-            mesh,
-            decode_params,
-            state,
-            _replicate(np.int32(stop_at_done), mesh),
-            stats,
-        )
-        for a in emitted:  # queue each copy to the host behind the chunk, so none waits for the others
-            if a.is_fully_addressable:
-                a.copy_to_host_async()
-        if in_flight is not None:
-            read(*in_flight)  # while the chunk just dispatched runs
-            in_flight = None
-        live = sum(o is not None for o in owner)
-        if path == "layers" and not waiting and live and compacted_size(live, len(owner), mesh) is None:
-            in_flight = (emitted, snapshot)
-        else:
-            read(emitted, snapshot)
-    return results
+                self.owner[slot] = None
+                self.free.append(slot)
+                self.unfinished[row.request] -= 1
+                completed += self.unfinished[row.request] == 0
+        if self.progress is not None and completed:
+            self.progress(completed)
 
 
 class FixedBatch(NamedTuple):
@@ -684,10 +777,11 @@ def fixed_batch(
     return FixedBatch(state, decode)
 
 
-def _decode(config, settings, chunk, window, attention, mesh, params, state, stop_at_done, stats):
+def _decode(config, settings, chunk, window, attention, mesh, params, state, stop_at_done, capacity, stats):
     """decode_fn, falling back from a Pallas attention kernel to XLA (with a warning) when the kernel
     does not compile on this device; the failure comes from compilation, before the donated state is
-    consumed. Returns (state, emitted, the attention used)."""
+    consumed; the XLA attention then reads the whole `capacity`. Returns (state, emitted, the attention
+    used)."""
     try:
         return (*decode_fn(config, settings, chunk, window, attention, mesh, params, state, stop_at_done), attention)
     except Exception as e:  # noqa: BLE001 - any lowering error of the kernel
@@ -699,5 +793,4 @@ def _decode(config, settings, chunk, window, attention, mesh, params, state, sto
             stacklevel=3,
         )
         stats.attention = "xla"
-        window = state.cache.keys[0].shape[2]
-        return (*decode_fn(config, settings, chunk, window, "xla", mesh, params, state, stop_at_done), "xla")
+        return (*decode_fn(config, settings, chunk, capacity, "xla", mesh, params, state, stop_at_done), "xla")
