@@ -573,14 +573,8 @@ class _Generation:
         stats: EngineStats,
     ):
         self.config, self.settings, self.params, self.requests = config, settings, params, requests
-        self.num_samples, self.mesh, self.buckets, self.tokenizer, self.progress = (
-            num_samples,
-            mesh,
-            buckets,
-            tokenizer,
-            progress,
-        )
-        self.chunk, self.stats = chunk, stats
+        self.num_samples, self.mesh, self.buckets, self.chunk = num_samples, mesh, buckets, chunk
+        self.tokenizer, self.progress, self.stats = tokenizer, progress, stats
         n_rows = len(requests) * num_samples
         slots = slot_count(n_rows, max_rows, num_samples, mesh)
         self.capacity, self.block = capacity_and_block(requests, buckets, block_size)
