@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import os
 import warnings
 from collections.abc import Sequence
@@ -74,6 +75,7 @@ CHUNK_STEPS = 32  # decode steps per device call between host checks: one "chunk
 PREFILL_TOKENS = {"cpu": 512}
 DEFAULT_PREFILL_TOKENS = 2048
 PREFILL_ROWS = 8  # rows of the budget one prefill call may take (per batch shard): a burst of short prompts
+PACK_LOOKAHEAD = 64  # waiting prompts a prefill row's best-fit packing looks through
 ATTENTION_ENV = "RRM_JAX_DECODE_ATTENTION"  # xla | pallas-gpu | pallas-tpu: overrides the backend's default
 
 
@@ -389,27 +391,39 @@ def pack_prompts(
     row_multiple: int = 1,
     buckets=None,
 ) -> tuple[Pack, list[int], list[int]]:
-    """Take waiting prompts in order into one pack of up to `rows` rows of `budget` tokens (as many
-    prompts as the free slots hold, at most budget / MIN_BUCKET a row; a prompt never straddles two
-    rows). The pack has a power of two of rows (a multiple of row_multiple, the mesh's batch shards):
-    prompts filling rows beyond the largest power of two wait for the next call, so no row is empty, a
-    refill of a few prompts computes one row, a burst of short prompts a few, and a run compiles at
-    most log2(rows) + 1 prefill programs. A prompt longer than the budget gets a
-    one-row pack of its own, its power-of-two bucket long. Returns (pack, the requests taken, the slots
-    their rows took). Pops from `waiting` and `free`."""
+    """Take waiting prompts into one pack of up to `rows` rows of `budget` tokens (as many prompts as the
+    free slots hold, at most budget / MIN_BUCKET a row; a prompt never straddles two rows). Each row starts
+    with the first waiting prompt and is then filled best-fit: the longest of the next PACK_LOOKAHEAD
+    waiting prompts that fits the space left, until none does (prefill is compute-bound, so a row's
+    padding costs as much as its tokens; taking prompts strictly in order left a third of each row empty).
+    The pack has a power of two of rows (a multiple of row_multiple, the mesh's batch shards): prompts
+    filling rows beyond the largest power of two wait for the next call, so no row is empty, a refill of a
+    few prompts computes one row, a burst of short prompts a few, and a run compiles at most
+    log2(rows) + 1 prefill programs. A prompt longer than the budget gets a one-row pack of its own, its
+    power-of-two bucket long. Returns (pack, the requests taken, the slots their rows took). Pops from
+    `waiting` and `free`."""
     per_row = budget // MIN_BUCKET
     taken: list[int] = []
     starts: list[int] = []  # flat index of each taken prompt's first token
     row, used, in_row = 0, 0, 0
+    length = lambda i: len(requests[i].prompt_ids)
     while waiting and (len(taken) + 1) * num_samples <= len(free):
-        n = len(requests[waiting[0]].prompt_ids)
-        if used + n > budget or in_row == per_row:
-            row, used, in_row = row + 1, 0, 0
-            if row == rows or n > budget:
+        if in_row == 0:  # a row starts with the first waiting prompt
+            if length(waiting[0]) > budget:
                 break
+            k = 0
+        else:
+            k = _best_fit(waiting, length, budget - used) if in_row < per_row else None
+            if k is None:  # nothing fits the row's space: the next row
+                if row + 1 == rows:
+                    break
+                row, used, in_row = row + 1, 0, 0
+                continue
+        i = waiting[k]
+        del waiting[k]
         starts.append(row * budget + used)
-        taken.append(waiting.popleft())
-        used, in_row = used + n, in_row + 1
+        taken.append(i)
+        used, in_row = used + length(i), in_row + 1
     T = budget
     rows_used = row + 1 if used else row
     R = 1 << max(0, rows_used.bit_length() - 1)  # the power of two at or below: its rows are full
@@ -456,6 +470,19 @@ def pack_prompts(
         row_ids,
     )
     return pack, taken, taken_slots
+
+
+def _best_fit(waiting: collections.deque, length, space: int) -> int | None:
+    """Index in `waiting` of the longest of its first PACK_LOOKAHEAD prompts of at most `space` tokens (the
+    first such on ties), or None."""
+    best, best_len = None, 0
+    for k, i in enumerate(itertools.islice(waiting, PACK_LOOKAHEAD)):
+        n = length(i)
+        if best_len < n <= space:
+            best, best_len = k, n
+            if n == space:
+                break
+    return best
 
 
 def _replicate(x, mesh):

@@ -9,6 +9,7 @@ depends on (seed, prompt index, sample index) only, never on the batch, slot or 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -104,6 +105,31 @@ def row_keys(seed, row_ids):
     return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids)
 
 
+def draw_from(weights, u):
+    """Inverse-CDF draw: per row, the first token whose running sum of `weights` [B, V] (unnormalised
+    probabilities, >= 0, not all 0) reaches (1 - u) of their total; u [B] uniform in [0, 1). One uniform a
+    row instead of a Gumbel draw over the whole vocabulary (on a CPU the Gumbel draw was most of a decode
+    step's sampling: 53 ms vs 2 ms at 64 rows of 32,000). The running sum is taken in two levels (over
+    blocks of about sqrt(V) tokens, then inside the chosen block) so float32 rounding stays at the scale of
+    one block. A token of weight 0 is never chosen: the target is > 0 and the running sum only reaches it
+    where it rises."""
+    B, V = weights.shape
+    size = max(1, math.isqrt(V))
+    n_blocks = -(-V // size)
+    blocks = jnp.pad(weights, ((0, 0), (0, n_blocks * size - V))).reshape(B, n_blocks, size)
+    block_cum = jnp.cumsum(blocks.sum(-1), axis=-1)  # [B, n_blocks]
+    target = (1.0 - u) * block_cum[:, -1]  # in (0, total]
+    block = jnp.minimum(jnp.sum(block_cum < target[:, None], axis=-1), n_blocks - 1)
+    before = jnp.where(block > 0, jnp.take_along_axis(block_cum, jnp.maximum(block - 1, 0)[:, None], -1)[:, 0], 0.0)
+    inner = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # [B, size]
+    inner_cum = jnp.cumsum(inner, axis=-1)
+    j = jnp.sum(inner_cum < (target - before)[:, None], axis=-1)
+    # Rounding can leave the block's own running sum just short of the target: its last token of weight > 0.
+    last_positive = size - 1 - jnp.argmax((inner > 0)[:, ::-1], axis=-1)
+    j = jnp.where(j < size, j, last_positive)
+    return (block * size + j).astype(jnp.int32)
+
+
 def _choose(settings: SamplingSettings, logits, keys, steps):
     """Next token per row and its log-probability under the sampling distribution; steps [B]: the index
     of the token in its row, which picks the row's key for it."""
@@ -111,8 +137,11 @@ def _choose(settings: SamplingSettings, logits, keys, steps):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[0], jnp.float32)
     filtered = filter_logits(logits, settings.temperature, settings.top_k, settings.top_p)
     step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
-    token = jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), token[:, None], axis=-1)[:, 0]
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(step_keys)
+    top = jnp.max(filtered, axis=-1, keepdims=True)
+    weights = jnp.exp(filtered - top)
+    token = draw_from(weights, u)
+    logp = jnp.take_along_axis(filtered - top, token[:, None], axis=-1)[:, 0] - jnp.log(weights.sum(-1))
     return token, logp
 
 
@@ -132,7 +161,9 @@ def next_tokens(settings: SamplingSettings, logits, keys, num_generated, think_e
         token = jnp.where(forcing, end_ids[jnp.maximum(i, 0)], token)
         think_end_index = jnp.where(forcing & (i + 1 < len(settings.think_end_ids)), i + 1, -1)
         think_closed = think_closed | (token == settings.think_end_ids[-1])
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    # the model's log-probability of the token: one logsumexp, not a [B, V] log-softmax
+    logits = logits.astype(jnp.float32)
+    logp = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
     return NextTokens(token, logp, sampling_logp, think_end_index, think_closed)
 
 

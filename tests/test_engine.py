@@ -218,10 +218,10 @@ def test_compilations_stay_flat_over_varied_lengths_and_counts(model):
 
 
 def test_prefill_packs_prompts_into_the_token_budget(model):
-    """Prompts are taken in order into packs of the budget, never straddling a row; a prompt longer
-    than the budget gets its own power-of-two pack; a pack's prompts attend only to themselves, so the
-    result equals the static sampler's whatever the budget."""
-    reqs = requests_for()
+    """Each row of a pack starts with the first waiting prompt and is filled best-fit from the prompts after
+    it, never straddling a row; a prompt longer than the budget gets its own power-of-two pack; a pack's
+    prompts attend only to themselves, so the result equals the static sampler's whatever the budget."""
+    reqs = requests_for()  # prompt lengths 5, 23, 1, 40, 9, 16, 17, 3, 30, 12
     waiting, free = collections.deque(range(len(reqs))), list(range(8))
 
     def take(rows):
@@ -229,16 +229,18 @@ def test_prefill_packs_prompts_into_the_token_budget(model):
         return engine.pack_prompts(reqs, waiting, free, num_samples=2, budget=32, rows=rows, slots=8)
 
     pack, taken, rows = take(1)
-    assert taken == [0, 1] and rows == [0, 1, 2, 3]  # 5 + 23 tokens: a row holds at most 32 / 16 prompts
+    assert taken == [0, 1] and rows == [0, 1, 2, 3]  # 5 + 23 (the longest that fits 27); 32 / 16 prompts a row
     assert pack.tokens.shape == (1, 32) and pack.lengths.tolist() == [5, 23] and pack.last.tolist() == [4, 27]
     assert pack.slots.tolist() == [0, 1, 2, 3] and pack.token_slots.tolist()[:2] == [0, 1]
     assert pack.token_slots.tolist()[-2:] == [8, 8]  # padding positions go out of range: dropped
     pack, taken, _ = take(4)
-    assert taken == [2] and pack.tokens.shape == (1, 32)  # the next prompt (40 tokens) is longer than a row
+    assert taken == [2, 8] and pack.tokens.shape == (1, 32)  # 1 + 30 past the 40, which is longer than a row
+    assert pack.lengths.tolist() == [1, 30] and pack.last.tolist() == [0, 30]
     pack, taken, _ = take(4)
     assert taken == [3] and pack.tokens.shape == (1, 64)  # ... so it gets a power-of-two pack of its own
     pack, taken, _ = take(4)
-    assert taken == [4, 5, 6, 7] and pack.tokens.shape == (2, 32)  # 9 + 16 | 17 + 3: two rows (8 slots full)
+    assert taken == [4, 6, 5, 9] and pack.tokens.shape == (2, 32)  # 9 + 17 | 16 + 12: two rows, the 8 slots full
+    assert list(waiting) == [7]
     settings = settings_for(model)
     want = static_reference(model, settings, PROMPTS, LIMITS)
     for budget in (16, 64, 256):

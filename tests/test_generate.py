@@ -15,7 +15,7 @@ from flax import nnx
 from model_utils import make_hf_model
 from scipy import stats
 
-from rrm_jax import checkpoint, cli, generate, load_model, parallel
+from rrm_jax import checkpoint, cli, generate, load_model, parallel, sampling
 from rrm_jax.errors import UserError
 from rrm_jax.model import qwen2
 from rrm_jax.model.config import preset
@@ -109,6 +109,26 @@ def exact_next_token_probs(logits, temperature, top_k, top_p):
             break
     probs = np.where(keep, np.exp(z - z.max()), 0.0)
     return probs / probs.sum()
+
+
+@pytest.mark.parametrize("vocab,n", [(1000, 4096), (151_936, 256)])
+def test_inverse_cdf_draw_matches_float64_search_and_never_picks_a_zero_weight_token(vocab, n):
+    """sampling.draw_from against numpy's float64 search of the same cumulative distribution, draw by draw:
+    the same token except where u falls within float32 rounding of a boundary, and never a token of weight
+    0, even at u = 0 and u just below 1 (vocabularies that are not a whole number of its blocks)."""
+    rng = np.random.default_rng(0)
+    weights = rng.gamma(0.3, size=(n, vocab)) * (rng.random((n, vocab)) < 0.7)  # peaked, with 30% zeros
+    weights[:, :5] = 0.0  # a zero-weight head and tail: what u = 0 or u -> 1 would pick by mistake
+    weights[:, -5:] = 0.0
+    u = rng.random(n).astype(np.float32)
+    u[:2] = [0.0, np.nextafter(np.float32(1), np.float32(0))]
+    got = np.asarray(sampling.draw_from(jnp.asarray(weights, jnp.float32), jnp.asarray(u)))
+    assert (weights[np.arange(n), got] > 0).all(), "drew a token of weight 0"
+    cum = np.cumsum(weights, axis=1)
+    want = np.array([np.searchsorted(c, (1.0 - float(x)) * c[-1]) for c, x in zip(cum, u)])
+    assert (got == want).mean() >= 0.99, (got != want).sum()
+    near = np.abs(cum[np.arange(n), np.minimum(got, want)] / cum[:, -1] - (1.0 - u)) < 1e-5
+    assert near[got != want].all(), "a disagreement away from a boundary"
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.9, 10, 0.6)])
