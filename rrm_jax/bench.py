@@ -108,7 +108,7 @@ def bench_sample(model, *, batch: int, prompt_len: int, gen_len: int, ceilings: 
 
     step_s = decode_s / gen_len
     weight_bytes = decode_weight_bytes(c)
-    kv_bytes = batch * (prompt_len + gen_len / 2) * kv_bytes_per_token(c)  # mean cache read per step
+    kv_bytes = batch * (prompt_len + gen_len / 2) * c.kv_bytes_per_token  # mean cache read per step
     matmul_params = c.num_params - c.vocab_size * c.hidden_size * (0 if c.tie_word_embeddings else 1)
     attn_flops = 4 * batch * c.num_layers * c.num_heads * c.head_dim * (prompt_len + gen_len / 2)
     step_flops = 2 * matmul_params * batch + attn_flops
@@ -165,10 +165,6 @@ def cache_note(row: dict, cache_bytes: int) -> str | None:
         f"note: batch {row['batch']}: the {row['step_read_MB']:.1f} MB a decode step reads {where}, so MBU "
         f"{row['MBU']:.0%} is not a memory-bandwidth figure; use a larger model to measure bandwidth"
     )
-
-
-def kv_bytes_per_token(c) -> int:
-    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * jnp.dtype(c.dtype).itemsize
 
 
 def bench_decode_step(model, *, batch: int, prompt_len: int, steps: int, capacities, seed: int = 0) -> list[dict]:

@@ -77,11 +77,11 @@ def decode_bytes(config, prompt_lens, outputs, decode_steps: int) -> tuple[float
     """-> (weight bytes, KV bytes) the engine's decode steps must read for this work: the weights once a
     step, and at each step the positions every live row holds: a request of prompt length P generating n
     tokens holds P + t positions at its t-th step, sum over t < n = n P + n (n - 1) / 2."""
-    from rrm_jax.bench import decode_weight_bytes, kv_bytes_per_token
+    from rrm_jax.bench import decode_weight_bytes
 
     P, n = np.asarray(prompt_lens, np.float64), np.asarray(outputs, np.float64)
     positions = float(np.sum(n * P + n * (n - 1) / 2))
-    return float(decode_weight_bytes(config)) * decode_steps, positions * kv_bytes_per_token(config)
+    return float(decode_weight_bytes(config)) * decode_steps, positions * config.kv_bytes_per_token
 
 
 def _progress(phase: str, wall: float, useful: int, compile_s: float | None = None):

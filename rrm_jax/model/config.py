@@ -7,6 +7,7 @@ import dataclasses
 from rrm_jax.errors import UserError
 
 DTYPES = ("float32", "bfloat16")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # itemsize by canonical name, without importing numpy or jax
 INITIALIZERS = ("fan-in", "normal-0.02")  # how qwen2.Qwen2 draws random weights
 _DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -102,6 +103,12 @@ class Qwen2Config:
         per_layer = 2 * d + d * q + q + 2 * (d * kv + kv) + q * d + 3 * d * f
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return embed + self.num_layers * per_layer + d
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token position holds over the whole model: keys and values of every
+        layer and KV head, in the compute dtype."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES[self.dtype]
 
 
 # DeepSeek-R1-Distill-Qwen shapes (RRM-7B / RRM-32B are fine-tunes of the 7B / 32B ones).
