@@ -52,6 +52,9 @@ import numpy as np
 from rrm_jax.errors import UserError
 
 NULL_PAGE = 0  # never allocated: the target of every unused page-table entry
+# Positions a page, by default: the GPU and TPU kernels both take 64 (`rrm_jax.model.paged_attention`);
+# smaller pages waste less of a row's last page, larger ones mean a longer page table per row.
+PAGE_SIZE = 64
 
 
 def pages_in_budget(budget_bytes: int, page_size: int, kv_bytes_per_token: int) -> int:

@@ -66,6 +66,23 @@ class Term:
 
 
 @dataclasses.dataclass(frozen=True)
+class Concurrency:
+    """The traces of a decoding phase that run at once in its KV memory, per batch shard (data*fsdp), for
+    traces of a given mean length."""
+
+    phase: str  # "rollout" or "judging"
+    sequences: int  # the phase's sequences per batch shard
+    at_once: int  # of them decoding at once
+    cap_slots: int  # traces that cap-sized slots (a contiguous cache) would hold in the same memory
+    prompt_tokens: int  # the prompt length assumed (the configured maximum)
+    new_tokens_cap: int
+    mean_new_tokens: int
+    samples: int  # rows a prompt's pages are shared by
+    pool_pages: int | None  # pages per device, None for a contiguous cache
+    page_size: int
+
+
+@dataclasses.dataclass(frozen=True)
 class MemoryPlan:
     model: Qwen2Config
     mesh: tuple[int, int, int]  # (data, fsdp, tp)
@@ -73,6 +90,7 @@ class MemoryPlan:
     micro_batch_sequences: int  # b
     rollout_sequences: int  # per device
     sequence_length: int  # T
+    concurrency: tuple[Concurrency, ...] = ()
 
     def term(self, key: str) -> float:
         return next(t.bytes for t in self.terms if t.key == key)
@@ -144,12 +162,22 @@ def _stored_model_config(path: Path, key: str = "model.init") -> Qwen2Config:
     return checkpoint.read_checkpoint_config(checkpoint.resolve_checkpoint(path))
 
 
-def plan_memory(c: TrainConfig, model: Qwen2Config, judge: Qwen2Config | None = None) -> MemoryPlan:
+def plan_memory(
+    c: TrainConfig,
+    model: Qwen2Config,
+    judge: Qwen2Config | None = None,
+    *,
+    mean_new_tokens: int | None = None,
+    judge_mean_new_tokens: int | None = None,
+) -> MemoryPlan:
+    """mean_new_tokens / judge_mean_new_tokens: the mean trace length the concurrency is reported for
+    (default a fifth of each cap: RRM traces hold about that on average)."""
     import jax.numpy as jnp  # jax only once there is something to plan: `rrm-jax plan --help` stays instant
     from jax.sharding import AbstractMesh
 
     from rrm_jax import parallel
     from rrm_jax.model.qwen2 import LOGICAL_AXES, param_shapes
+    from rrm_jax.pages import PAGE_SIZE
 
     data, fsdp, tp = c.mesh.data, c.mesh.fsdp, c.mesh.tp
     mesh = AbstractMesh((data, fsdp, tp), parallel.MESH_AXES)
@@ -182,6 +210,20 @@ def plan_memory(c: TrainConfig, model: Qwen2Config, judge: Qwen2Config | None = 
     working_set = 2 * b * N * T * T * 4 + t * (3 * F + 2 * N * H + 2 * K * H) * a_bytes
     activations = L * layer_input + working_set if c.loss.remat else L * working_set
     rollout_rows = math.ceil(rollout / (data * fsdp))
+    kv_token = 2 * L * K * H * a_bytes  # one position's keys and values on one device
+    R = c.rollout
+    rollout_concurrency = _concurrency(
+        "rollout",
+        rollout_rows,
+        c.data.max_prompt_len,
+        R.max_new_tokens,
+        mean_new_tokens if mean_new_tokens is not None else R.max_new_tokens // 5,
+        R.samples_per_prompt,
+        kv_token,
+        R.kv_pool_gb,
+        PAGE_SIZE,
+    )
+    rollout_bytes = _phase_kv_bytes(rollout_concurrency, kv_token)
 
     weights_remedy = (
         "use more devices with a larger mesh.fsdp (parameters, gradients and optimizer state shard over fsdp*tp)"
@@ -220,15 +262,18 @@ def plan_memory(c: TrainConfig, model: Qwen2Config, judge: Qwen2Config | None = 
             "update",
             f"{per_micro_batch} or raise mesh.tp (splits the vocabulary)",
         ),
-        Term(
+        _kv_term(
             "kv_cache",
-            f"rollout KV cache ({rollout_rows} x {T} tokens)",
-            2 * L * rollout_rows * T * K * H * a_bytes,
             "rollout",
+            rollout_concurrency.pool_pages,
+            rollout_bytes,
+            f"{rollout_rows} x {T} tokens",
             "lower rollout.prompts_per_step or rollout.max_new_tokens, or use more devices "
             "(the cache splits its sequences over mesh.data*fsdp)",
+            "lower rollout.kv_pool_gb (fewer traces decode at once), or use more devices",
         ),
     )
+    concurrency = (rollout_concurrency,)
     if judge is not None:
         r, G = c.reward, c.rollout.samples_per_prompt
         rows = _judge_rows(r.strategy, c.rollout.prompts_per_step, G) * (2 if r.both_orders else 1)
@@ -240,14 +285,17 @@ def plan_memory(c: TrainConfig, model: Qwen2Config, judge: Qwen2Config | None = 
             c.data.max_prompt_len + 2 * c.rollout.max_new_tokens + JUDGE_TEMPLATE_TOKENS + new_tokens,
             judge.max_position_embeddings,
         )
-        kv = (
-            2
-            * judge.num_layers
-            * judge_rows
-            * T_j
-            * split(judge.num_kv_heads)
-            * judge.head_dim
-            * jnp.dtype(judge.dtype).itemsize
+        j_token = 2 * judge.num_layers * split(judge.num_kv_heads) * judge.head_dim * jnp.dtype(judge.dtype).itemsize
+        judge_concurrency = _concurrency(
+            "judging",
+            judge_rows,
+            T_j - new_tokens,
+            new_tokens,
+            judge_mean_new_tokens if judge_mean_new_tokens is not None else new_tokens // 5,
+            r.votes,
+            j_token,
+            r.kv_pool_gb,
+            PAGE_SIZE,
         )
         terms += (
             Term(
@@ -257,16 +305,48 @@ def plan_memory(c: TrainConfig, model: Qwen2Config, judge: Qwen2Config | None = 
                 "both",
                 "set reward.dtype=bfloat16 or " + weights_remedy,
             ),
-            Term(
+            _kv_term(
                 "judge_kv_cache",
-                f"judge KV cache ({judge_rows} x {T_j} tokens)",
-                kv,
                 "judging",
+                judge_concurrency.pool_pages,
+                _phase_kv_bytes(judge_concurrency, j_token),
+                f"{judge_rows} x {T_j} tokens",
                 "set reward.batch_size (judge prompts decoding at once) or lower reward.max_new_tokens, or use more "
                 "devices (the cache splits its sequences over mesh.data*fsdp)",
+                "lower reward.kv_pool_gb (fewer judge traces decode at once), or use more devices",
             ),
         )
-    return MemoryPlan(model, (data, fsdp, tp), terms, b, rollout_rows, T)
+        concurrency += (judge_concurrency,)
+    return MemoryPlan(model, (data, fsdp, tp), terms, b, rollout_rows, T, concurrency)
+
+
+def _concurrency(
+    phase: str, rows: int, prompt: int, cap: int, mean_new: int, samples: int, kv_token: int, pool_gb, page: int
+) -> Concurrency:
+    """Without a pool (pool_gb None) every row holds a cap-sized slot; with one, a prompt's `samples` rows
+    share its full prompt pages and each holds its partly filled last prompt page and the pages of its
+    mean_new tokens, and whole prompts are admitted (all their samples at once), as the engine does."""
+    T = prompt + cap
+    if pool_gb is None:
+        return Concurrency(phase, rows, rows, rows, prompt, cap, mean_new, samples, None, page)
+    pages = int(pool_gb * GB) // (page * kv_token)
+    group = prompt // page + samples * -(-(prompt % page + mean_new) // page)
+    at_once = min(rows, samples * ((pages - 1) // group))  # one page is the null page
+    cap_slots = int(pool_gb * GB) // (T * kv_token)
+    return Concurrency(phase, rows, at_once, cap_slots, prompt, cap, mean_new, samples, pages, page)
+
+
+def _phase_kv_bytes(cc: Concurrency, kv_token: int) -> float:
+    if cc.pool_pages is None:
+        return cc.sequences * (cc.prompt_tokens + cc.new_tokens_cap) * kv_token
+    return cc.pool_pages * cc.page_size * kv_token
+
+
+def _kv_term(key, phase, pool_pages, nbytes, contiguous_shape, contiguous_remedy, pool_remedy) -> Term:
+    name = "rollout" if phase == "rollout" else "judge"
+    if pool_pages is None:
+        return Term(key, f"{name} KV cache ({contiguous_shape})", nbytes, phase, contiguous_remedy)
+    return Term(key, f"{name} KV page pool ({pool_pages} pages)", nbytes, phase, pool_remedy)
 
 
 def _judge_rows(strategy: str, prompts: int, G: int) -> int:
@@ -330,6 +410,8 @@ def format_plan(plan: MemoryPlan, device_memory: float | None, title: str) -> st
                 lines.append(f"  {t.label + tag:<56}{t.bytes / GB:>9.2f}")
     for phase in plan.phases:
         lines.append(f"  {phase + ' phase total':<56}{plan.phase_total(phase) / GB:>9.2f}")
+    for cc in plan.concurrency:
+        lines.append(_concurrency_line(cc))
     if device_memory is None:
         lines.append(f"peak {plan.peak / GB:.2f} GB ({plan.peak_phase}); pass --device-memory GB to check the fit")
     else:
@@ -339,6 +421,21 @@ def format_plan(plan: MemoryPlan, device_memory: float | None, title: str) -> st
             f"({100 * plan.peak / device_memory:.0f}% used)"
         )
     return "\n".join(lines)
+
+
+def _concurrency_line(cc: Concurrency) -> str:
+    trace = f"traces of {cc.prompt_tokens} prompt + {cc.mean_new_tokens} new tokens on average"
+    if cc.pool_pages is None:
+        return (
+            f"{cc.phase}: all {cc.sequences} sequences per batch shard at once, each in a cap-sized slot of "
+            f"{cc.prompt_tokens + cc.new_tokens_cap} positions (a page pool, {cc.phase.replace('judging', 'reward')}"
+            f".kv_pool_gb, holds more in the same memory: {trace} share prompt pages)"
+        )
+    return (
+        f"{cc.phase}: {cc.at_once} of {cc.sequences} sequences per batch shard decode at once in the pool "
+        f"({cc.pool_pages} pages of {cc.page_size}; {trace}, a prompt's {cc.samples} samples sharing its prompt "
+        f"pages); cap-sized slots in the same memory: {cc.cap_slots}"
+    )
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -357,6 +454,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="GB",
         help="memory per device in GB (1e9 bytes), e.g. 95 for TPU v5p, 80 for H100 (default: none, the plan is printed without a fit check)",
     )
+    parser.add_argument(
+        "--mean-new-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="mean new tokens of a rollout trace, for the traces-at-once line (default: a fifth of "
+        "rollout.max_new_tokens)",
+    )
+    parser.add_argument(
+        "--judge-mean-new-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the same for the judge's traces (default: a fifth of its max_new_tokens)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for rrm-jax train")
     parser.set_defaults(run=run_plan)
 
@@ -372,7 +484,19 @@ def run_plan(args) -> int:
     if args.device_memory is not None and args.device_memory <= 0:
         raise UserError(f"--device-memory {args.device_memory} must be a positive number of GB")
     where = args.config or "the embedded default config"
-    plan = plan_memory(c, model_shape(c), judge_shape(c))
+    for flag, value in (
+        ("--mean-new-tokens", args.mean_new_tokens),
+        ("--judge-mean-new-tokens", args.judge_mean_new_tokens),
+    ):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value} must be >= 1")
+    plan = plan_memory(
+        c,
+        model_shape(c),
+        judge_shape(c),
+        mean_new_tokens=args.mean_new_tokens,
+        judge_mean_new_tokens=args.judge_mean_new_tokens,
+    )
     memory = args.device_memory * GB if args.device_memory is not None else None
     print(format_plan(plan, memory, f"memory plan of {where}"))
     if memory is not None:

@@ -212,3 +212,46 @@ def test_reference_model_counts_when_kl_is_on():
     p = plan.plan_memory(c, plan.model_shape(c))
     assert p.term("reference") == p.term("params")
     assert p.term("grads") == 2 * p.term("params") and p.micro_batch_sequences == math.ceil(1024 / 1024 / 32)
+
+
+def test_rollout_page_pool_counts_pages_and_the_traces_it_holds_at_once():
+    """rollout.kv_pool_gb: the KV term is the pool (whole pages), and the traces at once follow from the
+    pages a prompt group holds, counted by hand: RRM-7B on v5p (32 batch shards, 2 of 4 kv heads a device,
+    bfloat16), prompts of 4096 (64 full pages shared by the 16 samples) and 1638 new tokens on average (26
+    pages a sample): 64 + 16 * 26 = 480 pages a prompt."""
+    c = load_config(CONFIG_7B, ["model.init=r1-distill-qwen-7b", "rollout.kv_pool_gb=10"])
+    p = plan.plan_memory(c, plan.model_shape(c))
+    kv_token = 2 * 28 * 2 * 128 * 2
+    pages = 10 * 10**9 // (64 * kv_token)
+    assert pages == 5_449 and p.term("kv_cache") == pages * 64 * kv_token
+    (rollout,) = p.concurrency
+    assert (rollout.sequences, rollout.pool_pages, rollout.mean_new_tokens) == (32, pages, 8192 // 5)
+    assert rollout.at_once == min(32, 16 * ((pages - 1) // 480)) == 32  # 11 prompts' worth: every row fits
+    assert rollout.cap_slots == 10 * 10**9 // (12288 * kv_token) == 28  # cap-sized slots: fewer than the rows
+
+    # a step of 4096 prompts (2048 rows a shard) in a 2 GB pool: whole prompts of 16, 3 of them
+    c = load_config(
+        CONFIG_7B,
+        [
+            "model.init=r1-distill-qwen-7b",
+            "rollout.kv_pool_gb=2",
+            "rollout.prompts_per_step=4096",
+            "loss.micro_batches=2048",
+        ],
+    )
+    (rollout,) = plan.plan_memory(c, plan.model_shape(c), mean_new_tokens=1000).concurrency
+    group = 64 + 16 * math.ceil(1000 / 64)
+    assert rollout.at_once == 16 * ((2 * 10**9 // (64 * kv_token) - 1) // group) == 16 * 3
+    assert rollout.cap_slots == 2 * 10**9 // (12288 * kv_token) == 5
+
+
+def test_plan_prints_traces_at_once_and_refuses_a_bad_pool(capsys):
+    args = ["plan", "--config", CONFIG_7B, "model.init=r1-distill-qwen-7b", "rollout.kv_pool_gb=10"]
+    assert main(args + ["--mean-new-tokens", "4000"]) == 0
+    out = capsys.readouterr().out
+    assert "rollout KV page pool (5449 pages)" in out
+    assert "rollout: 32 of 32 sequences per batch shard decode at once in the pool" in out
+    assert "4096 prompt + 4000 new tokens on average" in out and "cap-sized slots in the same memory: 28" in out
+    assert main(["plan", "--config", CONFIG_7B, "model.init=r1-distill-qwen-7b", "rollout.kv_pool_gb=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rrm-jax: error: rollout.kv_pool_gb=0.0 must be a positive number of GB (or null: no pool)"]

@@ -82,6 +82,10 @@ class RolloutConfig:
     # A constrained vocabulary (space-separated token strings): the policy samples only these tokens and
     # the loss sees the same renormalised distribution; "" = the whole vocabulary.
     allowed_tokens: str = ""
+    # The KV cache of the rollout as a pool of pages, in GB per device (on accelerators and meshes, where the
+    # engine pages its cache): the traces decoding at once are bounded by the tokens they hold, not by
+    # cap-sized slots. null: room for every sequence of the step at its cap (a contiguous cache's size).
+    kv_pool_gb: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +150,7 @@ class RewardConfig:
     strip_think: bool = True  # remove the policy's own <think> block before the judge sees its response
     batch_size: int | None = None  # judge prompts decoding at once (None: all of a round's)
     dtype: str | None = None  # the judge's weights and compute (None: as stored), e.g. bfloat16
+    kv_pool_gb: float | None = None  # the judge's KV page pool, GB per device (as rollout.kv_pool_gb)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,6 +417,10 @@ def validate(c: TrainConfig) -> TrainConfig:
             "reward.type=judge needs reward.judge=PATH (an RRM: HF folder, rrm-jax checkpoint or run folder)",
         ),
         (c.reward.votes >= 1, f"reward.votes must be >= 1, got {c.reward.votes}"),
+        *(
+            (pool is None or pool > 0, f"{key}={pool} must be a positive number of GB (or null: no pool)")
+            for key, pool in (("rollout.kv_pool_gb", c.rollout.kv_pool_gb), ("reward.kv_pool_gb", c.reward.kv_pool_gb))
+        ),
         (c.reward.batch_size is None or c.reward.batch_size >= 1, "reward.batch_size must be >= 1"),
         (
             c.reward.dtype in (None, "float32", "bfloat16", "float16"),
