@@ -24,7 +24,7 @@ WITHOUT_WEIGHTS = {
 def test_7b_v5p_figures_match_hand_computation():
     c = load_config(CONFIG_7B, ["model.init=r1-distill-qwen-7b"])
     assert (c.mesh.data, c.mesh.fsdp, c.mesh.tp) == (1, 32, 2)
-    assert (c.rollout.prompts_per_step, c.rollout.samples_per_prompt, c.loss.micro_batches) == (64, 16, 16)
+    assert (c.rollout.prompts_per_step, c.rollout.samples_per_prompt, c.loss.micro_batches) == (256, 16, 64)
     p = plan.plan_memory(c, plan.model_shape(c))
 
     # DeepSeek-R1-Distill-Qwen-7B: V=152064 D=3584 F=18944 L=28 N=28 K=4 H=128, float32 weights.
@@ -41,7 +41,7 @@ def test_7b_v5p_figures_match_hand_computation():
     assert p.term("optimizer") == 2 * params
     assert p.term("reference") == 0  # kl_coef = 0
 
-    # 1024 sequences / 16 micro-batches / 32 batch shards = 2 sequences of 4096 + 8192 tokens per device
+    # 4096 sequences / 64 micro-batches / 32 batch shards = 2 sequences of 4096 + 8192 tokens per device
     b, T = 2, 12288
     assert (p.micro_batch_sequences, p.sequence_length) == (b, T)
     layer_inputs = 28 * b * T * 3584 * 2  # bfloat16, one per layer (remat)
@@ -49,8 +49,14 @@ def test_7b_v5p_figures_match_hand_computation():
     mlp_and_projections = b * T * (3 * 18944 // 2 + 2 * 14 * 128 + 2 * 2 * 128) * 2
     assert p.term("activations") == layer_inputs + attention + mlp_and_projections == 40_353_398_784
     assert p.term("logits") == 2 * b * T * (152064 // 2) * 4 == 14_948_499_456
-    # rollout: 1024 sequences / 32 shards = 32 per device, 2 of the 4 kv heads each
-    assert p.term("kv_cache") == 2 * 28 * 32 * T * 2 * 128 * 2 == 11_274_289_152
+    # rollout: a pool of 11.2 GB in whole pages of 64 positions, 2 of the 4 kv heads a device
+    kv_token = 2 * 28 * 2 * 128 * 2
+    assert p.term("kv_cache") == 11_200_000_000 // (64 * kv_token) * 64 * kv_token == 11_199_053_824
+    # without the pool: 4096 sequences / 32 shards = 128 per device, each at its cap
+    contiguous = plan.plan_memory(
+        load_config(CONFIG_7B, ["model.init=r1-distill-qwen-7b", "rollout.kv_pool_gb=null"]), p.model
+    )
+    assert contiguous.term("kv_cache") == 2 * 28 * 128 * T * 2 * 128 * 2 == 45_097_156_608
     assert p.peak_phase == "update"
     assert p.peak == 3 * params + 2 * params + 40_353_398_784 + 14_948_499_456
     plan.check_fits(p, 95e9, "rrm_7b_v5p")
@@ -120,7 +126,7 @@ def test_shipped_configs_fit(name, devices, memory, capsys):
         ),
         # 16384 rollouts: 512 sequences of 12288 tokens per device in the KV cache
         (
-            ["rollout.prompts_per_step=1024", "loss.micro_batches=512"],
+            ["rollout.prompts_per_step=1024", "loss.micro_batches=512", "rollout.kv_pool_gb=null"],
             95,
             "rollout KV cache",
             "rollout.prompts_per_step",
@@ -157,7 +163,8 @@ def test_shipped_policy_configs_fit(name, devices, memory, capsys):
         ]
     )
     out = capsys.readouterr().out
-    assert rc == 0 and " fits (" in out and "judge KV cache" in out and "judging phase total" in out
+    assert rc == 0 and " fits (" in out and "judge KV page pool" in out and "judging phase total" in out
+    assert "judging: " in out and " sequences per batch shard decode at once in the pool" in out
 
 
 def test_judge_terms_match_hand_computation():
@@ -168,9 +175,16 @@ def test_judge_terms_match_hand_computation():
     biases = 28 * (28 * 128 + 2 * 4 * 128)
     norms = 28 * 2 * 3584 + 3584
     assert p.term("judge_params") == (matrices / 8 + biases / 2 + norms) * 2
-    # elo: 16 prompts x 28 pairs = 448 comparisons, one order, at most batch_size 128 decoding, 1 vote, over
-    # data*fsdp = 4 shards: 32 rows of 1024 + 2 x 4096 + 640 + 4096 tokens, 2 of the 4 kv heads each
-    assert p.term("judge_kv_cache") == 2 * 28 * 32 * 13952 * 2 * 128 * 2
+    # the judge's pool: 12.8 GB in whole pages of 64 positions, 2 of the 4 kv heads a device
+    kv_token = 2 * 28 * 2 * 128 * 2
+    assert p.term("judge_kv_cache") == 12_800_000_000 // (64 * kv_token) * 64 * kv_token
+    # without it: elo, 48 prompts x 28 pairs = 1344 comparisons, one order, at most batch_size 128 decoding, 1
+    # vote, over data*fsdp = 4 shards: 32 rows of 1024 + 2 x 4096 + 640 + 4096 tokens
+    c_contiguous = load_config(
+        POLICY_8XH100, [*WITHOUT_POLICY_WEIGHTS, "reward.kv_pool_gb=null", "reward.batch_size=128"]
+    )
+    contiguous = plan.plan_memory(c_contiguous, plan.model_shape(c_contiguous), plan.judge_shape(c_contiguous))
+    assert contiguous.term("judge_kv_cache") == 2 * 28 * 32 * 13952 * 2 * 128 * 2
     assert p.phase_total("judging") == (
         p.term("params") + p.term("optimizer") + p.term("judge_params") + p.term("judge_kv_cache")
     )
@@ -189,6 +203,7 @@ def test_judge_cache_that_cannot_fit_is_refused(capsys):
             "reward.batch_size=2048",
             "reward.both_orders=true",
             "reward.max_new_tokens=8192",
+            "reward.kv_pool_gb=null",
         ]
     )
     err = capsys.readouterr().err.strip()
@@ -225,8 +240,8 @@ def test_rollout_page_pool_counts_pages_and_the_traces_it_holds_at_once():
     pages = 10 * 10**9 // (64 * kv_token)
     assert pages == 5_449 and p.term("kv_cache") == pages * 64 * kv_token
     (rollout,) = p.concurrency
-    assert (rollout.sequences, rollout.pool_pages, rollout.mean_new_tokens) == (32, pages, 8192 // 5)
-    assert rollout.at_once == min(32, 16 * ((pages - 1) // 480)) == 32  # 11 prompts' worth: every row fits
+    assert (rollout.sequences, rollout.pool_pages, rollout.mean_new_tokens) == (128, pages, 8192 // 5)
+    assert rollout.at_once == min(128, 16 * ((pages - 1) // 480)) == 128  # 11 prompts' worth: every row fits
     assert rollout.cap_slots == 10 * 10**9 // (12288 * kv_token) == 28  # cap-sized slots: fewer than the rows
 
     # a step of 4096 prompts (2048 rows a shard) in a 2 GB pool: whole prompts of 16, 3 of them
@@ -250,7 +265,7 @@ def test_plan_prints_traces_at_once_and_refuses_a_bad_pool(capsys):
     assert main(args + ["--mean-new-tokens", "4000"]) == 0
     out = capsys.readouterr().out
     assert "rollout KV page pool (5449 pages)" in out
-    assert "rollout: 32 of 32 sequences per batch shard decode at once in the pool" in out
+    assert "rollout: 80 of 128 sequences per batch shard decode at once in the pool" in out  # 5 prompts of 1072 pages
     assert "4096 prompt + 4000 new tokens on average" in out and "cap-sized slots in the same memory: 28" in out
     assert main(["plan", "--config", CONFIG_7B, "model.init=r1-distill-qwen-7b", "rollout.kv_pool_gb=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
