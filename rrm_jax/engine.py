@@ -738,40 +738,51 @@ class _Placed(NamedTuple):
 
 class _Placement:
     """Where a prefill pack's requests start on a paged cache (the admission rule of the recompute policy,
-    `rrm_jax.pages`): a request's pending samples, as many as fit, go to the batch shard that holds the
-    most of them, if its free rows and free pages hold them: their prompt pages plus `growth` pages for
-    every row the shard would then run (what a row may take in the chunks in flight, so an admission
-    does not make the next chunk preempt). On a shard with no live row the first row needs no margin, so
-    a request always starts on an empty pool. `take` plans one request more; `commit` admits the first
-    planned ones and takes their samples off `pending`."""
+    `rrm_jax.pages`): a request's pending samples go to the batch shard that holds the most of them (all
+    at once, sharing their prompt pages, unless a shard could never hold them all), if its free rows and
+    free pages hold them: their prompt pages plus a margin of the pages
+    every row of the shard may still take in the next `ahead` tokens (the chunks in flight), its running
+    rows' (`margin`) and the new ones', so an admission never makes the next chunk preempt. A row's
+    margin stops at its longest length, so a pool sized for every slot's longest row admits whenever a
+    slot is free (as the contiguous cache), and an empty pool always takes a request's first sample.
+    `take` plans one request more; `commit` admits the first planned ones and takes their samples off
+    `pending`."""
 
-    def __init__(self, kv: ShardedPagePool, free: list[int], pending: dict, requests, growth: int):
-        self.kv, self.pending, self.requests, self.growth = kv, pending, requests, growth
+    def __init__(self, kv: ShardedPagePool, free: list[int], pending: dict, requests, margin: list[int], ahead: int):
+        self.kv, self.pending, self.requests, self.ahead = kv, pending, requests, ahead
         self.page_size = kv.page_size
         shards = range(len(kv.pools))
         self.free_rows = [sorted(slot for slot in free if kv.shard_of(slot)[0] == s) for s in shards]
         self.rows_left = [len(rows) for rows in self.free_rows]
-        self.pages_left = [pool.free_pages for pool in kv.pools]
-        self.live = [len(pool.live_rows()) for pool in kv.pools]
+        self.pages_left = [pool.free_pages - m for pool, m in zip(kv.pools, margin)]
         self.plan: list[tuple[int, int, list[int]]] = []  # (request, shard, samples)
 
-    def _fits(self, shard: int, prompt_len: int, k: int) -> bool:
-        margin = (self.live[shard] + k - (self.live[shard] == 0)) * self.growth
-        need = self.kv.pools[shard].pages_needed(prompt_len, k) + margin
-        return k <= self.rows_left[shard] and need <= self.pages_left[shard]
+    def _need(self, shard: int, request: Request, k: int) -> int:
+        """Pages k samples of `request` take on `shard`, with their margin."""
+        pool, n = self.kv.pools[shard], len(request.prompt_ids)
+        growth = pool.pages_for(n + min(self.ahead, request.max_new_tokens)) - pool.pages_for(n)
+        return pool.pages_needed(n, k) + k * growth
+
+    def _samples_now(self, shard: int, request: int) -> int:
+        """How many of the request's pending samples start on `shard` now: all of them if they fit (so they
+        share their prompt pages), else none; but as many as fit if the shard could never hold them all
+        at once (more than its rows, or its pages)."""
+        req, pool, whole = self.requests[request], self.kv.pools[shard], len(self.pending[request])
+        fits = lambda k: k <= self.rows_left[shard] and self._need(shard, req, k) <= self.pages_left[shard]
+        if fits(whole):
+            return whole
+        if whole <= self.kv.rows_per_shard and self._need(shard, req, whole) <= pool.usable_pages:
+            return 0
+        return next((k for k in range(whole - 1, 0, -1) if fits(k)), 0)
 
     def take(self, request: int) -> bool:
-        n, samples = len(self.requests[request].prompt_ids), self.pending[request]
-        k, _, shard = max(
-            (next((k for k in range(len(samples), 0, -1) if self._fits(s, n, k)), 0), self.pages_left[s], -s)
-            for s in range(len(self.kv.pools))
-        )
+        samples = self.pending[request]
+        k, _, shard = max((self._samples_now(s, request), self.pages_left[s], -s) for s in range(len(self.kv.pools)))
         if k == 0:
             return False
         shard = -shard
         self.rows_left[shard] -= k
-        self.pages_left[shard] -= self.kv.pools[shard].pages_needed(n, k)
-        self.live[shard] += k
+        self.pages_left[shard] -= self._need(shard, self.requests[request], k)
         self.plan.append((request, shard, samples[:k]))
         return True
 
@@ -843,7 +854,6 @@ class _Generation:
         if self.paged:
             P = page_size or PAGE_SIZE
             self.kv = page_pool(requests, slots, self.capacity, self.shards, kv_pages, P)
-            self.growth = -(-2 * chunk // P)  # pages a row may take in a chunk and the one in flight
             pool = (self.kv.num_pages, P)
             stats.page_size, stats.pool_pages = P, self.kv.num_pages
         self.state = empty_state_fn(config, slots, self.capacity, mesh, self.path, pool)
@@ -863,7 +873,13 @@ class _Generation:
         return len(self.free) < len(self.owner)
 
     def _placement(self) -> _Placement:
-        return _Placement(self.kv, self.free, self.pending, self.requests, self.growth)
+        ahead = 2 * self.chunk  # what a row may write in a chunk and the one in flight
+        margin = [0] * len(self.kv.pools)
+        for slot, row in enumerate(self.owner):
+            if row is not None:
+                need = self.kv.pools[0].pages_for(min(row.length + ahead, row.prompt_len + row.limit))
+                margin[self.kv.shard_of(slot)[0]] += max(0, need - self.kv.held(slot))
+        return _Placement(self.kv, self.free, self.pending, self.requests, margin, ahead)
 
     def _can_start(self, request: int) -> bool:
         if self.paged:

@@ -122,6 +122,10 @@ class PagePool:
         """Pages an admission or an unreserved growth may take: free ones not set aside for a row."""
         return len(self._free) - self.reserved_pages
 
+    def held(self, row: int) -> int:
+        """Pages row `row` holds (its table entries in use)."""
+        return int(self._held[row])
+
     def pages_for(self, tokens: int) -> int:
         """Pages a row of `tokens` positions holds."""
         return -(-tokens // self.page_size)
@@ -404,6 +408,10 @@ class ShardedPagePool:
                 preempted += [self._global(s, r) for r in self.pools[s].grow(rs, ns)]
         self._note_peak()
         return preempted
+
+    def held(self, row: int) -> int:
+        shard, local = self.shard_of(row)
+        return self.pools[shard].held(local)
 
     def release(self, row: int) -> None:
         shard, local = self.shard_of(row)
