@@ -423,11 +423,11 @@ class ShardedPagePool:
         per, rest = divmod(len(rows), len(self.pools))
         if rest:
             raise ValueError(f"{len(rows)} rows do not split over {len(self.pools)} shards")
+        where = [self.shard_of(r) for r in rows]  # before any pool shrinks, which renumbers the rows
+        if any(shard != i // per for i, (shard, _) in enumerate(where)):
+            raise ValueError(f"rows {list(rows)} are not {per} rows of each shard in turn")
         for s, pool in enumerate(self.pools):
-            mine = [self.shard_of(r) for r in rows[s * per : (s + 1) * per]]
-            if any(shard != s for shard, _ in mine):
-                raise ValueError(f"rows {list(rows[s * per : (s + 1) * per])} are not all on shard {s}")
-            pool.keep_rows([local for _, local in mine])
+            pool.keep_rows([local for _, local in where[s * per : (s + 1) * per]])
 
     def check(self) -> None:
         for pool in self.pools:
