@@ -1007,20 +1007,19 @@ class _Generation:
         outputs start copying to the host at once, each behind the chunk, so none waits for the others."""
         slots = len(self.owner)
         stop_at_done = len(self.free) + self.refill_rows if self.waiting else slots
-        # The XLA attention reads what the longest row holds by the end of this chunk and the one in flight.
-        ahead = self.chunk * (2 if another_in_flight else 1)
-        longest = max((o.length for o in self.owner if o is not None), default=0)
-        page_table, window = None, self.block
+        # The XLA attention reads a window (positions; a paged cache: the pages holding them) that holds
+        # the longest row by the end of this chunk and the one in flight; a kernel reads each row's own
+        # length, and the window only names its program (the block, or a paged cache's whole table).
+        page_table, window, read_all = None, self.block, self.capacity
         if self.paged:
-            width = self.kv.pools[0].max_pages_per_row
-            page_table, read_all = _replicate(self.kv.page_table(), self.mesh), width
-            window = min(width, next_power_of_two(-(-(longest + ahead) // self.kv.page_size)))
-        else:
-            read_all = self.capacity
-            if self.attention == "xla":
-                window = host_window(longest, ahead, self.block, self.capacity)
-        if self.attention not in (None, "xla"):  # a kernel reads each row's own length: one program
-            window = self.block if not self.paged else read_all
+            page_table = _replicate(self.kv.page_table(), self.mesh)
+            window = read_all = self.kv.pools[0].max_pages_per_row
+        if self.attention == "xla":
+            longest = max((o.length for o in self.owner if o is not None), default=0)
+            ahead = self.chunk * (2 if another_in_flight else 1)
+            window = host_window(longest, ahead, self.block, self.capacity)
+            if self.paged:
+                window = -(-window // self.kv.page_size)
         snapshot = list(self.owner)
         self.state, emitted, self.attention = _decode(
             self.config,
