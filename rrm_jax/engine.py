@@ -1,30 +1,35 @@
-"""Continuous-batching generation engine: a fixed set of slots, each a contiguous per-row KV cache,
-refilled with waiting prompts as rows finish, decoding in chunks of decode steps (CHUNK_STEPS) between
-host checks.
+"""Continuous-batching generation engine: a fixed set of slots (rows decoding at once), refilled with
+waiting prompts as rows finish, decoding in chunks of decode steps (CHUNK_STEPS) between host checks.
 
-The host loop is plain Python over five jitted programs:
+The host loop is plain Python over a few jitted programs:
 
-    empty_state_fn  allocate the slots;
+    empty_state_fn  allocate the slots and their KV cache;
     unstack_fn      split the stacked layer weights into one array per layer (the "layers" path, once
                     per `generate` call);
     prefill_fn      prefill a pack of waiting prompts (several prompts in one token budget, each
-                    attending only to itself) once and insert their caches (one copy per sample) into
-                    free slots;
+                    attending only to itself) once and write their KV for their samples' slots;
     decode_fn       run a chunk of decode steps for every slot (finished slots idle) and return the
                     tokens;
-    compact_fn      once no prompt waits, gather the live rows into a smaller running batch.
+    compact_fn      once no prompt waits, gather the live rows into a smaller running batch;
+    retire_fn       stop rows preempted for their pages (paged cache).
 
 Two decode paths, chosen by `decode_path`:
 
-    "rows"    one CPU device: the stacked cache [L, B, S, K, H], layers scanned, each row reading the
-              smallest window that holds its own prefix (a loop over the rows, cheap on a CPU), and the
-              chunk of decode steps a while loop that returns early once enough slots are free for a
-              refill;
-    "layers"  accelerators and meshes: one cache array per layer [K, B, S, H] and the layers unrolled,
-              the chunk of decode steps a scan of a fixed length (finished rows masked), so a step holds no
-              conditional and no loop of unknown trip count (each costs a host round trip on XLA:GPU),
-              and the attention is `decode_attention.attend`: a Pallas kernel reading each row's own
-              length on GPU and TPU, or a window chosen on the host between chunks (XLA).
+    "rows"    one CPU device: a contiguous stacked cache [L, B, S, K, H] (S = capacity: the longest
+              prompt's bucket plus the largest limit), layers scanned, each row reading the smallest
+              window that holds its own prefix (a loop over the rows, cheap on a CPU), and the chunk of
+              decode steps a while loop that returns early once enough slots are free for a refill;
+    "layers"  accelerators and meshes: one cache array per layer and the layers unrolled, the chunk of
+              decode steps a scan of a fixed length (finished rows masked), so a step holds no
+              conditional and no loop of unknown trip count (each costs a host round trip on XLA:GPU).
+              The cache is paged: per layer a pool of pages [K, num_pages, P, H] read in place through
+              a page table (`paged_attention`: a Pallas kernel on GPU and TPU, an XLA gather of the
+              pages a window chosen on the host holds elsewhere), its bookkeeping on the host
+              (`rrm_jax.pages`, one pool per batch shard; the table goes to each call as an argument).
+              Rows take pages as they grow (`grow`, before each chunk), a prompt's samples share its
+              full pages, and under memory pressure the youngest row is preempted and its sample
+              recomputed (the recompute policy; `generate`'s docstring). `paged=False` keeps a
+              contiguous [K, B, S, H] cache per layer read by `decode_attention.attend` instead.
 
 Rows keep their own random streams (see `rrm_jax.sampling`), so results do not depend on the slot, the
 slot count, the other requests, their order or the path.

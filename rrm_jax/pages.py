@@ -38,6 +38,11 @@ instead would be cheaper but computes their KV with the prefill program, whose r
 pool must hold one row's worst case for progress: check `pages_needed(n, k, max_len)` <= `usable_pages`
 before generating; `grow` raises if a row alone cannot grow.
 
+Meshes and compaction. `ShardedPagePool` keeps one pool per batch shard, as `paged_attention` shards the
+device pool (a shard's rows hold only its pages); `PagePool.keep_rows` renumbers the rows when the
+engine compacts its running batch (table rows move, pages stay). The engine (`rrm_jax.engine`) runs the
+recompute policy.
+
 Contract with the device. A row's pages may be rewritten by the next row that takes them, so release or
 preempt a row only once no dispatched chunk can still write its KV (read the chunk in flight first).
 """

@@ -9,6 +9,7 @@ from flax import nnx
 from test_engine import LIMITS, PROMPTS, model, requests_for, settings_for, static_reference  # noqa: F401 - model: a fixture
 
 from rrm_jax import engine, pages, parallel, static_sampler
+from rrm_jax.errors import UserError
 from rrm_jax.model import qwen2
 from rrm_jax.model.config import preset
 from rrm_jax.sampling import make_settings
@@ -133,3 +134,15 @@ def test_sharded_small_pools_equal_the_static_sampler(pools):
     assert [r.output_ids for r in sharded] == [w.output_ids for w in want]
     assert_every_page_returned(pools[-1])
     assert len(pools[-1].pools) == 4
+
+
+def test_paging_options_that_cannot_apply_are_refused(model):  # noqa: F811
+    settings = settings_for(model)
+    reqs = requests_for()
+    for kw, message in (
+        ({"path": "rows", "paged": True}, 'runs on the "layers" decode path'),
+        ({"path": "rows", "kv_pages": 64}, "does not use"),
+        ({"path": "layers", "page_size": 16, "kv_pages": 3}, "cannot hold one row of 47 positions"),
+    ):
+        with pytest.raises(UserError, match=message):
+            engine.generate(model.config, settings, model.params(), reqs, **kw)
