@@ -94,6 +94,7 @@ def _paging_figures(prefix: str, stats: engine.EngineStats) -> dict:
     return {
         f"{prefix}_peak_concurrent_rows": stats.peak_concurrent_rows,
         f"{prefix}_mean_concurrent_rows": stats.live_row_steps / max(stats.decode_steps, 1),
+        f"{prefix}_rows_while_waiting": stats.rows_while_waiting,
         f"{prefix}_page_size": stats.page_size,
         f"{prefix}_pool_pages": stats.pool_pages,
         f"{prefix}_peak_pages_in_use": stats.peak_pages_in_use,
@@ -324,8 +325,9 @@ def bench_rrm(
         figures = _paging_figures("paged", paged)
         print(
             f"[bench rrm] paged engine: {paged.peak_concurrent_rows} rows at once at the peak, "
-            f"{figures['paged_mean_concurrent_rows']:.1f} on average over its decode steps "
-            f"(the contiguous engine: {stats.slots} slots, {row['engine_mean_concurrent_rows']:.1f} on average); "
+            f"{paged.rows_while_waiting:.1f} on average while prompts waited, "
+            f"{figures['paged_mean_concurrent_rows']:.1f} over all its decode steps (the contiguous engine: "
+            f"{stats.slots} slots, {stats.rows_while_waiting:.1f} and {row['engine_mean_concurrent_rows']:.1f}); "
             f"{paged.preemptions} preemptions; peak {paged.peak_pages_in_use} of {paged.pool_pages} pages of "
             f"{paged.page_size} positions",
             file=sys.stderr,
@@ -342,8 +344,7 @@ def bench_rrm(
                 "paged_prefills": paged.prefills,
                 **figures,
                 "paged_peak_rows_vs_slots": paged.peak_concurrent_rows / stats.slots,
-                "paged_mean_rows_vs_engine": figures["paged_mean_concurrent_rows"]
-                / max(row["engine_mean_concurrent_rows"], 1e-9),
+                "paged_rows_while_waiting_vs_engine": paged.rows_while_waiting / max(stats.rows_while_waiting, 1e-9),
             }
         )
     if static:

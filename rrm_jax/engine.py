@@ -402,6 +402,9 @@ class EngineStats:
     live_kv_positions: int = 0  # sum over steps of the positions the live rows hold (the KV a step must read)
     compactions: int = 0
     peak_concurrent_rows: int = 0  # the most rows live at once
+    # the decode steps run while prompts waited, when the slots (or pages) held all the rows they could
+    waiting_decode_steps: int = 0
+    waiting_live_row_steps: int = 0
     # The paged cache's ("layers" path; 0 for a contiguous one)
     page_size: int = 0
     pool_pages: int = 0  # the pool's pages, every shard's null page included
@@ -412,6 +415,11 @@ class EngineStats:
     def occupancy(self) -> float:
         """The fraction of the computed rows that generated a token."""
         return self.live_row_steps / max(1, self.computed_row_steps)
+
+    @property
+    def rows_while_waiting(self) -> float:
+        """Rows generating per decode step while prompts waited: how many the cache sustains."""
+        return self.waiting_live_row_steps / max(1, self.waiting_decode_steps)
 
 
 def slot_count(n_rows: int, max_rows: int | None, num_samples: int, mesh) -> int:
@@ -1063,6 +1071,9 @@ class _Generation:
         stats.decode_steps += steps
         stats.computed_row_steps += steps * len(snapshot)
         stats.live_row_steps += int(count.sum())
+        if self.waiting:  # as when it was dispatched: a chunk is kept in flight only once none waits
+            stats.waiting_decode_steps += steps
+            stats.waiting_live_row_steps += int(count.sum())
         completed = 0
         for slot, row in enumerate(snapshot):
             if row is None or row.finished:  # finished in the call before (read after this one was dispatched)
