@@ -392,7 +392,7 @@ class EngineStats:
     capacity: int = 0  # KV positions per slot
     path: str = ""  # decode_path: "rows" or "layers"
     attention: str = ""  # the "layers" path's decode attention
-    prefills: int = 0  # prompts prefilled (each exactly once)
+    prefills: int = 0  # prompts prefilled: once each, but a paged cache prefills again for preempted or later samples
     prefill_calls: int = 0
     prefill_tokens: int = 0  # token positions the prefill calls computed (prompts + padding)
     decode_calls: int = 0
@@ -495,7 +495,7 @@ def pack_prompts(
     if placement is None:
         room = lambda n: (n + 1) * num_samples <= len(free)
     else:  # rows and pages are the placement's to check; a pack has at most slots / num_samples entries
-        room = lambda n: n < slots // num_samples
+        room = lambda n: n < max(1, slots // num_samples)
     while waiting and room(len(taken)):
         if in_row == 0:  # a row starts with the first waiting prompt
             if length(waiting[0]) > budget:
