@@ -419,6 +419,8 @@ def run_sample(args) -> int:
             raise UserError(
                 "--workload rrm needs 1 <= --prompt-range LO <= HI and --max-new-tokens, --requests, --slots >= 1"
             )
+        if args.paged_rows is not None and args.paged_rows < 1:
+            raise UserError("--paged-rows must be >= 1")
         if hi + args.max_new_tokens > model.config.max_position_embeddings:
             raise UserError(
                 f"--prompt-range up to {hi} + --max-new-tokens {args.max_new_tokens} exceeds the "
@@ -438,6 +440,7 @@ def run_sample(args) -> int:
             static=not args.no_static,
             ceilings=ceilings,
             prefill_tokens=args.prefill_tokens,
+            paged_rows=args.paged_rows,
         )
         _report(row)
         _write_json(args.json, {"ceilings": ceilings, "results": [row]})

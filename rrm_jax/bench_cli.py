@@ -71,6 +71,14 @@ def configure(parser):
         help="rrm: the cap; output lengths are log-normal with median cap/8, about 3%% at the cap",
     )
     p.add_argument("--slots", type=int, default=16, help="rrm: the engine's slots = static batch size")
+    p.add_argument(
+        "--paged-rows",
+        type=int,
+        default=None,
+        metavar="N",
+        help="rrm: also run the engine with a paged KV cache of N slots in the bytes the contiguous cache of "
+        "--slots slots takes, and report the rows it decodes at once (peak, mean), its preemptions and pages",
+    )
     p.add_argument("--temperature", type=float, default=0.6, help="rrm: sampling temperature")
     p.add_argument("--no-static", action="store_true", help="rrm: skip the static-batching baseline")
     p.add_argument(

@@ -10,7 +10,11 @@ drawn length (EOS ignored), so the work is fixed and the methods compare on the 
 3. transformers `generate` (torch) in length-sorted static batches of the same size, each batch run to its longest
    request (left-padded, min_new_tokens = max_new_tokens = that length);
 4. transformers' continuous batching (paged attention), every request submitted at once with its own
-   max_new_tokens to the manager `generate_batch` runs, sized by the same workload hints.
+   max_new_tokens to the manager `generate_batch` runs, sized by the same workload hints;
+5. with `paged_rows`, the engine with a paged KV cache (the "layers" path) of `paged_rows` slots in the
+   bytes the contiguous cache of `slots` slots takes: the pages, not the cap, bound the rows decoding at
+   once, and the run reports how many it reached (peak and mean over the decode steps) and how many rows
+   it preempted.
 
 Useful tokens/s = the sum of the drawn lengths / wall time. Compilation is part of a JAX method's wall
 time (a user pays it); the seconds spent compiling are reported beside it. transformers' warm-up runs (two
@@ -32,6 +36,7 @@ import jax
 import numpy as np
 
 from rrm_jax import engine, static_sampler
+from rrm_jax.pages import pages_in_budget
 from rrm_jax.sampling import SamplingSettings
 
 SIGMA = 1.1  # log-normal spread of output lengths: P(length >= 8 * median) = 3%
@@ -84,6 +89,19 @@ def decode_bytes(config, prompt_lens, outputs, decode_steps: int) -> tuple[float
     return float(decode_weight_bytes(config)) * decode_steps, positions * config.kv_bytes_per_token
 
 
+def _paging_figures(prefix: str, stats: engine.EngineStats) -> dict:
+    """The run's rows at once and its page pool's figures (zeros for a contiguous cache)."""
+    return {
+        f"{prefix}_peak_concurrent_rows": stats.peak_concurrent_rows,
+        f"{prefix}_mean_concurrent_rows": stats.live_row_steps / max(stats.decode_steps, 1),
+        f"{prefix}_rows_while_waiting": stats.rows_while_waiting,
+        f"{prefix}_page_size": stats.page_size,
+        f"{prefix}_pool_pages": stats.pool_pages,
+        f"{prefix}_peak_pages_in_use": stats.peak_pages_in_use,
+        f"{prefix}_preemptions": stats.preemptions,
+    }
+
+
 def _progress(phase: str, wall: float, useful: int, compile_s: float | None = None):
     """One line per finished phase on stderr, so a long run shows its figures as it goes."""
     compiling = f" ({compile_s:.1f} s of it compiling)" if compile_s is not None else ""
@@ -94,7 +112,7 @@ def _progress(phase: str, wall: float, useful: int, compile_s: float | None = No
     )
 
 
-def _engine_run(model, settings, prompts, outputs, slots, seed, prefill_tokens=None):
+def _engine_run(model, settings, prompts, outputs, slots, seed, prefill_tokens=None, **paging):
     stats = engine.EngineStats()
     reqs = [engine.Request(p, m, i) for i, (p, m) in enumerate(zip(prompts, outputs))]
     results = engine.generate(
@@ -106,6 +124,7 @@ def _engine_run(model, settings, prompts, outputs, slots, seed, prefill_tokens=N
         max_rows=slots,
         stats=stats,
         prefill_tokens=prefill_tokens,
+        **paging,
     )
     assert [len(r.output_ids) for r in results] == outputs
     return stats
@@ -220,6 +239,7 @@ def bench_rrm(
     static: bool = True,
     ceilings: dict | None = None,
     prefill_tokens: int | None = None,
+    paged_rows: int | None = None,
 ) -> dict:
     c = model.config
     prompts, outputs = rrm_workload(n, prompt_range, cap, c.vocab_size, seed)
@@ -291,8 +311,42 @@ def bench_rrm(
             "kv_budget_GB": stats.slots * stats.capacity * kv_token / 1e9,
             # what a paged cache would hold in the same budget, from this workload's mean length (computed)
             "paged_sequences_same_budget": int(stats.slots * stats.capacity / mean_len),
+            **_paging_figures("engine", stats),
         }
     )
+    if paged_rows:
+        # the contiguous cache's bytes (its slots x capacity positions) as pages of the paged engine
+        kv_pages = pages_in_budget(stats.slots * stats.capacity * kv_token, engine.PAGE_SIZE, kv_token)
+        paging = {"path": "layers", "paged": True, "kv_pages": kv_pages}
+        paged, wall, compile_s = clock.run(
+            lambda: _engine_run(model, settings, prompts, outputs, paged_rows, seed, prefill_tokens, **paging)
+        )
+        _progress(f"engine, paged ({paged_rows} rows in the KV budget of {slots} slots)", wall, useful, compile_s)
+        figures = _paging_figures("paged", paged)
+        print(
+            f"[bench rrm] paged engine: {paged.peak_concurrent_rows} rows at once at the peak, "
+            f"{paged.rows_while_waiting:.1f} on average while prompts waited, "
+            f"{figures['paged_mean_concurrent_rows']:.1f} over all its decode steps (the contiguous engine: "
+            f"{stats.slots} slots, {stats.rows_while_waiting:.1f} and {row['engine_mean_concurrent_rows']:.1f}); "
+            f"{paged.preemptions} preemptions; peak {paged.peak_pages_in_use} of {paged.pool_pages} pages of "
+            f"{paged.page_size} positions",
+            file=sys.stderr,
+            flush=True,
+        )
+        row.update(
+            {
+                "paged_rows": paged_rows,
+                "paged_s": wall,
+                "paged_compile_s": compile_s,
+                "paged_tokens_per_s": useful / wall,
+                "paged_vs_engine": (useful / wall) / row["engine_tokens_per_s"],
+                "paged_attention": paged.attention,
+                "paged_prefills": paged.prefills,
+                **figures,
+                "paged_peak_rows_vs_slots": paged.peak_concurrent_rows / stats.slots,
+                "paged_rows_while_waiting_vs_engine": paged.rows_while_waiting / max(stats.rows_while_waiting, 1e-9),
+            }
+        )
     if static:
         steps, wall, compile_s = clock.run(lambda: _static_run(model, settings, prompts, outputs, slots, cap, seed))
         _progress("static batching", wall, useful, compile_s)

@@ -1,30 +1,35 @@
-"""Continuous-batching generation engine: a fixed set of slots, each a contiguous per-row KV cache,
-refilled with waiting prompts as rows finish, decoding in chunks of decode steps (CHUNK_STEPS) between
-host checks.
+"""Continuous-batching generation engine: a fixed set of slots (rows decoding at once), refilled with
+waiting prompts as rows finish, decoding in chunks of decode steps (CHUNK_STEPS) between host checks.
 
-The host loop is plain Python over five jitted programs:
+The host loop is plain Python over a few jitted programs:
 
-    empty_state_fn  allocate the slots;
+    empty_state_fn  allocate the slots and their KV cache;
     unstack_fn      split the stacked layer weights into one array per layer (the "layers" path, once
                     per `generate` call);
     prefill_fn      prefill a pack of waiting prompts (several prompts in one token budget, each
-                    attending only to itself) once and insert their caches (one copy per sample) into
-                    free slots;
+                    attending only to itself) once and write their KV for their samples' slots;
     decode_fn       run a chunk of decode steps for every slot (finished slots idle) and return the
                     tokens;
-    compact_fn      once no prompt waits, gather the live rows into a smaller running batch.
+    compact_fn      once no prompt waits, gather the live rows into a smaller running batch;
+    retire_fn       stop rows preempted for their pages (paged cache).
 
 Two decode paths, chosen by `decode_path`:
 
-    "rows"    one CPU device: the stacked cache [L, B, S, K, H], layers scanned, each row reading the
-              smallest window that holds its own prefix (a loop over the rows, cheap on a CPU), and the
-              chunk of decode steps a while loop that returns early once enough slots are free for a
-              refill;
-    "layers"  accelerators and meshes: one cache array per layer [K, B, S, H] and the layers unrolled,
-              the chunk of decode steps a scan of a fixed length (finished rows masked), so a step holds no
-              conditional and no loop of unknown trip count (each costs a host round trip on XLA:GPU),
-              and the attention is `decode_attention.attend`: a Pallas kernel reading each row's own
-              length on GPU and TPU, or a window chosen on the host between chunks (XLA).
+    "rows"    one CPU device: a contiguous stacked cache [L, B, S, K, H] (S = capacity: the longest
+              prompt's bucket plus the largest limit), layers scanned, each row reading the smallest
+              window that holds its own prefix (a loop over the rows, cheap on a CPU), and the chunk of
+              decode steps a while loop that returns early once enough slots are free for a refill;
+    "layers"  accelerators and meshes: one cache array per layer and the layers unrolled, the chunk of
+              decode steps a scan of a fixed length (finished rows masked), so a step holds no
+              conditional and no loop of unknown trip count (each costs a host round trip on XLA:GPU).
+              The cache is paged: per layer a pool of pages [K, num_pages, P, H] read in place through
+              a page table (`paged_attention`: a Pallas kernel on GPU and TPU, an XLA gather of the
+              pages a window chosen on the host holds elsewhere), its bookkeeping on the host
+              (`rrm_jax.pages`, one pool per batch shard; the table goes to each call as an argument).
+              Rows take pages as they grow (`grow`, before each chunk), a prompt's samples share its
+              full pages, and under memory pressure the youngest row is preempted and its sample
+              recomputed (the recompute policy; `generate`'s docstring). `paged=False` keeps a
+              contiguous [K, B, S, H] cache per layer read by `decode_attention.attend` instead.
 
 Rows keep their own random streams (see `rrm_jax.sampling`), so results do not depend on the slot, the
 slot count, the other requests, their order or the path.
@@ -52,8 +57,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rrm_jax import distributed, parallel
 from rrm_jax.errors import UserError
-from rrm_jax.model import decode_attention, qwen2
+from rrm_jax.model import decode_attention, paged_attention, qwen2
 from rrm_jax.model.config import Qwen2Config
+from rrm_jax.pages import Admission, ShardedPagePool
 from rrm_jax.sampling import (
     MIN_BUCKET,
     Sample,
@@ -77,12 +83,16 @@ DEFAULT_PREFILL_TOKENS = 2048
 PREFILL_ROWS = 8  # rows of the budget one prefill call may take (per batch shard): a burst of short prompts
 PACK_LOOKAHEAD = 64  # waiting prompts a prefill row's best-fit packing looks through
 ATTENTION_ENV = "RRM_JAX_DECODE_ATTENTION"  # xla | pallas-gpu | pallas-tpu: overrides the backend's default
+# Positions a page of the paged cache ("layers" path): both paged kernels take 64 (paged_attention's
+# docstring: the GPU one wants a power of two <= its 128-position blocks, the TPU one whole bf16 tiles
+# and few enough pages a row for its page table to fit SMEM); a row wastes under a page on average.
+PAGE_SIZE = 64
 
 
 class SlotState(NamedTuple):
     """The running batch, one row per slot. A free slot is `done` with limit 0."""
 
-    cache: qwen2.KVCache | qwen2.LayerCache  # lengths [B]
+    cache: qwen2.KVCache | qwen2.LayerCache | qwen2.PagedCache  # lengths [B]
     logits: jax.Array  # [B, V] float32: the distribution of each row's next token
     num_generated: jax.Array  # [B] int32
     limit: jax.Array  # [B] int32: the row's max_new_tokens
@@ -117,6 +127,11 @@ class Pack(NamedTuple):
     limits: np.ndarray  # [M] int32
     slots: np.ndarray  # [M * num_samples] int32, prompt-major
     row_ids: np.ndarray  # [M * num_samples] uint32: each row's stream
+    # The paged cache's (empty for a contiguous one): where the prefill writes each prompt's KV, and the
+    # copies of its partly filled last page to its other samples' rows (target -1: padding).
+    prompt_pages: np.ndarray  # [M, ceil(T / page_size)] int32: global page ids, in position order
+    copy_sources: np.ndarray  # [M * (num_samples - 1)] int32
+    copy_targets: np.ndarray  # [M * (num_samples - 1)] int32
 
 
 def decode_path(mesh) -> str:
@@ -138,6 +153,12 @@ def attention_impl() -> str:
 def _constrain_cache(cache, mesh):
     if mesh is None:  # batch over (data, fsdp), kv heads over tp
         return cache
+    if isinstance(cache, qwen2.PagedCache):  # pages over the batch shards with their rows (paged_attention)
+        if not cache.keys:  # the per-row part alone (compaction)
+            return cache
+        pool = paged_attention.pool_sharding(mesh, cache.keys[0].shape)
+        c = lambda a: jax.lax.with_sharding_constraint(a, pool)
+        return cache._replace(keys=tuple(map(c, cache.keys)), values=tuple(map(c, cache.values)))
     if isinstance(cache, qwen2.LayerCache):
         kv = parallel.logical_sharding(("kv_heads", "batch", "length", "head_dim"), mesh, cache.keys[0].shape)
         c = lambda a: jax.lax.with_sharding_constraint(a, kv)
@@ -150,8 +171,11 @@ def _constrain_cache(cache, mesh):
     )
 
 
-def _empty_state(config: Qwen2Config, slots: int, capacity: int, mesh, path: str) -> SlotState:
-    if path == "layers":
+def _empty_state(config: Qwen2Config, slots: int, capacity: int, mesh, path: str, pool=None) -> SlotState:
+    """pool: (num_pages, page_size) of a paged cache ("layers" path only), else a contiguous one."""
+    if pool is not None:
+        cache = qwen2.empty_paged_cache(config, slots, *pool)
+    elif path == "layers":
         cache = qwen2.empty_layer_cache(config, slots, capacity)
     else:
         dt = jnp.dtype(config.dtype)
@@ -172,17 +196,20 @@ def _empty_state(config: Qwen2Config, slots: int, capacity: int, mesh, path: str
 def _prefill_insert(
     config: Qwen2Config, num_samples: int, mesh, params, state: SlotState, pack: Pack, seed
 ) -> SlotState:
-    """Prefill the prompts of `pack` once each and insert each prompt's cache into its num_samples slots;
-    row r of the pack samples from the stream of pack.row_ids[r]."""
+    """Prefill the prompts of `pack` once each and insert each prompt's cache into its num_samples slots
+    (a paged cache: into its pages, once); row r of the pack samples from the stream of pack.row_ids[r]."""
     with jax.named_scope("prefill"):
         logits, keys, values = qwen2.prefill_packed(
             config, params, pack.tokens, pack.segments, pack.positions, pack.last
         )
-    if num_samples > 1:  # token-major, then sample: as the host laid out token_slots
-        keys, values = jnp.repeat(keys, num_samples, axis=1), jnp.repeat(values, num_samples, axis=1)
-        logits = jnp.repeat(logits, num_samples, axis=0)
+    if isinstance(state.cache, qwen2.PagedCache):
+        cache = _write_prompt_pages(state.cache, pack, keys, values, mesh)
+    else:
+        if num_samples > 1:  # token-major, then sample: as the host laid out token_slots
+            keys, values = jnp.repeat(keys, num_samples, axis=1), jnp.repeat(values, num_samples, axis=1)
+        cache = qwen2.insert_tokens(state.cache, pack.token_slots, pack.token_positions, keys, values)
+    logits = jnp.repeat(logits, num_samples, axis=0)
     lengths, limits = jnp.repeat(pack.lengths, num_samples), jnp.repeat(pack.limits, num_samples)
-    cache = qwen2.insert_tokens(state.cache, pack.token_slots, pack.token_positions, keys, values)
     slots = pack.slots
     put = lambda dst, src: dst.at[slots].set(src, mode="drop")
     cache = cache._replace(lengths=put(cache.lengths, lengths))
@@ -196,6 +223,27 @@ def _prefill_insert(
         think_closed=put(state.think_closed, jnp.zeros(lengths.shape, bool)),
         keys=put(state.keys, jax.random.key_data(row_keys(seed, pack.row_ids))),
     )
+
+
+@jax.named_scope("cache_write")
+def _write_prompt_pages(cache: qwen2.PagedCache, pack: Pack, keys, values, mesh) -> qwen2.PagedCache:
+    """A packed prefill's keys / values [L, R * T, K, H] into each prompt's pages, then its partly filled
+    last page copied to its other samples' pages."""
+    M = pack.lengths.shape[0]
+    segments = jnp.where(pack.segments < M, pack.segments, -1).reshape(-1)  # padding: written nowhere
+    positions = pack.positions.reshape(-1)
+    new_keys, new_values = [], []
+    for layer, (k_pages, v_pages) in enumerate(zip(cache.keys, cache.values)):
+        k_pages, v_pages = paged_attention.write_prompt(
+            k_pages, v_pages, pack.prompt_pages, segments, positions, keys[layer], values[layer], mesh=mesh
+        )
+        if pack.copy_targets.shape[0]:
+            k_pages, v_pages = paged_attention.copy_pages(
+                k_pages, v_pages, pack.copy_sources, pack.copy_targets, mesh=mesh
+            )
+        new_keys.append(k_pages)
+        new_values.append(v_pages)
+    return cache._replace(keys=tuple(new_keys), values=tuple(new_values))
 
 
 def _sample_step(settings: SamplingSettings, s: SlotState):
@@ -220,19 +268,31 @@ def _decode_chunk(
     params,
     state: SlotState,
     stop_at_done,
+    page_table=None,
 ):
     """`chunk` decode steps. attention None: the "rows" path (params stacked, a while loop that stops
     early when every row is done or stop_at_done rows are); else the "layers" path (params unstacked, a
     fixed-length scan) with that `decode_attention` implementation, the XLA one reading the first
-    `block` positions (chosen on the host to hold every row through the chunk)."""
-    if attention is not None:
+    `block` positions (chosen on the host to hold every row through the chunk). A paged cache reads and
+    writes through page_table [B, R] with that `paged_attention` implementation, the XLA one reading
+    each row's first `block` pages."""
+    if isinstance(state.cache, qwen2.PagedCache):
+        attend = lambda q, k_pages, v_pages, lengths: paged_attention.attend_paged(
+            q, k_pages, v_pages, lengths, page_table, impl=attention, pages_read=block, mesh=mesh
+        )
+        write = lambda k_pages, v_pages, positions, k_new, v_new, active: paged_attention.write_token(
+            k_pages, v_pages, page_table, positions, k_new, v_new, active, mesh=mesh
+        )
+    elif attention is not None:
         attend = functools.partial(decode_attention.attend, impl=attention, window=block, mesh=mesh)
+        write = qwen2.write_rows
+    if attention is not None:
 
         def layers_step(s: SlotState, _):
             nxt, active, num_generated, done = _sample_step(settings, s)
             with jax.named_scope("decode_step"):
                 logits, cache = qwen2.decode_step_layers(
-                    config, params, nxt.tokens, s.cache, active=active, attend=attend
+                    config, params, nxt.tokens, s.cache, active=active, attend=attend, write=write
                 )
             s = SlotState(
                 _constrain_cache(cache, mesh),
@@ -299,12 +359,18 @@ def _compact(mesh, state: SlotState, keep) -> SlotState:
     )
 
 
+def _retire(state: SlotState, rows) -> SlotState:
+    """The rows of the mask `rows` [B] finished: they stop writing (their pages go to other rows)."""
+    return state._replace(done=state.done | rows, limit=jnp.where(rows, 0, state.limit))
+
+
 # Compiled once per (config, shapes, static settings); parameters and the slot state are arguments, and
 # the state is donated so the cache is updated in place.
-empty_state_fn = jax.jit(_empty_state, static_argnums=(0, 1, 2, 3, 4))
+empty_state_fn = jax.jit(_empty_state, static_argnums=(0, 1, 2, 3, 4, 5))
 prefill_fn = jax.jit(_prefill_insert, static_argnums=(0, 1, 2), donate_argnums=(4,))
 decode_fn = jax.jit(_decode_chunk, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(7,))
 compact_fn = jax.jit(_compact, static_argnums=(0,))  # no donation: the output is smaller than the input
+retire_fn = jax.jit(_retire, donate_argnums=(0,))
 unstack_fn = jax.jit(qwen2.unstack_layers)
 
 
@@ -326,7 +392,7 @@ class EngineStats:
     capacity: int = 0  # KV positions per slot
     path: str = ""  # decode_path: "rows" or "layers"
     attention: str = ""  # the "layers" path's decode attention
-    prefills: int = 0  # prompts prefilled (each exactly once)
+    prefills: int = 0  # prompts prefilled: once each, but a paged cache prefills again for preempted or later samples
     prefill_calls: int = 0
     prefill_tokens: int = 0  # token positions the prefill calls computed (prompts + padding)
     decode_calls: int = 0
@@ -335,11 +401,25 @@ class EngineStats:
     computed_row_steps: int = 0  # sum over steps of the rows the step computed (the running batch's size)
     live_kv_positions: int = 0  # sum over steps of the positions the live rows hold (the KV a step must read)
     compactions: int = 0
+    peak_concurrent_rows: int = 0  # the most rows live at once
+    # the decode steps run while prompts waited, when the slots (or pages) held all the rows they could
+    waiting_decode_steps: int = 0
+    waiting_live_row_steps: int = 0
+    # The paged cache's ("layers" path; 0 for a contiguous one)
+    page_size: int = 0
+    pool_pages: int = 0  # the pool's pages, every shard's null page included
+    peak_pages_in_use: int = 0
+    preemptions: int = 0  # rows preempted to free pages, their samples recomputed from the prompt
 
     @property
     def occupancy(self) -> float:
         """The fraction of the computed rows that generated a token."""
         return self.live_row_steps / max(1, self.computed_row_steps)
+
+    @property
+    def rows_while_waiting(self) -> float:
+        """Rows generating per decode step while prompts waited: how many the cache sustains."""
+        return self.waiting_live_row_steps / max(1, self.waiting_decode_steps)
 
 
 def slot_count(n_rows: int, max_rows: int | None, num_samples: int, mesh) -> int:
@@ -390,6 +470,7 @@ def pack_prompts(
     slots: int,
     row_multiple: int = 1,
     buckets=None,
+    placement: _Placement | None = None,
 ) -> tuple[Pack, list[int], list[int]]:
     """Take waiting prompts into one pack of up to `rows` rows of `budget` tokens (as many prompts as the
     free slots hold, at most budget / MIN_BUCKET a row; a prompt never straddles two rows). Each row starts
@@ -401,13 +482,21 @@ def pack_prompts(
     few prompts computes one row, a burst of short prompts a few, and a run compiles at most
     log2(rows) + 1 prefill programs. A prompt longer than the budget gets a one-row pack of its own, its
     power-of-two bucket long. Returns (pack, the requests taken, the slots their rows took). Pops from
-    `waiting` and `free`."""
+    `waiting` and `free`.
+
+    placement (a paged cache): a prompt is taken only if `placement.take` finds it pages and rows (the
+    first waiting prompt must fit), and the pack's rows are the slots it admits, perhaps only some of a
+    request's samples (its pack entry's other rows are padding)."""
     per_row = budget // MIN_BUCKET
     taken: list[int] = []
     starts: list[int] = []  # flat index of each taken prompt's first token
     row, used, in_row = 0, 0, 0
     length = lambda i: len(requests[i].prompt_ids)
-    while waiting and (len(taken) + 1) * num_samples <= len(free):
+    if placement is None:
+        room = lambda n: (n + 1) * num_samples <= len(free)
+    else:  # rows and pages are the placement's to check; a pack has at most slots / num_samples entries
+        room = lambda n: n < max(1, slots // num_samples)
+    while waiting and room(len(taken)):
         if in_row == 0:  # a row starts with the first waiting prompt
             if length(waiting[0]) > budget:
                 break
@@ -420,6 +509,8 @@ def pack_prompts(
                 row, used, in_row = row + 1, 0, 0
                 continue
         i = waiting[k]
+        if placement is not None and not placement.take(i):
+            break
         del waiting[k]
         starts.append(row * budget + used)
         taken.append(i)
@@ -432,11 +523,19 @@ def pack_prompts(
         starts.pop()
     R = min(rows, round_up(R, row_multiple))
     if not taken:  # the first waiting prompt is longer than the budget
+        if placement is not None and not placement.take(waiting[0]):
+            raise ValueError("the first waiting prompt does not fit the page pool; check before packing")
         taken.append(waiting.popleft())
         starts.append(0)
         R, T = 1, bucket_length(len(requests[taken[0]].prompt_ids), buckets)
     max_prompts = max(1, min(slots // num_samples, R * T // MIN_BUCKET))
-    taken_slots = [free.pop(0) for _ in range(len(taken) * num_samples)]
+    if placement is None:
+        taken_slots = [free.pop(0) for _ in range(len(taken) * num_samples)]
+    else:
+        placed = placement.commit(len(taken))
+        taken_slots = [slot for p in placed for slot in p.slots]
+        for slot in taken_slots:
+            free.remove(slot)
     tokens = np.zeros(R * T, np.int32)
     segments = np.full(R * T, max_prompts, np.int32)  # padding: a segment no prompt has
     positions = np.zeros(R * T, np.int32)
@@ -449,9 +548,29 @@ def pack_prompts(
         token_prompt[at : at + n] = j
         last[j], lengths[j], limits[j] = at + n - 1, n, requests[i].max_new_tokens
     row_slots = np.full(max_prompts * num_samples, slots, np.int32)  # padding entries: out of range
-    row_slots[: len(taken_slots)] = taken_slots
     row_ids = np.zeros(max_prompts * num_samples, np.uint32)
-    row_ids[: len(taken_slots)] = [requests[i].index * num_samples + s for i in taken for s in range(num_samples)]
+    if placement is None:
+        row_slots[: len(taken_slots)] = taken_slots
+        row_ids[: len(taken_slots)] = [requests[i].index * num_samples + s for i in taken for s in range(num_samples)]
+        prompt_pages = np.zeros((max_prompts, 0), np.int32)
+        copy_sources = copy_targets = np.zeros(0, np.int32)
+    else:
+        prompt_pages = np.zeros((max_prompts, -(-T // placement.page_size)), np.int32)
+        copy_sources = np.zeros(max_prompts * (num_samples - 1), np.int32)
+        copy_targets = np.full(max_prompts * (num_samples - 1), -1, np.int32)
+        copies = 0
+        for j, (i, p) in enumerate(zip(taken, placed)):
+            for s, slot in zip(p.samples, p.slots):  # sample s's row sits at s in its entry, as its logits
+                row_slots[j * num_samples + s] = slot
+                row_ids[j * num_samples + s] = requests[i].index * num_samples + s
+            pages = p.pages
+            prompt_pages[j, : len(pages.prefill_pages)] = pages.prefill_pages
+            m = len(pages.copy_targets)
+            copy_sources[copies : copies + m], copy_targets[copies : copies + m] = (
+                pages.copy_sources,
+                pages.copy_targets,
+            )
+            copies += m
     token_slots = np.where(
         (token_prompt >= 0)[:, None],
         row_slots[np.maximum(token_prompt, 0)[:, None] * num_samples + np.arange(num_samples)],
@@ -468,6 +587,9 @@ def pack_prompts(
         limits,
         row_slots,
         row_ids,
+        prompt_pages,
+        copy_sources,
+        copy_targets,
     )
     return pack, taken, taken_slots
 
@@ -495,12 +617,35 @@ def _replicate(x, mesh):
 class _HostRow:
     """The host's record of one generating row: whose sample it is and what it has generated so far."""
 
-    __slots__ = ("request", "sample", "prompt_len", "tokens", "logprobs", "sampling_logprobs", "finished")
+    __slots__ = ("request", "sample", "prompt_len", "limit", "tokens", "logprobs", "sampling_logprobs", "finished")
 
-    def __init__(self, request: int, sample: int, prompt_len: int):
-        self.request, self.sample, self.prompt_len = request, sample, prompt_len
+    def __init__(self, request: int, sample: int, prompt_len: int, limit: int):
+        self.request, self.sample, self.prompt_len, self.limit = request, sample, prompt_len, limit
         self.tokens, self.logprobs, self.sampling_logprobs = [], [], []
         self.finished = False
+
+    @property
+    def length(self) -> int:
+        """Positions the row's KV holds once every dispatched chunk is read."""
+        return self.prompt_len + len(self.tokens)
+
+
+def page_pool(requests: Sequence[Request], slots: int, capacity: int, shards: int, kv_pages, page_size: int):
+    """The host side of a paged cache for `slots` rows over `shards` batch shards: kv_pages pages (default:
+    the contiguous cache's slots x capacity positions, plus each shard's null page, so every row can reach
+    its longest length at once and nothing is ever preempted), a page table as wide as a capacity-long
+    row needs, rounded up to whole compute blocks of the GPU kernel."""
+    per_row = -(-capacity // page_size)
+    width = round_up(per_row, max(1, paged_attention.GPU_BLOCK // page_size))
+    rows = slots // shards
+    per_shard = rows * per_row + 1 if kv_pages is None else kv_pages // shards
+    longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+    if per_shard - 1 < -(-longest // page_size):
+        raise UserError(
+            f"a KV pool of {per_shard} pages of {page_size} positions a batch shard (one is its null page) cannot "
+            f"hold one row of {longest} positions; give it more pages or lower max_new_tokens"
+        )
+    return ShardedPagePool(shards, per_shard, page_size, width, rows)
 
 
 def generate(
@@ -521,6 +666,9 @@ def generate(
     refill_rows: int | None = None,
     prefill_tokens: int | None = None,
     path: str | None = None,
+    paged: bool | None = None,
+    kv_pages: int | None = None,
+    page_size: int | None = None,
     stats: EngineStats | None = None,
 ) -> list[Sample]:
     """Generate num_samples continuations of every request with continuous batching. Returns them
@@ -533,7 +681,18 @@ def generate(
     halves it, so a tail of a few long rows does not pay for every slot (at most log2(slots) more decode
     programs). prefill_tokens: the prefill pack's token budget (default per backend, PREFILL_TOKENS).
     path: "rows" or "layers" (default `decode_path(mesh)`). progress(k) is called as k more requests
-    complete."""
+    complete.
+
+    paged: keep the KV cache as a pool of pages (default: on the "layers" path, the only one that runs
+    it). Rows take pages as they grow and return them as they finish, a prompt's samples share its full
+    pages, and a waiting prompt starts when the pool holds its prompt pages plus a margin for the running
+    rows' growth; when the pool runs dry mid-decode, the youngest row is preempted and its sample
+    recomputed later from its prompt, with the same tokens (`rrm_jax.pages`: the recompute policy).
+    kv_pages: the pool's pages, all batch shards together, each shard's null page included (default:
+    what the contiguous cache of the slots takes, so no row ever waits for a page); the slots then bound
+    the rows live at once only when the pool holds them: give max_rows beyond kv_pages' worth of
+    capacity-long rows to let the pages, not the longest possible row, set how many decode at once.
+    page_size: positions a page (default PAGE_SIZE)."""
     run = _Generation(
         config,
         settings,
@@ -551,6 +710,9 @@ def generate(
         refill_rows=refill_rows,
         prefill_tokens=prefill_tokens,
         path=path,
+        paged=paged,
+        kv_pages=kv_pages,
+        page_size=page_size,
         stats=stats if stats is not None else EngineStats(),
     )
     # On the "layers" path, once no prompt waits, a chunk stays in flight: the next one is dispatched
@@ -562,6 +724,12 @@ def generate(
             run.refill()
             if not run.waiting:
                 run.compact()
+        if not run.grow(in_flight is not None):
+            # The page pool ran dry with a chunk in flight: read it first, since a row is preempted only
+            # once no dispatched chunk can still write its pages; then refill and grow again.
+            run.read(*in_flight)
+            in_flight = None
+            continue
         emitted, snapshot = run.dispatch_decode(in_flight is not None)
         if in_flight is not None:
             run.read(*in_flight)  # while the chunk just dispatched runs
@@ -573,10 +741,80 @@ def generate(
     return run.results
 
 
+class _Placed(NamedTuple):
+    """One request's rows a pack starts on a paged cache."""
+
+    samples: list[int]
+    slots: list[int]
+    pages: Admission  # global page ids
+
+
+class _Placement:
+    """Where a prefill pack's requests start on a paged cache (the admission rule of the recompute policy,
+    `rrm_jax.pages`): a request's pending samples go to the batch shard that holds the most of them (all
+    at once, sharing their prompt pages, unless a shard could never hold them all), if its free rows and
+    free pages hold them: their prompt pages plus a margin of the pages
+    every row of the shard may still take in the next `ahead` tokens (the chunks in flight), its running
+    rows' (`margin`) and the new ones', so an admission never makes the next chunk preempt. A row's
+    margin stops at its longest length, so a pool sized for every slot's longest row admits whenever a
+    slot is free (as the contiguous cache), and an empty pool always takes a request's first sample.
+    `take` plans one request more; `commit` admits the first planned ones and takes their samples off
+    `pending`."""
+
+    def __init__(self, kv: ShardedPagePool, free: list[int], pending: dict, requests, margin: list[int], ahead: int):
+        self.kv, self.pending, self.requests, self.ahead = kv, pending, requests, ahead
+        self.page_size = kv.page_size
+        shards = range(len(kv.pools))
+        self.free_rows = [sorted(slot for slot in free if kv.shard_of(slot)[0] == s) for s in shards]
+        self.rows_left = [len(rows) for rows in self.free_rows]
+        self.pages_left = [pool.free_pages - m for pool, m in zip(kv.pools, margin)]
+        self.plan: list[tuple[int, int, list[int]]] = []  # (request, shard, samples)
+
+    def _need(self, shard: int, request: Request, k: int) -> int:
+        """Pages k samples of `request` take on `shard`, with their margin."""
+        pool, n = self.kv.pools[shard], len(request.prompt_ids)
+        growth = pool.pages_for(n + min(self.ahead, request.max_new_tokens)) - pool.pages_for(n)
+        return pool.pages_needed(n, k) + k * growth
+
+    def _samples_now(self, shard: int, request: int) -> int:
+        """How many of the request's pending samples start on `shard` now: all of them if they fit (so they
+        share their prompt pages), else none; but as many as fit if the shard could never hold them all
+        at once (more than its rows, or its pages)."""
+        req, pool, whole = self.requests[request], self.kv.pools[shard], len(self.pending[request])
+        fits = lambda k: k <= self.rows_left[shard] and self._need(shard, req, k) <= self.pages_left[shard]
+        if fits(whole):
+            return whole
+        if whole <= self.kv.rows_per_shard and self._need(shard, req, whole) <= pool.usable_pages:
+            return 0
+        return next((k for k in range(whole - 1, 0, -1) if fits(k)), 0)
+
+    def take(self, request: int) -> bool:
+        samples = self.pending[request]
+        k, _, shard = max((self._samples_now(s, request), self.pages_left[s], -s) for s in range(len(self.kv.pools)))
+        if k == 0:
+            return False
+        shard = -shard
+        self.rows_left[shard] -= k
+        self.pages_left[shard] -= self._need(shard, self.requests[request], k)
+        self.plan.append((request, shard, samples[:k]))
+        return True
+
+    def commit(self, count: int) -> list[_Placed]:
+        placed = []
+        for request, shard, samples in self.plan[:count]:
+            slots = [self.free_rows[shard].pop(0) for _ in samples]
+            pages = self.kv.admit(slots, len(self.requests[request].prompt_ids))
+            self.pending[request] = self.pending[request][len(samples) :]
+            placed.append(_Placed(samples, slots, pages))
+        return placed
+
+
 class _Generation:
     """The host side of one `generate` call, in stages: `refill` prefills waiting prompts into free slots,
-    `compact` shrinks the running batch once no prompt waits, `dispatch_decode` starts a chunk of decode
-    steps, `read` takes its tokens into the rows and frees the slots of finished rows."""
+    `compact` shrinks the running batch once no prompt waits, `grow` gives the rows of a paged cache the
+    pages the next chunk writes (preempting the youngest when the pool is dry), `dispatch_decode` starts a
+    chunk of decode steps, `read` takes its tokens into the rows and frees the slots (and pages) of
+    finished rows."""
 
     def __init__(
         self,
@@ -597,6 +835,9 @@ class _Generation:
         refill_rows,
         prefill_tokens,
         path,
+        paged,
+        kv_pages,
+        page_size,
         stats: EngineStats,
     ):
         self.config, self.settings, self.params, self.requests = config, settings, params, requests
@@ -615,13 +856,25 @@ class _Generation:
         self.pack_rows = self.shards * PREFILL_ROWS * (budget // self.row_len)
         self.path = path or decode_path(mesh)
         self.attention = attention_impl() if self.path == "layers" else None
+        self.paged = self.path == "layers" if paged is None else paged
+        if self.paged and self.path != "layers":
+            raise UserError('the paged KV cache runs on the "layers" decode path; pass path="layers"')
+        if not self.paged and (kv_pages is not None or page_size is not None):
+            raise UserError("kv_pages and page_size size a paged KV cache, which this call does not use")
         stats.slots, stats.capacity, stats.path, stats.attention = slots, self.capacity, self.path, self.attention or ""
 
-        self.state = empty_state_fn(config, slots, self.capacity, mesh, self.path)
+        pool = None
+        if self.paged:
+            P = page_size or PAGE_SIZE
+            self.kv = page_pool(requests, slots, self.capacity, self.shards, kv_pages, P)
+            pool = (self.kv.num_pages, P)
+            stats.page_size, stats.pool_pages = P, self.kv.num_pages
+        self.state = empty_state_fn(config, slots, self.capacity, mesh, self.path, pool)
         if mesh is None:  # committed like every later state, so the first refill reuses the same compilation
             self.state = jax.device_put(self.state, next(iter(jax.tree.leaves(params)[0].devices())))
         self.decode_params = unstack_fn(params) if self.path == "layers" else params
         self.waiting = collections.deque(range(len(requests)))
+        self.pending = {i: list(range(num_samples)) for i in range(len(requests))}  # samples still to start
         self.free = list(range(slots))
         self.owner: list[_HostRow | None] = [None] * slots
         self.results: list[Sample | None] = [None] * n_rows
@@ -632,59 +885,154 @@ class _Generation:
         """Whether any slot holds a row that has not finished."""
         return len(self.free) < len(self.owner)
 
+    def _placement(self) -> _Placement:
+        ahead = 2 * self.chunk  # what a row may write in a chunk and the one in flight
+        margin = [0] * len(self.kv.pools)
+        for slot, row in enumerate(self.owner):
+            if row is not None:
+                need = self.kv.pools[0].pages_for(min(row.length + ahead, row.prompt_len + row.limit))
+                margin[self.kv.shard_of(slot)[0]] += max(0, need - self.kv.held(slot))
+        return _Placement(self.kv, self.free, self.pending, self.requests, margin, ahead)
+
+    def _can_start(self, request: int) -> bool:
+        if self.paged:
+            return self._placement().take(request)
+        return len(self.free) >= self.num_samples
+
     def refill(self) -> None:
-        """Prefill waiting prompts, a pack per call, while free slots hold a prompt's samples."""
-        stats = self.stats
-        while self.waiting and len(self.free) >= self.num_samples:
-            pack, taken, rows = pack_prompts(
+        """Prefill waiting prompts, a pack per call, while free slots (and pages) hold the next one's samples."""
+        stats, num_samples = self.stats, self.num_samples
+        while self.waiting and self._can_start(self.waiting[0]):
+            pack, taken, _ = pack_prompts(
                 self.requests,
                 self.waiting,
                 self.free,
-                num_samples=self.num_samples,
+                num_samples=num_samples,
                 budget=self.row_len,
                 rows=self.pack_rows,
                 slots=len(self.owner),
                 row_multiple=self.shards,
                 buckets=self.buckets,
+                placement=self._placement() if self.paged else None,
             )
+            for i in reversed(taken):  # samples the pool could not hold yet wait at the front
+                if self.pending[i] and self.paged:
+                    self.waiting.appendleft(i)
+            for r, slot in enumerate(pack.slots[: len(taken) * num_samples].tolist()):
+                if slot < len(self.owner):  # sample r % num_samples of the r // num_samples-th prompt
+                    request = self.requests[taken[r // num_samples]]
+                    row = _HostRow(
+                        taken[r // num_samples], r % num_samples, len(request.prompt_ids), request.max_new_tokens
+                    )
+                    self.owner[slot] = row
             pack = Pack(*(_replicate(a, self.mesh) for a in pack))
             self.state = prefill_fn(
                 self.config,
-                self.num_samples,
+                num_samples,
                 self.mesh,
                 self.params,
                 self.state,
                 pack,
                 _replicate(self.seed32, self.mesh),
             )
-            for r, slot in enumerate(rows):
-                i = taken[r // self.num_samples]
-                self.owner[slot] = _HostRow(i, r % self.num_samples, len(self.requests[i].prompt_ids))
             stats.prefills += len(taken)
             stats.prefill_calls += 1
             stats.prefill_tokens += pack.tokens.size
+        stats.peak_concurrent_rows = max(stats.peak_concurrent_rows, len(self.owner) - len(self.free))
+        self._note_pages()
+
+    def _compaction(self) -> list[int] | None:
+        """The slots a compacted running batch keeps (the live rows, padded with free slots to the power of
+        two holding them), when that halves the batch or more; else None. A paged cache compacts each batch
+        shard alike, since a shard's rows hold only its pages."""
+        if not self.paged:
+            live = [slot for slot, o in enumerate(self.owner) if o is not None]
+            size = compacted_size(len(live), len(self.owner), self.mesh)
+            return None if size is None else live + self.free[: size - len(live)]
+        per_shard = len(self.owner) // self.shards
+        shards = [range(s * per_shard, (s + 1) * per_shard) for s in range(self.shards)]
+        live = [[slot for slot in rows if self.owner[slot] is not None] for rows in shards]
+        size = next_power_of_two(max(map(len, live)))
+        if size * 2 > per_shard:
+            return None
+        idle = [[slot for slot in rows if self.owner[slot] is None] for rows in shards]
+        return [slot for mine, spare in zip(live, idle) for slot in mine + spare[: size - len(mine)]]
 
     def compact(self) -> None:
-        """Gather the live rows into a running batch of half the slots or less, when they fit in one."""
-        live = [slot for slot, o in enumerate(self.owner) if o is not None]
-        size = compacted_size(len(live), len(self.owner), self.mesh)
-        if size is None:
+        """Gather the live rows into a running batch of half the slots or less, when they fit in one. A paged
+        cache's pages stay where they are: only the rows' state and page-table rows move."""
+        keep = self._compaction()
+        if keep is None:
             return
-        keep = live + self.free[: size - len(live)]  # free slots pad it: done, limit 0
-        self.state = compact_fn(self.mesh, self.state, _replicate(np.asarray(keep, np.int32), self.mesh))
-        self.owner = [self.owner[slot] for slot in keep]
-        self.free = list(range(len(live), size))
+        at = _replicate(np.asarray(keep, np.int32), self.mesh)
+        if self.paged:
+            cache = self.state.cache
+            rows_only = self.state._replace(cache=cache._replace(keys=(), values=()))
+            state = compact_fn(self.mesh, rows_only, at)
+            self.state = state._replace(cache=state.cache._replace(keys=cache.keys, values=cache.values))
+            self.kv.keep_rows(keep)
+        else:
+            self.state = compact_fn(self.mesh, self.state, at)
+        self.owner = [self.owner[slot] for slot in keep]  # free slots pad it: done, limit 0
+        self.free = [slot for slot, o in enumerate(self.owner) if o is None]
         self.stats.compactions += 1
+
+    def grow(self, chunk_in_flight: bool) -> bool:
+        """A paged cache's pages for every live row through the chunk about to be dispatched (and the one in
+        flight). When the pool runs dry: with a chunk in flight, False (it must be read first); without,
+        the youngest rows are preempted until the others fit."""
+        if not self.paged:
+            return True
+        rows = [slot for slot, o in enumerate(self.owner) if o is not None]
+        ahead = self.chunk * (2 if chunk_in_flight else 1)
+        lengths = [min(self.owner[r].length + ahead, self.owner[r].prompt_len + self.owner[r].limit) for r in rows]
+        if chunk_in_flight:
+            short = self.kv.ensure(rows, lengths)
+            self._note_pages()
+            return not short
+        self._preempt(self.kv.grow(rows, lengths))
+        self._note_pages()
+        return True
+
+    def _preempt(self, slots: list[int]) -> None:
+        """Requeue preempted rows' samples at the front of the waiting queue, to be recomputed from their
+        prompt (a sample's tokens depend only on seed, prompt and sample), and stop the rows on the device."""
+        if not slots:
+            return
+        for slot in slots:
+            row = self.owner[slot]
+            self.owner[slot] = None
+            self.free.append(slot)
+            if not self.pending[row.request]:
+                self.waiting.appendleft(row.request)
+            self.pending[row.request] = sorted([*self.pending[row.request], row.sample])
+        stopped = np.zeros(len(self.owner), bool)
+        stopped[slots] = True
+        self.state = retire_fn(self.state, _replicate(stopped, self.mesh))
+        self.stats.preemptions = self.kv.preemptions
+
+    def _note_pages(self) -> None:
+        if self.paged:
+            self.stats.peak_pages_in_use = self.kv.peak_pages_in_use
 
     def dispatch_decode(self, another_in_flight: bool) -> tuple[Emitted, list]:
         """Start a chunk of decode steps; returns what it will emit and the slots' owners at dispatch. Its
         outputs start copying to the host at once, each behind the chunk, so none waits for the others."""
         slots = len(self.owner)
         stop_at_done = len(self.free) + self.refill_rows if self.waiting else slots
-        window = self.block
-        if self.attention == "xla":  # rows grow by up to a chunk in this call, and in the one in flight
-            longest = max((o.prompt_len + len(o.tokens) for o in self.owner if o is not None), default=0)
-            window = host_window(longest, self.chunk * (2 if another_in_flight else 1), self.block, self.capacity)
+        # The XLA attention reads a window (positions; a paged cache: the pages holding them) that holds
+        # the longest row by the end of this chunk and the one in flight; a kernel reads each row's own
+        # length, and the window only names its program (the block, or a paged cache's whole table).
+        page_table, window, read_all = None, self.block, self.capacity
+        if self.paged:
+            page_table = _replicate(self.kv.page_table(), self.mesh)
+            window = read_all = self.kv.pools[0].max_pages_per_row
+        if self.attention == "xla":
+            longest = max((o.length for o in self.owner if o is not None), default=0)
+            ahead = self.chunk * (2 if another_in_flight else 1)
+            window = host_window(longest, ahead, self.block, self.capacity)
+            if self.paged:
+                window = -(-window // self.kv.page_size)
         snapshot = list(self.owner)
         self.state, emitted, self.attention = _decode(
             self.config,
@@ -696,8 +1044,9 @@ class _Generation:
             self.decode_params,
             self.state,
             _replicate(np.int32(stop_at_done), self.mesh),
-            self.capacity,
+            read_all,
             self.stats,
+            page_table,
         )
         for a in emitted:
             if a.is_fully_addressable:
@@ -708,16 +1057,12 @@ class _Generation:
         """Whether the chunk just dispatched may be read after the next one starts: on the "layers" path,
         once no prompt waits and no compaction is due (both need its tokens first)."""
         live = sum(o is not None for o in self.owner)
-        return (
-            self.path == "layers"
-            and not self.waiting
-            and live > 0
-            and compacted_size(live, len(self.owner), self.mesh) is None
-        )
+        return self.path == "layers" and not self.waiting and live > 0 and self._compaction() is None
 
     def read(self, emitted: Emitted, snapshot: list) -> None:
         """The host's side of one decode call: its tokens appended to the rows of `snapshot` (the slots'
-        owners when it was dispatched), finished rows turned into results and their slots freed."""
+        owners when it was dispatched), finished rows turned into results and their slots (and pages)
+        freed."""
         stats, num_samples = self.stats, self.num_samples
         tokens, logp, slogp, count, done = distributed.gather_to_host(tuple(emitted))
         count = np.where([o is not None for o in snapshot], count, 0)
@@ -726,12 +1071,15 @@ class _Generation:
         stats.decode_steps += steps
         stats.computed_row_steps += steps * len(snapshot)
         stats.live_row_steps += int(count.sum())
+        if self.waiting:  # as when it was dispatched: a chunk is kept in flight only once none waits
+            stats.waiting_decode_steps += steps
+            stats.waiting_live_row_steps += int(count.sum())
         completed = 0
         for slot, row in enumerate(snapshot):
             if row is None or row.finished:  # finished in the call before (read after this one was dispatched)
                 continue
             k = int(count[slot])
-            held = row.prompt_len + len(row.tokens)
+            held = row.length
             stats.live_kv_positions += k * held + k * (k - 1) // 2
             row.tokens.extend(tokens[slot, :k].tolist())
             row.logprobs.extend(logp[slot, :k].tolist())
@@ -743,6 +1091,8 @@ class _Generation:
                 row.finished = True
                 self.owner[slot] = None
                 self.free.append(slot)
+                if self.paged:  # no chunk dispatched later writes it: the row was done in this one
+                    self.kv.release(slot)
                 self.unfinished[row.request] -= 1
                 completed += self.unfinished[row.request] == 0
         if self.progress is not None and completed:
@@ -798,13 +1148,16 @@ def fixed_batch(
     return FixedBatch(state, decode)
 
 
-def _decode(config, settings, chunk, window, attention, mesh, params, state, stop_at_done, capacity, stats):
+def _decode(
+    config, settings, chunk, window, attention, mesh, params, state, stop_at_done, read_all, stats, page_table=None
+):
     """decode_fn, falling back from a Pallas attention kernel to XLA (with a warning) when the kernel
     does not compile on this device; the failure comes from compilation, before the donated state is
-    consumed; the XLA attention then reads the whole `capacity`. Returns (state, emitted, the attention
-    used)."""
+    consumed; the XLA attention then reads `read_all` (the capacity, or a paged cache's whole page
+    table). Returns (state, emitted, the attention used)."""
+    args = (mesh, params, state, stop_at_done, page_table)
     try:
-        return (*decode_fn(config, settings, chunk, window, attention, mesh, params, state, stop_at_done), attention)
+        return (*decode_fn(config, settings, chunk, window, attention, *args), attention)
     except Exception as e:  # noqa: BLE001 - any lowering error of the kernel
         if attention in (None, "xla"):
             raise
@@ -814,4 +1167,4 @@ def _decode(config, settings, chunk, window, attention, mesh, params, state, sto
             stacklevel=3,
         )
         stats.attention = "xla"
-        return (*decode_fn(config, settings, chunk, capacity, "xla", mesh, params, state, stop_at_done), "xla")
+        return (*decode_fn(config, settings, chunk, read_all, "xla", *args), "xla")

@@ -38,6 +38,11 @@ instead would be cheaper but computes their KV with the prefill program, whose r
 pool must hold one row's worst case for progress: check `pages_needed(n, k, max_len)` <= `usable_pages`
 before generating; `grow` raises if a row alone cannot grow.
 
+Meshes and compaction. `ShardedPagePool` keeps one pool per batch shard, as `paged_attention` shards the
+device pool (a shard's rows hold only its pages); `PagePool.keep_rows` renumbers the rows when the
+engine compacts its running batch (table rows move, pages stay). The engine (`rrm_jax.engine`) runs the
+recompute policy.
+
 Contract with the device. A row's pages may be rewritten by the next row that takes them, so release or
 preempt a row only once no dispatched chunk can still write its KV (read the chunk in flight first).
 """
@@ -124,6 +129,10 @@ class PagePool:
     def free_pages(self) -> int:
         """Pages an admission or an unreserved growth may take: free ones not set aside for a row."""
         return len(self._free) - self.reserved_pages
+
+    def held(self, row: int) -> int:
+        """Pages row `row` holds (its table entries in use)."""
+        return int(self._held[row])
 
     def pages_for(self, tokens: int) -> int:
         """Pages a row of `tokens` positions holds."""
@@ -268,6 +277,22 @@ class PagePool:
             want.pop(victim, None)
         return preempted
 
+    # ---- compaction --------------------------------------------------------------------------------
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Keep only the rows `rows`, renumbered in that order (row i is old row rows[i]): the engine's
+        compaction of its running batch, which moves per-row state and table rows, never pages. Every live
+        row must be kept."""
+        rows = np.asarray(rows, np.int64)
+        if len(set(rows.tolist())) != len(rows) or rows.size == 0 or rows.min() < 0 or rows.max() >= self.rows:
+            raise ValueError(f"rows must be distinct rows in [0, {self.rows}); got {rows.tolist()}")
+        if lost := sorted(set(self.live_rows().tolist()) - set(rows.tolist())):
+            raise ValueError(f"live rows {lost} would be dropped; release them first")
+        self.rows = len(rows)
+        self.page_table = self.page_table[rows]
+        for name in ("_held", "_shared", "_reserved", "_serial", "_group"):
+            setattr(self, name, getattr(self, name)[rows])
+
     # ---- invariants --------------------------------------------------------------------------------
 
     def check(self) -> None:
@@ -326,3 +351,106 @@ class PagePool:
 def _expect(condition: bool, message: str) -> None:
     if not condition:  # not `assert`: the check must run under python -O too
         raise AssertionError(message)
+
+
+class ShardedPagePool:
+    """One PagePool per batch shard of a mesh, laid out as `paged_attention` shards a pool: shard s owns
+    the global pages [s * n, (s + 1) * n) (n = pages_per_shard, the first of them its NULL_PAGE) and the
+    rows [s * r, (s + 1) * r) (r = rows_per_shard), and its rows hold only its pages, so every shard
+    attends and writes through its own slice. Rows and page ids here are global; without a mesh there is
+    one shard, a plain pool. Admissions stay on one shard (a prompt's samples share pages); growth,
+    preemption and release act on the row's own shard."""
+
+    def __init__(self, shards: int, pages_per_shard: int, page_size: int, max_pages_per_row: int, rows_per_shard: int):
+        self.pools = [PagePool(pages_per_shard, page_size, max_pages_per_row, rows_per_shard) for _ in range(shards)]
+        self.pages_per_shard, self.page_size = pages_per_shard, page_size
+        self.peak_pages_in_use = 0  # of all shards at once (the pools' own peaks may fall at other times)
+
+    @property
+    def rows_per_shard(self) -> int:
+        return self.pools[0].rows
+
+    @property
+    def num_pages(self) -> int:
+        return self.pages_per_shard * len(self.pools)
+
+    @property
+    def pages_in_use(self) -> int:
+        return sum(p.pages_in_use for p in self.pools)
+
+    @property
+    def preemptions(self) -> int:
+        return sum(p.preemptions for p in self.pools)
+
+    def shard_of(self, row: int) -> tuple[int, int]:
+        """(shard, the row's index in that shard's pool)."""
+        return divmod(int(row), self.rows_per_shard)
+
+    def page_table(self) -> np.ndarray:
+        """[shards * rows_per_shard, max_pages_per_row] int32 of global page ids (an unused entry names its
+        shard's NULL_PAGE)."""
+        return np.concatenate([p.page_table + s * self.pages_per_shard for s, p in enumerate(self.pools)])
+
+    def admit(self, rows: Sequence[int], prompt_len: int) -> Admission:
+        """PagePool.admit on the rows' shard (all of them on one), with global page ids."""
+        (shard,) = {self.shard_of(r)[0] for r in rows}
+        a = self.pools[shard].admit([self.shard_of(r)[1] for r in rows], prompt_len)
+        self._note_peak()
+        base = shard * self.pages_per_shard
+        return Admission(a.prefill_pages + base, a.copy_sources + base, a.copy_targets + base)
+
+    def ensure(self, rows: Sequence[int], new_lengths: Sequence[int]) -> list[int]:
+        """PagePool.ensure per shard; returns the rows left short."""
+        short = [
+            self._global(s, r) for s, rs, ns in self._by_shard(rows, new_lengths) for r in self.pools[s].ensure(rs, ns)
+        ]
+        self._note_peak()
+        return short
+
+    def grow(self, rows: Sequence[int], new_lengths: Sequence[int]) -> list[int]:
+        """PagePool.grow per shard; returns the preempted rows."""
+        preempted = []
+        for s, rs, ns in self._by_shard(rows, new_lengths):
+            if self.pools[s].ensure(rs, ns):  # short: noted at its fullest, before preempting frees pages
+                self._note_peak()
+                preempted += [self._global(s, r) for r in self.pools[s].grow(rs, ns)]
+        self._note_peak()
+        return preempted
+
+    def held(self, row: int) -> int:
+        shard, local = self.shard_of(row)
+        return self.pools[shard].held(local)
+
+    def release(self, row: int) -> None:
+        shard, local = self.shard_of(row)
+        self.pools[shard].release(local)
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """PagePool.keep_rows per shard: `rows` lists each shard's kept rows in turn, as many for every
+        shard (rows[i] must lie on shard i // (len(rows) / shards))."""
+        per, rest = divmod(len(rows), len(self.pools))
+        if rest:
+            raise ValueError(f"{len(rows)} rows do not split over {len(self.pools)} shards")
+        where = [self.shard_of(r) for r in rows]  # before any pool shrinks, which renumbers the rows
+        if any(shard != i // per for i, (shard, _) in enumerate(where)):
+            raise ValueError(f"rows {list(rows)} are not {per} rows of each shard in turn")
+        for s, pool in enumerate(self.pools):
+            pool.keep_rows([local for _, local in where[s * per : (s + 1) * per]])
+
+    def check(self) -> None:
+        for pool in self.pools:
+            pool.check()
+
+    def _by_shard(self, rows, new_lengths):
+        groups: dict[int, tuple[list[int], list[int]]] = {}
+        for row, n in zip(rows, new_lengths, strict=True):
+            shard, local = self.shard_of(row)
+            groups.setdefault(shard, ([], []))[0].append(local)
+            groups[shard][1].append(int(n))
+        return [(s, rs, ns) for s, (rs, ns) in sorted(groups.items())]
+
+    def _global(self, shard: int, local: int) -> int:
+        return shard * self.rows_per_shard + int(local)
+
+    def _note_peak(self) -> None:
+        self.peak_pages_in_use = max(self.peak_pages_in_use, self.pages_in_use)

@@ -345,3 +345,55 @@ def test_pool_size_from_a_byte_budget():
     budget = 10 * 2**30
     assert pages.pages_in_budget(budget, 64, small.kv_bytes_per_token) == budget // (64 * 28_672) == 5851
     assert pages.pages_in_budget(64 * 28_672 - 1, 64, small.kv_bytes_per_token) == 0
+
+
+def test_keep_rows_renumbers_table_rows_and_keeps_every_live_row():
+    """The engine's compaction: kept rows move with their pages, admission order and sharing."""
+    pool = PagePool(num_pages=20, page_size=4, max_pages_per_row=4, rows=8)
+    ref = Reference(pool)
+    ref.admit([5, 2], 6)  # one shared page, a partial one each
+    ref.admit([7], 3)
+    before = pool.page_table.copy()
+    with pytest.raises(ValueError, match="live rows \\[7\\]"):
+        pool.keep_rows([5, 2, 0, 1])
+    keep = [7, 2, 5, 0]
+    pool.keep_rows(keep)
+    assert pool.rows == 4 and np.array_equal(pool.page_table, before[keep])
+    assert pool.live_rows().tolist() == [2, 1, 0]  # admission order: old rows 5, 2, then 7
+    pool.check()
+    ref.pool, ref.tokens = pool, {keep.index(r): t for r, t in ref.tokens.items()}
+    ref.prompt_len = {keep.index(r): n for r, n in ref.prompt_len.items()}
+    ref.group = {keep.index(r): g for r, g in ref.group.items()}
+    ref.order = [2, 1, 0]
+    ref.grow([0, 1, 2], [9, 9, 9])  # the renumbered rows grow in their own pages
+    ref.verify()
+    ref.release_all()
+
+
+def test_sharded_pool_keeps_each_shards_rows_in_its_own_pages():
+    """Two shards of 6 pages (global ids 0-5 and 6-11, NULL_PAGE 0 and 6) and 3 rows each (0-2, 3-5)."""
+    kv = pages.ShardedPagePool(shards=2, pages_per_shard=6, page_size=4, max_pages_per_row=4, rows_per_shard=3)
+    admission = kv.admit([3, 4], 6)  # shard 1: a shared page and a partial one each
+    held = np.concatenate([admission.prefill_pages, admission.copy_targets])
+    assert len(held) == 3 and np.all((held > 6) & (held < 12))
+    table = kv.page_table()
+    assert table.shape == (6, 4) and np.all(table[:3] == 0) and np.all(table[5] == 6)  # each shard's null page
+    assert table[3, 0] == table[4, 0] and table[3, 1] != table[4, 1]
+    kv.admit([0], 5)
+    with pytest.raises(ValueError):
+        kv.admit([2, 5], 4)  # a prompt's rows on two shards
+    assert kv.grow([3, 4, 0], [12, 12, 16]) == []  # shard 1: 1 + 2 + 2 pages; shard 0: 4
+    assert kv.pages_in_use == 9 and kv.peak_pages_in_use == 9
+    assert kv.grow([3, 4, 0], [16, 16, 16]) == [4]  # shard 1 needs 7 of its 5: its youngest goes
+    assert kv.preemptions == 1 and kv.held(3) == 4 and kv.held(0) == 4
+    assert kv.pages_in_use == 8 and kv.peak_pages_in_use == 9  # row 4's own pages freed, one went to row 3
+    table = kv.page_table()
+    with pytest.raises(ValueError):
+        kv.keep_rows([3, 0])  # shard 1's row first
+    kv.keep_rows([0, 3])
+    assert kv.rows_per_shard == 1 and np.array_equal(kv.page_table(), table[[0, 3]])
+    kv.check()
+    kv.release(0)
+    kv.release(1)
+    assert kv.pages_in_use == 0
+    kv.check()

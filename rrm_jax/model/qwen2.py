@@ -434,6 +434,26 @@ def empty_layer_cache(c: Qwen2Config, batch: int, capacity: int) -> LayerCache:
     )
 
 
+class PagedCache(NamedTuple):
+    """The paged KV cache: keys / values one page pool per layer [K, num_pages, P, H] (the layout of
+    `rrm_jax.model.paged_attention`), whose pages the rows hold through a page table the caller passes
+    with each call; lengths [B]: filled positions per row, where each row writes next."""
+
+    keys: tuple
+    values: tuple
+    lengths: jax.Array
+
+
+def empty_paged_cache(c: Qwen2Config, batch: int, num_pages: int, page_size: int) -> PagedCache:
+    shape = (c.num_kv_heads, num_pages, page_size, c.head_dim)
+    dt = jnp.dtype(c.dtype)
+    return PagedCache(
+        tuple(jnp.zeros(shape, dt) for _ in range(c.num_layers)),
+        tuple(jnp.zeros(shape, dt) for _ in range(c.num_layers)),
+        jnp.zeros(batch, jnp.int32),
+    )
+
+
 def unstack_layers(params) -> dict:
     """params with params["layers"] as a tuple of one dict per layer (separate arrays), the form
     `decode_step_layers` takes: each layer's weights then feed its matmuls without a slice copy."""
@@ -442,20 +462,25 @@ def unstack_layers(params) -> dict:
     return {**params, "layers": tuple(jax.tree.map(lambda a, l=l: a[l], layers) for l in range(L))}
 
 
-def decode_step_layers(c: Qwen2Config, params, tokens, cache: LayerCache, *, active, attend):
-    """decode_step for a LayerCache and unstacked params (`unstack_layers`): tokens [B] -> (logits [B, V],
-    updated cache). Each layer writes the new token's key / value at its row's length first, then
-    attends over length + 1 positions with attend(q [B, N, H], keys, values, lengths) -> [B, N, H] (one
-    of `decode_attention`'s implementations). Inactive rows neither write nor advance (their output is
-    computed over at least one position and ignored)."""
-    B = tokens.shape[0]
-    S = cache.keys[0].shape[2]
+def write_rows(layer_k, layer_v, positions, k_new, v_new, active):
+    """A LayerCache layer's write: each active row's key / value [B, K, H] at its position."""
+    at = jnp.where(active, positions, layer_k.shape[2])  # out of range -> dropped
+    rows = jnp.arange(positions.shape[0])
+    put = lambda dst, new: dst.at[:, rows, at].set(new.swapaxes(0, 1).astype(dst.dtype), mode="drop")
+    return put(layer_k, k_new), put(layer_v, v_new)
+
+
+def decode_step_layers(c: Qwen2Config, params, tokens, cache, *, active, attend, write=write_rows):
+    """decode_step for a LayerCache (or a PagedCache, with its `write` and `attend`) and unstacked params
+    (`unstack_layers`): tokens [B] -> (logits [B, V], updated cache). Each layer writes the new token's
+    key / value at its row's length first, with write(keys, values, positions [B], k [B, K, H], v,
+    active) -> (keys, values), then attends over length + 1 positions with attend(q [B, N, H], keys,
+    values, lengths) -> [B, N, H] (one of `decode_attention`'s or `paged_attention`'s implementations).
+    Inactive rows neither write nor advance (their output is computed over one position and ignored, so
+    a finished row's stale length costs a kernel nothing)."""
     positions = cache.lengths[:, None]
-    rows = jnp.arange(B)
-    write_at = jnp.where(active, cache.lengths, S)  # out of range -> dropped
     lengths = cache.lengths + active.astype(jnp.int32)
-    read = jnp.maximum(lengths, 1)
-    write = lambda dst, new: dst.at[:, rows, write_at].set(new[:, 0].swapaxes(0, 1).astype(dst.dtype), mode="drop")
+    read = jnp.where(active, lengths, 1)
     x = _embed(c, params, tokens[:, None])
     keys, values = [], []
     for layer, (p, layer_k, layer_v) in enumerate(zip(params["layers"], cache.keys, cache.values)):
@@ -463,12 +488,14 @@ def decode_step_layers(c: Qwen2Config, params, tokens, cache: LayerCache, *, act
             h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
             q, k, v = _qkv(c, p, h, positions)
             with jax.named_scope("cache_write"):
-                layer_k, layer_v = write(layer_k, k), write(layer_v, v)
+                layer_k, layer_v = write(layer_k, layer_v, cache.lengths, k[:, 0], v[:, 0], active)
             attn = attend(q[:, 0], layer_k, layer_v, read)
             x = _mlp_block(c, p, _attn_out(p, x, attn[:, None].astype(x.dtype)))
         keys.append(layer_k)
         values.append(layer_v)
-    return logits_from_hidden(c, params, x)[:, 0], LayerCache(tuple(keys), tuple(values), lengths)
+    return logits_from_hidden(c, params, x)[:, 0], cache._replace(
+        keys=tuple(keys), values=tuple(values), lengths=lengths
+    )
 
 
 @jax.named_scope("cache_write")
@@ -488,6 +515,8 @@ def insert_tokens(cache, slots, positions, keys, values):
 
 def take_rows(cache, rows):
     """The cache of the rows `rows` [n] only (their batch entries gathered)."""
+    if isinstance(cache, PagedCache):  # the pages stay where they are: only the page table's rows move (the caller's)
+        return cache._replace(lengths=cache.lengths[rows])
     if isinstance(cache, LayerCache):
         return LayerCache(
             tuple(k[:, rows] for k in cache.keys), tuple(v[:, rows] for v in cache.values), cache.lengths[rows]
