@@ -59,7 +59,7 @@ from rrm_jax import distributed, parallel
 from rrm_jax.errors import UserError
 from rrm_jax.model import decode_attention, paged_attention, qwen2
 from rrm_jax.model.config import Qwen2Config
-from rrm_jax.pages import Admission, ShardedPagePool
+from rrm_jax.pages import PAGE_SIZE, Admission, ShardedPagePool
 from rrm_jax.sampling import (
     MIN_BUCKET,
     Sample,
@@ -83,10 +83,6 @@ DEFAULT_PREFILL_TOKENS = 2048
 PREFILL_ROWS = 8  # rows of the budget one prefill call may take (per batch shard): a burst of short prompts
 PACK_LOOKAHEAD = 64  # waiting prompts a prefill row's best-fit packing looks through
 ATTENTION_ENV = "RRM_JAX_DECODE_ATTENTION"  # xla | pallas-gpu | pallas-tpu: overrides the backend's default
-# Positions a page of the paged cache ("layers" path): both paged kernels take 64 (paged_attention's
-# docstring: the GPU one wants a power of two <= its 128-position blocks, the TPU one whole bf16 tiles
-# and few enough pages a row for its page table to fit SMEM); a row wastes under a page on average.
-PAGE_SIZE = 64
 
 
 class SlotState(NamedTuple):

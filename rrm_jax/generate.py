@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from jax.sharding import NamedSharding
 
-from rrm_jax import engine
+from rrm_jax import engine, pages
 from rrm_jax.errors import UserError
 from rrm_jax.model.config import Qwen2Config
 from rrm_jax.sampling import (  # noqa: F401
@@ -63,6 +63,7 @@ def sample(
     stats: engine.EngineStats | None = None,
     allowed_token_ids: Sequence[int] | None = None,
     prefill_tokens: int | None = None,
+    kv_pool_gb: float | None = None,
 ) -> list[Sample]:
     """Generate from a list of token-id prompts. Returns num_samples results per prompt, prompt-major.
 
@@ -74,6 +75,9 @@ def sample(
     stats: optional `engine.EngineStats`, filled with the engine's counters.
     prefill_tokens: the engine's prefill token budget (waiting prompts are packed into it; default per
     backend, `engine.PREFILL_TOKENS`).
+    kv_pool_gb: the KV cache as a pool of pages, in GB per device, where the engine pages its cache (on
+    accelerators and meshes; ignored on one CPU device, whose contiguous cache measured fastest): the rows
+    decoding at once are then bounded by the tokens they hold (default: room for every slot at its cap).
     allowed_token_ids: a constrained vocabulary: the greedy choice, sampling and `logprobs` use the
     model's distribution renormalised over these tokens (the thinking budget's tokens are still forced).
     With a model sharded over the devices of several processes, every process calls this with the
@@ -99,6 +103,7 @@ def sample(
     requests = [engine.Request([int(t) for t in p], m, i) for i, (p, m) in enumerate(zip(prompt_ids, limits))]
     params = model.params()
     max_rows = None if batch_size is None else batch_size * num_samples
+    mesh = mesh_of(params)
     return engine.generate(
         config,
         settings,
@@ -107,10 +112,25 @@ def sample(
         num_samples=num_samples,
         seed=seed,
         max_rows=max_rows,
-        mesh=mesh_of(params),
+        mesh=mesh,
         buckets=buckets,
         tokenizer=tokenizer,
         progress=progress,
         stats=stats,
         prefill_tokens=prefill_tokens,
+        kv_pages=pool_pages(config, mesh, kv_pool_gb),
     )
+
+
+def pool_pages(config: Qwen2Config, mesh, kv_pool_gb: float | None) -> int | None:
+    """The engine's kv_pages for a pool of kv_pool_gb GB on each device: pages of pages.PAGE_SIZE positions,
+    each device holding its batch shard's pages for the kv heads tensor parallelism gives it. None without
+    a pool or where the engine keeps a contiguous cache."""
+    if kv_pool_gb is None or engine.decode_path(mesh) != "layers":
+        return None
+    if kv_pool_gb <= 0:
+        raise UserError(f"kv_pool_gb={kv_pool_gb} must be a positive number of GB")
+    tp = 1 if mesh is None else mesh.shape["tp"]
+    per_device = config.kv_bytes_per_token // (tp if config.num_kv_heads % tp == 0 else 1)
+    per_shard = pages.pages_in_budget(int(kv_pool_gb * 1e9), pages.PAGE_SIZE, per_device)
+    return per_shard * (1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"])

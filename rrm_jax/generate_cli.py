@@ -110,6 +110,7 @@ def run(args) -> int:
     from rrm_jax.checkpoint import load_model, load_tokenizer
     from rrm_jax.generate import check_prompts
 
+    options.kv_pool_gb(args)  # a bad value fails before anything is read or written
     located = read_located_prompt_rows(args.input, dataset_config=args.dataset_config, dataset_split=args.dataset_split)
     rows = [row for _, row in located]
     loaded = model_identity.identify(args.model)  # a run folder's newest step now: the one loaded below
@@ -190,6 +191,7 @@ def _generate_all(
             max_think_tokens=args.max_think_tokens,
             tokenizer=tokenizer,
             batch_size=args.batch_size,
+            kv_pool_gb=options.kv_pool_gb(args),
         )
         samples = [
             dict(output_ids=r.output_ids, text=r.text, finish_reason=r.finish_reason, logprobs=r.logprobs)
@@ -252,6 +254,7 @@ def configure(parser):
         "--batch-size", type=int, default=64, help="prompts decoding at once (the engine's slots hold their samples)"
     )
     options.add_prompts_per_call_argument(parser)
+    options.add_kv_pool_argument(parser)
     parser.add_argument(
         "--max-think-tokens", type=int, default=None, help="force </think> after this many tokens (default: no budget)"
     )

@@ -102,3 +102,23 @@ def prompts_per_call(args) -> int:
 
         raise UserError(f"--prompts-per-call must be >= 1, got {n}")
     return n
+
+
+def add_kv_pool_argument(parser) -> None:
+    parser.add_argument(
+        "--kv-pool-gb",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="the KV cache as a pool of pages, GB per device, on accelerators and meshes (ignored on one CPU "
+        "device): the rows decoding at once are bounded by the tokens they hold, so raise --batch-size with it "
+        "(default: room for --batch-size prompts' rows at their cap); results do not depend on it",
+    )
+
+
+def kv_pool_gb(args) -> float | None:
+    if args.kv_pool_gb is not None and not args.kv_pool_gb > 0:
+        from rrm_jax.errors import UserError
+
+        raise UserError(f"--kv-pool-gb must be a positive number of GB, got {args.kv_pool_gb}")
+    return args.kv_pool_gb

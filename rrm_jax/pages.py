@@ -57,8 +57,9 @@ import numpy as np
 from rrm_jax.errors import UserError
 
 NULL_PAGE = 0  # never allocated: the target of every unused page-table entry
-# Positions a page, by default: the GPU and TPU kernels both take 64 (`rrm_jax.model.paged_attention`);
-# smaller pages waste less of a row's last page, larger ones mean a longer page table per row.
+# Positions a page, by default: both paged kernels take 64 (`rrm_jax.model.paged_attention`: the GPU one
+# wants a power of two <= its 128-position blocks, the TPU one whole bf16 tiles and few enough pages a row
+# for its page table to fit SMEM); a row wastes under a page on average.
 PAGE_SIZE = 64
 
 

@@ -400,6 +400,36 @@ def test_generate_cli_bad_input(hf_pair, tmp_path, content, message):
     assert not out.exists() and not list(tmp_path.glob("out.jsonl*"))
 
 
+def test_generate_cli_bad_kv_pool_fails_before_reading_anything(tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["generate", "--model", "x", "--input", "y", "--output", str(out), "--kv-pool-gb", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "rrm-jax: error: --kv-pool-gb must be a positive number of GB, got -1.0"
+    assert not list(tmp_path.iterdir())
+
+
+def test_sample_sizes_a_kv_pool_per_device_and_ignores_it_on_one_cpu_device():
+    """kv_pool_gb -> the engine's pages, by hand: the tiny model over a 2x2x2 mesh holds 2 of its 4 kv heads a
+    device, so a token takes 2 layers x 2 x 2 heads x 16 dims x 4 bytes = 512 bytes there and a page of 64
+    positions 32,768; 2e-4 GB is 6 pages a batch shard, 24 over the 4 shards. Results equal the run without
+    a pool; on one CPU device (the contiguous "rows" path) the pool is ignored."""
+    config = preset("tiny").replace(num_heads=8, num_kv_heads=4, hidden_size=64)
+    assert config.num_layers == 2 and config.head_dim == 16 and config.dtype == "float32"
+    assert generate.pool_pages(config, parallel.make_mesh(2, 2, 2), 2e-4) == 4 * (200_000 // (64 * 512)) == 24
+    model = parallel.shard_model(qwen2.Qwen2(config, rngs=nnx.Rngs(0)), parallel.make_mesh(2, 2, 2))
+    prompts = [[(5 * i + j) % 120 + 1 for j in range(n)] for i, n in enumerate([3, 9, 17, 30, 5, 12])]
+    stats = generate.engine.EngineStats()
+    paged = generate.sample(model, prompts, max_new_tokens=8, eos_ids=[], kv_pool_gb=2e-4, stats=stats)
+    assert (stats.path, stats.pool_pages) == ("layers", 24)
+    assert [r.output_ids for r in paged] == [
+        r.output_ids for r in generate.sample(model, prompts, max_new_tokens=8, eos_ids=[])
+    ]
+    one = qwen2.Qwen2(config, rngs=nnx.Rngs(0))
+    stats = generate.engine.EngineStats()
+    alone = generate.sample(one, prompts, max_new_tokens=8, eos_ids=[], kv_pool_gb=2e-4, stats=stats)
+    assert (stats.path, stats.pool_pages) == ("rows", 0)
+    assert [r.output_ids for r in alone] == [r.output_ids for r in paged]
+
+
 def test_generate_cli_unknown_flag(tmp_path):
     proc = run_cli("generate", "--model", "x", "--input", "y", "--output", "z", "--beam-size", "4")
     assert proc.returncode == 2 and "--beam-size" in proc.stderr and "Traceback" not in proc.stderr

@@ -190,6 +190,15 @@ def test_judge_command_single_pair_prints_reasoning_and_verdict(scripted_backend
     assert out.strip().endswith("verdict: response 2 (votes: response 1 0, response 2 3, unparseable 0)")
 
 
+def test_judge_command_passes_the_kv_pool_to_the_sampler_only_when_given(monkeypatch, tokenizer, capsys):
+    generate = ScriptedGenerate(tokenizer, prefers("good"))
+    monkeypatch.setattr(judge_module, "load_backend", lambda path, **options: (generate, tokenizer))
+    pair = ["--query", "Which?", "--response-1", "poor", "--response-2", "good"]
+    assert cli.main(["judge", "--model", "M", *pair, "--kv-pool-gb", "2.5"]) == 0
+    assert cli.main(["judge", "--model", "M", *pair]) == 0
+    assert [call.get("kv_pool_gb", "absent") for call in generate.calls] == [2.5, "absent"]
+
+
 def test_judge_command_labels_each_vote_with_the_response_it_means(scripted_backend, capsys):
     assert (
         cli.main(
@@ -269,6 +278,10 @@ def test_judge_command_bad_rows_fail_in_one_line_before_loading(scripted_backend
         (["--query", "q", "--response-1", "a"], "give --query, --response-1 and --response-2"),
         (["--input", "x.jsonl"], "--input needs --output"),
         (["--query", "q", "--response-1", "a", "--response-2", "b", "--votes", "0"], "votes must be >= 1"),
+        (
+            ["--query", "q", "--response-1", "a", "--response-2", "b", "--kv-pool-gb", "0"],
+            "--kv-pool-gb must be a positive number of GB, got 0.0",
+        ),
         (
             ["--query", "q", "--response-1", "a", "--response-2", "b", "--chat-template", "chatml"],
             "unknown chat template",

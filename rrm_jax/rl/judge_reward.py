@@ -149,6 +149,7 @@ class JudgeReward:
             max_think_tokens=s.max_think_tokens,
             tokenizer=self.tokenizer,
             batch_size=s.batch_size,
+            kv_pool_gb=s.kv_pool_gb,
         )
 
     def judge(

@@ -86,10 +86,15 @@ def global_batch(examples, width: int) -> tuple[list[list[int]], list[int]]:
     return [row[:n].tolist() for row, n in zip(ids, lengths)], labels.tolist()
 
 
-def evaluate(model, examples, tokenizer, max_new_tokens: int) -> dict:
-    """Held-out accuracy of greedy verdicts parsed by the RRM parser."""
+def evaluate(model, examples, tokenizer, max_new_tokens: int, kv_pool_gb: float | None = None) -> dict:
+    """Held-out accuracy of greedy verdicts parsed by the RRM parser (in the rollout's KV page pool)."""
     outs = generate.sample(
-        model, [e.prompt_ids for e in examples], max_new_tokens=max_new_tokens, temperature=0.0, tokenizer=tokenizer
+        model,
+        [e.prompt_ids for e in examples],
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        tokenizer=tokenizer,
+        kv_pool_gb=kv_pool_gb,
     )
     verdicts = [parse_verdict(o.text) for o in outs]
     return {
@@ -153,7 +158,7 @@ class JudgeTask:
         return advantages, stats
 
     def evaluate(self, model) -> dict:
-        return evaluate(model, self.heldout, self.tokenizer, self.c.rollout.max_new_tokens)
+        return evaluate(model, self.heldout, self.tokenizer, self.c.rollout.max_new_tokens, self.c.rollout.kv_pool_gb)
 
     @staticmethod
     def step_progress(row: dict) -> dict:

@@ -139,6 +139,7 @@ class PolicyTask:
             eos_ids=None if c.rollout.stop_at_eos else [],
             tokenizer=self.tokenizer,
             allowed_token_ids=self.allowed_ids,
+            kv_pool_gb=c.rollout.kv_pool_gb,
         )
         responses = [response_text(o.text, strip_think=c.reward.strip_think) for o in outs]
         row = {"heldout_response_len": float(np.mean([len(o.output_ids) for o in outs]))}

@@ -337,6 +337,7 @@ def rollout(run: Run, state: State, prompts: list[list[int]]):
         eos_ids=None if r.stop_at_eos else [],
         tokenizer=run.tokenizer,
         allowed_token_ids=run.loss.allowed_token_ids,
+        kv_pool_gb=r.kv_pool_gb,
     )
 
 

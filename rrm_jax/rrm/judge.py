@@ -119,7 +119,9 @@ class Judge:
 
     Decoding: `decoding` (default `EVAL_DECODING`), with any of its fields given as a keyword replacing
     its value (`Judge(generate, tok, votes=5, max_think_tokens=2048)`); max_new_tokens=None leaves the
-    length to `generate` (load_backend's: 8192 capped per prompt at the model's context)."""
+    length to `generate` (load_backend's: 8192 capped per prompt at the model's context). kv_pool_gb: the
+    engine's KV page pool per device (`rrm_jax.sample`), which bounds the rows decoding at once by the
+    tokens they hold; the judgments do not depend on it."""
 
     def __init__(
         self,
@@ -132,6 +134,7 @@ class Judge:
         decoding: Decoding = EVAL_DECODING,
         batch_size: int = 64,
         prompts_per_call: int | None = None,
+        kv_pool_gb: float | None = None,
         chat_template: str | None = None,
         progress: bool = False,
         journal: JudgmentJournal | None = None,
@@ -146,6 +149,9 @@ class Judge:
         self.batch_size, self.chat_template, self.progress = batch_size, chat_template, progress
         self.prompts = PromptEncoder(tokenizer, chat_template=chat_template)  # counts the markers it neutralised
         self.prompts_per_call = prompts_per_call or options.CALL_BATCHES * batch_size
+        # the sampler's KV page pool (results do not depend on it); passed only when set, so a stand-in
+        # sampler without the keyword still works
+        self.pool = {} if kv_pool_gb is None else {"kv_pool_gb": kv_pool_gb}
         self.journal, self.stop_requested = journal, stop_requested
         self.comparisons_judged = 0  # sampled by this run, over all processes (not those from the journal)
         self.samples_drawn = 0
@@ -196,6 +202,7 @@ class Judge:
             seed=worksplit.batch_seed(self.seed, call, batch),
             batch_size=self.batch_size,
             progress=None,
+            **self.pool,
             **self.decoding.options(),
         )
         if len(results) != len(flat) * self.votes:

@@ -48,6 +48,7 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=64, help="prompts decoding at once (the engine's slots hold their votes)"
     )
     options.add_prompts_per_call_argument(parser)
+    options.add_kv_pool_argument(parser)
     parser.add_argument(
         "--chat-template",
         default=None,
@@ -80,6 +81,7 @@ def judge_from_args(
     a journal recorded)."""
     decoding = decoding_from_args(args)  # checked before the (slow) model load
     judging.check_votes_and_batch_size(args.votes, args.batch_size)
+    kv_pool_gb = options.kv_pool_gb(args)
     chat_template = chat_template_named(args.chat_template) if args.chat_template else None
     generate, tokenizer = judging.load_backend(model or args.model, mesh_shape=args.mesh)
     return judging.Judge(
@@ -92,6 +94,7 @@ def judge_from_args(
         batch_size=args.batch_size,
         chat_template=chat_template,
         prompts_per_call=options.prompts_per_call(args),
+        kv_pool_gb=kv_pool_gb,
         progress=progress,
         journal=journal,
         stop_requested=stop_requested,
