@@ -110,3 +110,21 @@ def test_device_check_fits_a_15_minute_lease():
     for l in code:  # python and nvidia-smi only ever run under a timeout
         if re.search(r"\$PY\b|nvidia-smi", l):
             assert re.search(r"\bstep \w+ \d+ |^timeout ", l), l
+
+
+def test_paged_rows_run_the_paged_engine_in_the_contiguous_caches_bytes():
+    """--paged-rows: the paged engine with 4x the slots in the pages the contiguous cache's bytes make
+    holds more rows at once than the contiguous engine's slots, and reports its pool."""
+    from flax import nnx
+
+    from rrm_jax.bench_rrm import bench_rrm
+    from rrm_jax.model import qwen2
+
+    model = qwen2.Qwen2(preset("tiny").replace(max_position_embeddings=2048), rngs=nnx.Rngs(0))
+    row = bench_rrm(model, n=16, prompt_range=(8, 24), cap=512, slots=2, hf_methods=(), static=False, paged_rows=8)
+    capacity = int(row["kv_capacity_per_slot"])
+    assert row["paged_pool_pages"] == 2 * capacity // 64 and row["paged_page_size"] == 64
+    assert row["engine_peak_concurrent_rows"] == 2 and row["engine_pool_pages"] == 0
+    assert row["paged_peak_concurrent_rows"] > 2 and row["paged_rows_while_waiting"] > row["engine_rows_while_waiting"]
+    assert row["paged_peak_pages_in_use"] <= row["paged_pool_pages"] - 1  # the null page is never handed out
+    assert (row["paged_recomputed_tokens"] > 0) == (row["paged_preemptions"] > 0)
