@@ -7,11 +7,12 @@
 # The r1-distill-qwen-1.5b shape with random weights, bfloat16. Budget per step (timeout, seconds):
 #    10  nvidia-smi
 #    20  versions, and the bench's import path without grain / datasets (the card has neither)
-#   110  fixed length: prompt 512, gen 256, batch 1 / 64 / 256 (decode step, MBU; no transformers: no time)
-#   110  rrm workload, cap 8192: 256 requests through 128 slots, the engine alone (useful tokens/s, achieved GB/s)
-#    75  compile, cold: a judging-shaped call (32 prompts of 64-1024 tokens) with a fresh compilation cache
-#    40  compile, warm: the same command again on that cache (its backend compile seconds, cache hits)
-#    95  rrm workload, cap 1024: 64 requests through 32 slots, engine vs static batching vs transformers
+#    95  fixed length: prompt 512, gen 256, batch 1 / 64 / 256 (decode step, MBU; no transformers: no time)
+#   150  rrm workload, cap 8192: 256 requests through 128 slots (useful tokens/s, achieved GB/s), then the
+#        paged engine with 512 slots in the same KV bytes (rows at once, preemptions, tokens/s: issue 20)
+#    65  compile, cold: a judging-shaped call (32 prompts of 64-1024 tokens) with a fresh compilation cache
+#    35  compile, warm: the same command again on that cache (its backend compile seconds, cache hits)
+#    85  rrm workload, cap 1024: 64 requests through 32 slots, engine vs static batching vs transformers
 #        generate_batch (continuous batching; transformers' static generate does not fit the lease here)
 #   ---
 #   460
@@ -61,22 +62,24 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'transformers', transfor
 sys.exit(1 if off else 0)"
 
 # decode step at three batch sizes, MBU against the bandwidth the bench measures
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 step fixed 110 "$CACHES/fixed" $PY "${BENCH[@]}" --batch 1 64 256 \
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 step fixed 95 "$CACHES/fixed" $PY "${BENCH[@]}" --batch 1 64 256 \
   --prompt-len 512 --gen-len 256 --json "$OUT/fixed_1.5b.json"
 
-# RRM-shaped ragged requests (prompts 64-1024, outputs log-normal with median 1024, ~2% at the cap; ~396k tokens)
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 step rrm_8192 110 "$CACHES/rrm_8192" $PY "${BENCH[@]}" --workload rrm \
-  --requests 256 --slots 128 --prompt-range 64 1024 --max-new-tokens 8192 --no-static --json "$OUT/rrm_8192_1.5b.json"
+# RRM-shaped ragged requests (prompts 64-1024, outputs log-normal with median 1024, ~2% at the cap; ~396k
+# tokens), the contiguous engine's 128 slots (34 GB of KV), then the paged one with 512 slots in those bytes
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 step rrm_8192 150 "$CACHES/rrm_8192" $PY "${BENCH[@]}" --workload rrm \
+  --requests 256 --slots 128 --paged-rows 512 --prompt-range 64 1024 --max-new-tokens 8192 --no-static \
+  --json "$OUT/rrm_8192_1.5b.json"
 
 # the same command twice on one fresh cache: the second run's compile seconds are what a user pays again
 COMPILE=(--workload rrm --requests 32 --slots 32 --prompt-range 64 1024 --max-new-tokens 256 --no-static)
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 step compile_cold 75 "$CACHES/compile" $PY "${BENCH[@]}" "${COMPILE[@]}" \
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 step compile_cold 65 "$CACHES/compile" $PY "${BENCH[@]}" "${COMPILE[@]}" \
   --json "$OUT/compile_cold_1.5b.json"
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 step compile_warm 40 "$CACHES/compile" $PY "${BENCH[@]}" "${COMPILE[@]}" \
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 step compile_warm 35 "$CACHES/compile" $PY "${BENCH[@]}" "${COMPILE[@]}" \
   --json "$OUT/compile_warm_1.5b.json"
 
 # ~13.4k tokens; torch shares the card with JAX here: JAX takes 45%, transformers' paged cache its share of the rest
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 step rrm_1024_hf 95 "$CACHES/rrm_1024" $PY "${BENCH[@]}" --workload rrm \
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 step rrm_1024_hf 85 "$CACHES/rrm_1024" $PY "${BENCH[@]}" --workload rrm \
   --requests 64 --slots 32 --prompt-range 64 1024 --max-new-tokens 1024 --compare-hf generate_batch \
   --json "$OUT/rrm_1024_hf_1.5b.json"
 
