@@ -330,6 +330,13 @@ def _concurrency(
     if pool_gb is None:
         return Concurrency(phase, rows, rows, rows, prompt, cap, mean_new, samples, None, page)
     pages = int(pool_gb * GB) // (page * kv_token)
+    need = -(-T // page) + 1  # the engine refuses a pool without room for one trace at its cap (+ the null page)
+    if pages < need:
+        key = "rollout.kv_pool_gb" if phase == "rollout" else "reward.kv_pool_gb"
+        raise UserError(
+            f"{key}={pool_gb} makes {pages} pages of {page} positions per device, fewer than the {need} one "
+            f"{phase} trace at its cap of {T} positions needs; raise it"
+        )
     group = prompt // page + samples * -(-(prompt % page + mean_new) // page)
     at_once = min(rows, samples * ((pages - 1) // group))  # one page is the null page
     cap_slots = int(pool_gb * GB) // (T * kv_token)

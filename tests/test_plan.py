@@ -270,3 +270,10 @@ def test_plan_prints_traces_at_once_and_refuses_a_bad_pool(capsys):
     assert main(["plan", "--config", CONFIG_7B, "model.init=r1-distill-qwen-7b", "rollout.kv_pool_gb=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["rrm-jax: error: rollout.kv_pool_gb=0.0 must be a positive number of GB (or null: no pool)"]
+    # 0.3 GB: 163 pages of 64 positions (28,672 bytes a position), where one trace of 12,288 takes 192 + 1
+    assert main(["plan", "--config", CONFIG_7B, "model.init=r1-distill-qwen-7b", "rollout.kv_pool_gb=0.3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and "rollout.kv_pool_gb=0.3 makes 163 pages of 64 positions per device, fewer than the 193" in err[0]
+    )
