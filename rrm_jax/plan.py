@@ -121,16 +121,7 @@ def model_shape(c: TrainConfig) -> Qwen2Config:
     if m.init is None:
         from rrm_jax.rl.tokenizer import load_train_tokenizer  # the vocabulary size comes from the tokenizer
 
-        base = Qwen2Config(
-            vocab_size=len(load_train_tokenizer(c.tokenizer)),
-            hidden_size=m.hidden_size,
-            intermediate_size=m.intermediate_size,
-            num_layers=m.num_layers,
-            num_heads=m.num_heads,
-            num_kv_heads=m.num_kv_heads,
-            tie_word_embeddings=m.tie_word_embeddings,
-            max_position_embeddings=m.max_position_embeddings,
-        )
+        base = m.shape(len(load_train_tokenizer(c.tokenizer)))
     elif m.init in PRESETS:
         base = PRESETS[m.init]
     else:

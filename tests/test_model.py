@@ -15,7 +15,7 @@ from rrm_jax import load_model, parallel
 from rrm_jax.errors import UserError
 from rrm_jax.model import hf
 from rrm_jax.model.config import PRESETS, Qwen2Config, preset
-from rrm_jax.model.qwen2 import Qwen2, forward, param_shapes
+from rrm_jax.model.qwen2 import Qwen2, causal_query_blocks, forward, param_shapes, prefill_packed
 
 CONFIGS = {
     "untied-gqa": dict(),
@@ -54,6 +54,39 @@ def test_logits_match_transformers(tmp_path, name):
         out = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
         for i, p in enumerate(prompts):
             np.testing.assert_allclose(out[i][mask[i] == 1], torch_logits(ref, p), atol=1e-4, rtol=0)
+
+
+def test_long_sequences_cut_into_causal_query_blocks_match_transformers(tmp_path):
+    # full-sequence passes read keys block by block (qwen2.causal_query_blocks): lengths that end
+    # inside, and exactly on, a block, padded on either side and packed into one row, all equal torch
+    folder, ref = make_hf_model(tmp_path, max_position_embeddings=512)
+    model, config = load_model(folder)
+    rng = np.random.default_rng(1)
+    lengths = [300, 128, 71]
+    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in lengths]
+    expected = [torch_logits(ref, p) for p in prompts]
+    T = max(lengths)
+    assert len(causal_query_blocks(T)) == 5 and causal_query_blocks(T)[-1] == (256, 300)
+    for side in ("left", "right"):
+        tokens = np.zeros((len(prompts), T), np.int32)
+        mask = np.zeros((len(prompts), T), np.int32)
+        for i, p in enumerate(prompts):
+            span = slice(T - len(p), T) if side == "left" else slice(0, len(p))
+            tokens[i, span], mask[i, span] = p, 1
+        out = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
+        for i in range(len(prompts)):
+            np.testing.assert_allclose(out[i][mask[i] == 1], expected[i], atol=1e-4, rtol=0)
+
+    # the three packed into one row of 512 (the engine's prefill), a padding segment after them
+    packed = np.concatenate(prompts + [np.zeros(512 - sum(lengths), int)])[None]
+    segments = np.repeat(np.arange(4), lengths + [512 - sum(lengths)])[None]
+    positions = np.concatenate([np.arange(n) for n in lengths + [512 - sum(lengths)]])[None]
+    ends = np.cumsum(lengths) - 1
+    logits, _, _ = prefill_packed(
+        config, model.params(), *(jnp.asarray(a, jnp.int32) for a in (packed, segments, positions, ends))
+    )
+    for i in range(len(prompts)):
+        np.testing.assert_allclose(np.asarray(logits[i]), expected[i][-1], atol=1e-4, rtol=0)
 
 
 def test_padding_never_leaks_into_real_tokens(tmp_path):

@@ -247,10 +247,27 @@ def _self_attention_layer(c: Qwen2Config, p, x, positions, mask):
     h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
     q, k, v = _qkv(c, p, h, positions)
     with jax.named_scope("attention"):
-        scores = jnp.where(mask[:, None, None], _scores(q, k), _MASKED)
-        attn = _weighted_values(jax.nn.softmax(scores, axis=-1), v, x.dtype)
+        attn = _causal_attention(q, k, v, mask, x.dtype)
     x = _attn_out(p, x, attn)
     return _mlp_block(c, p, x), k, v
+
+
+def causal_query_blocks(T: int) -> list[tuple[int, int]]:
+    """The query blocks a causal pass over T positions is cut into: at most 8, of a multiple of 64."""
+    size = max(64, -(-T // (8 * 64)) * 64)
+    return [(start, min(start + size, T)) for start in range(0, T, size)]
+
+
+def _causal_attention(q, k, v, mask, dtype):
+    """Attention under a causal mask [B, T(query), S(key)]: each block of queries reads only the keys up to
+    its last query, since the mask hides every later one. That skips about 45% of the score work and keeps
+    each block's scores small: on a CPU the [T, S] scores, not the matmuls, set the time of a prefill pack
+    (2.2x faster at 8 x 512 positions, BENCHMARKS.md)."""
+    parts = []
+    for start, end in causal_query_blocks(q.shape[1]):
+        scores = jnp.where(mask[:, None, None, start:end, :end], _scores(q[:, start:end], k[:, :end]), _MASKED)
+        parts.append(_weighted_values(jax.nn.softmax(scores, axis=-1), v[:, :end], dtype))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
 
 def hidden_states(

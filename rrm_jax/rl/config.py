@@ -18,7 +18,7 @@ import yaml
 
 from rrm_jax import decoding
 from rrm_jax.errors import UserError
-from rrm_jax.model.config import INITIALIZERS
+from rrm_jax.model.config import INITIALIZERS, Qwen2Config
 from rrm_jax.rl.reward import REWARDS
 
 
@@ -46,6 +46,25 @@ class ModelConfig:
     rope_theta: float = 10000.0
     param_dtype: str = "float32"
     dtype: str = "float32"
+
+    def shape(self, vocab_size: int, bos_token_id: int | None = None, eos_token_id=None) -> Qwen2Config:
+        """The model a random init (`init: null`) builds: this section's shape and dtypes, the tokenizer's
+        vocabulary size and special tokens."""
+        return Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            rope_theta=self.rope_theta,
+            tie_word_embeddings=self.tie_word_embeddings,
+            max_position_embeddings=self.max_position_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            param_dtype=self.param_dtype,
+            dtype=self.dtype,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,22 +93,7 @@ def build_model(c: TrainConfig, tokenizer, mesh) -> Qwen2:
     m = c.model
     if m.init is None or m.init in PRESETS:
         if m.init is None:
-            eos = tokenizer.eos_token_id
-            config = Qwen2Config(
-                vocab_size=len(tokenizer),
-                hidden_size=m.hidden_size,
-                intermediate_size=m.intermediate_size,
-                num_layers=m.num_layers,
-                num_heads=m.num_heads,
-                num_kv_heads=m.num_kv_heads,
-                rope_theta=m.rope_theta,
-                tie_word_embeddings=m.tie_word_embeddings,
-                max_position_embeddings=m.max_position_embeddings,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=eos,
-                param_dtype=m.param_dtype,
-                dtype=m.dtype,
-            )
+            config = m.shape(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
         else:
             config = PRESETS[m.init].replace(param_dtype=m.param_dtype, dtype=m.dtype)
         model = Qwen2(config, rngs=nnx.Rngs(c.seed), init=m.initializer)
