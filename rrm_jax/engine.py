@@ -518,13 +518,17 @@ def pack_prompts(
         waiting.appendleft(taken.pop())
         starts.pop()
     R = min(rows, round_up(R, row_multiple))
+    if R == 1 and taken:  # one row (a refill after a row or two finished): only as long as its prompts need,
+        # in quarters of the budget, so a lone 300-token prompt computes 384 positions, not 512
+        quarter = max(MIN_BUCKET, budget // 4)
+        T = min(budget, round_up(starts[-1] + length(taken[-1]), quarter))
     if not taken:  # the first waiting prompt is longer than the budget
         if placement is not None and not placement.take(waiting[0]):
             raise ValueError("the first waiting prompt does not fit the page pool; check before packing")
         taken.append(waiting.popleft())
         starts.append(0)
         R, T = 1, bucket_length(len(requests[taken[0]].prompt_ids), buckets)
-    max_prompts = max(1, min(slots // num_samples, R * T // MIN_BUCKET))
+    max_prompts = max(1, min(slots // num_samples, R * max(T, budget) // MIN_BUCKET))
     if placement is None:
         taken_slots = [free.pop(0) for _ in range(len(taken) * num_samples)]
     else:
