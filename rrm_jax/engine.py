@@ -476,7 +476,8 @@ def pack_prompts(
     The pack has a power of two of rows (a multiple of row_multiple, the mesh's batch shards): prompts
     filling rows beyond the largest power of two wait for the next call, so no row is empty, a refill of a
     few prompts computes one row, a burst of short prompts a few, and a run compiles at most
-    log2(rows) + 1 prefill programs. A prompt longer than the budget gets a one-row pack of its own, its
+    log2(rows) + 1 prefill programs, plus up to 3 for a one-row pack, which is only as long as its prompts
+    need, in quarters of the budget. A prompt longer than the budget gets a one-row pack of its own, its
     power-of-two bucket long. Returns (pack, the requests taken, the slots their rows took). Pops from
     `waiting` and `free`.
 
