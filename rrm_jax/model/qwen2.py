@@ -132,30 +132,41 @@ def _weighted_values(probs, v, dtype):
     return out.reshape(B, T, K * G, v.shape[-1])
 
 
-def _prefix_attention(q, cache_k, cache_v, layer, lengths, window: int, row=0):
+def _query_blocks(qf):
+    """Scaled float32 queries [n, K, G, H] -> block-diagonal query matrices [n, K * H, K * G]: column
+    (k, g) holds query head (k, g) in kv head k's H rows and zeros elsewhere."""
+    n, K, G, H = qf.shape
+    return jnp.einsum("nkgh,kj->nkhjg", qf, jnp.eye(K, dtype=qf.dtype)).reshape(n, K * H, K * G)
+
+
+def _prefix_attention(q_blocks, cache_k, cache_v, layer, lengths, window: int, row=0):
     """Attention of one query per row over the first `window` positions of its cached prefix.
 
-    q [n, 1, N, H]: the rows row .. row + n - 1 of the batch; cache_k / cache_v: the whole cache
-    [L, B, S, K, H], of which layer `layer` is read (sliced straight out of the stacked cache: slicing
-    the layer first would copy all S positions);
+    q_blocks [n, K * H, K * G]: the rows row .. row + n - 1 of the batch, their scaled queries as
+    `_query_blocks`; cache_k / cache_v: the whole cache [L, B, S, K, H], of which layer `layer` is read
+    (sliced straight out of the stacked cache: slicing the layer first would copy all S positions);
     lengths [n] of those rows (positions < lengths are real, and must be <= window). Returns the
     softmax's pieces (max [n, K, G], normaliser [n, K, G], unnormalised output [n, K, G, H]), float32, so the new
     token's own score joins them exactly.
 
-    An elementwise product summed over H, streaming the cache in its own layout: a decode step is
-    memory-bound, and a batched matmul would make XLA's CPU backend transpose the slice first."""
-    B, _, N, H = q.shape
-    _, _, _, K, _ = cache_k.shape
-    qf = q.reshape(B, 1, K, N // K, H).astype(jnp.float32) * (H**-0.5)
-    at, size = (layer, row, 0, 0, 0), (1, B, window, K, H)
-    k = jax.lax.dynamic_slice(cache_k, at, size)[0].astype(jnp.float32)
-    v = jax.lax.dynamic_slice(cache_v, at, size)[0].astype(jnp.float32)
-    s = jnp.sum(qf * k[:, :, :, None, :], axis=-1)  # [B, window, K, G]
+    Two matrix products over the cache in its own layout, each position's K heads read as one row of
+    K * H: the scores against the block-diagonal queries, then the values weighted likewise with their
+    cross-head blocks dropped. That streams the window once at about the memory's rate (a decode step
+    is memory-bound): a product per kv head would make XLA's CPU backend copy each head's strided slice
+    first, and an elementwise product summed over H took 1.3x the step (BENCHMARKS.md)."""
+    n = q_blocks.shape[0]
+    _, _, _, K, H = cache_k.shape
+    G = q_blocks.shape[2] // K
+    at, size = (layer, row, 0, 0, 0), (1, n, window, K, H)
+    k = jax.lax.dynamic_slice(cache_k, at, size)[0].astype(jnp.float32).reshape(n, window, K * H)
+    v = jax.lax.dynamic_slice(cache_v, at, size)[0].astype(jnp.float32).reshape(n, window, K * H)
+    s = jnp.einsum("nwc,ncq->nwq", k, q_blocks).reshape(n, window, K, G)
     valid = (jnp.arange(window)[None, :] < lengths[:, None])[:, :, None, None]
     s = jnp.where(valid, s, _MASKED)
     m = jnp.max(s, axis=1)
     p = jnp.where(valid, jnp.exp(s - m[:, None]), 0.0)
-    return m, jnp.sum(p, axis=1), jnp.sum(p[..., None] * v[:, :, :, None, :], axis=1)
+    out = jnp.einsum("nwq,nwc->nqc", p.reshape(n, window, K * G), v).reshape(n, K, G, K, H)
+    return m, jnp.sum(p, axis=1), jnp.einsum("nkgjh,kj->nkgh", out, jnp.eye(K, dtype=out.dtype))
 
 
 @jax.named_scope("attention")
@@ -165,23 +176,25 @@ def _attend_cached(q, k_new, v_new, cache: KVCache, layer, windows: tuple[int, .
     per row (a loop over the rows, each reading its own window)."""
     B, _, N, H = q.shape
     K = k_new.shape[2]
+    qf = q.reshape(B, K, N // K, H).astype(jnp.float32) * (H**-0.5)
 
-    def prefix(q, index, row=0):
-        lengths = jax.lax.dynamic_slice_in_dim(cache.lengths, row, q.shape[0])
+    def prefix(q_blocks, index, row=0):
+        lengths = jax.lax.dynamic_slice_in_dim(cache.lengths, row, q_blocks.shape[0])
         if len(windows) == 1:  # no switch: the whole batch reads the one window
-            return _prefix_attention(q, cache.keys, cache.values, layer, lengths, windows[0], row)
+            return _prefix_attention(q_blocks, cache.keys, cache.values, layer, lengths, windows[0], row)
         branches = [
-            lambda q, w=w: _prefix_attention(q, cache.keys, cache.values, layer, lengths, w, row) for w in windows
+            lambda qb, w=w: _prefix_attention(qb, cache.keys, cache.values, layer, lengths, w, row) for w in windows
         ]
-        return jax.lax.switch(index, branches, q)
+        return jax.lax.switch(index, branches, q_blocks)
 
+    q_blocks = _query_blocks(qf)
     if jnp.ndim(window_index) == 0:
-        m, l, acc = prefix(q, window_index)
+        m, l, acc = prefix(q_blocks, window_index)
     else:  # one row at a time: [1, ...] in, the row's pieces out
         m, l, acc = jax.lax.map(
-            lambda xs: jax.tree.map(lambda a: a[0], prefix(xs[0][None], xs[1], xs[2])), (q, window_index, jnp.arange(B))
+            lambda xs: jax.tree.map(lambda a: a[0], prefix(xs[0][None], xs[1], xs[2])),
+            (q_blocks, window_index, jnp.arange(B)),
         )
-    qf = q.reshape(B, K, N // K, H).astype(jnp.float32) * (H**-0.5)
     s_self = jnp.sum(qf * k_new[:, 0, :, None, :].astype(jnp.float32), axis=-1)  # [B, K, G]
     m_all = jnp.maximum(m, s_self)
     prefix_scale, self_p = jnp.exp(m - m_all), jnp.exp(s_self - m_all)
@@ -261,12 +274,24 @@ def causal_query_blocks(T: int) -> list[tuple[int, int]]:
 def _causal_attention(q, k, v, mask, dtype):
     """Attention under a causal mask [B, T(query), S(key)]: each block of queries reads only the keys up to
     its last query, since the mask hides every later one. That skips about 45% of the score work and keeps
-    each block's scores small: a CPU prefill pack of 8 x 512 positions takes 0.8x the time (BENCHMARKS.md)."""
+    each block's scores small. Queries, keys and values are put head-major ([B, K, G, T, H], [B, K, S, H])
+    once, so every block's two products are plain batched matmuls: with the token-major layout XLA's CPU
+    backend transposed each block's operands again. The same arithmetic as `_scores` and
+    `_weighted_values`; a CPU prefill pack of 8 x 512 positions takes about 0.7x the time of one block
+    over the whole row in the token-major layout (BENCHMARKS.md)."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     parts = []
-    for start, end in causal_query_blocks(q.shape[1]):
-        scores = jnp.where(mask[:, None, None, start:end, :end], _scores(q[:, start:end], k[:, :end]), _MASKED)
-        parts.append(_weighted_values(jax.nn.softmax(scores, axis=-1), v[:, :end], dtype))
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    for start, end in causal_query_blocks(T):
+        scores = jnp.einsum(
+            "bkgth,bksh->bkgts", q[:, :, :, start:end], k[:, :, :end], preferred_element_type=jnp.float32
+        ) * (H**-0.5)
+        probs = jax.nn.softmax(jnp.where(mask[:, None, None, start:end, :end], scores, _MASKED), axis=-1)
+        parts.append(jnp.einsum("bkgts,bksh->bkgth", probs.astype(dtype), v[:, :, :end]))
+    out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 def hidden_states(
