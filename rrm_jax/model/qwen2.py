@@ -266,8 +266,10 @@ def _self_attention_layer(c: Qwen2Config, p, x, positions, mask):
 
 
 def causal_query_blocks(T: int) -> list[tuple[int, int]]:
-    """The query blocks a causal pass over T positions is cut into: at most 8, of a multiple of 64."""
-    size = max(64, -(-T // (8 * 64)) * 64)
+    """The query blocks a causal pass over T positions is cut into: at most 8, of a multiple of 64 and at
+    least 128. Each block is a few more fusions to compile (about 0.1 s each on this CPU); below 128
+    queries a block saved no run time (BENCHMARKS.md)."""
+    size = max(128, -(-T // (8 * 64)) * 64)
     return [(start, min(start + size, T)) for start in range(0, T, size)]
 
 
