@@ -69,8 +69,8 @@ def compare(label, variants: dict, args, reps: int = 7):
     """variants: name -> a function of args, traced while `setup()` has installed that variant."""
     compiled, outputs = {}, {}
     for name, (setup, fn) in variants.items():
-        setup()
-        compiled[name] = jax.jit(fn).lower(*args).compile()
+        setup()  # a fresh function each time: JAX reuses a traced function's trace, which would skip the variant
+        compiled[name] = jax.jit(lambda *a, fn=fn: fn(*a)).lower(*args).compile()
         outputs[name] = jax.block_until_ready(compiled[name](*args))
     times = {name: [] for name in compiled}
     for _ in range(reps):

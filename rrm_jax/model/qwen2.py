@@ -151,9 +151,11 @@ def _prefix_attention(q_blocks, cache_k, cache_v, layer, lengths, window: int, r
 
     Two matrix products over the cache in its own layout, each position's K heads read as one row of
     K * H: the scores against the block-diagonal queries, then the values weighted likewise with their
-    cross-head blocks dropped. That streams the window once at about the memory's rate (a decode step
-    is memory-bound): a product per kv head would make XLA's CPU backend copy each head's strided slice
-    first, and an elementwise product summed over H took 1.3x the step (BENCHMARKS.md)."""
+    cross-head blocks dropped. The zeros cost K times the multiplications, which one query a row leaves
+    far below the reads. That streams the window once at about the memory's rate (a decode step is
+    memory-bound): a product per kv head would make XLA's CPU backend copy each head's strided slice
+    first, and the elementwise product summed over H that this replaced took 1.5x as long for a whole
+    decode step of 64 rows (benchmarks/attention_layout.py)."""
     n = q_blocks.shape[0]
     _, _, _, K, H = cache_k.shape
     G = q_blocks.shape[2] // K
@@ -279,8 +281,8 @@ def _causal_attention(q, k, v, mask, dtype):
     each block's scores small. Queries, keys and values are put head-major ([B, K, G, T, H], [B, K, S, H])
     once, so every block's two products are plain batched matmuls: with the token-major layout XLA's CPU
     backend transposed each block's operands again. The same arithmetic as `_scores` and
-    `_weighted_values`; a CPU prefill pack of 8 x 512 positions takes about 0.7x the time of one block
-    over the whole row in the token-major layout (BENCHMARKS.md)."""
+    `_weighted_values`; a CPU prefill pack takes 0.9x the time of the token-major layout
+    (benchmarks/attention_layout.py)."""
     B, T, N, H = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
