@@ -59,7 +59,7 @@ from rrm_jax import distributed, parallel
 from rrm_jax.errors import UserError
 from rrm_jax.model import decode_attention, paged_attention, qwen2
 from rrm_jax.model.config import Qwen2Config
-from rrm_jax.pages import PAGE_SIZE, Admission, ShardedPagePool
+from rrm_jax.pages import PAGE_SIZE, Admission, ShardedPagePool, pool_floor
 from rrm_jax.sampling import (
     MIN_BUCKET,
     Sample,
@@ -641,7 +641,7 @@ def page_pool(requests: Sequence[Request], slots: int, capacity: int, shards: in
     rows = slots // shards
     per_shard = rows * per_row + 1 if kv_pages is None else kv_pages // shards
     longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
-    if per_shard - 1 < -(-longest // page_size):
+    if per_shard < pool_floor(longest, page_size):
         raise UserError(
             f"a KV pool of {per_shard} pages of {page_size} positions a batch shard (one is its null page) cannot "
             f"hold one row of {longest} positions; give it more pages or lower max_new_tokens"

@@ -63,6 +63,12 @@ NULL_PAGE = 0  # never allocated: the target of every unused page-table entry
 PAGE_SIZE = 64
 
 
+def pool_floor(positions: int, page_size: int) -> int:
+    """The fewest pages a pool (one batch shard's) may have: one row of `positions` positions, plus the null
+    page. A smaller pool could never run a trace that long, so it is refused rather than left to stall."""
+    return -(-positions // page_size) + 1
+
+
 def pages_in_budget(budget_bytes: int, page_size: int, kv_bytes_per_token: int) -> int:
     """Pages (NULL_PAGE included: it takes device memory too) of `page_size` tokens that fit in
     budget_bytes, e.g. `pages_in_budget(budget, 64, config.kv_bytes_per_token)` for one device holding

@@ -46,6 +46,7 @@ from pathlib import Path
 
 from rrm_jax.errors import UserError
 from rrm_jax.model.config import PRESETS, Qwen2Config
+from rrm_jax.pages import pool_floor
 from rrm_jax.rl.config import JUDGE_REWARD, TrainConfig, load_config
 from rrm_jax.sizes import next_power_of_two
 
@@ -321,7 +322,7 @@ def _concurrency(
     if pool_gb is None:
         return Concurrency(phase, rows, rows, rows, prompt, cap, mean_new, samples, None, page)
     pages = int(pool_gb * GB) // (page * kv_token)
-    need = -(-T // page) + 1  # the engine refuses a pool without room for one trace at its cap (+ the null page)
+    need = pool_floor(T, page)  # the engine refuses a pool without room for one trace at its cap
     if pages < need:
         key = "rollout.kv_pool_gb" if phase == "rollout" else "reward.kv_pool_gb"
         raise UserError(

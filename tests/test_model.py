@@ -30,6 +30,16 @@ def torch_logits(model, ids):
         return model(torch.tensor(ids)[None]).logits[0].float().numpy()
 
 
+def padded_batch(prompts, T: int, side: str):
+    """The prompts in one [len(prompts), T] batch, padded on `side` ("left" or "right") -> (tokens, mask)."""
+    tokens = np.zeros((len(prompts), T), np.int32)
+    mask = np.zeros((len(prompts), T), np.int32)
+    for i, p in enumerate(prompts):
+        span = slice(T - len(p), T) if side == "left" else slice(0, len(p))
+        tokens[i, span], mask[i, span] = p, 1
+    return tokens, mask
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_match_transformers(tmp_path, name):
     folder, ref = make_hf_model(tmp_path, **CONFIGS[name])
@@ -46,11 +56,7 @@ def test_logits_match_transformers(tmp_path, name):
     # one padded batch, left- and right-padded: each row equals that row alone
     T = max(lengths)
     for side in ("left", "right"):
-        tokens = np.zeros((len(prompts), T), np.int32)
-        mask = np.zeros((len(prompts), T), np.int32)
-        for i, p in enumerate(prompts):
-            span = slice(T - len(p), T) if side == "left" else slice(0, len(p))
-            tokens[i, span], mask[i, span] = p, 1
+        tokens, mask = padded_batch(prompts, T, side)
         out = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
         for i, p in enumerate(prompts):
             np.testing.assert_allclose(out[i][mask[i] == 1], torch_logits(ref, p), atol=1e-4, rtol=0)
@@ -68,11 +74,7 @@ def test_long_sequences_cut_into_causal_query_blocks_match_transformers(tmp_path
     T = max(lengths)
     assert len(causal_query_blocks(T)) == 3 and causal_query_blocks(T)[-1] == (256, 300)
     for side in ("left", "right"):
-        tokens = np.zeros((len(prompts), T), np.int32)
-        mask = np.zeros((len(prompts), T), np.int32)
-        for i, p in enumerate(prompts):
-            span = slice(T - len(p), T) if side == "left" else slice(0, len(p))
-            tokens[i, span], mask[i, span] = p, 1
+        tokens, mask = padded_batch(prompts, T, side)
         out = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
         for i in range(len(prompts)):
             np.testing.assert_allclose(out[i][mask[i] == 1], expected[i], atol=1e-4, rtol=0)
