@@ -82,6 +82,16 @@ PREFILL_TOKENS = {"cpu": 512}
 DEFAULT_PREFILL_TOKENS = 2048
 PREFILL_ROWS = 8  # rows of the budget one prefill call may take (per batch shard): a burst of short prompts
 PACK_LOOKAHEAD = 64  # waiting prompts a prefill row's best-fit packing looks through
+# A one-row pack (a refill after a row or two finished) is only as long as its prompts need, in steps of
+# this many tokens: a lone 300-token prompt computes 512 positions on an accelerator (budget 2,048), not
+# 2,048. On a CPU (budget 512) the pack is the budget: shorter ones saved 1.7% of the prefill positions
+# and cost a program each (~1 s to compile).
+ONE_ROW_STEP = 512
+# The tail's running batch halves at most this often (to a quarter of the slots): each size is one more
+# decode program, and below a quarter the rows a halving drops save little next to the weights a step
+# reads (on this CPU the third and fourth halvings of 64 slots saved 620 of 17,844 computed row-steps,
+# about 0.3 s, and cost 3.6 s to compile).
+MAX_COMPACTIONS = 2
 ATTENTION_ENV = "RRM_JAX_DECODE_ATTENTION"  # xla | pallas-gpu | pallas-tpu: overrides the backend's default
 
 
@@ -447,11 +457,12 @@ def host_window(longest: int, chunk: int, block: int, capacity: int) -> int:
     return min(window, capacity)
 
 
-def compacted_size(live: int, slots: int, mesh) -> int | None:
+def compacted_size(live: int, slots: int, mesh, start_slots: int) -> int | None:
     """The smaller running batch for `live` rows once no prompt waits: the power of two that holds them
-    (a multiple of the mesh's batch shards), when that is at most half of `slots`; else None."""
+    (a multiple of the mesh's batch shards), but not below a quarter of the `start_slots` the call began
+    with (MAX_COMPACTIONS), when that is at most half of the running batch's `slots`; else None."""
     shards = batch_shards(mesh)
-    size = round_up(max(next_power_of_two(live), shards), shards)
+    size = round_up(max(next_power_of_two(live), shards, start_slots >> MAX_COMPACTIONS), shards)
     return size if size * 2 <= slots else None
 
 
@@ -476,8 +487,8 @@ def pack_prompts(
     The pack has a power of two of rows (a multiple of row_multiple, the mesh's batch shards): prompts
     filling rows beyond the largest power of two wait for the next call, so no row is empty, a refill of a
     few prompts computes one row, a burst of short prompts a few, and a run compiles at most
-    log2(rows) + 1 prefill programs, plus up to 3 for a one-row pack, which is only as long as its prompts
-    need, in quarters of the budget. A prompt longer than the budget gets a one-row pack of its own, its
+    log2(rows) + 1 prefill programs, plus one for each shorter one-row pack (only as long as its prompts
+    need, in steps of ONE_ROW_STEP tokens; none when the budget is one step). A prompt longer than the budget gets a one-row pack of its own, its
     power-of-two bucket long. Returns (pack, the requests taken, the slots their rows took). Pops from
     `waiting` and `free`.
 
@@ -519,10 +530,8 @@ def pack_prompts(
         waiting.appendleft(taken.pop())
         starts.pop()
     R = min(rows, round_up(R, row_multiple))
-    if R == 1 and taken:  # one row (a refill after a row or two finished): only as long as its prompts need,
-        # in quarters of the budget, so a lone 300-token prompt computes 384 positions, not 512
-        quarter = max(MIN_BUCKET, budget // 4)
-        T = min(budget, round_up(starts[-1] + length(taken[-1]), quarter))
+    if R == 1 and taken:  # one row (a refill after a row or two finished): only as long as its prompts need
+        T = min(budget, round_up(starts[-1] + length(taken[-1]), ONE_ROW_STEP))
     if not taken:  # the first waiting prompt is longer than the budget
         if placement is not None and not placement.take(waiting[0]):
             raise ValueError("the first waiting prompt does not fit the page pool; check before packing")
@@ -679,10 +688,10 @@ def generate(
     two). refill_rows: a "rows"-path decode call returns early once this many slots are free while
     prompts wait (default: a sixteenth of the slots, at least one prompt's samples). Once no prompt
     waits, the running batch is compacted to the next power of two holding its live rows whenever that
-    halves it, so a tail of a few long rows does not pay for every slot (at most log2(slots) more decode
-    programs). prefill_tokens: the prefill pack's token budget (default per backend, PREFILL_TOKENS).
-    path: "rows" or "layers" (default `decode_path(mesh)`). progress(k) is called as k more requests
-    complete.
+    halves it, down to a quarter of the slots, so a tail of a few long rows does not pay for every slot
+    (at most MAX_COMPACTIONS = 2 more decode programs). prefill_tokens: the prefill pack's token budget
+    (default per backend, PREFILL_TOKENS). path: "rows" or "layers" (default `decode_path(mesh)`).
+    progress(k) is called as k more requests complete.
 
     paged: keep the KV cache as a pool of pages (default: on the "layers" path, the only one that runs
     it). Rows take pages as they grow and return them as they finish, a prompt's samples share its full
@@ -845,7 +854,7 @@ class _Generation:
         self.num_samples, self.mesh, self.buckets, self.chunk = num_samples, mesh, buckets, chunk
         self.tokenizer, self.progress, self.stats = tokenizer, progress, stats
         n_rows = len(requests) * num_samples
-        slots = slot_count(n_rows, max_rows, num_samples, mesh)
+        self.start_slots = slots = slot_count(n_rows, max_rows, num_samples, mesh)
         self.capacity, self.block = capacity_and_block(requests, buckets, block_size)
         self.refill_rows = max(num_samples, refill_rows or slots // 16, 1)
         budget = prefill_tokens or PREFILL_TOKENS.get(jax.default_backend(), DEFAULT_PREFILL_TOKENS)
@@ -944,16 +953,17 @@ class _Generation:
 
     def _compaction(self) -> list[int] | None:
         """The slots a compacted running batch keeps (the live rows, padded with free slots to the power of
-        two holding them), when that halves the batch or more; else None. A paged cache compacts each batch
+        two holding them, at least a quarter of the starting slots), when that halves the batch or more;
+        else None. A paged cache compacts each batch
         shard alike, since a shard's rows hold only its pages."""
         if not self.paged:
             live = [slot for slot, o in enumerate(self.owner) if o is not None]
-            size = compacted_size(len(live), len(self.owner), self.mesh)
+            size = compacted_size(len(live), len(self.owner), self.mesh, self.start_slots)
             return None if size is None else live + self.free[: size - len(live)]
         per_shard = len(self.owner) // self.shards
         shards = [range(s * per_shard, (s + 1) * per_shard) for s in range(self.shards)]
         live = [[slot for slot in rows if self.owner[slot] is not None] for rows in shards]
-        size = next_power_of_two(max(map(len, live)))
+        size = max(next_power_of_two(max(map(len, live))), self.start_slots // self.shards >> MAX_COMPACTIONS)
         if size * 2 > per_shard:
             return None
         idle = [[slot for slot in rows if self.owner[slot] is None] for rows in shards]

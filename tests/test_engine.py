@@ -212,10 +212,28 @@ def test_compilations_stay_flat_over_varied_lengths_and_counts(model):
         )
         assert stats.prefills == count and stats.prefill_calls < count  # packs of several prompts
     # one decode program for the whole stream, plus one per compacted batch size of the tail (2, 1 slots)
-    assert engine.decode_fn._cache_size() - decode_before <= 1 + 2
-    # one token budget for every prompt length: a program per power of two of rows a call takes, and a
-    # one-row call per quarter of the budget its prompts fill
-    assert engine.prefill_fn._cache_size() - prefill_before <= 1 + engine.PREFILL_ROWS.bit_length() - 1 + 3
+    assert engine.decode_fn._cache_size() - decode_before <= 1 + engine.MAX_COMPACTIONS
+    # one token budget for every prompt length: a program per power of two of rows a call takes (a one-row
+    # pack shrinks only in steps of ONE_ROW_STEP tokens, more than this budget of 64)
+    assert engine.prefill_fn._cache_size() - prefill_before <= engine.PREFILL_ROWS.bit_length()
+
+
+def test_the_tail_compacts_at_most_twice_to_a_quarter_of_the_slots(model):
+    """Compaction halves the running batch to the power of two holding the live rows, but never below a
+    quarter of the starting slots: each size is one more decode program."""
+    assert engine.compacted_size(3, 64, None, 64) == 16  # 4 would be a third halving
+    assert engine.compacted_size(20, 64, None, 64) == 32
+    assert engine.compacted_size(1, 16, None, 64) is None  # already at the quarter
+    assert engine.compacted_size(40, 64, None, 64) is None  # does not halve it
+    # eight rows finishing a few a chunk: 8 slots -> 4 -> 2, and the last long row stays at 2, not 1
+    limits = [2, 3, 6, 7, 40, 10, 11, 14]
+    reqs = [engine.Request(p, m, i) for i, (p, m) in enumerate(zip(PROMPTS, limits))]
+    settings = settings_for(model, eos_ids=[])
+    stats = engine.EngineStats()
+    got = engine.generate(model.config, settings, model.params(), reqs, max_rows=8, block_size=16, chunk=4, stats=stats)
+    assert stats.slots == 8 and stats.compactions == 2
+    want = static_reference(model, settings, PROMPTS[:8], limits)
+    assert [g.output_ids for g in got] == [w.output_ids for w in want]
 
 
 def test_prefill_packs_prompts_into_the_token_budget(model):
