@@ -80,7 +80,12 @@ CHUNK_STEPS = 32  # decode steps per device call between host checks: one "chunk
 # square); a call takes up to PREFILL_ROWS rows, a power of two of them.
 PREFILL_TOKENS = {"cpu": 512}
 DEFAULT_PREFILL_TOKENS = 2048
-PREFILL_ROWS = 8  # rows of the budget one prefill call may take (per batch shard): a burst of short prompts
+# Rows of the budget one prefill call may take (per batch shard), a power of two: an accelerator wants a
+# burst of short prompts in one call to fill its compute; a CPU's matmuls are near their rate on one row
+# of 512 already (7% more time a position than at 8 rows), so there one row a call saves compiling the
+# ladder's 3 other programs (on the short-request workload 5.8 -> 1.0 s of prefill compiling).
+PREFILL_ROWS = {"cpu": 1}
+DEFAULT_PREFILL_ROWS = 8
 PACK_LOOKAHEAD = 64  # waiting prompts a prefill row's best-fit packing looks through
 # A one-row pack (a refill after a row or two finished) is only as long as its prompts need, in steps of
 # this many tokens: a lone 300-token prompt computes 512 positions on an accelerator (budget 2,048), not
@@ -138,6 +143,11 @@ class Pack(NamedTuple):
     prompt_pages: np.ndarray  # [M, ceil(T / page_size)] int32: global page ids, in position order
     copy_sources: np.ndarray  # [M * (num_samples - 1)] int32
     copy_targets: np.ndarray  # [M * (num_samples - 1)] int32
+
+
+def prefill_rows(backend: str) -> int:
+    """Rows of the token budget one prefill call may take on `backend`, per batch shard (PREFILL_ROWS)."""
+    return PREFILL_ROWS.get(backend, DEFAULT_PREFILL_ROWS)
 
 
 def decode_path(mesh) -> str:
@@ -857,13 +867,14 @@ class _Generation:
         self.start_slots = slots = slot_count(n_rows, max_rows, num_samples, mesh)
         self.capacity, self.block = capacity_and_block(requests, buckets, block_size)
         self.refill_rows = max(num_samples, refill_rows or slots // 16, 1)
-        budget = prefill_tokens or PREFILL_TOKENS.get(jax.default_backend(), DEFAULT_PREFILL_TOKENS)
+        backend = jax.default_backend()
+        budget = prefill_tokens or PREFILL_TOKENS.get(backend, DEFAULT_PREFILL_TOKENS)
         self.shards = batch_shards(mesh)  # pack rows: a multiple of them
         # Rows only as long as this call's longest prompt needs (a power of two up to the budget), and as
         # many more of them: the attention inside a row costs its length squared, so short prompts get
         # short rows; a prefill call holds at most PREFILL_ROWS x budget tokens.
         self.row_len = min(budget, bucket_length(max(len(r.prompt_ids) for r in requests)))
-        self.pack_rows = self.shards * PREFILL_ROWS * (budget // self.row_len)
+        self.pack_rows = self.shards * prefill_rows(backend) * (budget // self.row_len)
         self.path = path or decode_path(mesh)
         self.attention = attention_impl() if self.path == "layers" else None
         self.paged = self.path == "layers" if paged is None else paged

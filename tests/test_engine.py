@@ -199,7 +199,9 @@ def test_thinking_budget_in_refilled_slots(model):
         assert tuple(g.output_ids[4:7]) == forced and len(g.output_ids) == 20  # then on to its verdict
 
 
-def test_compilations_stay_flat_over_varied_lengths_and_counts(model):
+@pytest.mark.parametrize("rows", [1, 8])  # a CPU's prefill rows a call, and an accelerator's
+def test_compilations_stay_flat_over_varied_lengths_and_counts(model, rows, monkeypatch):
+    monkeypatch.setitem(engine.PREFILL_ROWS, jax.default_backend(), rows)
     settings = settings_for(model)
     prefill_before, decode_before = engine.prefill_fn._cache_size(), engine.decode_fn._cache_size()
     rng = np.random.default_rng(0)
@@ -215,7 +217,7 @@ def test_compilations_stay_flat_over_varied_lengths_and_counts(model):
     assert engine.decode_fn._cache_size() - decode_before <= 1 + engine.MAX_COMPACTIONS
     # one token budget for every prompt length: a program per power of two of rows a call takes (a one-row
     # pack shrinks only in steps of ONE_ROW_STEP tokens, more than this budget of 64)
-    assert engine.prefill_fn._cache_size() - prefill_before <= engine.PREFILL_ROWS.bit_length()
+    assert engine.prefill_fn._cache_size() - prefill_before <= rows.bit_length()
 
 
 def test_the_tail_compacts_at_most_twice_to_a_quarter_of_the_slots(model):
