@@ -83,15 +83,10 @@ DEFAULT_PREFILL_TOKENS = 2048
 # Rows of the budget one prefill call may take (per batch shard), a power of two: an accelerator wants a
 # burst of short prompts in one call to fill its compute; a CPU's matmuls are near their rate on one row
 # of 512 already (7% more time a position than at 8 rows), so there one row a call saves compiling the
-# ladder's 3 other programs (on the short-request workload 5.8 -> 1.0 s of prefill compiling).
+# ladder's 3 other programs (1.0-1.8 s each on the short-request workload).
 PREFILL_ROWS = {"cpu": 1}
 DEFAULT_PREFILL_ROWS = 8
 PACK_LOOKAHEAD = 64  # waiting prompts a prefill row's best-fit packing looks through
-# A one-row pack (a refill after a row or two finished) is only as long as its prompts need, in steps of
-# this many tokens: a lone 300-token prompt computes 512 positions on an accelerator (budget 2,048), not
-# 2,048. On a CPU (budget 512) the pack is the budget: shorter ones saved 1.7% of the prefill positions
-# and cost a program each (~1 s to compile).
-ONE_ROW_STEP = 512
 # The tail's running batch halves at most this often (to a quarter of the slots): each size is one more
 # decode program, and below a quarter the rows a halving drops save little next to the weights a step
 # reads (on this CPU the third and fourth halvings of 64 slots saved 620 of 17,844 computed row-steps,
@@ -497,8 +492,8 @@ def pack_prompts(
     The pack has a power of two of rows (a multiple of row_multiple, the mesh's batch shards): prompts
     filling rows beyond the largest power of two wait for the next call, so no row is empty, a refill of a
     few prompts computes one row, a burst of short prompts a few, and a run compiles at most
-    log2(rows) + 1 prefill programs, plus one for each shorter one-row pack (only as long as its prompts
-    need, in steps of ONE_ROW_STEP tokens; none when the budget is one step). A prompt longer than the budget gets a one-row pack of its own, its
+    log2(rows) + 1 prefill programs, plus up to 3 for a one-row pack, which is only as long as its prompts
+    need, in quarters of the budget. A prompt longer than the budget gets a one-row pack of its own, its
     power-of-two bucket long. Returns (pack, the requests taken, the slots their rows took). Pops from
     `waiting` and `free`.
 
@@ -540,8 +535,10 @@ def pack_prompts(
         waiting.appendleft(taken.pop())
         starts.pop()
     R = min(rows, round_up(R, row_multiple))
-    if R == 1 and taken:  # one row (a refill after a row or two finished): only as long as its prompts need
-        T = min(budget, round_up(starts[-1] + length(taken[-1]), ONE_ROW_STEP))
+    if R == 1 and taken:  # one row (a refill after a row or two finished): only as long as its prompts need,
+        # in quarters of the budget, so a lone 300-token prompt computes 384 positions, not 512
+        quarter = max(MIN_BUCKET, budget // 4)
+        T = min(budget, round_up(starts[-1] + length(taken[-1]), quarter))
     if not taken:  # the first waiting prompt is longer than the budget
         if placement is not None and not placement.take(waiting[0]):
             raise ValueError("the first waiting prompt does not fit the page pool; check before packing")
