@@ -962,8 +962,8 @@ class _Generation:
     def _compaction(self) -> list[int] | None:
         """The slots a compacted running batch keeps (the live rows, padded with free slots to the power of
         two holding them, at least a quarter of the starting slots), when that halves the batch or more;
-        else None. A paged cache compacts each batch
-        shard alike, since a shard's rows hold only its pages."""
+        else None. A paged cache compacts each batch shard alike, since a shard's rows hold only its
+        pages."""
         if not self.paged:
             live = [slot for slot, o in enumerate(self.owner) if o is not None]
             size = compacted_size(len(live), len(self.owner), self.mesh, self.start_slots)
