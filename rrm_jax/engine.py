@@ -89,8 +89,8 @@ DEFAULT_PREFILL_ROWS = 8
 PACK_LOOKAHEAD = 64  # waiting prompts a prefill row's best-fit packing looks through
 # The tail's running batch halves at most this often (to a quarter of the slots): each size is one more
 # decode program, and below a quarter the rows a halving drops save little next to the weights a step
-# reads (on this CPU the third and fourth halvings of 64 slots saved 620 of 17,844 computed row-steps,
-# about 0.3 s, and cost 3.6 s to compile).
+# reads (on this CPU the third and fourth halvings of 64 slots saved 620 of 17,844 computed row-steps
+# and cost 3.6 s to compile; not yet measured on a GPU or a TPU).
 MAX_COMPACTIONS = 2
 ATTENTION_ENV = "RRM_JAX_DECODE_ATTENTION"  # xla | pallas-gpu | pallas-tpu: overrides the backend's default
 
@@ -971,8 +971,8 @@ class _Generation:
         per_shard = len(self.owner) // self.shards
         shards = [range(s * per_shard, (s + 1) * per_shard) for s in range(self.shards)]
         live = [[slot for slot in rows if self.owner[slot] is not None] for rows in shards]
-        size = max(next_power_of_two(max(map(len, live))), self.start_slots // self.shards >> MAX_COMPACTIONS)
-        if size * 2 > per_shard:
+        size = compacted_size(max(map(len, live)), per_shard, None, self.start_slots // self.shards)
+        if size is None:
             return None
         idle = [[slot for slot in rows if self.owner[slot] is None] for rows in shards]
         return [slot for mine, spare in zip(live, idle) for slot in mine + spare[: size - len(mine)]]
