@@ -59,7 +59,7 @@ from rrm_jax import distributed, parallel
 from rrm_jax.errors import UserError
 from rrm_jax.model import decode_attention, paged_attention, qwen2
 from rrm_jax.model.config import Qwen2Config
-from rrm_jax.pages import PAGE_SIZE, Admission, ShardedPagePool, pool_floor
+from rrm_jax.pages import PAGE_SIZE, Placement, ShardedPagePool, pool_floor
 from rrm_jax.sampling import (
     MIN_BUCKET,
     Sample,
@@ -482,7 +482,7 @@ def pack_prompts(
     slots: int,
     row_multiple: int = 1,
     buckets=None,
-    placement: _Placement | None = None,
+    placement: Placement | None = None,
 ) -> tuple[Pack, list[int], list[int]]:
     """Take waiting prompts into one pack of up to `rows` rows of `budget` tokens (as many prompts as the
     free slots hold, at most budget / MIN_BUCKET a row; a prompt never straddles two rows). Each row starts
@@ -758,74 +758,6 @@ def generate(
     return run.results
 
 
-class _Placed(NamedTuple):
-    """One request's rows a pack starts on a paged cache."""
-
-    samples: list[int]
-    slots: list[int]
-    pages: Admission  # global page ids
-
-
-class _Placement:
-    """Where a prefill pack's requests start on a paged cache (the admission rule of the recompute policy,
-    `rrm_jax.pages`): a request's pending samples go to the batch shard that holds the most of them (all
-    at once, sharing their prompt pages, unless a shard could never hold them all), if its free rows and
-    free pages hold them: their prompt pages plus a margin of the pages
-    every row of the shard may still take in the next `ahead` tokens (the chunks in flight), its running
-    rows' (`margin`) and the new ones', so an admission never makes the next chunk preempt. A row's
-    margin stops at its longest length, so a pool sized for every slot's longest row admits whenever a
-    slot is free (as the contiguous cache), and an empty pool always takes a request's first sample.
-    `take` plans one request more; `commit` admits the first planned ones and takes their samples off
-    `pending`."""
-
-    def __init__(self, kv: ShardedPagePool, free: list[int], pending: dict, requests, margin: list[int], ahead: int):
-        self.kv, self.pending, self.requests, self.ahead = kv, pending, requests, ahead
-        self.page_size = kv.page_size
-        shards = range(len(kv.pools))
-        self.free_rows = [sorted(slot for slot in free if kv.shard_of(slot)[0] == s) for s in shards]
-        self.rows_left = [len(rows) for rows in self.free_rows]
-        self.pages_left = [pool.free_pages - m for pool, m in zip(kv.pools, margin)]
-        self.plan: list[tuple[int, int, list[int]]] = []  # (request, shard, samples)
-
-    def _need(self, shard: int, request: Request, k: int) -> int:
-        """Pages k samples of `request` take on `shard`, with their margin."""
-        pool, n = self.kv.pools[shard], len(request.prompt_ids)
-        growth = pool.pages_for(n + min(self.ahead, request.max_new_tokens)) - pool.pages_for(n)
-        return pool.pages_needed(n, k) + k * growth
-
-    def _samples_now(self, shard: int, request: int) -> int:
-        """How many of the request's pending samples start on `shard` now: all of them if they fit (so they
-        share their prompt pages), else none; but as many as fit if the shard could never hold them all
-        at once (more than its rows, or its pages)."""
-        req, pool, whole = self.requests[request], self.kv.pools[shard], len(self.pending[request])
-        fits = lambda k: k <= self.rows_left[shard] and self._need(shard, req, k) <= self.pages_left[shard]
-        if fits(whole):
-            return whole
-        if whole <= self.kv.rows_per_shard and self._need(shard, req, whole) <= pool.usable_pages:
-            return 0
-        return next((k for k in range(whole - 1, 0, -1) if fits(k)), 0)
-
-    def take(self, request: int) -> bool:
-        samples = self.pending[request]
-        k, _, shard = max((self._samples_now(s, request), self.pages_left[s], -s) for s in range(len(self.kv.pools)))
-        if k == 0:
-            return False
-        shard = -shard
-        self.rows_left[shard] -= k
-        self.pages_left[shard] -= self._need(shard, self.requests[request], k)
-        self.plan.append((request, shard, samples[:k]))
-        return True
-
-    def commit(self, count: int) -> list[_Placed]:
-        placed = []
-        for request, shard, samples in self.plan[:count]:
-            slots = [self.free_rows[shard].pop(0) for _ in samples]
-            pages = self.kv.admit(slots, len(self.requests[request].prompt_ids))
-            self.pending[request] = self.pending[request][len(samples) :]
-            placed.append(_Placed(samples, slots, pages))
-        return placed
-
-
 class _Generation:
     """The host side of one `generate` call, in stages: `refill` prefills waiting prompts into free slots,
     `compact` shrinks the running batch once no prompt waits, `grow` gives the rows of a paged cache the
@@ -903,14 +835,14 @@ class _Generation:
         """Whether any slot holds a row that has not finished."""
         return len(self.free) < len(self.owner)
 
-    def _placement(self) -> _Placement:
+    def _placement(self) -> Placement:
         ahead = 2 * self.chunk  # what a row may write in a chunk and the one in flight
         margin = [0] * len(self.kv.pools)
         for slot, row in enumerate(self.owner):
             if row is not None:
                 need = self.kv.pools[0].pages_for(min(row.length + ahead, row.prompt_len + row.limit))
                 margin[self.kv.shard_of(slot)[0]] += max(0, need - self.kv.held(slot))
-        return _Placement(self.kv, self.free, self.pending, self.requests, margin, ahead)
+        return Placement(self.kv, self.free, self.pending, self.requests, margin, ahead)
 
     def _can_start(self, request: int) -> bool:
         if self.paged:

@@ -41,7 +41,7 @@ before generating; `grow` raises if a row alone cannot grow.
 Meshes and compaction. `ShardedPagePool` keeps one pool per batch shard, as `paged_attention` shards the
 device pool (a shard's rows hold only its pages); `PagePool.keep_rows` renumbers the rows when the
 engine compacts its running batch (table rows move, pages stay). The engine (`rrm_jax.engine`) runs the
-recompute policy.
+recompute policy, admitting each prefill pack's requests through `Placement`.
 
 Contract with the device. A row's pages may be rewritten by the next row that takes them, so release or
 preempt a row only once no dispatched chunk can still write its KV (read the chunk in flight first).
@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -461,3 +462,72 @@ class ShardedPagePool:
 
     def _note_peak(self) -> None:
         self.peak_pages_in_use = max(self.peak_pages_in_use, self.pages_in_use)
+
+
+class Placed(NamedTuple):
+    """One request's rows a pack starts on a paged cache."""
+
+    samples: list[int]
+    slots: list[int]
+    pages: Admission  # global page ids
+
+
+class Placement:
+    """Where a prefill pack's requests start on a paged cache (the recompute policy's admission rule, as
+    the engine applies it to each pack): a request's pending samples go to the batch shard that holds the most of them (all
+    at once, sharing their prompt pages, unless a shard could never hold them all), if its free rows and
+    free pages hold them: their prompt pages plus a margin of the pages
+    every row of the shard may still take in the next `ahead` tokens (the chunks in flight), its running
+    rows' (`margin`) and the new ones', so an admission never makes the next chunk preempt. A row's
+    margin stops at its longest length, so a pool sized for every slot's longest row admits whenever a
+    slot is free (as the contiguous cache), and an empty pool always takes a request's first sample.
+    `take` plans one request more; `commit` admits the first planned ones and takes their samples off
+    `pending`."""
+
+    def __init__(self, kv: ShardedPagePool, free: list[int], pending: dict, requests, margin: list[int], ahead: int):
+        self.kv, self.pending, self.requests, self.ahead = kv, pending, requests, ahead
+        self.page_size = kv.page_size
+        shards = range(len(kv.pools))
+        self.free_rows = [sorted(slot for slot in free if kv.shard_of(slot)[0] == s) for s in shards]
+        self.rows_left = [len(rows) for rows in self.free_rows]
+        self.pages_left = [pool.free_pages - m for pool, m in zip(kv.pools, margin)]
+        self.plan: list[tuple[int, int, list[int]]] = []  # (request, shard, samples)
+
+    def _need(self, shard: int, request, k: int) -> int:
+        """Pages k samples of `request` (its `prompt_ids` and `max_new_tokens`) take on `shard`, with their
+        margin."""
+        pool, n = self.kv.pools[shard], len(request.prompt_ids)
+        growth = pool.pages_for(n + min(self.ahead, request.max_new_tokens)) - pool.pages_for(n)
+        return pool.pages_needed(n, k) + k * growth
+
+    def _samples_now(self, shard: int, request: int) -> int:
+        """How many of the request's pending samples start on `shard` now: all of them if they fit (so they
+        share their prompt pages), else none; but as many as fit if the shard could never hold them all
+        at once (more than its rows, or its pages)."""
+        req, pool, whole = self.requests[request], self.kv.pools[shard], len(self.pending[request])
+        fits = lambda k: k <= self.rows_left[shard] and self._need(shard, req, k) <= self.pages_left[shard]
+        if fits(whole):
+            return whole
+        if whole <= self.kv.rows_per_shard and self._need(shard, req, whole) <= pool.usable_pages:
+            return 0
+        return next((k for k in range(whole - 1, 0, -1) if fits(k)), 0)
+
+    def take(self, request: int) -> bool:
+        samples = self.pending[request]
+        k, _, shard = max((self._samples_now(s, request), self.pages_left[s], -s) for s in range(len(self.kv.pools)))
+        if k == 0:
+            return False
+        shard = -shard
+        self.rows_left[shard] -= k
+        self.pages_left[shard] -= self._need(shard, self.requests[request], k)
+        self.plan.append((request, shard, samples[:k]))
+        return True
+
+    def commit(self, count: int) -> list[Placed]:
+        placed = []
+        for request, shard, samples in self.plan[:count]:
+            slots = [self.free_rows[shard].pop(0) for _ in samples]
+            pages = self.kv.admit(slots, len(self.requests[request].prompt_ids))
+            self.pending[request] = self.pending[request][len(samples) :]
+            placed.append(Placed(samples, slots, pages))
+        return placed

@@ -156,8 +156,10 @@ def test_scripted_judge_rewards_follow_the_formula_and_the_policy_learns(
         "model.num_kv_heads=2",
         "model.intermediate_size=128",
         "rollout.prompts_per_step=32",
-        "max_steps=40",
-        "eval_every=20",
+        # 60 steps: after 40 the held-out banned rate was 0.05-0.54 of its start over seeds 0-3 on one box
+        # (seed 0 short of half); after 60, 0.05-0.29 over seeds 0-5, in the same test time (compiling dominates)
+        "max_steps=60",
+        "eval_every=30",
         "checkpoint_every=0",
         "optimizer.lr=3e-3",
         "data.heldout=128",
