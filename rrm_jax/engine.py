@@ -572,7 +572,7 @@ def pack_prompts(
         prompt_pages = np.zeros((max_prompts, 0), np.int32)
         copy_sources = copy_targets = np.zeros(0, np.int32)
     else:
-        prompt_pages = np.zeros((max_prompts, -(-T // placement.page_size)), np.int32)
+        prompt_pages = np.zeros((max_prompts, -(-T // placement.kv.page_size)), np.int32)
         copy_sources = np.zeros(max_prompts * (num_samples - 1), np.int32)
         copy_targets = np.full(max_prompts * (num_samples - 1), -1, np.int32)
         copies = 0

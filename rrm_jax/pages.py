@@ -474,19 +474,17 @@ class Placed(NamedTuple):
 
 class Placement:
     """Where a prefill pack's requests start on a paged cache (the recompute policy's admission rule, as
-    the engine applies it to each pack): a request's pending samples go to the batch shard that holds the most of them (all
-    at once, sharing their prompt pages, unless a shard could never hold them all), if its free rows and
-    free pages hold them: their prompt pages plus a margin of the pages
-    every row of the shard may still take in the next `ahead` tokens (the chunks in flight), its running
-    rows' (`margin`) and the new ones', so an admission never makes the next chunk preempt. A row's
-    margin stops at its longest length, so a pool sized for every slot's longest row admits whenever a
-    slot is free (as the contiguous cache), and an empty pool always takes a request's first sample.
-    `take` plans one request more; `commit` admits the first planned ones and takes their samples off
-    `pending`."""
+    the engine applies it to each pack): a request's pending samples go to the batch shard that holds the
+    most of them (all at once, sharing their prompt pages, unless a shard could never hold them all), if
+    its free rows and free pages hold them: their prompt pages plus a margin of the pages every row of the
+    shard may still take in the next `ahead` tokens (the chunks in flight), its running rows' (`margin`)
+    and the new ones', so an admission never makes the next chunk preempt. A row's margin stops at its
+    longest length, so a pool sized for every slot's longest row admits whenever a slot is free (as the
+    contiguous cache), and an empty pool always takes a request's first sample. `take` plans one request
+    more; `commit` admits the first planned ones and takes their samples off `pending`."""
 
     def __init__(self, kv: ShardedPagePool, free: list[int], pending: dict, requests, margin: list[int], ahead: int):
         self.kv, self.pending, self.requests, self.ahead = kv, pending, requests, ahead
-        self.page_size = kv.page_size
         shards = range(len(kv.pools))
         self.free_rows = [sorted(slot for slot in free if kv.shard_of(slot)[0] == s) for s in shards]
         self.rows_left = [len(rows) for rows in self.free_rows]
